@@ -1,0 +1,244 @@
+"""Micro-benchmarks of the attention executors against dense SDPA.
+
+Functions return plain dict rows (no printing); the CLI renders them.
+Synthetic index sets stand in for real patterns so the executors can be timed
+in isolation at controlled densities.
+"""
+
+import math
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from sparse_infer.kernels.block_sparse_attn import (
+    BlockSparseIndex,
+    block_sparse_attention_torch,
+    block_sparse_attention_triton,
+    index_density,
+    num_query_blocks,
+    triton_available,
+)
+from sparse_infer.kernels.sparse_decode import sparse_decode_torch, sparse_decode_triton
+
+__all__ = [
+    "a_shape_index",
+    "block_random_index",
+    "synthetic_index",
+    "naive_gather_attention",
+    "bench_prefill_attention",
+    "bench_decode_attention",
+]
+
+
+# --------------------------------------------------------------------------
+# synthetic index sets
+# --------------------------------------------------------------------------
+
+
+def a_shape_index(batch, heads, q_len, kv_len, block_size, window_blocks, sink_blocks=1, device="cpu"):
+    """Sink blocks + a local window of `window_blocks` blocks ending at the diagonal."""
+    nqb = num_query_blocks(q_len, kv_len, block_size)
+    qb0 = (kv_len - q_len) // block_size
+    diag = qb0 + torch.arange(nqb, device=device).view(nqb, 1)
+    local = diag - torch.arange(window_blocks - 1, -1, -1, device=device).view(1, -1)
+    local = torch.where(local >= 0, local, torch.full_like(local, -1))
+    first_local = local.clamp(min=0)[:, :1] if window_blocks else diag + 1
+    sink = torch.arange(sink_blocks, device=device).view(1, -1).expand(nqb, sink_blocks)
+    sink = torch.where(sink < first_local, sink, torch.full_like(sink, -1))  # no duplicates
+    blocks = torch.cat([sink, local], dim=1)
+    # ascending with -1 slots last
+    big = 1 << 40
+    blocks = torch.where(blocks >= 0, blocks, torch.full_like(blocks, big)).sort(-1).values
+    blocks = torch.where(blocks == big, torch.full_like(blocks, -1), blocks)
+    kv_blocks = blocks.view(1, 1, nqb, -1).expand(batch, heads, nqb, blocks.shape[-1]).contiguous()
+    return BlockSparseIndex(block_size, kv_blocks, None)
+
+
+def block_random_index(batch, heads, q_len, kv_len, block_size, density, sink_blocks=1, seed=0, device="cpu"):
+    """Per query block: sink + diagonal + random earlier blocks, about `density` of the causal blocks."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    nqb = num_query_blocks(q_len, kv_len, block_size)
+    nkb = -(-kv_len // block_size)
+    qb0 = (kv_len - q_len) // block_size
+    diag = (qb0 + torch.arange(nqb)).view(1, 1, nqb, 1)
+    blk = torch.arange(nkb).view(1, 1, 1, nkb)
+    want = torch.clamp(torch.round(density * (diag + 1).float()).long(), min=1)  # incl. diag
+    r = torch.rand(batch, heads, nqb, nkb, generator=g)
+    r = torch.where(blk < sink_blocks, torch.full_like(r, -1.0), r)        # sinks first
+    r = torch.where(blk >= diag, torch.full_like(r, 2.0), r)               # only strictly-causal blocks
+    order = r.argsort(dim=-1)
+    kmax = int(want.max())
+    pick = order[..., : max(kmax - 1, 0)]
+    keep = (torch.arange(pick.shape[-1]).view(1, 1, 1, -1) < (want - 1)) & (pick < diag)
+    pick = torch.where(keep, pick, torch.full_like(pick, -1))
+    blocks = torch.cat([pick, diag.expand(batch, heads, nqb, 1)], dim=-1)
+    big = 1 << 40
+    blocks = torch.where(blocks >= 0, blocks, torch.full_like(blocks, big)).sort(-1).values
+    blocks = torch.where(blocks == big, torch.full_like(blocks, -1), blocks)
+    used = int((blocks >= 0).sum(-1).max())
+    return BlockSparseIndex(block_size, blocks[..., :used].contiguous().to(device), None)
+
+
+def synthetic_index(pattern, batch, heads, q_len, kv_len, block_size, density, seed=0, device="cpu"):
+    """Index of the given pattern whose measured density is close to `density`."""
+    if pattern == "block_random":
+        return block_random_index(batch, heads, q_len, kv_len, block_size, density, seed=seed, device=device)
+    if pattern != "a_shape":
+        raise ValueError(f"unknown pattern {pattern!r}")
+    nkb = -(-kv_len // block_size)
+    lo, hi = 1, nkb
+    while lo < hi:  # smallest window reaching the target density
+        mid = (lo + hi) // 2
+        d = index_density(a_shape_index(1, 1, q_len, kv_len, block_size, mid), q_len, kv_len)
+        if d < density:
+            lo = mid + 1
+        else:
+            hi = mid
+    return a_shape_index(batch, heads, q_len, kv_len, block_size, lo, device=device)
+
+
+# --------------------------------------------------------------------------
+# naive gather baseline (what the batched executor has to beat)
+# --------------------------------------------------------------------------
+
+
+def naive_gather_attention(query, key, value, index: BlockSparseIndex, *, scaling):
+    """Straightforward gather: a Python loop over (batch, query head, query block),
+    gathering that block list per head and building the mask with full-size
+    comparisons. Causal only, no columns. For benchmarking, not for use."""
+    B, Hq, q_len, D = query.shape
+    Hkv, n = key.shape[1], key.shape[2]
+    bs = index.block_size
+    Hi = index.kv_blocks.shape[1]
+    q0 = n - q_len
+    qb0 = q0 // bs
+    out = torch.zeros(B, Hq, q_len, D, dtype=torch.float32)
+    for b in range(B):
+        for h in range(Hq):
+            hi = h * Hi // Hq
+            kvh = h * Hkv // Hq
+            for j in range(index.kv_blocks.shape[2]):
+                r0 = max((qb0 + j) * bs, q0)
+                r1 = min((qb0 + j + 1) * bs, n)
+                blocks = index.kv_blocks[b, hi, j]
+                blocks = blocks[blocks >= 0]
+                kpos = (blocks[:, None] * bs + torch.arange(bs)).reshape(-1)
+                kpos = kpos[kpos < n]
+                qv = query[b, h, r0 - q0:r1 - q0].float()
+                s = qv @ key[b, kvh, kpos].float().T * scaling
+                s = s.masked_fill(kpos[None, :] > torch.arange(r0, r1)[:, None], float("-inf"))
+                out[b, h, r0 - q0:r1 - q0] = torch.softmax(s, -1).nan_to_num(0.0) @ value[b, kvh, kpos].float()
+    return out.to(query.dtype)
+
+
+# --------------------------------------------------------------------------
+# timing
+# --------------------------------------------------------------------------
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time_ms(fn, repeats, warmup, device):
+    """Median wall time in ms over `repeats` runs after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def bench_prefill_attention(lengths=(4096, 8192, 16384), heads=(32, 8), head_dim=128,
+                            densities=(0.1, 0.15), patterns=("a_shape", "block_random"),
+                            block_size=64, batch=1, repeats=3, warmup=1, dtype=torch.float32,
+                            device="cpu", include_naive=False, seed=0):
+    """Dense causal SDPA vs the block-sparse executors (full prefill, q == n).
+
+    heads = (Hq, Hkv); indices are shared per GQA group (Hi = Hkv).
+    Returns rows {n, pattern, density, target_density, backend, dense_ms,
+    sparse_ms, ratio, ...}; density is the measured causal-pair density.
+    """
+    Hq, Hkv = heads
+    scaling = 1.0 / math.sqrt(head_dim)
+    backends = ["torch"]
+    if torch.device(device).type == "cuda" and triton_available():
+        backends.append("triton")
+    if include_naive:
+        backends.append("naive_gather")
+    rows = []
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    for n in lengths:
+        q = torch.randn(batch, Hq, n, head_dim, generator=g).to(device=device, dtype=dtype)
+        k = torch.randn(batch, Hkv, n, head_dim, generator=g).to(device=device, dtype=dtype)
+        v = torch.randn(batch, Hkv, n, head_dim, generator=g).to(device=device, dtype=dtype)
+        dense_ms = _time_ms(
+            lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+            repeats, warmup, device)
+        for pattern in patterns:
+            for target in densities:
+                index = synthetic_index(pattern, batch, Hkv, n, n, block_size, target, seed=seed, device=device)
+                density = index_density(index, n, n)
+                for backend in backends:
+                    if backend == "torch":
+                        fn = lambda: block_sparse_attention_torch(q, k, v, index, scaling=scaling)  # noqa: E731
+                    elif backend == "triton":
+                        fn = lambda: block_sparse_attention_triton(q, k, v, index, scaling=scaling)  # noqa: E731
+                    else:
+                        fn = lambda: naive_gather_attention(q, k, v, index, scaling=scaling)  # noqa: E731
+                    sparse_ms = _time_ms(fn, repeats, warmup if backend != "naive_gather" else 0, device)
+                    rows.append({
+                        "n": n, "pattern": pattern, "density": density, "target_density": target,
+                        "backend": backend, "dense_ms": dense_ms, "sparse_ms": sparse_ms,
+                        "ratio": dense_ms / sparse_ms, "heads": f"{Hq}/{Hkv}", "head_dim": head_dim,
+                        "block_size": block_size, "dtype": str(dtype).replace("torch.", ""),
+                        "device": str(device), "threads": torch.get_num_threads(),
+                    })
+    return rows
+
+
+def bench_decode_attention(kv_lens=(16384, 32768, 65536), budget=2048, heads=(32, 8), head_dim=128,
+                           batch=1, repeats=20, warmup=3, dtype=torch.float32, device="cpu", seed=0):
+    """Dense SDPA decode (one query over the whole cache) vs the gather executor.
+
+    Returns rows {kv_len, budget, backend, dense_ms, sparse_ms, ratio,
+    dense_kv_bytes, sparse_kv_bytes}: K/V bytes read per decode step (sparse
+    includes the int64 index list).
+    """
+    Hq, Hkv = heads
+    scaling = 1.0 / math.sqrt(head_dim)
+    elem = torch.empty((), dtype=dtype).element_size()
+    backends = ["torch"]
+    if torch.device(device).type == "cuda" and triton_available():
+        backends.append("triton")
+    rows = []
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    for n in kv_lens:
+        q = torch.randn(batch, Hq, 1, head_dim, generator=g).to(device=device, dtype=dtype)
+        k = torch.randn(batch, Hkv, n, head_dim, generator=g).to(device=device, dtype=dtype)
+        v = torch.randn(batch, Hkv, n, head_dim, generator=g).to(device=device, dtype=dtype)
+        kb = min(budget, n)
+        idx = torch.stack([torch.randperm(n, generator=g)[:kb] for _ in range(batch * Hkv)])
+        idx = idx.view(batch, Hkv, kb).to(device)
+        dense_ms = _time_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+                            repeats, warmup, device)
+        dense_bytes = 2 * batch * Hkv * n * head_dim * elem
+        sparse_bytes = 2 * batch * Hkv * kb * head_dim * elem + idx.numel() * idx.element_size()
+        for backend in backends:
+            fn = sparse_decode_torch if backend == "torch" else sparse_decode_triton
+            sparse_ms = _time_ms(lambda: fn(q, k, v, idx, scaling=scaling), repeats, warmup, device)
+            rows.append({
+                "kv_len": n, "budget": kb, "backend": backend, "dense_ms": dense_ms, "sparse_ms": sparse_ms,
+                "ratio": dense_ms / sparse_ms, "dense_kv_bytes": dense_bytes, "sparse_kv_bytes": sparse_bytes,
+                "heads": f"{Hq}/{Hkv}", "head_dim": head_dim, "dtype": str(dtype).replace("torch.", ""),
+                "device": str(device), "threads": torch.get_num_threads(),
+            })
+    return rows

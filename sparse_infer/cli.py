@@ -1,0 +1,143 @@
+"""`sparse-infer`: eval, bench, profile and plan commands."""
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="Training-free sparse attention for Hugging Face transformers.", no_args_is_help=True)
+bench_app = typer.Typer(help="Speed benchmarks: dense vs sparse in one run.", no_args_is_help=True)
+plan_app = typer.Typer(help="Inspect and check plans.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+app.add_typer(plan_app, name="plan")
+console = Console()
+
+
+def _mount_optional():
+    """Sub-commands that live beside their feature; a missing one must not break the others."""
+    try:
+        from sparse_infer.eval.cli import eval_app
+        app.add_typer(eval_app, name="eval")
+    except ImportError:
+        pass
+    try:
+        from sparse_infer.profiler.cli import plan_show_command, profile_command
+        app.command("profile")(profile_command)
+        plan_app.command("show")(plan_show_command)
+    except ImportError:
+        pass
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _table(rows, columns, title):
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, justify="right")
+    for row in rows:
+        table.add_row(*[f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in columns])
+    console.print(table)
+
+
+@plan_app.command("check")
+def plan_check(plan: str, model: Optional[str] = typer.Option(None, help="check against this model's config")):
+    """Validate a plan (optionally against a model); exits 1 with the bad field's path."""
+    from sparse_infer.plan import PlanError, load_plan
+
+    config = None
+    if model:
+        from transformers import AutoConfig
+
+        from sparse_infer.models import resolve_spec
+        directory, gguf = resolve_spec(model)
+        config = AutoConfig.from_pretrained(directory, **({"gguf_file": gguf} if gguf else {}))
+    try:
+        load_plan(plan, config)
+    except PlanError as exc:
+        console.print(f"[red]invalid plan[/red] {exc}")
+        raise typer.Exit(1)
+    console.print(f"[green]ok[/green] {plan}")
+
+
+@bench_app.command("prefill")
+def bench_prefill(
+    lengths: str = typer.Option("4096,8192,16384", help="sequence lengths for the attention micro-benchmark"),
+    heads: str = typer.Option("32,8", help="query heads,kv heads (Llama-like)"),
+    head_dim: int = 128,
+    model: Optional[str] = typer.Option(None, help="also time end-to-end prefill of this model"),
+    model_lengths: str = typer.Option("4096,8192,16384"),
+    plans: str = typer.Option("a_shape,vertical_slash,block", help="plans for the end-to-end run"),
+    json_out: Optional[str] = typer.Option(None, "--json", help="write all rows to this JSON file"),
+):
+    """Dense SDPA vs each pattern: attention time, ratio, density; then end-to-end prefill."""
+    import torch
+
+    from sparse_infer.bench.attention import bench_prefill_attention
+
+    hq, hkv = _ints(heads)
+    console.print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    rows = bench_prefill_attention(lengths=_ints(lengths), heads=(hq, hkv), head_dim=head_dim)
+    _table(rows, list(rows[0].keys()), f"prefill attention, Hq={hq} Hkv={hkv} D={head_dim}")
+    e2e = []
+    if model:
+        import sparse_infer
+        m, tok = sparse_infer.load_model(model)
+        e2e = bench_prefill_end_to_end_rows(m, tok, _ints(model_lengths), plans.split(","))
+        _table(e2e, ["n", "plan", "seconds", "ratio", "density"], f"end-to-end prefill, {model}")
+    if json_out:
+        with open(json_out, "w") as fh:
+            json.dump({"attention": rows, "end_to_end": e2e}, fh, indent=2)
+
+
+def bench_prefill_end_to_end_rows(model, tok, lengths, plan_names):
+    from sparse_infer.bench.prefill import bench_prefill_end_to_end
+    from sparse_infer.plan import preset
+
+    plans = {}
+    for name in plan_names:
+        plans[name] = preset(name, model.config, min_seq_len=0) if name in ("a_shape", "vertical_slash", "block") \
+            else name
+    return bench_prefill_end_to_end(model, tok, lengths, plans)
+
+
+@bench_app.command("decode")
+def bench_decode(
+    kv_lens: str = typer.Option("16384,32768,65536"),
+    budget: int = 2048,
+    heads: str = typer.Option("32,8"),
+    head_dim: int = 128,
+    model: Optional[str] = typer.Option(None, help="also time end-to-end decode tokens/s of this model"),
+    prompt_len: int = 16384,
+    new_tokens: int = 32,
+    json_out: Optional[str] = typer.Option(None, "--json"),
+):
+    """Dense vs each decode method: per-step attention time, bytes read; then tokens/s."""
+    from sparse_infer.bench.attention import bench_decode_attention
+
+    hq, hkv = _ints(heads)
+    rows = bench_decode_attention(kv_lens=_ints(kv_lens), budget=budget, heads=(hq, hkv), head_dim=head_dim)
+    _table(rows, list(rows[0].keys()), f"decode attention, budget {budget}")
+    e2e = []
+    if model:
+        from sparse_infer.bench.decode import bench_decode_end_to_end
+        e2e = bench_decode_end_to_end(model, prompt_len, new_tokens, None)
+        _table(e2e, list(e2e[0].keys()), f"end-to-end decode, {model}")
+    if json_out:
+        with open(json_out, "w") as fh:
+            json.dump({"attention": rows, "end_to_end": e2e}, fh, indent=2)
+
+
+_mount_optional()
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""Decode-time KV selection (q == 1): pick, per head or GQA group, which cached keys to read.
+
+`decode_attention` is called by the registered attention function for every one-token
+step. For each rule of the layer (rt.decode_groups: [(Rule, [query heads])]) it asks that
+method's selector for an index list (B, Hi, K) of absolute kv positions (-1 = unused;
+Hi = kv heads when a group shares one selection, query heads otherwise) and hands it to the
+gather executor (sparse_infer.kernels.sparse_decode). Dense heads (e.g. retrieval heads)
+read the whole cache. Every selector file under this package only chooses indices:
+
+    streaming       first `sink` + last `local` valid tokens
+    token_select    exact q.k over all keys, per-head softmax summed over the group, top `budget`
+    double_sparsity q.k approximated on r label channels (label cache ~ r/D of K), top `budget`
+    quest           per-page key min/max -> upper bound of q.k, top pages up to `budget` tokens
+
+Side state (label cache, page bounds, last selection for reuse) lives in rt.decode_state.
+The attention function never sees the cache object, so continuity is detected from the
+keys: a step continues the sequence held in the side state only if the kv length grew by
+exactly one since the previous step of this layer AND a fingerprint (full rows of K at the
+first, last-processed and 7 evenly spread positions, all batch rows and heads) still
+matches. Anything else (a new `generate` call, a new cache, beam reordering, a rolled
+sliding-window cache, a crop) rebuilds the state from the full K. `reset_decode_state(model)`
+drops it explicitly.
+"""
+from __future__ import annotations
+
+import torch
+
+from sparse_infer.decode import double_sparsity, quest, streaming, token_select
+from sparse_infer.decode.common import GroupInputs, GrowBuffer, grouped_dense_decode
+
+SELECTORS = {
+    "streaming": streaming.select,
+    "token_select": token_select.select,
+    "double_sparsity": double_sparsity.select,
+    "quest": quest.select,
+}
+_FINGERPRINT_SPREAD = 8
+
+
+# --------------------------------------------------------------------------- continuity
+def _fingerprint_positions(n: int) -> list[int]:
+    return sorted({0, n - 1, *((i * n) // _FINGERPRINT_SPREAD for i in range(1, _FINGERPRINT_SPREAD))})
+
+
+def _sequence_continues(state: dict, key: torch.Tensor) -> bool:
+    prev = state.get("sequence")
+    if prev is None:
+        return False
+    B, Hkv, n, D = key.shape
+    if prev["n"] != n - 1 or prev["shape"] != (B, Hkv, D) or prev["rows"].dtype != key.dtype \
+            or prev["rows"].device != key.device:
+        return False
+    return torch.equal(key[:, :, prev["positions"]], prev["rows"])
+
+
+def _remember_sequence(state: dict, key: torch.Tensor) -> None:
+    B, Hkv, n, D = key.shape
+    positions = torch.tensor(_fingerprint_positions(n), device=key.device)
+    state["sequence"] = {"n": n, "shape": (B, Hkv, D), "positions": positions,
+                         "rows": key[:, :, positions].clone()}
+
+
+# --------------------------------------------------------------------------- head layout
+def _layout(heads: list[int], num_heads: int, num_kv: int):
+    """How a rule's query heads map onto the cache: (q heads, kv index, heads per kv row).
+
+    Whole GQA groups keep the sharing (kv index is a slice when the groups are adjacent, so
+    K/V are viewed, not copied); a partial group gives each query head its own kv row."""
+    G = num_heads // num_kv
+    if len(heads) == num_heads:
+        return None, None, G
+    kv_of = [h // G for h in heads]
+    whole = sorted(set(kv_of))
+    if len(heads) == len(whole) * G:
+        if whole == list(range(whole[0], whole[-1] + 1)):
+            return heads, slice(whole[0], whole[-1] + 1), G
+        return heads, whole, G
+    return heads, kv_of, 1
+
+
+def _layer_layouts(rt, num_heads: int, num_kv: int) -> list:
+    cached = rt.decode_state.get("layouts")
+    if cached is None or cached[0] != (num_heads, num_kv):
+        layouts = [(rule, heads, *_layout(heads, num_heads, num_kv)) for rule, heads in rt.decode_groups]
+        cached = rt.decode_state["layouts"] = ((num_heads, num_kv), layouts)
+    return cached[1]
+
+
+def _valid_for(mask_h: torch.Tensor | None, B: int, hk: int, per_head: bool, h: int, n: int):
+    """(B, Hi, n) bool of keys the mask allows, from a (B, 1|h, 1, n) mask."""
+    if mask_h is None:
+        return None
+    m = mask_h[:, :, 0]
+    Hi = h if per_head else hk
+    if m.shape[1] == 1:
+        return m.expand(B, Hi, n)
+    return m if per_head else m.view(B, hk, h // hk, n).any(2)
+
+
+# --------------------------------------------------------------------------- entry point
+def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
+    """Return (B, Hq, 1, D) for a sparse decode step, or None to run the dense implementation.
+
+    mask: None or bool (B, 1|Hq, 1, n), True = may attend (padding, sliding windows)."""
+    from sparse_infer.kernels.sparse_decode import sparse_decode
+
+    section = rt.plan.decode
+    B, Hq, _, D = query.shape
+    Hkv, n = key.shape[1], key.shape[2]
+    state = rt.decode_state
+    if n < section.min_len or all(rule.kind == "dense" for rule, _ in rt.decode_groups):
+        state.pop("sequence", None)           # the next sparse step must rebuild, whatever it sees
+        return None
+    softcap = kwargs.get("softcap") or None
+    if mask is not None and bool(mask.all()):
+        mask = None                            # nothing masked: selectors take their cheaper path
+    fresh = not _sequence_continues(state, key)
+    group_states = state.setdefault("groups", {})
+    if fresh:
+        state["rebuilds"] = state.get("rebuilds", 0) + 1
+        for gs in group_states.values():       # keep only the counters across sequences
+            for k in [k for k in gs if k != "counters"]:
+                del gs[k]
+
+    out = None
+    selected = 0.0
+    for gi, (rule, heads, q_heads, kv_index, G) in enumerate(_layer_layouts(rt, Hq, Hkv)):
+        whole_layer = q_heads is None
+        q = query if whole_layer else query[:, q_heads]
+        k = key if kv_index is None else key[:, kv_index]
+        v = value if kv_index is None else value[:, kv_index]
+        m = mask if mask is None or mask.shape[1] == 1 else mask[:, heads]
+        h = q.shape[1]
+        if rule.kind == "dense":
+            res = grouped_dense_decode(q, k, v, m, scaling, softcap)
+            selected += B * h * n
+        else:
+            per_head = section.granularity == "head" or G == 1
+            inp = GroupInputs(query=q[:, :, 0], key=k, valid=_valid_for(m, B, k.shape[1], per_head, h, n),
+                              per_head=per_head, scaling=scaling, softcap=softcap, fresh=fresh)
+            indices = SELECTORS[rule.kind](inp, rule, group_states.setdefault(gi, {}))
+            res = sparse_decode(q, k, v, indices, scaling=scaling, attention_mask=m, softcap=softcap,
+                                backend=rt.backend)
+            selected += float((indices >= 0).sum()) * (h // indices.shape[1])
+        if whole_layer:
+            out = res
+        else:
+            if out is None:
+                out = query.new_empty(B, Hq, 1, value.shape[-1])
+            out[:, heads] = res.to(out.dtype)
+
+    _remember_sequence(state, key)
+    rt.stats.decode_selected += selected
+    rt.stats.decode_total += float(B * Hq * n)
+    return out
+
+
+# --------------------------------------------------------------------------- introspection
+def _runtimes(model):
+    from sparse_infer.patches.attention import runtime_for
+
+    for module in model.modules():
+        rt = runtime_for(module)
+        if rt is not None:
+            yield rt
+
+
+def _tensor_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, GrowBuffer):
+        return obj.nbytes()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def decode_state_bytes(model, detail: bool = False):
+    """Bytes held by the decode side state of a patched model (allocated, incl. growth headroom).
+
+    detail=True returns {method: bytes} (plus "fingerprint" for the continuity rows)."""
+    by_kind: dict[str, int] = {}
+    for rt in _runtimes(model):
+        state = rt.decode_state
+        by_kind["fingerprint"] = by_kind.get("fingerprint", 0) + _tensor_bytes(state.get("sequence"))
+        layouts = state.get("layouts", (None, []))[1]
+        for gi, gs in state.get("groups", {}).items():
+            kind = layouts[gi][0].kind if gi < len(layouts) else "unknown"
+            by_kind[kind] = by_kind.get(kind, 0) + _tensor_bytes(gs)
+    return by_kind if detail else sum(by_kind.values())
+
+
+def decode_counters(model) -> dict:
+    """Totals over layers: full_scorings / reuses (token_select reuse decisions, one per batch
+    row and index head) and rebuilds (sequence starts seen by each layer)."""
+    total = {"full_scorings": 0, "reuses": 0, "rebuilds": 0}
+    for rt in _runtimes(model):
+        total["rebuilds"] += rt.decode_state.get("rebuilds", 0)
+        for gs in rt.decode_state.get("groups", {}).values():
+            for key, value in gs.get("counters", {}).items():
+                total[key] = total.get(key, 0) + value
+    return total
+
+
+def reset_decode_state(model) -> None:
+    """Forget all decode side state and counters (the next step of every layer rebuilds)."""
+    for rt in _runtimes(model):
+        rt.decode_state.clear()
+
+
+__all__ = ["decode_attention", "decode_state_bytes", "decode_counters", "reset_decode_state", "SELECTORS"]

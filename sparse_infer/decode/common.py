@@ -1,0 +1,160 @@
+"""Pieces every decode selector shares: which keys may be chosen, top-k into index lists,
+GQA score layout, a growable buffer for incremental side state, and grouped dense decode.
+
+Shapes: B batch, h query heads of the group, hk key heads of the group, G = h // hk,
+Hi = index heads (hk when the group shares one selection, h when each query head has its own),
+n kv length. Index lists are int64 (B, Hi, K), -1 = unused slot (the executor contract).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class GroupInputs:
+    """One rule's slice of a decode step, as the selectors see it."""
+
+    query: torch.Tensor            # (B, h, D), this step's query
+    key: torch.Tensor              # (B, hk, n, D), whole cache after this step's update
+    valid: torch.Tensor | None     # (B, Hi, n) bool, keys the mask lets this step see; None = all
+    per_head: bool                 # True: one selection per query head (Hi = h); else per kv group (Hi = hk)
+    scaling: float
+    softcap: float | None
+    fresh: bool                    # True: the cache is not the continuation of the one in the side state
+
+    @property
+    def groups(self) -> int:
+        return self.query.shape[1] // self.key.shape[1]
+
+    @property
+    def n(self) -> int:
+        return self.key.shape[2]
+
+    @property
+    def index_heads(self) -> int:
+        return self.query.shape[1] if self.per_head else self.key.shape[1]
+
+
+def forced_and_eligible(inp: GroupInputs, sink: int, local: int):
+    """Indices of the always-kept tokens (first `sink` and last `local` valid keys) and the
+    bool (B, Hi, n) set of keys left for scoring (valid and not already forced)."""
+    B, Hi, n = inp.query.shape[0], inp.index_heads, inp.n
+    device = inp.key.device
+    if inp.valid is None:
+        # no mask: sink and window are plain position ranges, no per-row work needed
+        s = min(sink, n)
+        lo = max(n - local, s)
+        pos = torch.cat([torch.arange(s, device=device), torch.arange(lo, n, device=device)])
+        forced = pos.view(1, 1, -1).expand(B, Hi, -1)
+        eligible = torch.ones(B, Hi, n, dtype=torch.bool, device=device)
+        eligible[..., :s] = False
+        eligible[..., lo:] = False
+        return forced, eligible
+    valid = inp.valid
+    rank_front = valid.cumsum(-1)                              # 1-based rank among valid keys
+    rank_back = valid.sum(-1, keepdim=True) - rank_front + 1
+    forced_mask = valid & ((rank_front <= sink) | (rank_back <= local))
+    k = min(sink + local, n)
+    if k == 0:
+        return torch.empty(B, Hi, 0, dtype=torch.long, device=device), valid.clone()
+    # forced keys first: topk of the bool mask lists them (order irrelevant), the rest -> -1
+    vals, forced = forced_mask.to(torch.uint8).topk(k, dim=-1)
+    forced = forced.masked_fill(vals == 0, -1)
+    return forced, valid & ~forced_mask
+
+
+def top_tokens(scores: torch.Tensor, eligible: torch.Tensor, budget: int) -> torch.Tensor:
+    """The `budget` best eligible keys per row of scores (B, Hi, n); slots with no eligible key -> -1."""
+    k = min(budget, scores.shape[-1])
+    scores = scores.masked_fill(~eligible, NEG_INF)
+    vals, idx = scores.topk(k, dim=-1, sorted=False)
+    return idx.masked_fill(vals == NEG_INF, -1)
+
+
+def pad_indices(idx: torch.Tensor, width: int) -> torch.Tensor:
+    if idx.shape[-1] >= width:
+        return idx
+    pad = idx.new_full((*idx.shape[:-1], width - idx.shape[-1]), -1)
+    return torch.cat([idx, pad], dim=-1)
+
+
+def grouped_scores(query: torch.Tensor, key: torch.Tensor, scaling: float, softcap) -> torch.Tensor:
+    """q.k per query head without repeating K for GQA: (B, hk, G, n) in fp32."""
+    B, h, D = query.shape
+    hk = key.shape[1]
+    q = query.float().view(B, hk, h // hk, D)
+    s = torch.matmul(q, key.float().transpose(-1, -2)) * scaling
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    return s
+
+
+def vote(scores: torch.Tensor, valid: torch.Tensor | None, per_head: bool) -> torch.Tensor:
+    """Scores (B, hk, G, m) -> selection scores (B, Hi, m).
+
+    Per head: the raw scores (top-k of a softmax is top-k of its logits). Per group: softmax
+    per query head, summed over the group's heads, so every head's attention mass gets an
+    equal say (a "soft vote") instead of letting the head with the largest logits decide.
+    `valid` (B, Hi, m) excludes positions before the softmax.
+    """
+    B, hk, G, m = scores.shape
+    if per_head:
+        out = scores.reshape(B, hk * G, m)
+        return out if valid is None else out.masked_fill(~valid, NEG_INF)
+    if valid is not None:
+        scores = scores.masked_fill(~valid[:, :, None], NEG_INF)
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)     # an all-masked row votes nothing
+    out = probs.sum(2)
+    return out if valid is None else out.masked_fill(~valid, NEG_INF)
+
+
+class GrowBuffer:
+    """A (B, H, capacity, C) tensor filled along dim 2, grown in steps so that appending one
+    token per decode step is an in-place write, not a copy of everything held so far."""
+
+    def __init__(self, rows: torch.Tensor, chunk: int = 256):
+        self.chunk = chunk
+        self.length = rows.shape[2]
+        self.data = rows.new_empty(*rows.shape[:2], self._capacity(self.length), rows.shape[3])
+        self.data[:, :, : self.length] = rows
+
+    def _capacity(self, length: int) -> int:
+        # +25 % headroom, rounded to whole chunks: amortised O(1) appends, ~1.25x memory at most
+        return -(-max(length + length // 4, 1) // self.chunk) * self.chunk
+
+    def view(self) -> torch.Tensor:
+        return self.data[:, :, : self.length]
+
+    def ensure(self, length: int) -> None:
+        if length > self.data.shape[2]:
+            grown = self.data.new_empty(*self.data.shape[:2], self._capacity(length), self.data.shape[3])
+            grown[:, :, : self.length] = self.data[:, :, : self.length]
+            self.data = grown
+
+    def append(self, rows: torch.Tensor) -> None:
+        self.ensure(self.length + rows.shape[2])
+        self.data[:, :, self.length: self.length + rows.shape[2]] = rows
+        self.length += rows.shape[2]
+
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+
+def grouped_dense_decode(query, key, value, mask, scaling, softcap):
+    """Dense one-query attention over the whole cache for a head subset, GQA kept without
+    copying K/V: query (B, h, 1, D), key/value (B, hk, n, D), mask None or bool (B, 1|h, 1, n)."""
+    B, h, _, D = query.shape
+    hk, n = key.shape[1], key.shape[2]
+    G = h // hk
+    s = grouped_scores(query[:, :, 0], key, scaling, softcap)          # (B, hk, G, n)
+    if mask is not None:
+        m = mask[:, :, 0]                                              # (B, 1|h, n)
+        m = m.view(B, 1, 1, n) if m.shape[1] == 1 else m.view(B, hk, G, n)
+        s = s.masked_fill(~m, NEG_INF)
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    out = torch.matmul(p, value.float())                               # (B, hk, G, Dv)
+    return out.view(B, h, 1, value.shape[-1]).to(query.dtype)

@@ -1,0 +1,77 @@
+"""Double Sparsity: approximate q.k from a few "label" channels, then exact attention on the top keys.
+
+A handful of channels of each head carry most of q.k (outlier channels), so
+q[c] . k[c] over r channels ranks keys almost like the full product while reading r/D of K.
+Those r channels of every cached key are kept in a compact label cache (B, Hkv, n, r),
+~r/D of K's memory, appended to in place as tokens arrive (one row per decode step).
+
+Channels (`channels` in the plan):
+  * a list of channel indices: used for every kv head of the rule (offline calibrated);
+  * an int r: chosen per kv head when a sequence's side state is (re)built, normally at its
+    first decode step, from the prefill: importance[d] = mean |q_d| over the group's query
+    heads at that step x mean |k_d| over the valid cached keys; the r largest are kept for
+    the rest of the sequence (the label cache is laid out for them). r >= head_dim keeps all.
+Selection then follows token_select (soft vote over the group, `budget` best plus sinks
+and the local window), with approximate scores.
+"""
+from __future__ import annotations
+
+import torch
+
+from sparse_infer.decode.common import GroupInputs, GrowBuffer, forced_and_eligible, top_tokens, vote
+
+
+def choose_channels(query: torch.Tensor, key: torch.Tensor, valid: torch.Tensor | None, r: int) -> torch.Tensor:
+    """(hk, r) channel indices per kv head from this step's query (B, h, D) and the cache key (B, hk, n, D)."""
+    B, h, D = query.shape
+    hk = key.shape[1]
+    q_mag = query.float().abs().view(B, hk, h // hk, D).mean(dim=(0, 2))              # (hk, D)
+    k_abs = key.float().abs()
+    if valid is None:
+        k_mag = k_abs.mean(dim=(0, 2))
+    else:
+        # valid is per index head; a key is counted if any head of its group may see it
+        kv_valid = valid.view(B, hk, -1, valid.shape[-1]).any(2) if valid.shape[1] != hk else valid
+        w = kv_valid.float()[..., None]
+        k_mag = (k_abs * w).sum(dim=(0, 2)) / w.sum(dim=(0, 2)).clamp_min(1.0)
+    return (q_mag * k_mag).topk(min(r, D), dim=-1).indices.sort(-1).values
+
+
+def labels_of(key: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+    """The label channels of key rows: key (B, hk, m, D), channels (hk, r) -> (B, hk, m, r)."""
+    B, hk, m, _ = key.shape
+    return key.gather(-1, channels.view(1, hk, 1, -1).expand(B, hk, m, -1))
+
+
+def update_label_cache(inp: GroupInputs, rule, state: dict) -> GrowBuffer:
+    """Rebuild the label cache from the full K for a new sequence, else append this step's keys."""
+    cache: GrowBuffer | None = state.get("labels")
+    n = inp.n
+    if inp.fresh or cache is None or cache.length >= n:
+        if isinstance(rule.channels, int):
+            channels = choose_channels(inp.query, inp.key, inp.valid, rule.channels)
+        else:
+            channels = torch.tensor(rule.channels, device=inp.key.device).expand(inp.key.shape[1], -1)
+        state["channels"] = channels.contiguous()
+        cache = state["labels"] = GrowBuffer(labels_of(inp.key, state["channels"]))
+    else:
+        cache.append(labels_of(inp.key[:, :, cache.length: n], state["channels"]))
+    return cache
+
+
+def approximate_scores(query: torch.Tensor, labels: torch.Tensor, channels: torch.Tensor, scaling: float):
+    """q[c] . label over the r channels: query (B, h, D), labels (B, hk, n, r) -> (B, hk, G, n) fp32."""
+    B, h, D = query.shape
+    hk = labels.shape[1]
+    q = query.float().view(B, hk, h // hk, D)
+    q_lab = q.gather(-1, channels.view(1, hk, 1, -1).expand(B, hk, h // hk, -1))
+    return torch.matmul(q_lab, labels.float().transpose(-1, -2)) * scaling
+
+
+def select(inp: GroupInputs, rule, state: dict) -> torch.Tensor:
+    cache = update_label_cache(inp, rule, state)
+    forced, eligible = forced_and_eligible(inp, rule.sink, rule.local)
+    scores = vote(approximate_scores(inp.query, cache.view(), state["channels"], inp.scaling), inp.valid,
+                  inp.per_head)
+    picked = top_tokens(scores, eligible, rule.budget.resolve(inp.n))
+    return torch.cat([forced.expand(*picked.shape[:2], -1), picked], dim=-1)

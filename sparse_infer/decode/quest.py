@@ -1,0 +1,96 @@
+"""Quest: query-aware page selection from per-page key bounds.
+
+The cache is cut into pages of `page` tokens. For each page the element-wise min and max
+of its keys are kept (B, Hkv, pages, D) each, so for any key k of the page and any q,
+q.k = sum_d q_d k_d <= sum_d max(q_d min_d, q_d max_d) = q+ . max + q- . min
+(q+ / q- the positive / negative parts of q): an upper bound from two small matmuls.
+Pages are ranked by that bound (per query head; a GQA group sums per-head softmaxes of the
+bounds), and the best pages, up to `budget` tokens (rounded up to whole pages), are read
+in full, plus the first `sink` and last `local` valid tokens.
+
+Side state is built once per sequence from the full K (masked keys, e.g. left padding,
+left out of the bounds) and then kept incrementally: each decode step only folds the new
+key into the last, partial page, or opens a new page.
+"""
+from __future__ import annotations
+
+import torch
+
+from sparse_infer.decode.common import NEG_INF, GroupInputs, GrowBuffer, forced_and_eligible, vote
+
+
+def page_bounds_from_keys(key: torch.Tensor, page: int, valid: torch.Tensor | None = None):
+    """(kmin, kmax), each (B, hk, ceil(n / page), D), over the keys `valid` (B, hk, n) allows.
+    A page without any allowed key gets min = max = 0 (it is never selected anyway)."""
+    B, hk, n, D = key.shape
+    pages = -(-n // page)
+    pad = pages * page - n
+    k = key
+    if valid is None and pad:
+        valid = torch.ones(B, hk, n, dtype=torch.bool, device=key.device)
+    if valid is not None:
+        valid = torch.nn.functional.pad(valid, (0, pad)).view(B, hk, pages, page, 1)
+    k = torch.nn.functional.pad(key, (0, 0, 0, pad)).view(B, hk, pages, page, D)
+    if valid is None:
+        return k.amin(3), k.amax(3)
+    big = torch.finfo(key.dtype).max
+    kmin = k.masked_fill(~valid, big).amin(3)
+    kmax = k.masked_fill(~valid, -big).amax(3)
+    empty = ~valid.any(3)
+    return kmin.masked_fill(empty, 0), kmax.masked_fill(empty, 0)
+
+
+def upper_bounds(query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+    """max over keys of each page of q.k, bounded above: query (B, h, D) -> (B, hk, G, pages) fp32."""
+    B, h, D = query.shape
+    hk = kmin.shape[1]
+    q = query.float().view(B, hk, h // hk, D)
+    return (torch.matmul(q.clamp(min=0), kmax.float().transpose(-1, -2))
+            + torch.matmul(q.clamp(max=0), kmin.float().transpose(-1, -2)))
+
+
+def update_bounds(inp: GroupInputs, rule, state: dict):
+    """Rebuild the page bounds for a new sequence, else fold the new key(s) into the last pages."""
+    page, n = rule.page, inp.n
+    held = state.get("n")
+    if inp.fresh or held is None or held >= n:
+        kv_valid = inp.valid
+        if kv_valid is not None and kv_valid.shape[1] != inp.key.shape[1]:
+            kv_valid = kv_valid.view(kv_valid.shape[0], inp.key.shape[1], -1, n).any(2)
+        kmin, kmax = page_bounds_from_keys(inp.key, page, kv_valid)
+        # one row per page: grow a few pages at a time
+        state["kmin"], state["kmax"], state["n"] = GrowBuffer(kmin, 8), GrowBuffer(kmax, 8), n
+        return
+    kmin, kmax = state["kmin"], state["kmax"]
+    for pos in range(held, n):                      # one iteration per decode step
+        row = inp.key[:, :, pos: pos + 1]
+        p = pos // page
+        if pos % page == 0:                         # first key of a new page
+            kmin.append(row)
+            kmax.append(row)
+        else:
+            torch.minimum(kmin.data[:, :, p: p + 1], row, out=kmin.data[:, :, p: p + 1])
+            torch.maximum(kmax.data[:, :, p: p + 1], row, out=kmax.data[:, :, p: p + 1])
+    state["n"] = n
+
+
+def select(inp: GroupInputs, rule, state: dict) -> torch.Tensor:
+    update_bounds(inp, rule, state)
+    page, n = rule.page, inp.n
+    B, Hi = inp.query.shape[0], inp.index_heads
+    pages = -(-n // page)
+    forced, eligible = forced_and_eligible(inp, rule.sink, rule.local)
+    # a page competes only if it still has a token that is neither forced nor masked out
+    padded = torch.nn.functional.pad(eligible, (0, pages * page - n))
+    page_eligible = padded.view(B, Hi, pages, page).any(-1)
+    bounds = upper_bounds(inp.query, state["kmin"].view(), state["kmax"].view()) * inp.scaling
+    if inp.softcap:
+        bounds = inp.softcap * torch.tanh(bounds / inp.softcap)       # monotone: keeps the bound's order
+    scores = vote(bounds, page_eligible, inp.per_head)
+    k = min(-(-rule.budget.resolve(n) // page), pages)
+    vals, top = scores.topk(k, dim=-1, sorted=False)                 # (B, Hi, k)
+    tokens = (top[..., None] * page + torch.arange(page, device=top.device)).view(B, Hi, k * page)
+    keep = (vals != NEG_INF).repeat_interleave(page, dim=-1) & (tokens < n)
+    keep &= padded.gather(-1, tokens.clamp(max=pages * page - 1))   # drop forced / masked tokens of the page
+    picked = tokens.masked_fill(~keep, -1)
+    return torch.cat([forced.expand(B, Hi, -1), picked], dim=-1)

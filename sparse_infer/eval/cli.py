@@ -1,0 +1,248 @@
+"""`sparse-infer eval ...` commands (mounted under the main CLI as `eval`).
+
+    sparse-infer eval ruler MODEL --plan PLAN [--compare dense] --lengths 4096,8192
+        --tasks all|LIST --samples N --out DIR [--data FILE] [--seed 0] [--resume]
+    sparse-infer eval needle [MODEL] --plan PLAN [--compare dense] --lengths ...
+        --depths 0,10,...,100 --out DIR
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from sparse_infer.eval.ruler import EvalError
+
+eval_app = typer.Typer(
+    help="Accuracy of sparse plans against dense attention: RULER tasks and a needle-in-a-haystack grid.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+console = Console()
+err_console = Console(stderr=True)
+
+DEFAULT_NEEDLE_MODEL = "smollm2-135m"
+# Small enough for a laptop CPU in a few minutes (9 prompts per plan, up to 4K tokens).
+DEFAULT_NEEDLE_LENGTHS = "1024,2048,4096"
+DEFAULT_NEEDLE_DEPTHS = "0,50,100"
+FALLBACK_PLAN = "vertical_slash"
+DENSE = "dense"
+
+
+# ---------------------------------------------------------------------------
+# Argument parsing helpers
+# ---------------------------------------------------------------------------
+
+
+def _number(text: str, kind: type) -> Any:
+    t = text.strip().lower()
+    mult = 1
+    if kind is int and t.endswith("k"):  # "4k" = 4096, as lengths are usually written
+        t, mult = t[:-1], 1024
+    try:
+        return kind(float(t) * mult) if kind is int and mult != 1 else kind(t)
+    except ValueError:
+        raise EvalError(f"not a number: {text!r}") from None
+
+
+def parse_list(spec: str, kind: type = int, what: str = "value") -> list:
+    """'1,2,3', '4k,8k', or an arithmetic run written '0,10,...,100'."""
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    if not parts:
+        raise EvalError(f"no {what}s given")
+    out: list = []
+    i = 0
+    while i < len(parts):
+        if parts[i] in ("...", "…"):
+            if len(out) < 2 or i + 1 >= len(parts):
+                raise EvalError(f"'...' in {spec!r} needs two values before it and one after")
+            step, end = out[-1] - out[-2], _number(parts[i + 1], kind)
+            if step <= 0:
+                raise EvalError(f"'...' in {spec!r} needs increasing values")
+            v = out[-1] + step
+            while v < end - 1e-9:
+                out.append(kind(round(v, 6)) if kind is float else v)
+                v += step
+            i += 1
+            continue
+        out.append(_number(parts[i], kind))
+        i += 1
+    return list(dict.fromkeys(out))
+
+
+def _plan_label(plan: str) -> str:
+    p = Path(plan)
+    return p.stem if p.suffix in (".json", ".yaml", ".yml", ".toml") else plan
+
+
+def build_plans(plan: str, compare: str | None, label: str | None = None) -> dict[str, Any]:
+    """Display name -> plan (None = dense). The baseline comes first so it runs first."""
+    plans: dict[str, Any] = {}
+    if compare and compare.lower() != "none":
+        plans[DENSE if compare == DENSE else _plan_label(compare)] = None if compare == DENSE else compare
+    plans[label or (DENSE if plan == DENSE else _plan_label(plan))] = None if plan == DENSE else plan
+    return plans
+
+
+def default_plan_for(model: str) -> str:
+    """The plan shipped for `model`, else the generic vertical_slash preset."""
+    try:
+        from sparse_infer.plan import shipped_plan_path
+
+        path = shipped_plan_path(model)
+    except (ImportError, AttributeError, LookupError, OSError, ValueError):
+        return FALLBACK_PLAN
+    return str(path) if path and Path(path).exists() else FALLBACK_PLAN
+
+
+def _plan_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from sparse_infer.plan import PlanError
+
+        return (EvalError, PlanError)
+    except ImportError:
+        return (EvalError,)
+
+
+def _fail(msg: str) -> typer.Exit:
+    err_console.print(f"[red]error:[/] {msg}")
+    return typer.Exit(2)
+
+
+def _load(model: str) -> tuple[Any, Any]:
+    try:
+        from sparse_infer import load_model
+    except ImportError as e:
+        raise _fail(f"sparse_infer.load_model is not available ({e})") from None
+    with console.status(f"loading {model} ..."):
+        return load_model(model)
+
+
+def _check_model(model: Any, lengths: list[int], plans: dict[str, Any]) -> None:
+    # Lengths and plans are checked against the model config before any
+    # prompt is built or token generated, so a plan for another model fails fast.
+    from sparse_infer.eval.runner import resolve_plan, validate_lengths
+
+    validate_lengths(model.config, lengths)
+    for plan in plans.values():
+        resolve_plan(plan, model.config)
+
+
+def _interrupted(out: Path) -> typer.Exit:
+    err_console.print(
+        f"\n[yellow]interrupted[/]: finished samples are saved in {out / 'results.json'}; "
+        "rerun the same command with --resume to continue"
+    )
+    return typer.Exit(130)
+
+
+# ---------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------
+
+
+@eval_app.command("ruler")
+def ruler_cmd(
+    model: Annotated[str, typer.Argument(help="Built-in name (smollm2-135m, qwen2.5-0.5b), HF dir, or dir:file.gguf.")],
+    plan: Annotated[str, typer.Option("--plan", help="Plan file, shipped plan name, or preset (dense, a_shape, vertical_slash, block).")],
+    compare: Annotated[str | None, typer.Option("--compare", help="Also run this baseline, usually 'dense'.")] = None,
+    lengths: Annotated[str, typer.Option("--lengths", help="Prompt lengths in tokens, e.g. 4096,8192 or 4k,8k.")] = "4096,8192",
+    tasks: Annotated[
+        str | None, typer.Option("--tasks", help="'all' or a comma list of RULER tasks (default: all, or none with --data).")
+    ] = None,
+    samples: Annotated[int, typer.Option("--samples", min=1, help="Samples per task and length.")] = 10,
+    out: Annotated[Path, typer.Option("--out", help="Output directory for results.json.")] = Path("eval_results/ruler"),
+    data: Annotated[
+        Path | None, typer.Option("--data", help="QA file (jsonl/json/parquet) with 'input' and 'answers' fields.")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for the synthetic prompts.")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Skip samples already in OUT/results.json.")] = False,
+) -> None:
+    """Run RULER synthetic tasks (and optional QA data) under PLAN, optionally next to dense."""
+    from sparse_infer.eval import ruler, runner
+
+    errors = _plan_errors()
+    try:
+        length_list = parse_list(lengths, int, "length")
+        task_list = ruler.resolve_tasks(tasks or "all") if (tasks or data is None) else []
+        if data is not None and not data.is_file():
+            raise EvalError(f"data file not found: {data}")
+        plans = build_plans(plan, compare)
+        m, tok = _load(model)
+        _check_model(m, length_list, plans)
+        all_samples: list[dict] = []
+        if task_list:
+            with console.status(f"building prompts ({len(task_list)} tasks x {len(length_list)} lengths x {samples})"):
+                all_samples += ruler.generate_samples(tok, task_list, length_list, samples, seed)
+        if data is not None:
+            all_samples += ruler.load_user_tasks(data, tok, lengths=length_list, limit=samples)
+        rows = runner.run_eval(m, tok, all_samples, plans, out, resume=resume)
+    except errors as e:
+        raise _fail(str(e)) from None
+    except KeyboardInterrupt:
+        raise _interrupted(out) from None
+    console.print(runner.render_table(rows, title=f"RULER {model}"))
+    console.print(f"results: {out / runner.RESULTS_FILE}")
+
+
+@eval_app.command("needle")
+def needle_cmd(
+    model: Annotated[
+        str | None, typer.Argument(help=f"Model spec (default {DEFAULT_NEEDLE_MODEL}).", show_default=False)
+    ] = None,
+    plan: Annotated[
+        str | None, typer.Option("--plan", help="Plan (default: the plan shipped for MODEL, else vertical_slash).")
+    ] = None,
+    compare: Annotated[str, typer.Option("--compare", help="Baseline to run too; 'none' for the plan alone.")] = DENSE,
+    lengths: Annotated[str, typer.Option("--lengths", help="Context lengths in tokens.")] = DEFAULT_NEEDLE_LENGTHS,
+    depths: Annotated[str, typer.Option("--depths", help="Needle depths in percent, e.g. 0,10,...,100.")] = DEFAULT_NEEDLE_DEPTHS,
+    out: Annotated[Path, typer.Option("--out", help="Output directory (needle.png, needle.json, results.json).")] = Path(
+        "eval_results/needle"
+    ),
+    samples: Annotated[int, typer.Option("--samples", min=1, help="Prompts per grid cell.")] = 1,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Skip cells already in OUT/results.json.")] = False,
+) -> None:
+    """Needle-in-a-haystack grid (length x depth) under PLAN and a heatmap PNG."""
+    from sparse_infer.eval import needle, runner
+
+    errors = _plan_errors()
+    model = model or DEFAULT_NEEDLE_MODEL
+    try:
+        length_list = parse_list(lengths, int, "length")
+        depth_list = parse_list(depths, float, "depth")
+        bad = [d for d in depth_list if not 0 <= d <= 100]
+        if bad:
+            raise EvalError(f"depths must be within 0..100, got {bad}")
+        chosen = plan or default_plan_for(model)
+        # A shipped plan is shown under the model's name, as it is named in the docs.
+        label = model if plan is None and chosen != FALLBACK_PLAN else None
+        plans = build_plans(chosen, compare, label)
+        m, tok = _load(model)
+        _check_model(m, length_list, plans)
+        result = needle.run_needle(
+            m, tok, plans, out, length_list, depth_list, seed=seed, samples_per_cell=samples, resume=resume
+        )
+        rows = [r for r in runner.summarize(runner.load_results(out)) if r["plan"] in plans]
+    except errors as e:
+        raise _fail(str(e)) from None
+    except KeyboardInterrupt:
+        raise _interrupted(out) from None
+    console.print(runner.render_table(rows, title=f"needle {model} (mean over depths)"))
+    for name, entry in result["plans"].items():
+        mean = entry["mean"]
+        console.print(f"{name}: mean score {mean:.1f}" if mean is not None else f"{name}: no results")
+    console.print(f"heatmap: {out / needle.NEEDLE_PNG}")
+    console.print(f"grid: {out / needle.NEEDLE_JSON}")
+
+
+def _main() -> None:  # pragma: no cover - convenience for `python -m sparse_infer.eval.cli`
+    eval_app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _main()

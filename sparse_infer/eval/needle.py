@@ -1,0 +1,206 @@
+"""Needle-in-a-haystack grid: context lengths x needle depths, one needle per prompt.
+
+Each prompt hides "One of the special magic numbers for {key} is: {value}."
+(a random 7-digit number for a random key word, deterministic by seed) at a
+sentence boundary near depth% of the essay haystack, and asks for it with
+RULER's single-needle template. A cell scores 100 when the number appears in
+the greedy output.
+
+Outputs in out_dir: results.json (per sample, via the runner, so --resume
+works), needle.json (the grids) and needle.png (one heatmap per plan).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from sparse_infer.eval import _text
+from sparse_infer.eval.ruler import (
+    _NIAH_ANSWER_ONE,
+    _NIAH_TEMPLATE_ONE,
+    NEEDLE_TEMPLATE,
+    STRING_MATCH_ALL,
+    EvalError,
+    _cycled,
+    count_tokens,
+    derive_seed,
+    fit_length,
+    format_prompt,
+    insert_at_depths,
+    _pad_text,
+)
+
+NEEDLE_TASK = "needle"
+NEEDLE_JSON = "needle.json"
+NEEDLE_PNG = "needle.png"
+MAX_NEW_TOKENS = 32  # the answer is a 7-digit number right after the answer prefix
+
+
+def needle_id(length: int, depth: float, index: int) -> str:
+    return f"{NEEDLE_TASK}/{length}/d{depth:g}/{index}"
+
+
+def make_needle_sample(
+    tokenizer: Any, length: int, depth: float, index: int = 0, seed: int = 0, *, chat_template: bool | None = None
+) -> dict[str, Any]:
+    if not 0 <= depth <= 100:
+        raise EvalError(f"depth must be within 0..100, got {depth}")
+    rng = random.Random(derive_seed(seed, NEEDLE_TASK, length, depth, index))
+    key = rng.choice(_text.vocabulary())
+    value = str(rng.randint(1_000_000, 9_999_999))
+    needle = NEEDLE_TEMPLATE.format(type_v="numbers", key=key, value=value)
+    question = _NIAH_TEMPLATE_ONE.replace("{type_v}", "number")
+    prefix = _NIAH_ANSWER_ONE.format(type_v="number", query=key)
+
+    def build(n: int, pad: int) -> str:
+        context = insert_at_depths(_cycled(_text.essay_words(), n), [needle], [depth])
+        if pad:
+            context = _pad_text(pad) + " " + context
+        return format_prompt(tokenizer, question.format(context=context, query=key), prefix, chat_template)
+
+    prompt, _ = fit_length(build, lambda t: count_tokens(tokenizer, t), length, what=f"needle @ {length}")
+    return {
+        "id": needle_id(length, depth, index),
+        "task": NEEDLE_TASK,
+        "length": int(length),
+        "depth": depth,
+        "index": index,
+        "input": prompt,
+        "answers": [value],
+        "max_new_tokens": MAX_NEW_TOKENS,
+        "metric": STRING_MATCH_ALL,  # one answer: 100 iff the number is in the output
+        "tokens": count_tokens(tokenizer, prompt),
+        "seed": seed,
+    }
+
+
+def make_needle_samples(
+    tokenizer: Any,
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    seed: int = 0,
+    samples_per_cell: int = 1,
+    *,
+    chat_template: bool | None = None,
+) -> list[dict[str, Any]]:
+    return [
+        make_needle_sample(tokenizer, L, d, i, seed, chat_template=chat_template)
+        for L in lengths
+        for d in depths
+        for i in range(samples_per_cell)
+    ]
+
+
+def needle_grid(records: Sequence[Mapping[str, Any]], lengths: Sequence[int], depths: Sequence[float]) -> list[list[float | None]]:
+    """Mean score per cell: grid[depth_row][length_col]; None where nothing ran."""
+    cells: dict[tuple[int, float], list[float]] = {}
+    for r in records:
+        if r.get("task") == NEEDLE_TASK:
+            cells.setdefault((int(r["length"]), float(r["depth"])), []).append(float(r["score"]))
+    return [
+        [(sum(v) / len(v)) if (v := cells.get((int(L), float(d)))) else None for L in lengths]
+        for d in depths
+    ]
+
+
+def plot_heatmap(
+    grids: Mapping[str, Sequence[Sequence[float | None]]],
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    path: str | Path | None = None,
+    title: str | None = None,
+):
+    """One annotated heatmap per plan (rows = depth %, columns = length); returns the Figure."""
+    # A bare Figure (no pyplot) renders with Agg and touches no global
+    # backend state, so it works headless and inside other programs.
+    import matplotlib
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    names = list(grids)
+    cols = len(names)
+    fig = Figure(figsize=(1.2 + 0.9 * len(lengths) * cols + 0.6 * cols, 1.4 + 0.45 * len(depths)), layout="constrained")
+    axes = fig.subplots(1, cols, squeeze=False)[0]
+    cmap = matplotlib.colormaps["RdYlGn"].copy()
+    cmap.set_bad("#dddddd")  # cells that did not run
+    image = None
+    for ax, name in zip(axes, names):
+        data = np.array([[np.nan if v is None else v for v in row] for row in grids[name]], dtype=float)
+        image = ax.imshow(data, cmap=cmap, vmin=0, vmax=100, aspect="auto", origin="upper")
+        ax.set_xticks(range(len(lengths)), [_fmt_len(L) for L in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("needle depth (%)")
+        finite = data[np.isfinite(data)]
+        mean = f" (mean {finite.mean():.0f})" if finite.size else ""
+        ax.set_title(f"{name}{mean}")
+        for i in range(data.shape[0]):
+            for j in range(data.shape[1]):
+                v = data[i, j]
+                ax.text(j, i, "–" if np.isnan(v) else f"{v:.0f}", ha="center", va="center", fontsize=8, color="black")
+    if image is not None:
+        fig.colorbar(image, ax=list(axes), label="score", shrink=0.9)
+    if title:
+        fig.suptitle(title)
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def _fmt_len(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 and n >= 1024 else str(n)
+
+
+def run_needle(
+    model: Any,
+    tokenizer: Any,
+    plans: Mapping[str, Any],
+    out_dir: str | Path,
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    *,
+    seed: int = 0,
+    samples_per_cell: int = 1,
+    resume: bool = False,
+    progress: bool = True,
+    chat_template: bool | None = None,
+) -> dict[str, Any]:
+    """Run the grid under each plan; write results.json, needle.json and needle.png; return needle.json's content."""
+    from sparse_infer.eval.runner import _write_json, load_results, run_eval, validate
+
+    lengths = [int(L) for L in lengths]
+    depths = [float(d) for d in depths]
+    # Validate lengths and plans before spending time on prompts.
+    validate(model, [{"id": "probe", "task": NEEDLE_TASK, "metric": STRING_MATCH_ALL, "length": max(lengths)}], plans)
+    samples = make_needle_samples(tokenizer, lengths, depths, seed, samples_per_cell, chat_template=chat_template)
+    run_eval(model, tokenizer, samples, plans, out_dir, resume=resume, progress=progress)
+    doc = load_results(out_dir)
+    out = Path(out_dir)
+    grids = {name: needle_grid(doc["plans"][name]["records"], lengths, depths) for name in plans}
+    result = {
+        "lengths": lengths,
+        "depths": depths,
+        "rows": "depth",
+        "cols": "length",
+        "seed": seed,
+        "samples_per_cell": samples_per_cell,
+        "model": doc.get("model"),
+        "plans": {
+            name: {"plan": doc["plans"][name].get("plan"), "scores": grid, "mean": _mean(grid)}
+            for name, grid in grids.items()
+        },
+        "png": NEEDLE_PNG,
+    }
+    _write_json(out / NEEDLE_JSON, result)
+    model_name = (doc.get("model") or {}).get("name_or_path") or ""
+    fig = plot_heatmap(grids, lengths, depths, out / NEEDLE_PNG, title=f"needle in a haystack {model_name}".strip())
+    del fig
+    return result
+
+
+def _mean(grid: Sequence[Sequence[float | None]]) -> float | None:
+    vals = [v for row in grid for v in row if v is not None]
+    return sum(vals) / len(vals) if vals else None

@@ -1,0 +1,495 @@
+"""Run samples through a model under several attention plans and score them.
+
+results.json layout (rewritten atomically after every sample, so Ctrl-C
+loses at most the sample in flight)::
+
+    {"version": 1, "model": {...},
+     "plans": {NAME: {"plan": <description>, "records": [RECORD, ...]}},
+     "summary": [{"plan", "length", "task", "score", "n"[, "prefill_density", "decode_density"]}, ...]}
+
+A RECORD is the sample without its (possibly 128K-token) `input`, plus
+`input_sha1`, `prediction`, `score`, `new_tokens`, `seconds` and, when the
+patch layer reports it, `stats`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from sparse_infer.eval.ruler import (
+    METRICS,
+    TASK_NAMES,
+    EvalError,
+    encode,
+    postprocess,
+    score_sample,
+    task_metric,
+)
+
+RESULTS_FILE = "results.json"
+FORMAT_VERSION = 1
+DENSE = "dense"
+
+
+# ---------------------------------------------------------------------------
+# Validation (cheap; runs before any generation)
+# ---------------------------------------------------------------------------
+
+
+def max_positions(config: Any) -> int | None:
+    # Multimodal configs keep the language model's limits in a sub-config.
+    get_text = getattr(config, "get_text_config", None)
+    text_cfg = get_text() if callable(get_text) else config
+    value = getattr(text_cfg, "max_position_embeddings", None)
+    return int(value) if value else None
+
+
+def validate_lengths(config: Any, lengths: Sequence[int]) -> None:
+    limit = max_positions(config)
+    bad = sorted({int(L) for L in lengths if limit is not None and int(L) > limit})
+    if bad:
+        raise EvalError(
+            f"length(s) {', '.join(map(str, bad))} exceed the model's max_position_embeddings ({limit})"
+        )
+    nonpos = [L for L in lengths if int(L) <= 0]
+    if nonpos:
+        raise EvalError(f"lengths must be positive, got {nonpos}")
+
+
+def _validate_samples(samples: Sequence[Mapping[str, Any]]) -> None:
+    if not samples:
+        raise EvalError("no samples to evaluate")
+    seen = set()
+    for s in samples:
+        task = s.get("task")
+        metric = s.get("metric")
+        if metric is None and task not in TASK_NAMES:
+            raise EvalError(f"unknown task {task!r}; valid: {', '.join(TASK_NAMES)} (or give the sample a 'metric')")
+        if metric is not None and metric not in METRICS:
+            raise EvalError(f"sample {sample_key(s)}: unknown metric {metric!r}; valid: {', '.join(METRICS)}")
+        key = sample_key(s)
+        if key in seen:
+            raise EvalError(f"duplicate sample id {key!r}")
+        seen.add(key)
+
+
+def resolve_plan(plan: Any, config: Any) -> Any:
+    """Load a plan (path, shipped name, preset name, dict or Plan) against the model config; None = dense.
+
+    Loading here, before any generation, makes a plan written for another
+    model fail at once with the plan loader's PlanError.
+    """
+    if plan is None:
+        return None
+    from sparse_infer.plan import load_plan  # lazy: the eval package must import without it
+
+    return load_plan(plan, model_config=config)
+
+
+def validate(model: Any, samples: Sequence[Mapping[str, Any]], plans: Mapping[str, Any]) -> dict[str, Any]:
+    """Check tasks, lengths and plans; return the loaded plans by name."""
+    if not plans:
+        raise EvalError("no plans to evaluate")
+    _validate_samples(samples)
+    validate_lengths(model.config, [int(s["length"]) for s in samples])
+    return {name: resolve_plan(plan, model.config) for name, plan in plans.items()}
+
+
+# ---------------------------------------------------------------------------
+# Patching
+# ---------------------------------------------------------------------------
+
+
+def _apply_plan(model: Any, plan: Any) -> None:
+    """Make the model run `plan` (None = dense attention)."""
+    try:
+        import sparse_infer as si
+
+        patch, unpatch = si.patch, si.unpatch
+    except (ImportError, AttributeError):
+        if plan is None:
+            return  # dense needs nothing when the patch layer is not there
+        raise EvalError("sparse_infer.patch is not available; cannot run a sparse plan") from None
+    unpatch(model)  # start from dense so plans never stack
+    if plan is not None:
+        patch(model, plan)
+
+
+def _attention_stats(model: Any) -> dict[str, float] | None:
+    """Measured prefill/decode density from the patch layer (None when dense or unavailable).
+
+    Per-layer detail is dropped: it would dominate results.json.
+    """
+    try:
+        from sparse_infer.patches.attention import get_stats
+    except (ImportError, AttributeError):
+        return None
+    stats = get_stats(model)
+    out = {k: float(stats[k]) for k in ("prefill_density", "decode_density") if stats.get(k) is not None}
+    return out or None
+
+
+def _reset_stats(model: Any) -> None:
+    try:
+        from sparse_infer.patches.attention import reset_stats
+    except (ImportError, AttributeError):
+        return
+    reset_stats(model)
+
+
+def _jsonable(obj: Any) -> Any:
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if hasattr(obj, "tolist"):  # tensors / numpy
+        return _jsonable(obj.tolist())
+    if hasattr(obj, "to_dict"):
+        return _jsonable(obj.to_dict())
+    if hasattr(obj, "__dataclass_fields__"):
+        import dataclasses
+
+        return _jsonable(dataclasses.asdict(obj))
+    return str(obj)
+
+
+def describe_plan(plan: Any) -> Any:
+    if plan is None:
+        return None
+    if isinstance(plan, os.PathLike):
+        return str(plan)
+    return _jsonable(plan)
+
+
+# ---------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------
+
+
+def sample_key(sample: Mapping[str, Any]) -> str:
+    return str(sample.get("id") or f"{sample['task']}/{sample['length']}/{sample['index']}")
+
+
+def _sha1(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+def generate_one(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -> tuple[str, int]:
+    """Greedy completion of `prompt`; returns (decoded new text, number of new tokens)."""
+    import torch
+
+    ids = encode(tokenizer, prompt)
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            do_sample=False,
+            max_new_tokens=int(max_new_tokens),
+            pad_token_id=pad,
+        )
+    new = out[0, input_ids.shape[1] :]
+    return tokenizer.decode(new, skip_special_tokens=True), int(new.numel())
+
+
+# ---------------------------------------------------------------------------
+# Results file
+# ---------------------------------------------------------------------------
+
+
+def load_results(out_dir: str | Path) -> dict[str, Any]:
+    path = Path(out_dir) / RESULTS_FILE
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise EvalError(f"no {RESULTS_FILE} in {out_dir}") from None
+    except json.JSONDecodeError as e:
+        raise EvalError(f"{path} is not valid JSON ({e}); remove it or use another --out") from None
+    if not isinstance(doc, dict) or "plans" not in doc:
+        raise EvalError(f"{path} is not a sparse_infer results file")
+    return doc
+
+
+def _write_json(path: Path, doc: Any) -> None:
+    # Write-then-rename so an interrupt never leaves a half-written file.
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _model_info(model: Any) -> dict[str, Any]:
+    cfg = model.config
+    return {
+        "name_or_path": getattr(cfg, "_name_or_path", None) or getattr(model, "name_or_path", None),
+        "model_type": getattr(cfg, "model_type", None),
+        "max_position_embeddings": max_positions(cfg),
+    }
+
+
+def summarize(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Mean score per (plan, length, task), plans in run order, then length, then task order."""
+    rows = []
+    for plan_name, entry in doc["plans"].items():
+        groups: dict[tuple[int, str], list[Mapping[str, Any]]] = {}
+        for rec in entry.get("records", []):
+            groups.setdefault((int(rec["length"]), rec["task"]), []).append(rec)
+        order = {t: i for i, t in enumerate(TASK_NAMES)}
+        for (length, task), recs in sorted(groups.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 99), kv[0][1])):
+            row = {
+                "plan": plan_name,
+                "length": length,
+                "task": task,
+                "score": sum(r["score"] for r in recs) / len(recs),
+                "n": len(recs),
+            }
+            for key in ("prefill_density", "decode_density"):
+                vals = [r["stats"][key] for r in recs if isinstance(r.get("stats"), Mapping) and key in r["stats"]]
+                if vals:
+                    row[key] = sum(vals) / len(vals)
+            rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# Main entry point
+# ---------------------------------------------------------------------------
+
+
+def run_eval(
+    model: Any,
+    tokenizer: Any,
+    samples: Sequence[Mapping[str, Any]],
+    plans: Mapping[str, Any],
+    out_dir: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Greedy-generate every sample under every plan, score, and keep results.json current.
+
+    `plans` maps a display name to a plan (path, preset name, dict or Plan) or
+    None for dense attention. With `resume`, samples already in results.json
+    for a plan are skipped. Returns the summary rows (see `summarize`). The
+    model is left dense (unpatched) afterwards.
+    """
+    loaded = validate(model, samples, plans)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / RESULTS_FILE
+
+    doc: dict[str, Any]
+    if resume and path.exists():
+        doc = load_results(out)
+    else:
+        doc = {"version": FORMAT_VERSION, "model": _model_info(model), "plans": {}, "summary": []}
+
+    by_key = {sample_key(s): s for s in samples}
+    shas = {k: _sha1(s["input"]) for k, s in by_key.items()}
+    pending: list[tuple[str, Mapping[str, Any]]] = []
+    for name in plans:
+        entry = doc["plans"].setdefault(name, {"plan": describe_plan(plans[name]), "records": []})
+        if resume and entry.get("plan") != describe_plan(plans[name]) and isinstance(plans[name], (str, dict, type(None))):
+            raise EvalError(
+                f"--resume: plan {name!r} in {path} was {entry.get('plan')!r}, now {describe_plan(plans[name])!r}; "
+                "use another --out"
+            )
+        done = set()
+        for rec in entry["records"]:
+            key = rec.get("id")
+            if key in shas and rec.get("input_sha1") != shas[key]:
+                raise EvalError(
+                    f"--resume: {path} holds a different prompt for {key} (other seed, tokenizer or data); "
+                    "use another --out or drop --resume"
+                )
+            done.add(key)
+        pending += [(name, s) for s in samples if sample_key(s) not in done]
+
+    _write_json(path, doc)
+    total_weight = sum(_weight(s) for _, s in pending)
+    bar = _Progress(progress, total_weight, len(pending))
+    current: str | None = None
+    patched = False
+    try:
+        with bar:
+            for name, sample in pending:
+                if name != current:
+                    _apply_plan(model, loaded[name])
+                    current, patched = name, patched or loaded[name] is not None
+                bar.describe(f"{name} {sample['task']} @{sample['length']}")
+                _reset_stats(model)
+                t0 = time.perf_counter()
+                raw, n_new = generate_one(model, tokenizer, sample["input"], int(sample["max_new_tokens"]))
+                seconds = time.perf_counter() - t0
+                metric = sample.get("metric") or task_metric(sample["task"])
+                rec = {k: v for k, v in sample.items() if k != "input"}
+                rec.update(
+                    id=sample_key(sample),
+                    metric=metric,
+                    input_sha1=shas[sample_key(sample)],
+                    prediction=postprocess(raw),
+                    score=score_sample(raw, sample["answers"], metric),
+                    new_tokens=n_new,
+                    seconds=round(seconds, 3),
+                )
+                stats = _attention_stats(model)
+                if stats is not None:
+                    rec["stats"] = stats
+                doc["plans"][name]["records"].append(rec)
+                doc["summary"] = summarize(doc)
+                _write_json(path, doc)
+                bar.advance(_weight(sample))
+    finally:
+        if patched:
+            _apply_plan(model, None)
+    doc["summary"] = summarize(doc)
+    _write_json(path, doc)
+    # Only rows for the plans asked about now (a resumed file may hold others).
+    return [r for r in doc["summary"] if r["plan"] in plans]
+
+
+def _weight(sample: Mapping[str, Any]) -> int:
+    # Cost grows with prompt length; weighting the bar by tokens keeps the ETA
+    # honest when short prompts run first.
+    return max(1, int(sample.get("tokens") or sample.get("length") or 1)) + 8 * int(sample.get("max_new_tokens", 0))
+
+
+class _Progress:
+    """rich progress bar (weighted by prompt tokens) or nothing."""
+
+    def __init__(self, enabled: bool, total: int, count: int):
+        self.enabled = enabled and count > 0
+        self.count = count
+        self.done = 0
+        if self.enabled:
+            from rich.progress import (
+                BarColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self._p = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TextColumn("{task.fields[samples]}"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+            )
+            self._task = self._p.add_task("", total=total, samples=f"0/{count}")
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            self._p.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.enabled:
+            self._p.__exit__(*exc)
+
+    def describe(self, text: str) -> None:
+        if self.enabled:
+            self._p.update(self._task, description=text)
+
+    def advance(self, weight: int) -> None:
+        self.done += 1
+        if self.enabled:
+            self._p.update(self._task, advance=weight, samples=f"{self.done}/{self.count}")
+
+
+# ---------------------------------------------------------------------------
+# Table
+# ---------------------------------------------------------------------------
+
+
+def render_table(rows: Sequence[Mapping[str, Any]], baseline: str | None = None, title: str | None = None):
+    """rich Table: one score column per plan and, per other plan, its difference to the baseline.
+
+    The baseline is `baseline`, else "dense" if present, else the first plan.
+    Each length ends with an average row over its tasks.
+    """
+    from rich.table import Table
+
+    plans = list(dict.fromkeys(r["plan"] for r in rows))
+    base = baseline if baseline in plans else (DENSE if DENSE in plans else (plans[0] if plans else None))
+    others = [p for p in plans if p != base]
+    scores = {(r["plan"], int(r["length"]), r["task"]): float(r["score"]) for r in rows}
+    density = {(r["plan"], int(r["length"]), r["task"]): r["prefill_density"] for r in rows if r.get("prefill_density") is not None}
+    dens_plans = [p for p in others if any(k[0] == p for k in density)]
+    counts = {(int(r["length"]), r["task"]): r["n"] for r in rows}
+    keys = list(dict.fromkeys((int(r["length"]), r["task"]) for r in rows))
+    order = {t: i for i, t in enumerate(TASK_NAMES)}
+    keys.sort(key=lambda k: (k[0], order.get(k[1], 99), k[1]))
+
+    table = Table(title=title, show_lines=False)
+    table.add_column("length", justify="right")
+    table.add_column("task")
+    table.add_column("n", justify="right")
+    for p in plans:
+        table.add_column(p, justify="right")
+    if base is not None:
+        for p in others:
+            table.add_column(f"Δ {p}", justify="right")
+    for p in dens_plans:
+        table.add_column(f"density {p}", justify="right")  # measured prefill density
+
+    def cells(getter, dens_getter) -> list[str]:
+        vals = [getter(p) for p in plans]
+        out = [f"{v:.1f}" if v is not None else "-" for v in vals]
+        b = getter(base) if base is not None else None
+        if base is not None:
+            for p in others:
+                v = getter(p)
+                out.append(_diff_cell(v - b) if v is not None and b is not None else "-")
+        for p in dens_plans:
+            d = dens_getter(p)
+            out.append(f"{d:.0%}" if d is not None else "-")
+        return out
+
+    lengths = list(dict.fromkeys(k[0] for k in keys))
+    for i, length in enumerate(lengths):
+        tasks = [t for (L, t) in keys if L == length]
+        for task in tasks:
+            table.add_row(
+                str(length),
+                task,
+                str(counts[(length, task)]),
+                *cells(lambda p: scores.get((p, length, task)), lambda p: density.get((p, length, task))),
+            )
+        if len(tasks) > 1:
+
+            def avg(table_: dict, p: str, length: int = length, tasks: list[str] = tasks) -> float | None:
+                vals = [table_[(p, length, t)] for t in tasks if (p, length, t) in table_]
+                return sum(vals) / len(vals) if vals and len(vals) == len(tasks) else None
+
+            table.add_row(
+                str(length),
+                "[bold]average[/]",
+                "",
+                *cells(lambda p: avg(scores, p), lambda p: avg(density, p)),
+                end_section=i < len(lengths) - 1,
+            )
+        elif i < len(lengths) - 1:
+            table.add_section()
+    return table
+
+
+def _diff_cell(d: float) -> str:
+    if d <= -1.0:
+        return f"[red]{d:+.1f}[/]"
+    if d >= 1.0:
+        return f"[green]{d:+.1f}[/]"
+    return f"{d:+.1f}"

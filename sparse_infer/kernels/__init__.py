@@ -1,0 +1,37 @@
+"""Attention executors: compute attention over an index set chosen elsewhere."""
+
+from .block_sparse_attn import (
+    BlockSparseIndex,
+    block_sparse_attention,
+    block_sparse_attention_torch,
+    block_sparse_attention_triton,
+    dense_masked_attention,
+    index_density,
+    index_to_mask,
+    num_query_blocks,
+    triton_available,
+)
+from .sparse_decode import (
+    dense_decode_reference,
+    indices_to_mask,
+    sparse_decode,
+    sparse_decode_torch,
+    sparse_decode_triton,
+)
+
+__all__ = [
+    "BlockSparseIndex",
+    "block_sparse_attention",
+    "block_sparse_attention_torch",
+    "block_sparse_attention_triton",
+    "dense_masked_attention",
+    "index_density",
+    "index_to_mask",
+    "num_query_blocks",
+    "triton_available",
+    "dense_decode_reference",
+    "indices_to_mask",
+    "sparse_decode",
+    "sparse_decode_torch",
+    "sparse_decode_triton",
+]

@@ -1,0 +1,104 @@
+"""patch / unpatch: route a loaded model's attention through sparse_infer via AttentionInterface."""
+from __future__ import annotations
+
+from sparse_infer.patches.attention import (
+    IMPLEMENTATION, LayerRuntime, eager_fallback, get_stats, group_heads, reset_stats, runtime_for,
+    set_runtime, sparse_attention_forward,
+)
+from sparse_infer.plan import Plan, PlanError, load_plan
+
+_registered = False
+# model -> the attn implementation it had before patching (restored by unpatch)
+_PREVIOUS: dict[int, object] = {}
+
+
+def _register() -> None:
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(IMPLEMENTATION, sparse_attention_forward)
+    # bool masks (True = attend), the format the executors take
+    AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+    _registered = True
+
+
+def attention_modules(model):
+    """(layer_idx, module) for every attention layer that routes through AttentionInterface."""
+    found = []
+    for module in model.modules():
+        idx = getattr(module, "layer_idx", None)
+        if idx is not None and type(module).__name__.endswith("Attention") and hasattr(module, "config"):
+            found.append((idx, module))
+    return found
+
+
+def _dense_function(implementation, module):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if implementation in (None, "eager"):
+        return eager_fallback(module)
+    if implementation in ALL_ATTENTION_FUNCTIONS:
+        return ALL_ATTENTION_FUNCTIONS[implementation], False
+    raise PlanError("", f"cannot patch a model whose attention implementation is {implementation!r}")
+
+
+def is_patched(model) -> bool:
+    return id(model) in _PREVIOUS
+
+
+def patch(model, plan, backend: str = "auto"):
+    """Make `model` run the plan's sparse attention. Returns the validated Plan.
+
+    plan: a YAML path, a shipped plan name, a preset name ("dense", "a_shape",
+    "vertical_slash", "block"), a dict or a Plan. Validation happens before
+    anything changes: a bad plan raises PlanError and leaves the model untouched.
+    """
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    resolved: Plan = load_plan(plan, model.config)
+    modules = attention_modules(model)
+    if not modules:
+        raise PlanError("", f"{type(model).__name__} has no attention layers with a layer_idx to patch")
+    if not model._can_set_attn_implementation():
+        raise PlanError("", f"{type(model).__name__} does not route attention through transformers' "
+                            "AttentionInterface, so it cannot be patched")
+    if is_patched(model):
+        unpatch(model)
+    previous = model.config._attn_implementation
+    _register()
+    runtimes = []
+    for layer_idx, module in modules:
+        cfg = module.config.get_text_config() if hasattr(module.config, "get_text_config") else module.config
+        num_heads = cfg.num_attention_heads
+        num_kv = getattr(cfg, "num_key_value_heads", None) or num_heads
+        impl = getattr(module.config, "_attn_implementation", previous)
+        dense_fn, float_mask = _dense_function(impl if impl != IMPLEMENTATION else previous, module)
+        rt = LayerRuntime(resolved, layer_idx, num_heads, num_kv, dense_fn, float_mask, backend)
+        rt.prefill_groups = group_heads(resolved.prefill, layer_idx, num_heads)
+        rt.decode_groups = group_heads(resolved.decode, layer_idx, num_heads)
+        runtimes.append((module, rt))
+    for module, rt in runtimes:
+        set_runtime(module, rt)
+    model.set_attn_implementation(IMPLEMENTATION)
+    if model.config._attn_implementation != IMPLEMENTATION:
+        for module, _ in runtimes:
+            set_runtime(module, None)
+        raise PlanError("", f"transformers refused to switch {type(model).__name__} to the sparse attention")
+    _PREVIOUS[id(model)] = previous
+    return resolved
+
+
+def unpatch(model) -> None:
+    """Restore exactly the attention implementation the model had before patch(); no-op if not patched."""
+    if not is_patched(model):
+        return
+    previous = _PREVIOUS.pop(id(model))
+    model.set_attn_implementation(previous)
+    for _, module in attention_modules(model):
+        set_runtime(module, None)
+
+
+__all__ = ["patch", "unpatch", "is_patched", "get_stats", "reset_stats", "attention_modules"]

@@ -1,0 +1,235 @@
+"""The attention function registered with transformers' AttentionInterface.
+
+transformers calls ``sparse_attention_forward(module, q, k, v, mask, ...)`` for every
+attention layer once the model's implementation is "sparse_infer". It finds the
+layer's plan in a side table keyed by the module (nothing is written onto the
+model), then dispatches: prefill (q > 1) to the layer's patterns and the
+block-sparse executor, decode (q == 1) to the decode selectors, and everything
+the plan does not cover (short inputs, dense heads, non-causal modules) to the
+implementation the model had before patching, so those outputs are unchanged.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+import weakref
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from sparse_infer.plan import Plan, Rule
+
+IMPLEMENTATION = "sparse_infer"
+
+
+@dataclass
+class LayerStats:
+    prefill_calls: int = 0
+    sparse_prefill_calls: int = 0
+    selected_pairs: float = 0.0      # (query, key) pairs computed by sparse heads
+    causal_pairs: float = 0.0        # pairs dense causal attention would compute for those heads
+    decode_calls: int = 0
+    sparse_decode_calls: int = 0
+    decode_selected: float = 0.0
+    decode_total: float = 0.0
+
+
+@dataclass
+class LayerRuntime:
+    plan: Plan
+    layer_idx: int
+    num_heads: int
+    num_kv_heads: int
+    dense_fn: object                    # the pre-patch attention function
+    dense_mask_is_float: bool           # eager-style functions expect additive float masks
+    backend: str = "auto"
+    stats: LayerStats = field(default_factory=LayerStats)
+    decode_state: dict = field(default_factory=dict)   # selectors' side state (see sparse_infer.decode)
+    prefill_groups: list = field(default_factory=list)  # [(Rule, [q heads])], computed once
+    decode_groups: list = field(default_factory=list)
+
+
+_RUNTIME: "weakref.WeakKeyDictionary[torch.nn.Module, LayerRuntime]" = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()
+
+
+def runtime_for(module) -> LayerRuntime | None:
+    return _RUNTIME.get(module)
+
+
+def set_runtime(module, runtime: LayerRuntime | None) -> None:
+    with _LOCK:
+        if runtime is None:
+            _RUNTIME.pop(module, None)
+        else:
+            _RUNTIME[module] = runtime
+
+
+def group_heads(section, layer_idx: int, num_heads: int) -> list[tuple[Rule, list[int]]]:
+    """Heads of one layer grouped by identical rule, so each rule runs once over its heads."""
+    groups: dict[tuple, tuple[Rule, list[int]]] = {}
+    for head in range(num_heads):
+        rule = section.rule(layer_idx, head)
+        groups.setdefault(rule.key(), (rule, []))[1].append(head)
+    return list(groups.values())
+
+
+def eager_fallback(module):
+    """The model file's own eager_attention_forward (transformers keeps one per architecture)."""
+    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if fn is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        return sdpa_attention_forward, False
+    return fn, True
+
+
+def _to_float_mask(mask: torch.Tensor | None, dtype) -> torch.Tensor | None:
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.where(mask, torch.zeros((), dtype=dtype, device=mask.device),
+                       torch.full((), torch.finfo(dtype).min, dtype=dtype, device=mask.device))
+
+
+def _to_bool_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    if mask is None or mask.dtype == torch.bool:
+        return mask
+    return mask > torch.finfo(mask.dtype).min / 2 if mask.is_floating_point() else mask.bool()
+
+
+def _dense(rt: LayerRuntime, module, query, key, value, attention_mask, **kwargs):
+    if rt.dense_mask_is_float:
+        attention_mask = _to_float_mask(attention_mask, query.dtype)
+    return rt.dense_fn(module, query, key, value, attention_mask, **kwargs)
+
+
+def _dense_subset(query, key, value, mask, scaling, softcap):
+    """Dense causal attention over a subset of heads (query heads map 1:1 or G:1 onto key heads)."""
+    from sparse_infer.kernels.block_sparse_attn import dense_masked_attention
+    q_len, n = query.shape[2], key.shape[2]
+    if softcap:
+        causal = torch.ones(q_len, n, dtype=torch.bool, device=query.device).tril(n - q_len)
+        full = causal[None, None] if mask is None else causal[None, None] & mask
+        return dense_masked_attention(query, key, value, full, scaling, softcap=softcap)
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    if mask is None:
+        causal = torch.ones(q_len, n, dtype=torch.bool, device=query.device).tril(n - q_len)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=causal, scale=scaling)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+    return out.nan_to_num(0.0)
+
+
+def _head_subsets(heads: list[int], num_heads: int, num_kv: int):
+    """Index tensors for running a subset of query heads while keeping GQA sharing when possible."""
+    groups = num_heads // num_kv
+    kv_of = [h // groups for h in heads]
+    whole = sorted(set(kv_of))
+    if len(heads) == len(whole) * groups:          # the subset is made of whole GQA groups
+        return heads, whole
+    return heads, kv_of                             # one key head per query head
+
+
+def sparse_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    rt = runtime_for(module)
+    if rt is None:
+        raise RuntimeError(
+            f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) uses the 'sparse_infer' attention "
+            "implementation but has no plan: call sparse_infer.patch(model, plan) on the model that owns it"
+        )
+    q_len, n = query.shape[2], key.shape[2]
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    causal = getattr(module, "is_causal", True) and kwargs.get("is_causal", True) is not False
+    mask_ok = attention_mask is None or attention_mask.shape[-1] == n
+    if not causal or not mask_ok or (module.training and dropout > 0):
+        return _dense(rt, module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if q_len == 1:
+        rt.stats.decode_calls += 1
+        from sparse_infer.decode import decode_attention
+        out = decode_attention(rt, module, query, key, value, _to_bool_mask(attention_mask), scaling, kwargs)
+        if out is None:
+            return _dense(rt, module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        rt.stats.sparse_decode_calls += 1
+        return out.transpose(1, 2).contiguous(), None
+    rt.stats.prefill_calls += 1
+    section = rt.plan.prefill
+    if n < section.min_len or all(rule.kind == "dense" for rule, _ in rt.prefill_groups):
+        return _dense(rt, module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    rt.stats.sparse_prefill_calls += 1
+    out = sparse_prefill(rt, query, key, value, _to_bool_mask(attention_mask), scaling, kwargs.get("softcap"))
+    return out.transpose(1, 2).contiguous(), None
+
+
+def sparse_prefill(rt: LayerRuntime, query, key, value, mask, scaling, softcap=None):
+    """Run each rule of the layer over its heads; returns (B, Hq, q, D)."""
+    from sparse_infer.kernels.block_sparse_attn import block_sparse_attention, index_density
+    from sparse_infer.prefill import build_index
+
+    section = rt.plan.prefill
+    num_heads, num_kv = query.shape[1], key.shape[1]
+    if len(rt.prefill_groups) == 1:
+        parts = [(rt.prefill_groups[0][0], list(range(num_heads)), list(range(num_kv)))]
+    else:
+        parts = [(rule, *_head_subsets(heads, num_heads, num_kv)) for rule, heads in rt.prefill_groups]
+    out = query.new_empty(query.shape[0], num_heads, query.shape[2], value.shape[-1])
+    q_len, n = query.shape[2], key.shape[2]
+    for rule, heads, kv_heads in parts:
+        full = len(heads) == num_heads
+        q = query if full else query[:, heads]
+        k = key if full and len(kv_heads) == num_kv else key[:, kv_heads]
+        v = value if full and len(kv_heads) == num_kv else value[:, kv_heads]
+        m = mask
+        if mask is not None and mask.shape[1] > 1:
+            m = mask[:, heads]
+        if rule.kind == "dense":
+            res = _dense_subset(q, k, v, m, scaling, softcap)
+        else:
+            granularity = section.granularity if k.shape[1] < q.shape[1] else "head"
+            index = build_index(rule, q, k, block_size=section.block_size, scaling=scaling,
+                                attention_mask=m, granularity=granularity, softcap=softcap)
+            res = block_sparse_attention(q, k, v, index, scaling=scaling, attention_mask=m,
+                                         softcap=softcap, backend=rt.backend)
+            causal_pairs = len(heads) * q.shape[0] * (q_len * (n - q_len) + q_len * (q_len + 1) / 2)
+            rt.stats.selected_pairs += index_density(index, q_len, n) * causal_pairs
+            rt.stats.causal_pairs += causal_pairs
+        if full:
+            out = res.to(out.dtype)
+        else:
+            out[:, heads] = res.to(out.dtype)
+    return out
+
+
+def get_stats(model) -> dict:
+    """Measured density per layer since patching (or the last reset_stats)."""
+    layers = {}
+    for module in model.modules():
+        rt = runtime_for(module)
+        if rt is not None:
+            s = rt.stats
+            layers[rt.layer_idx] = {
+                "prefill_calls": s.prefill_calls, "sparse_prefill_calls": s.sparse_prefill_calls,
+                "prefill_density": s.selected_pairs / s.causal_pairs if s.causal_pairs else None,
+                "decode_calls": s.decode_calls, "sparse_decode_calls": s.sparse_decode_calls,
+                "decode_density": s.decode_selected / s.decode_total if s.decode_total else None,
+            }
+    sel = sum(rt.stats.selected_pairs for rt in _iter_runtimes(model))
+    tot = sum(rt.stats.causal_pairs for rt in _iter_runtimes(model))
+    dsel = sum(rt.stats.decode_selected for rt in _iter_runtimes(model))
+    dtot = sum(rt.stats.decode_total for rt in _iter_runtimes(model))
+    return {"layers": layers, "prefill_density": sel / tot if tot else None,
+            "decode_density": dsel / dtot if dtot else None}
+
+
+def reset_stats(model) -> None:
+    for rt in _iter_runtimes(model):
+        rt.stats = LayerStats()
+
+
+def _iter_runtimes(model):
+    for module in model.modules():
+        rt = runtime_for(module)
+        if rt is not None:
+            yield rt

@@ -1,0 +1,26 @@
+"""A-shape (StreamingLLM-style) prefill: attention sinks plus a local window.
+
+Block granular: a query block keeps the blocks holding the first `sink` valid
+keys and every block that any of its rows reaches within `local` positions.
+"""
+from __future__ import annotations
+
+import torch
+
+from sparse_infer.prefill.common import Geometry, block_mask_to_index, index_heads, key_start, sink_and_diagonal_blocks
+
+
+def a_shape_index(query, key, rule, *, block_size, attention_mask=None, granularity="group", **_):
+    batch, n = key.shape[0], key.shape[2]
+    geo = Geometry(query.shape[2], n, block_size)
+    device = key.device
+    start = key_start(attention_mask, batch, n, device)
+    blocks = sink_and_diagonal_blocks(geo, start, rule.params["sink"])
+    qstart, _ = geo.query_block_ranges(device)
+    # earliest key any row of the block sees within the window: first row minus (local - 1)
+    lo = torch.clamp(qstart - rule.params["local"] + 1, min=0) // block_size
+    kb = torch.arange(geo.nkb, device=device)
+    local = (kb[None, :] >= lo[:, None]) & geo.causal_blocks(device)
+    blocks = blocks | local[None, None]
+    hi = index_heads(query, key, granularity)
+    return block_mask_to_index(blocks.expand(batch, hi, -1, -1), block_size)

@@ -1,0 +1,100 @@
+"""Block geometry and helpers shared by the prefill patterns.
+
+Query blocks are aligned to absolute positions (see docs/ARCHITECTURE.md), so the
+diagonal kv block of query block j is ``first_query_block + j``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from sparse_infer.kernels.block_sparse_attn import BlockSparseIndex
+
+
+@dataclass(frozen=True)
+class Geometry:
+    q_len: int
+    n: int
+    bs: int
+
+    @property
+    def q0(self) -> int:            # absolute position of the first query
+        return self.n - self.q_len
+
+    @property
+    def first(self) -> int:         # absolute block id of the first query block
+        return self.q0 // self.bs
+
+    @property
+    def nqb(self) -> int:
+        return math.ceil(self.n / self.bs) - self.first
+
+    @property
+    def nkb(self) -> int:
+        return math.ceil(self.n / self.bs)
+
+    def query_block_ranges(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Absolute [start, end) of each query block's rows."""
+        a = torch.arange(self.first, self.first + self.nqb, device=device)
+        start = torch.clamp(a * self.bs, min=self.q0)
+        end = torch.clamp((a + 1) * self.bs, max=self.n)
+        return start, end
+
+    def causal_blocks(self, device) -> torch.Tensor:
+        """bool (NQB, NKB): kv block at or before the query block's diagonal."""
+        diag = torch.arange(self.first, self.first + self.nqb, device=device)
+        return torch.arange(self.nkb, device=device)[None, :] <= diag[:, None]
+
+
+def key_start(attention_mask: torch.Tensor | None, batch: int, n: int, device) -> torch.Tensor:
+    """First attendable key per batch row (left padding); 0 when there is no mask."""
+    if attention_mask is None:
+        return torch.zeros(batch, dtype=torch.long, device=device)
+    last_row = attention_mask[:, 0, -1, -n:].bool()
+    if last_row.shape[0] != batch:
+        last_row = last_row.expand(batch, -1)
+    has_any = last_row.any(-1)
+    first = last_row.to(torch.int8).argmax(-1)
+    return torch.where(has_any, first, torch.zeros_like(first)).long()
+
+
+def index_heads(query: torch.Tensor, key: torch.Tensor, granularity: str) -> int:
+    return key.shape[1] if granularity == "group" else query.shape[1]
+
+
+def group_mean(x: torch.Tensor, num_kv_heads: int, granularity: str) -> torch.Tensor:
+    """Average per-q-head statistics over each GQA group when estimating per group."""
+    if granularity != "group":
+        return x
+    b, h = x.shape[:2]
+    return x.reshape(b, num_kv_heads, h // num_kv_heads, *x.shape[2:]).mean(2)
+
+
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def block_mask_to_index(block_mask: torch.Tensor, bs: int, columns: torch.Tensor | None = None) -> BlockSparseIndex:
+    """bool (B, Hi, NQB, NKB) -> padded ascending kv block lists (-1 = unused slot)."""
+    nkb = block_mask.shape[-1]
+    ids = torch.arange(nkb, device=block_mask.device)
+    keyed = torch.where(block_mask, ids, nkb)
+    width = max(int(block_mask.sum(-1).max().item()) if block_mask.numel() else 0, 1)
+    chosen = keyed.sort(-1).values[..., :width]
+    chosen = torch.where(chosen == nkb, torch.full_like(chosen, -1), chosen)
+    return BlockSparseIndex(block_size=bs, kv_blocks=chosen.long().contiguous(), columns=columns)
+
+
+def sink_and_diagonal_blocks(geo: Geometry, start: torch.Tensor, sink_tokens: int) -> torch.Tensor:
+    """bool (B, 1, NQB, NKB): blocks holding the first `sink_tokens` valid keys, plus the diagonal."""
+    device = start.device
+    kb = torch.arange(geo.nkb, device=device)
+    lo = start // geo.bs
+    hi = (start + max(sink_tokens, 1) - 1) // geo.bs
+    sink = (kb[None, :] >= lo[:, None]) & (kb[None, :] <= hi[:, None]) if sink_tokens > 0 else torch.zeros(
+        start.shape[0], geo.nkb, dtype=torch.bool, device=device)
+    diag = torch.arange(geo.first, geo.first + geo.nqb, device=device)
+    diag_mask = kb[None, :] == diag[:, None]
+    return (sink[:, None, :] | diag_mask[None]) [:, None] & geo.causal_blocks(device)[None, None]

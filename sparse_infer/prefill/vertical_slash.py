@@ -1,0 +1,79 @@
+"""Vertical-slash prefill (MInference): important columns plus important diagonals.
+
+The last `last_q` queries are scored against every key; their attention,
+summed per column, ranks the vertical lines, and summed per diagonal offset,
+ranks the slash lines. Columns are executed as a column list, diagonals are
+converted to the (at most two) kv blocks each one crosses per query block.
+"""
+from __future__ import annotations
+
+import torch
+
+from sparse_infer.prefill.common import (
+    Geometry, block_mask_to_index, group_mean, key_start, repeat_kv, sink_and_diagonal_blocks,
+)
+
+
+def last_query_attention(query, key, *, scaling, attention_mask=None, last_q=64, softcap=None):
+    """Softmax attention of the last `last_q` queries over all keys: fp32 (B, Hq, L, n)."""
+    n, q_len = key.shape[2], query.shape[2]
+    last = min(last_q, q_len)
+    groups = query.shape[1] // key.shape[1]
+    qs = query[:, :, -last:].float()
+    scores = qs @ repeat_kv(key.float(), groups).transpose(-1, -2) * scaling
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    rows = torch.arange(n - last, n, device=key.device)
+    allowed = torch.arange(n, device=key.device)[None, :] <= rows[:, None]
+    if attention_mask is not None:
+        allowed = allowed[None, None] & attention_mask[:, :, -last:, -n:].bool()
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(scores, dim=-1).nan_to_num(0.0), rows
+
+
+def vertical_slash_index(query, key, rule, *, block_size, scaling, attention_mask=None, granularity="group",
+                         softcap=None, **_):
+    batch, num_kv, n = key.shape[:3]
+    geo = Geometry(query.shape[2], n, block_size)
+    device = key.device
+    p = rule.params
+    probs, rows = last_query_attention(query, key, scaling=scaling, attention_mask=attention_mask,
+                                       last_q=p["last_q"], softcap=softcap)
+    probs = group_mean(probs, num_kv, granularity)                     # (B, Hi, L, n)
+    hi = probs.shape[1]
+    start = key_start(attention_mask, batch, n, device)
+
+    vertical = probs.sum(2)                                             # (B, Hi, n)
+    offsets = rows[:, None] - torch.arange(n, device=device)[None, :]    # diagonal offset per (row, key)
+    offsets = torch.where(offsets >= 0, offsets, torch.full_like(offsets, n))  # future keys -> dump bin
+    slash = torch.zeros(batch, hi, n + 1, device=device)
+    slash.scatter_add_(-1, offsets.reshape(1, 1, -1).expand(batch, hi, -1), probs.reshape(batch, hi, -1))
+    slash = slash[..., :n]
+
+    # sinks and the nearest diagonals are always kept, whatever the estimate says
+    kpos = torch.arange(n, device=device)
+    sink_cols = (kpos[None, :] >= start[:, None]) & (kpos[None, :] < start[:, None] + p["sink"])
+    vertical = vertical.masked_fill(sink_cols[:, None], float("inf"))
+    slash[..., : p["local"]] = float("inf")
+
+    # the forced sinks / local diagonals come on top of the budgets, not out of them
+    num_vertical = min(p["vertical"].resolve(n) + p["sink"], n)
+    num_slash = min(p["slash"].resolve(n) + p["local"], n)
+    columns = vertical.topk(num_vertical, dim=-1).indices.sort(-1).values
+    diagonals = slash.topk(num_slash, dim=-1).indices                  # (B, Hi, S)
+
+    # each diagonal crosses at most two kv blocks inside one query block
+    qstart, qend = geo.query_block_ranges(device)                       # (NQB,)
+    lo_key = qstart[None, None, :, None] - diagonals[:, :, None, :]
+    hi_key = qend[None, None, :, None] - 1 - diagonals[:, :, None, :]
+    valid = hi_key >= 0
+    lo_blk = torch.clamp(lo_key, min=0) // block_size
+    hi_blk = torch.clamp(hi_key, min=0) // block_size
+    dump = geo.nkb                                                      # invalid crossings land here
+    blocks = torch.zeros(batch, hi, geo.nqb, geo.nkb + 1, dtype=torch.bool, device=device)
+    ones = torch.ones_like(lo_blk, dtype=torch.bool)
+    blocks.scatter_(-1, torch.where(valid, lo_blk, dump), ones)
+    blocks.scatter_(-1, torch.where(valid, hi_blk, dump), ones)
+    blocks = blocks[..., :dump] | sink_and_diagonal_blocks(geo, start, 0)
+    blocks &= geo.causal_blocks(device)[None, None]
+    return block_mask_to_index(blocks, block_size, columns=columns.long().contiguous())

@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny random-weight models of several architectures, and the real
+PyPI-shipped models (session-scoped, loaded once, marked `model`)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def tiny_config(arch: str, **overrides):
+    """A small config of each architecture that routes attention through AttentionInterface."""
+    import transformers as tf
+
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    if arch == "llama":
+        cfg = tf.LlamaConfig(**common)
+    elif arch == "qwen2":
+        cfg = tf.Qwen2Config(**common)
+    elif arch == "mistral":
+        cfg = tf.MistralConfig(**common, sliding_window=96)
+    elif arch == "gemma2":
+        cfg = tf.Gemma2Config(**common, sliding_window=96, attn_logit_softcapping=50.0,
+                              final_logit_softcapping=30.0, query_pre_attn_scalar=16)
+    elif arch == "gemma3":
+        cfg = tf.Gemma3TextConfig(**common, sliding_window=96, query_pre_attn_scalar=16)
+    elif arch == "phi3":
+        common = {**common, "head_dim": None}
+        common.pop("head_dim")
+        cfg = tf.Phi3Config(**common)
+    else:
+        raise KeyError(arch)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def tiny_model(arch: str, seed: int = 0, **overrides):
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(arch, **overrides)
+    cls = {"llama": tf.LlamaForCausalLM, "qwen2": tf.Qwen2ForCausalLM, "mistral": tf.MistralForCausalLM,
+           "gemma2": tf.Gemma2ForCausalLM, "gemma3": tf.Gemma3ForCausalLM, "phi3": tf.Phi3ForCausalLM}[arch]
+    # Gemma 2 has no SDPA path: its reference is eager attention
+    impl = "eager" if arch == "gemma2" else "sdpa"
+    model = cls._from_config(cfg, attn_implementation=impl, dtype=torch.float32)
+    model.config.architectures = [cls.__name__]
+    return model.eval()
+
+
+ARCHS = ["llama", "qwen2", "mistral", "gemma2", "gemma3", "phi3"]
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    import sparse_infer
+
+    return sparse_infer.load_model("smollm2-135m")

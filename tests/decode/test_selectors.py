@@ -1,0 +1,323 @@
+"""Decode selectors at unit level, real shapes (B=2, Hq=8, Hkv=2, n=1000, D=64): the output is
+dense attention restricted to exactly the selected indices, the selection is what each method
+promises, padded keys are never chosen, and the incremental side state equals a rebuild."""
+import math
+
+import pytest
+import torch
+
+from sparse_infer.decode import SELECTORS, decode_attention, double_sparsity, quest
+from sparse_infer.decode.common import GroupInputs
+from sparse_infer.kernels.block_sparse_attn import dense_masked_attention
+from sparse_infer.kernels.sparse_decode import indices_to_mask
+from sparse_infer.patches.attention import LayerRuntime, group_heads
+from sparse_infer.plan import load_plan
+
+B, HQ, HKV, N, D = 2, 8, 2, 1000, 64
+PAD = 137          # left padding of batch row 1
+SCALING = D ** -0.5
+
+RULES = {
+    "streaming": {"method": "streaming", "sink": 8, "local": 64},
+    "token_select": {"method": "token_select", "budget": 100, "sink": 8, "local": 32},
+    "double_sparsity": {"method": "double_sparsity", "channels": 8, "budget": 100, "sink": 8, "local": 32},
+    "double_sparsity_list": {"method": "double_sparsity", "channels": [0, 5, 9, 33, 60], "budget": 100,
+                             "sink": 8, "local": 32},
+    "quest": {"method": "quest", "page": 16, "budget": 128, "sink": 8, "local": 32},
+}
+
+
+def make_rt(default, layers=None, granularity="group"):
+    plan = load_plan({"sparse_infer_plan": 1, "decode": {"min_kv_len": 0, "granularity": granularity,
+                                                         "default": default, "layers": layers or {}}})
+    rt = LayerRuntime(plan, 0, HQ, HKV, dense_fn=None, dense_mask_is_float=False, backend="torch")
+    rt.decode_groups = group_heads(plan.decode, 0, HQ)
+    return rt
+
+
+def tensors(seed, n=N, padded=True):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, HQ, 1, D, generator=g)
+    k = torch.randn(B, HKV, n, D, generator=g)
+    v = torch.randn(B, HKV, n, D, generator=g)
+    # a few strong keys so the selection is not arbitrary
+    k[:, :, torch.randint(0, n, (20,), generator=g)] *= 3
+    mask = None
+    if padded:
+        mask = torch.ones(B, 1, 1, n, dtype=torch.bool)
+        mask[1, ..., :PAD] = False
+    return q, k, v, mask
+
+
+@pytest.fixture
+def recorder(monkeypatch):
+    """Wrap every selector so the test sees the (rule, indices, Hi) each group produced."""
+    seen = []
+    for kind, fn in list(SELECTORS.items()):
+        def wrapped(inp, rule, state, _fn=fn):
+            idx = _fn(inp, rule, state)
+            seen.append((rule, idx, inp))
+            return idx
+        monkeypatch.setitem(SELECTORS, kind, wrapped)
+    return seen
+
+
+def selection_mask(seen, rt, n):
+    """(B, Hq, 1, n) bool of the (head, key) pairs selected, dense heads = everything."""
+    sel = torch.ones(B, HQ, 1, n, dtype=torch.bool)
+    by_rule = {rule.key(): idx for rule, idx, _ in seen}
+    for rule, heads in rt.decode_groups:
+        if rule.kind != "dense":
+            idx = by_rule[rule.key()]
+            sel[:, heads] = indices_to_mask(idx, n, len(heads))
+    return sel
+
+
+def check_index_invariants(idx, n, mask, limit):
+    assert idx.dtype == torch.long
+    for b in range(idx.shape[0]):
+        for h in range(idx.shape[1]):
+            row = idx[b, h][idx[b, h] >= 0]
+            assert row.numel() == row.unique().numel(), "duplicate index"
+            assert row.numel() <= limit
+            assert int(row.max()) < n
+            if mask is not None:
+                assert bool(mask[b, 0, 0, row].all()), "a masked (padded) key was selected"
+
+
+@pytest.mark.parametrize("granularity", ["group", "head"])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("name", list(RULES))
+def test_output_is_dense_attention_over_selection(name, padded, granularity, recorder):
+    rule = RULES[name]
+    rt = make_rt(rule, granularity=granularity)
+    q, k, v, mask = tensors(1, padded=padded)
+    out = decode_attention(rt, None, q, k, v, mask, SCALING, {})
+    assert out.shape == (B, HQ, 1, D)
+    (rule_obj, idx, inp), = recorder
+    assert idx.shape[1] == (HQ if granularity == "head" else HKV)
+    limit = rule.get("budget", 0) + rule.get("sink", 0) + rule.get("local", 0)
+    if name == "quest":
+        limit = math.ceil(rule["budget"] / rule["page"]) * rule["page"] + rule["sink"] + rule["local"]
+    check_index_invariants(idx, N, mask, limit)
+    sel = selection_mask(recorder, rt, N)
+    full = sel if mask is None else sel & mask
+    ref = dense_masked_attention(q, k, v, full, SCALING)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert rt.stats.decode_total == B * HQ * N
+    assert rt.stats.decode_selected == float(indices_to_mask(idx, N, HQ).sum())
+
+
+def _valid_rows(mask, n):
+    return torch.ones(B, n, dtype=torch.bool) if mask is None else mask[:, 0, 0]
+
+
+def _forced(valid_row, sink, local):
+    pos = valid_row.nonzero().flatten()
+    return set(pos[:sink].tolist()) | set(pos[-local:].tolist() if local else [])
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_streaming_selects_first_valid_sinks_and_window(padded, recorder):
+    rt = make_rt(RULES["streaming"])
+    q, k, v, mask = tensors(2, padded=padded)
+    decode_attention(rt, None, q, k, v, mask, SCALING, {})
+    (_, idx, _), = recorder
+    valid = _valid_rows(mask, N)
+    for b in range(B):
+        want = _forced(valid[b], 8, 64)
+        for h in range(HKV):
+            assert set(idx[b, h][idx[b, h] >= 0].tolist()) == want
+
+
+def _soft_vote(scores, valid):
+    """(B, Hq, n) logits -> (B, Hkv, n) summed per-head softmax over valid keys (independent ref)."""
+    s = scores.masked_fill(~valid[:, None], float("-inf"))
+    return torch.softmax(s, -1).view(B, HKV, HQ // HKV, -1).sum(2)
+
+
+def _check_top(idx, vote_scores, valid, sink, local, budget):
+    """Non-forced selected keys are the `budget` best by vote_scores among non-forced valid keys."""
+    for b in range(B):
+        forced = _forced(valid[b], sink, local)
+        for h in range(idx.shape[1]):
+            chosen = set(idx[b, h][idx[b, h] >= 0].tolist())
+            assert forced <= chosen
+            picked = sorted(chosen - forced)
+            assert len(picked) == budget
+            rest = [i for i in valid[b].nonzero().flatten().tolist() if i not in chosen]
+            assert vote_scores[b, h, picked].min() >= vote_scores[b, h, rest].max() - 1e-7
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_token_select_keeps_best_soft_vote(padded, recorder):
+    rt = make_rt(RULES["token_select"])
+    q, k, v, mask = tensors(3, padded=padded)
+    decode_attention(rt, None, q, k, v, mask, SCALING, {})
+    (_, idx, _), = recorder
+    valid = _valid_rows(mask, N)
+    logits = torch.einsum("bhd,bhnd->bhn", q[:, :, 0], k.repeat_interleave(HQ // HKV, 1)) * SCALING
+    _check_top(idx, _soft_vote(logits, valid), valid, 8, 32, 100)
+
+
+@pytest.mark.parametrize("channels", [8, [0, 5, 9, 33, 60]])
+def test_double_sparsity_keeps_best_label_scores(channels, recorder):
+    rule = dict(RULES["double_sparsity"], channels=channels)
+    rt = make_rt(rule)
+    q, k, v, mask = tensors(4, padded=True)
+    decode_attention(rt, None, q, k, v, mask, SCALING, {})
+    (_, idx, _), = recorder
+    chans = rt.decode_state["groups"][0]["channels"]                     # (Hkv, r)
+    r = channels if isinstance(channels, int) else len(channels)
+    assert chans.shape == (HKV, r)
+    if isinstance(channels, list):
+        assert chans.tolist() == [channels] * HKV
+    valid = _valid_rows(mask, N)
+    logits = torch.zeros(B, HQ, N)
+    for h in range(HQ):
+        c = chans[h // (HQ // HKV)]
+        logits[:, h] = torch.einsum("bd,bnd->bn", q[:, h, 0, c], k[:, h // (HQ // HKV)][..., c]) * SCALING
+    _check_top(idx, _soft_vote(logits, valid), valid, 8, 32, 100)
+
+
+def test_double_sparsity_int_channels_follow_query_key_magnitude():
+    q, k, v, _ = tensors(5, padded=False)
+    q[:, :, 0, 7] *= 50      # channel 7 dominates q.k in every head
+    k[:, :, :, 7] += 2
+    inp = GroupInputs(q[:, :, 0], k, None, False, SCALING, None, True)
+    chans = double_sparsity.choose_channels(inp.query, inp.key, None, 4)
+    assert all(7 in row.tolist() for row in chans)
+    assert double_sparsity.choose_channels(inp.query, inp.key, None, 1000).shape == (HKV, D)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_quest_keeps_pages_with_best_bounds(padded, recorder):
+    rt = make_rt(RULES["quest"])
+    q, k, v, mask = tensors(6, padded=padded)
+    decode_attention(rt, None, q, k, v, mask, SCALING, {})
+    (_, idx, _), = recorder
+    page, sink, local = 16, 8, 32
+    valid = _valid_rows(mask, N)
+    kmin, kmax = quest.page_bounds_from_keys(k, page, valid[:, None].expand(B, HKV, N))
+    pages = kmin.shape[2]
+    qh = q[:, :, 0].view(B, HKV, HQ // HKV, D)
+    bound = (torch.einsum("bgcd,bgpd->bgcp", qh.clamp(min=0), kmax)
+             + torch.einsum("bgcd,bgpd->bgcp", qh.clamp(max=0), kmin)) * SCALING
+    for b in range(B):
+        forced = _forced(valid[b], sink, local)
+        eligible = [p for p in range(pages)
+                    if any(valid[b, t] and t not in forced for t in range(p * page, min((p + 1) * page, N)))]
+        for h in range(HKV):
+            s = bound[b, h][:, eligible].softmax(-1).sum(0)
+            chosen_tokens = set(idx[b, h][idx[b, h] >= 0].tolist())
+            assert forced <= chosen_tokens
+            chosen_pages = {t // page for t in chosen_tokens - forced}
+            assert len(chosen_pages) == 128 // page
+            # every non-forced valid token of a chosen page is read
+            for p in chosen_pages:
+                for t in range(p * page, min((p + 1) * page, N)):
+                    assert (t in chosen_tokens) == bool(valid[b, t])
+            rank = {p: float(s[i]) for i, p in enumerate(eligible)}
+            others = [rank[p] for p in eligible if p not in chosen_pages]
+            assert min(rank[p] for p in chosen_pages) >= max(others) - 1e-7
+
+
+def test_mixed_heads_dense_and_two_methods(recorder):
+    layers = {0: {0: {"method": "dense"}, 5: RULES["streaming"], 6: {"method": "dense"}}}
+    rt = make_rt(RULES["quest"], layers=layers)
+    q, k, v, mask = tensors(7, padded=True)
+    out = decode_attention(rt, None, q, k, v, mask, SCALING, {})
+    assert len(recorder) == 2
+    sel = selection_mask(recorder, rt, N)
+    ref = dense_masked_attention(q, k, v, sel & mask, SCALING)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    full = dense_masked_attention(q, k, v, mask, SCALING)
+    torch.testing.assert_close(out[:, [0, 6]], full[:, [0, 6]], atol=1e-5, rtol=1e-5)
+
+
+def test_whole_group_subsets_share_one_selection(recorder):
+    # heads 0-3 are kv group 0: a rule covering exactly them keeps one selection for the group
+    layers = {0: {h: RULES["token_select"] for h in range(4)}}
+    rt = make_rt({"method": "dense"}, layers=layers)
+    q, k, v, mask = tensors(8, padded=False)
+    out = decode_attention(rt, None, q, k, v, mask, SCALING, {})
+    (_, idx, inp), = recorder
+    assert idx.shape[1] == 1 and inp.key.shape[1] == 1
+    sel = selection_mask(recorder, rt, N)
+    torch.testing.assert_close(out, dense_masked_attention(q, k, v, sel, SCALING), atol=1e-5, rtol=1e-5)
+
+
+def test_below_min_kv_len_and_all_dense_return_none():
+    rt = make_rt({"method": "dense"})
+    q, k, v, mask = tensors(9, n=50, padded=False)
+    assert decode_attention(rt, None, q, k, v, mask, SCALING, {}) is None
+    rt = make_rt(RULES["token_select"])
+    rt.plan.decode.min_len = 51
+    assert decode_attention(rt, None, q, k, v, mask, SCALING, {}) is None
+    rt.plan.decode.min_len = 50
+    assert decode_attention(rt, None, q, k, v, mask, SCALING, {}) is not None
+
+
+def test_softcap_is_applied():
+    rt = make_rt({"method": "token_select", "budget": 5000, "sink": 0, "local": 0})
+    q, k, v, mask = tensors(10, padded=True)
+    q = q * 5
+    out = decode_attention(rt, None, q, k, v, mask, SCALING, {"softcap": 3.0})
+    ref = dense_masked_attention(q, k, v, mask, SCALING, softcap=3.0)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- incremental state
+def _step(rule, state, q, k, valid, fresh):
+    inp = GroupInputs(q, k, valid, False, SCALING, None, fresh)
+    return SELECTORS[rule.kind](inp, rule, state)
+
+
+def _rule(d):
+    plan = load_plan({"sparse_infer_plan": 1, "decode": {"default": d}})
+    return plan.decode.default
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_quest_bounds_are_upper_bounds_and_incremental(seed):
+    g = torch.Generator().manual_seed(seed)
+    b, hk, G = int(torch.randint(1, 3, (1,), generator=g)), int(torch.randint(1, 3, (1,), generator=g)), 2
+    d = int(torch.randint(4, 33, (1,), generator=g))
+    page = int(torch.randint(1, 20, (1,), generator=g))
+    n0 = int(torch.randint(1, 80, (1,), generator=g))
+    steps = int(torch.randint(1, 3 * page + 2, (1,), generator=g))
+    scale = float(torch.rand(1, generator=g)) * 4 + 0.1
+    k = torch.randn(b, hk, n0 + steps, d, generator=g) * scale
+    valid = torch.ones(b, hk, n0 + steps, dtype=torch.bool)
+    pad = int(torch.randint(0, n0, (1,), generator=g))
+    valid[-1, :, :pad] = False              # left padding on the last row
+    rule = _rule({"method": "quest", "page": page, "budget": 10 * page})
+    state = {}
+    for n in range(n0, n0 + steps + 1):
+        q = torch.randn(b, hk * G, d, generator=g)
+        _step(rule, state, q, k[:, :, :n], valid[:, :, :n], fresh=(n == n0))
+    kmin, kmax = state["kmin"].view(), state["kmax"].view()
+    n = n0 + steps
+    # incremental == rebuilt from the full K (keys appended after the rebuild are all valid)
+    ref_valid = valid.clone()
+    ref_min, ref_max = quest.page_bounds_from_keys(k, page, ref_valid)
+    assert torch.equal(kmin, ref_min) and torch.equal(kmax, ref_max)
+    for _ in range(5):
+        q = torch.randn(b, hk * G, d, generator=g) * scale
+        bound = quest.upper_bounds(q, kmin, kmax)                              # (b, hk, G, pages)
+        exact = torch.einsum("bgcd,bgnd->bgcn", q.view(b, hk, G, d), k)       # (b, hk, G, n)
+        per_key_bound = bound.repeat_interleave(page, -1)[..., :n]
+        ok = exact <= per_key_bound + 1e-4 * (1 + exact.abs())
+        assert bool(ok[valid[:, :, None].expand_as(ok)].all())
+
+
+def test_double_sparsity_label_cache_appends_one_row_per_step():
+    rule = _rule({"method": "double_sparsity", "channels": 6, "budget": 20})
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(2, 2, 300, 32, generator=g)
+    state = {}
+    for n in range(200, 301):
+        _step(rule, state, torch.randn(2, 4, 32, generator=g), k[:, :, :n], None, fresh=(n == 200))
+        assert state["labels"].length == n
+    chans = state["channels"]
+    assert torch.equal(state["labels"].view(), double_sparsity.labels_of(k, chans))

@@ -1,0 +1,129 @@
+"""Each prefill pattern: executor output == dense attention masked to exactly the pattern's
+selected pairs (fp32, 1e-5), plus checks that each pattern selects what it promises."""
+import pytest
+import torch
+
+from sparse_infer.kernels.block_sparse_attn import (
+    block_sparse_attention_torch, dense_masked_attention, index_density, index_to_mask,
+)
+from sparse_infer.plan import parse_rule
+from sparse_infer.prefill import build_index
+from sparse_infer.prefill.common import Geometry
+
+RULES = {
+    "a_shape": {"pattern": "a_shape", "sink": 40, "local": 100},
+    "vertical_slash": {"pattern": "vertical_slash", "vertical": 30, "slash": 20, "last_q": 32, "sink": 8, "local": 8},
+    "block_topk": {"pattern": "block", "top_k": 3},
+    "block_coverage": {"pattern": "block", "coverage": 0.7},
+    "block_antidiagonal": {"pattern": "block", "coverage": 0.8, "estimator": "antidiagonal", "stride": 4},
+}
+
+
+def _inputs(b, hq, hkv, q_len, n, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, q_len, d, generator=g)
+    k = torch.randn(b, hkv, n, d, generator=g)
+    v = torch.randn(b, hkv, n, d, generator=g)
+    return q, k, v
+
+
+def _left_pad_mask(b, q_len, n, pads):
+    rows = torch.arange(n - q_len, n)[:, None]
+    cols = torch.arange(n)[None, :]
+    causal = cols <= rows
+    masks = [causal & (cols >= p) for p in pads]
+    return torch.stack(masks)[:, None]          # (B, 1, q, n) bool, transformers' sdpa_mask format
+
+
+def _check(name, b, hq, hkv, q_len, n, bs=32, mask=None, granularity="group", softcap=None):
+    q, k, v = _inputs(b, hq, hkv, q_len, n)
+    rule = parse_rule(RULES[name], "t", "prefill")
+    scaling = q.shape[-1] ** -0.5
+    index = build_index(rule, q, k, block_size=bs, scaling=scaling, attention_mask=mask,
+                        granularity=granularity, softcap=softcap)
+    out = block_sparse_attention_torch(q, k, v, index, scaling=scaling, attention_mask=mask, softcap=softcap)
+    ref_mask = index_to_mask(index, q_len, n, hq, attention_mask=mask)
+    ref = dense_masked_attention(q, k, v, ref_mask, scaling, softcap=softcap)
+    valid_rows = ref_mask.any(-1, keepdim=True)
+    torch.testing.assert_close(out * valid_rows, ref * valid_rows, atol=1e-5, rtol=1e-5)
+    return index, ref_mask
+
+
+@pytest.mark.parametrize("name", list(RULES))
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2), (8, 2), (8, 1)])
+def test_pattern_equals_masked_dense(name, hq, hkv):
+    _check(name, 1, hq, hkv, 200, 200)            # 200 is not a multiple of the 32 block
+
+
+@pytest.mark.parametrize("name", list(RULES))
+def test_pattern_chunked_prefill(name):
+    _check(name, 1, 4, 2, 70, 230)                # queries are the last 70 of 230 keys
+
+
+@pytest.mark.parametrize("name", list(RULES))
+def test_pattern_batch_left_padding(name):
+    mask = _left_pad_mask(2, 190, 190, pads=[0, 37])
+    _, ref_mask = _check(name, 2, 4, 2, 190, 190, mask=mask)
+    assert not ref_mask[1, :, :, :37].any()       # padding is never attended
+
+
+@pytest.mark.parametrize("name", list(RULES))
+def test_pattern_per_head_and_softcap(name):
+    _check(name, 1, 4, 2, 150, 150, granularity="head", softcap=20.0)
+
+
+def test_a_shape_covers_token_level_a_shape():
+    n = 1000
+    q, k, _ = _inputs(1, 2, 2, n, n)
+    rule = parse_rule(RULES["a_shape"], "t", "prefill")
+    index = build_index(rule, q, k, block_size=32, scaling=0.25)
+    sel = index_to_mask(index, n, n, 2)
+    rows, cols = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    token_a_shape = (cols <= rows) & ((cols < 40) | (rows - cols < 100))
+    assert bool((sel[0, 0] | ~token_a_shape).all())
+    assert index_density(index, n, n) < 0.5      # and it really is sparse (about 7 of 32 blocks)
+
+
+def test_vertical_slash_finds_planted_column_and_diagonal():
+    torch.manual_seed(0)
+    n, d = 512, 16
+    q = torch.randn(1, 1, n, d) * 0.1
+    k = torch.randn(1, 1, n, d) * 0.1
+    target = torch.randn(d)
+    k[0, 0, 300] = target * 3                     # every query loves key 300 (a vertical line)
+    q[0, 0, :] += target
+    rule = parse_rule({"pattern": "vertical_slash", "vertical": 4, "slash": 4, "last_q": 32, "sink": 4, "local": 4},
+                      "t", "prefill")
+    index = build_index(rule, q, k, block_size=64, scaling=d ** -0.5)
+    assert 300 in index.columns[0, 0].tolist()
+    assert set(range(4)) <= set(index.columns[0, 0].tolist())   # sinks always kept
+    sel = index_to_mask(index, n, n, 1)[0, 0]
+    assert bool(sel.diagonal().all())                            # the local diagonal is always kept
+
+
+def test_block_coverage_keeps_mass_and_topk_counts():
+    q, k, _ = _inputs(1, 2, 1, 256, 256)
+    rule = parse_rule({"pattern": "block", "top_k": 2}, "t", "prefill")
+    index = build_index(rule, q, k, block_size=32, scaling=0.25)
+    counts = (index.kv_blocks >= 0).sum(-1)
+    geo = Geometry(256, 256, 32)
+    # top 2 plus possibly the sink and diagonal blocks, never more than causal allows
+    assert int(counts.max()) <= 4
+    assert bool((counts <= torch.arange(geo.nqb) + 1).all())
+    full = parse_rule({"pattern": "block", "coverage": 1.0}, "t", "prefill")
+    index = build_index(full, q, k, block_size=32, scaling=0.25)
+    assert index_density(index, 256, 256) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("name,rule", [
+    ("a_shape", {"pattern": "a_shape", "sink": 64, "local": 4096}),
+    ("vertical_slash", {"pattern": "vertical_slash", "vertical": 4096, "slash": 4096}),
+    ("block", {"pattern": "block", "top_k": 4096}),
+])
+def test_full_budget_is_dense_causal(name, rule):
+    q, k, v = _inputs(1, 4, 2, 333, 333)
+    index = build_index(parse_rule(rule, "t", "prefill"), q, k, block_size=64, scaling=0.25)
+    assert index_density(index, 333, 333) == pytest.approx(1.0)
+    out = block_sparse_attention_torch(q, k, v, index, scaling=0.25)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.25, enable_gqa=True)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,119 @@
+"""Plan schema: load/save round trip, budgets, presets, and every rejection with its field path."""
+import copy
+
+import pytest
+import yaml
+
+from sparse_infer.plan import Budget, PlanError, load_plan, parse_budget, plan_from_dict, preset
+from tests.conftest import tiny_config
+
+GOOD = {
+    "sparse_infer_plan": 1,
+    "model": {"architecture": "LlamaForCausalLM", "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "head_dim": 16},
+    "profile": {"seq_len": 16384, "samples": 8, "target_recall": 0.95},
+    "prefill": {
+        "min_seq_len": 4096, "block_size": 64,
+        "default": {"pattern": "vertical_slash", "vertical": 1000, "slash": 4096},
+        "layers": {0: {"*": {"pattern": "dense"}},
+                   1: {0: {"pattern": "a_shape", "sink": 128, "local": 2048},
+                       3: {"pattern": "block", "coverage": 0.9}}},
+    },
+    "decode": {
+        "min_kv_len": 4096,
+        "default": {"method": "token_select", "budget": 2048, "sink": 128, "local": 512},
+        "layers": {0: {"*": {"method": "dense"}}, 1: {3: {"method": "quest", "page": 16,
+                                                          "budget": {"frac": 0.05, "min": 1024, "max": 8192}}}},
+    },
+}
+
+
+def test_round_trip_exact(tmp_path):
+    plan = plan_from_dict(copy.deepcopy(GOOD))
+    path = plan.save(tmp_path / "p.yaml")
+    again = load_plan(path)
+    assert again.to_dict() == plan.to_dict()
+    assert again.prefill.rule(1, 0).kind == "a_shape" and again.prefill.rule(1, 0).params["local"] == 2048
+    assert again.prefill.rule(1, 2).kind == "vertical_slash"
+    assert again.prefill.rule(0, 3).kind == "dense"
+    assert again.decode.rule(1, 3).params["budget"] == Budget(frac=0.05, min=1024, max=8192)
+    # what the YAML said is what is written back
+    raw = yaml.safe_load(path.read_text())
+    assert raw["prefill"]["layers"][1][0] == {"pattern": "a_shape", "sink": 128, "local": 2048}
+
+
+def test_budget_resolution():
+    b = parse_budget({"frac": 0.05, "min": 1024, "max": 8192}, "x")
+    assert b.resolve(4096) == 1024
+    assert b.resolve(65536) == 3277
+    assert b.resolve(1 << 20) == 8192
+    assert parse_budget(300, "x").resolve(10) == 300
+
+
+def _bad(mutate):
+    raw = copy.deepcopy(GOOD)
+    mutate(raw)
+    return raw
+
+
+@pytest.mark.parametrize("mutate, path, words", [
+    (lambda r: r["prefill"]["layers"][1][0].update(pattern="hexagon"), "prefill.layers.1.0.pattern", "unknown pattern"),
+    (lambda r: r["prefill"]["layers"][1].update({2: {"pattern": "vertical_slash", "vertical": 0, "slash": 5}}),
+     "prefill.layers.1.2.vertical", "positive"),
+    (lambda r: r["prefill"]["layers"][1][0].update(window=5), "prefill.layers.1.0.window", "unknown key"),
+    (lambda r: r["decode"]["default"].update(budget=-3), "decode.default.budget", "positive"),
+    (lambda r: r["decode"]["layers"][1][3]["budget"].update(frac=1.5), "decode.layers.1.3.budget.frac", "(0, 1]"),
+    (lambda r: r["decode"]["default"].pop("budget"), "decode.default.budget", "missing"),
+    (lambda r: r["prefill"].update(block_size=48), "prefill.block_size", "power of two"),
+    (lambda r: r.update(sparse_infer_plan=2), "sparse_infer_plan", "must be 1"),
+    (lambda r: r.update(extra=1), "extra", "unknown top-level key"),
+    (lambda r: r["prefill"]["layers"][1].update({"x": {"pattern": "dense"}}), "prefill.layers.1.x", "head keys"),
+    (lambda r: r["prefill"]["layers"][1][3].update(top_k=4), "prefill.layers.1.3", "exactly one of top_k or coverage"),
+    (lambda r: r["decode"]["default"].update(method="oracle"), "decode.default.method", "unknown method"),
+])
+def test_rejections_name_the_field(mutate, path, words):
+    with pytest.raises(PlanError) as err:
+        plan_from_dict(_bad(mutate))
+    assert err.value.path == path
+    assert str(err.value).startswith(path + ":")
+    assert words in str(err.value)
+
+
+def test_plan_for_another_model_is_rejected():
+    cfg = tiny_config("llama", num_hidden_layers=3)
+    with pytest.raises(PlanError, match=r"model.num_hidden_layers: plan is for 2, this model has 3"):
+        load_plan(copy.deepcopy(GOOD), cfg)
+    cfg = tiny_config("llama")
+    raw = _bad(lambda r: r["prefill"]["layers"].update({5: {"*": {"pattern": "dense"}}}))
+    raw["model"] = {}
+    with pytest.raises(PlanError, match=r"prefill.layers.5: layer index out of range"):
+        load_plan(raw, cfg)
+    raw = _bad(lambda r: r["decode"]["layers"][1].update({7: {"method": "dense"}}))
+    raw["model"] = {}
+    with pytest.raises(PlanError, match=r"decode.layers.1.7: head index out of range: model has 4"):
+        load_plan(raw, cfg)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(PlanError, match="plan file not found"):
+        load_plan(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("prefill: [unclosed")
+    with pytest.raises(PlanError, match="not valid YAML"):
+        load_plan(bad)
+
+
+@pytest.mark.parametrize("name", ["dense", "a_shape", "vertical_slash", "block"])
+def test_presets_validate_against_config(name):
+    cfg = tiny_config("qwen2")
+    plan = load_plan(name, cfg)
+    assert plan.model.num_attention_heads == 4
+    assert plan.prefill.default.kind == name
+    assert plan_from_dict(plan.to_dict()).to_dict() == plan.to_dict()
+    if name != "dense":
+        assert plan.prefill.rule(0, 0).kind == "dense"
+
+
+def test_preset_unknown():
+    with pytest.raises(PlanError, match="unknown preset"):
+        preset("sparse", tiny_config("llama"))
