@@ -96,6 +96,11 @@ def synthetic_index(pattern, batch, heads, q_len, kv_len, block_size, density, s
             lo = mid + 1
         else:
             hi = mid
+    if lo > 1:  # take whichever neighbouring window is closer to the target
+        below = index_density(a_shape_index(1, 1, q_len, kv_len, block_size, lo - 1), q_len, kv_len)
+        above = index_density(a_shape_index(1, 1, q_len, kv_len, block_size, lo), q_len, kv_len)
+        if density - below < above - density:
+            lo -= 1
     return a_shape_index(batch, heads, q_len, kv_len, block_size, lo, device=device)
 
 
@@ -114,7 +119,7 @@ def naive_gather_attention(query, key, value, index: BlockSparseIndex, *, scalin
     Hi = index.kv_blocks.shape[1]
     q0 = n - q_len
     qb0 = q0 // bs
-    out = torch.zeros(B, Hq, q_len, D, dtype=torch.float32)
+    out = torch.zeros(B, Hq, q_len, D, dtype=torch.float32, device=query.device)
     for b in range(B):
         for h in range(Hq):
             hi = h * Hi // Hq
@@ -124,11 +129,11 @@ def naive_gather_attention(query, key, value, index: BlockSparseIndex, *, scalin
                 r1 = min((qb0 + j + 1) * bs, n)
                 blocks = index.kv_blocks[b, hi, j]
                 blocks = blocks[blocks >= 0]
-                kpos = (blocks[:, None] * bs + torch.arange(bs)).reshape(-1)
+                kpos = (blocks[:, None] * bs + torch.arange(bs, device=blocks.device)).reshape(-1)
                 kpos = kpos[kpos < n]
                 qv = query[b, h, r0 - q0:r1 - q0].float()
                 s = qv @ key[b, kvh, kpos].float().T * scaling
-                s = s.masked_fill(kpos[None, :] > torch.arange(r0, r1)[:, None], float("-inf"))
+                s = s.masked_fill(kpos[None, :] > torch.arange(r0, r1, device=kpos.device)[:, None], float("-inf"))
                 out[b, h, r0 - q0:r1 - q0] = torch.softmax(s, -1).nan_to_num(0.0) @ value[b, kvh, kpos].float()
     return out.to(query.dtype)
 
@@ -143,29 +148,45 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _time_ms(fn, repeats, warmup, device):
-    """Median wall time in ms over `repeats` runs after `warmup` runs."""
-    for _ in range(warmup):
-        fn()
+def _time_once_ms(fn, device):
     _sync(device)
-    times = []
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _reduce(times, stat):
+    return min(times) if stat == "min" else statistics.median(times)
+
+
+def _time_interleaved(fns, repeats, warmup, device, stat):
+    """Time several callables round-robin (fn1, fn2, ..., fn1, fn2, ...).
+
+    Interleaving keeps the comparison fair when the machine's load drifts
+    (shared CPUs); `stat` = "min" (robust to other load) or "median".
+    """
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        for t, fn in zip(times, fns):
+            t.append(_time_once_ms(fn, device))
+    return [_reduce(t, stat) for t in times]
 
 
 def bench_prefill_attention(lengths=(4096, 8192, 16384), heads=(32, 8), head_dim=128,
                             densities=(0.1, 0.15), patterns=("a_shape", "block_random"),
                             block_size=64, batch=1, repeats=3, warmup=1, dtype=torch.float32,
-                            device="cpu", include_naive=False, seed=0):
+                            device="cpu", include_naive=False, stat="min", seed=0):
     """Dense causal SDPA vs the block-sparse executors (full prefill, q == n).
 
-    heads = (Hq, Hkv); indices are shared per GQA group (Hi = Hkv).
-    Returns rows {n, pattern, density, target_density, backend, dense_ms,
-    sparse_ms, ratio, ...}; density is the measured causal-pair density.
+    heads = (Hq, Hkv); indices are shared per GQA group (Hi = Hkv). For each
+    length, dense and every sparse variant are timed round-robin `repeats`
+    times after `warmup` calls. Returns rows {n, pattern, density,
+    target_density, backend, dense_ms, sparse_ms, ratio, ...}; density is the
+    measured causal-pair density (index_density).
     """
     Hq, Hkv = heads
     scaling = 1.0 / math.sqrt(head_dim)
@@ -180,38 +201,55 @@ def bench_prefill_attention(lengths=(4096, 8192, 16384), heads=(32, 8), head_dim
         q = torch.randn(batch, Hq, n, head_dim, generator=g).to(device=device, dtype=dtype)
         k = torch.randn(batch, Hkv, n, head_dim, generator=g).to(device=device, dtype=dtype)
         v = torch.randn(batch, Hkv, n, head_dim, generator=g).to(device=device, dtype=dtype)
-        dense_ms = _time_ms(
-            lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
-            repeats, warmup, device)
+        configs = []
         for pattern in patterns:
             for target in densities:
                 index = synthetic_index(pattern, batch, Hkv, n, n, block_size, target, seed=seed, device=device)
-                density = index_density(index, n, n)
                 for backend in backends:
-                    if backend == "torch":
-                        fn = lambda: block_sparse_attention_torch(q, k, v, index, scaling=scaling)  # noqa: E731
-                    elif backend == "triton":
-                        fn = lambda: block_sparse_attention_triton(q, k, v, index, scaling=scaling)  # noqa: E731
-                    else:
-                        fn = lambda: naive_gather_attention(q, k, v, index, scaling=scaling)  # noqa: E731
-                    sparse_ms = _time_ms(fn, repeats, warmup if backend != "naive_gather" else 0, device)
-                    rows.append({
-                        "n": n, "pattern": pattern, "density": density, "target_density": target,
-                        "backend": backend, "dense_ms": dense_ms, "sparse_ms": sparse_ms,
-                        "ratio": dense_ms / sparse_ms, "heads": f"{Hq}/{Hkv}", "head_dim": head_dim,
-                        "block_size": block_size, "dtype": str(dtype).replace("torch.", ""),
-                        "device": str(device), "threads": torch.get_num_threads(),
-                    })
+                    configs.append((pattern, target, index_density(index, n, n), backend, index))
+
+        def make(backend, index):
+            if backend == "torch":
+                return lambda: block_sparse_attention_torch(q, k, v, index, scaling=scaling)
+            if backend == "triton":
+                return lambda: block_sparse_attention_triton(q, k, v, index, scaling=scaling)
+            return lambda: naive_gather_attention(q, k, v, index, scaling=scaling)
+
+        dense = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # noqa: E731
+        fns = [dense] + [make(backend, index) for _, _, _, backend, index in configs]
+        times = _time_interleaved(fns, repeats, warmup, device, stat)
+        dense_ms = times[0]
+        for (pattern, target, density, backend, _), sparse_ms in zip(configs, times[1:]):
+            rows.append({
+                "n": n, "pattern": pattern, "density": density, "target_density": target,
+                "backend": backend, "dense_ms": dense_ms, "sparse_ms": sparse_ms,
+                "ratio": dense_ms / sparse_ms, "heads": f"{Hq}/{Hkv}", "head_dim": head_dim,
+                "block_size": block_size, "dtype": str(dtype).replace("torch.", ""),
+                "device": str(device), "threads": torch.get_num_threads(), "stat": stat,
+            })
     return rows
 
 
-def bench_decode_attention(kv_lens=(16384, 32768, 65536), budget=2048, heads=(32, 8), head_dim=128,
-                           batch=1, repeats=20, warmup=3, dtype=torch.float32, device="cpu", seed=0):
-    """Dense SDPA decode (one query over the whole cache) vs the gather executor.
+def _dense_decode_grouped(q, k, v, scaling):
+    """Dense decode reading K/V once per GQA group (no repeat_kv): the
+    memory-bound floor a dense CPU decode can reach."""
+    B, Hq, _, D = q.shape
+    Hkv = k.shape[1]
+    qg = q.reshape(B, Hkv, Hq // Hkv, D).float() * scaling
+    p = torch.softmax(torch.matmul(qg, k.float().transpose(-1, -2)), dim=-1)
+    return torch.matmul(p, v.float()).reshape(B, Hq, 1, D).to(q.dtype)
 
-    Returns rows {kv_len, budget, backend, dense_ms, sparse_ms, ratio,
-    dense_kv_bytes, sparse_kv_bytes}: K/V bytes read per decode step (sparse
-    includes the int64 index list).
+
+def bench_decode_attention(kv_lens=(16384, 32768, 65536), budget=2048, heads=(32, 8), head_dim=128,
+                           batch=1, repeats=20, warmup=3, dtype=torch.float32, device="cpu", stat="min",
+                           seed=0):
+    """Dense decode (one query over the whole cache) vs the gather executor.
+
+    Returns rows {kv_len, budget, backend, dense_ms, dense_grouped_ms,
+    sparse_ms, ratio, ratio_grouped, dense_kv_bytes, sparse_kv_bytes}.
+    dense_ms is SDPA (what transformers runs); dense_grouped_ms is a grouped
+    matmul that reads K/V once per group, the fairer memory-bound baseline.
+    Bytes are K/V bytes read per decode step (sparse includes the int64 indices).
     """
     Hq, Hkv = heads
     scaling = 1.0 / math.sqrt(head_dim)
@@ -228,17 +266,22 @@ def bench_decode_attention(kv_lens=(16384, 32768, 65536), budget=2048, heads=(32
         kb = min(budget, n)
         idx = torch.stack([torch.randperm(n, generator=g)[:kb] for _ in range(batch * Hkv)])
         idx = idx.view(batch, Hkv, kb).to(device)
-        dense_ms = _time_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
-                            repeats, warmup, device)
         dense_bytes = 2 * batch * Hkv * n * head_dim * elem
         sparse_bytes = 2 * batch * Hkv * kb * head_dim * elem + idx.numel() * idx.element_size()
+        fns = [lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+               lambda: _dense_decode_grouped(q, k, v, scaling)]
         for backend in backends:
             fn = sparse_decode_torch if backend == "torch" else sparse_decode_triton
-            sparse_ms = _time_ms(lambda: fn(q, k, v, idx, scaling=scaling), repeats, warmup, device)
+            fns.append(lambda fn=fn: fn(q, k, v, idx, scaling=scaling))
+        times = _time_interleaved(fns, repeats, warmup, device, stat)
+        dense_ms, grouped_ms = times[0], times[1]
+        for backend, sparse_ms in zip(backends, times[2:]):
             rows.append({
-                "kv_len": n, "budget": kb, "backend": backend, "dense_ms": dense_ms, "sparse_ms": sparse_ms,
-                "ratio": dense_ms / sparse_ms, "dense_kv_bytes": dense_bytes, "sparse_kv_bytes": sparse_bytes,
+                "kv_len": n, "budget": kb, "backend": backend, "dense_ms": dense_ms,
+                "dense_grouped_ms": grouped_ms, "sparse_ms": sparse_ms, "ratio": dense_ms / sparse_ms,
+                "ratio_grouped": grouped_ms / sparse_ms, "dense_kv_bytes": dense_bytes,
+                "sparse_kv_bytes": sparse_bytes,
                 "heads": f"{Hq}/{Hkv}", "head_dim": head_dim, "dtype": str(dtype).replace("torch.", ""),
-                "device": str(device), "threads": torch.get_num_threads(),
+                "device": str(device), "threads": torch.get_num_threads(), "stat": stat,
             })
     return rows

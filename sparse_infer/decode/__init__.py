@@ -50,14 +50,14 @@ def _sequence_continues(state: dict, key: torch.Tensor) -> bool:
     if prev["n"] != n - 1 or prev["shape"] != (B, Hkv, D) or prev["rows"].dtype != key.dtype \
             or prev["rows"].device != key.device:
         return False
-    return torch.equal(key[:, :, prev["positions"]], prev["rows"])
+    return torch.equal(key.index_select(2, prev["positions"]), prev["rows"])
 
 
 def _remember_sequence(state: dict, key: torch.Tensor) -> None:
     B, Hkv, n, D = key.shape
     positions = torch.tensor(_fingerprint_positions(n), device=key.device)
     state["sequence"] = {"n": n, "shape": (B, Hkv, D), "positions": positions,
-                         "rows": key[:, :, positions].clone()}
+                         "rows": key.index_select(2, positions)}
 
 
 # --------------------------------------------------------------------------- head layout
@@ -105,13 +105,18 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
     from sparse_infer.kernels.sparse_decode import sparse_decode
 
     section = rt.plan.decode
-    B, Hq, _, D = query.shape
+    B, Hq = query.shape[:2]
     Hkv, n = key.shape[1], key.shape[2]
     state = rt.decode_state
     if n < section.min_len or all(rule.kind == "dense" for rule, _ in rt.decode_groups):
         state.pop("sequence", None)           # the next sparse step must rebuild, whatever it sees
         return None
     softcap = kwargs.get("softcap") or None
+    window = kwargs.get("sliding_window")
+    if mask is None and window and n > window:
+        # a window layer whose mask was skipped: the query (position n-1) sees the last `window` keys
+        mask = torch.zeros(1, 1, 1, n, dtype=torch.bool, device=key.device)
+        mask[..., n - window:] = True
     if mask is not None and bool(mask.all()):
         mask = None                            # nothing masked: selectors take their cheaper path
     fresh = not _sequence_continues(state, key)
@@ -119,8 +124,8 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
     if fresh:
         state["rebuilds"] = state.get("rebuilds", 0) + 1
         for gs in group_states.values():       # keep only the counters across sequences
-            for k in [k for k in gs if k != "counters"]:
-                del gs[k]
+            for name in [name for name in gs if name != "counters"]:
+                del gs[name]
 
     out = None
     selected = 0.0
@@ -210,4 +215,4 @@ def reset_decode_state(model) -> None:
         rt.decode_state.clear()
 
 
-__all__ = ["decode_attention", "decode_state_bytes", "decode_counters", "reset_decode_state", "SELECTORS"]
+__all__ = ["SELECTORS", "decode_attention", "decode_counters", "decode_state_bytes", "reset_decode_state"]

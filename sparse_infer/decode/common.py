@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 NEG_INF = float("-inf")
 
@@ -83,11 +84,14 @@ def pad_indices(idx: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def grouped_scores(query: torch.Tensor, key: torch.Tensor, scaling: float, softcap) -> torch.Tensor:
-    """q.k per query head without repeating K for GQA: (B, hk, G, n) in fp32."""
+    """q.k per query head without repeating K for GQA: (B, hk, G, n), returned in fp32.
+
+    The product runs in K's dtype (GPU matmuls accumulate in fp32 anyway) so that a bf16
+    cache is not copied to fp32 on every step."""
     B, h, D = query.shape
     hk = key.shape[1]
-    q = query.float().view(B, hk, h // hk, D)
-    s = torch.matmul(q, key.float().transpose(-1, -2)) * scaling
+    q = query.to(key.dtype).view(B, hk, h // hk, D)
+    s = torch.matmul(q, key.transpose(-1, -2)).float() * scaling
     if softcap:
         s = softcap * torch.tanh(s / softcap)
     return s
@@ -116,15 +120,16 @@ class GrowBuffer:
     """A (B, H, capacity, C) tensor filled along dim 2, grown in steps so that appending one
     token per decode step is an in-place write, not a copy of everything held so far."""
 
-    def __init__(self, rows: torch.Tensor, chunk: int = 256):
+    def __init__(self, rows: torch.Tensor, chunk: int = 64):
         self.chunk = chunk
         self.length = rows.shape[2]
         self.data = rows.new_empty(*rows.shape[:2], self._capacity(self.length), rows.shape[3])
         self.data[:, :, : self.length] = rows
 
     def _capacity(self, length: int) -> int:
-        # +25 % headroom, rounded to whole chunks: amortised O(1) appends, ~1.25x memory at most
-        return -(-max(length + length // 4, 1) // self.chunk) * self.chunk
+        # 1/8 headroom (at least a chunk), rounded to whole chunks: a copy every ~n/8 appends
+        # (amortised O(1) per token) for at most ~1.15x the memory of the rows held
+        return -(-(length + max(length // 8, self.chunk)) // self.chunk) * self.chunk
 
     def view(self) -> torch.Tensor:
         return self.data[:, :, : self.length]
@@ -147,7 +152,10 @@ class GrowBuffer:
 def grouped_dense_decode(query, key, value, mask, scaling, softcap):
     """Dense one-query attention over the whole cache for a head subset, GQA kept without
     copying K/V: query (B, h, 1, D), key/value (B, hk, n, D), mask None or bool (B, 1|h, 1, n)."""
-    B, h, _, D = query.shape
+    if not softcap:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                              enable_gqa=key.shape[1] != query.shape[1])
+    B, h = query.shape[:2]
     hk, n = key.shape[1], key.shape[2]
     G = h // hk
     s = grouped_scores(query[:, :, 0], key, scaling, softcap)          # (B, hk, G, n)
@@ -156,5 +164,5 @@ def grouped_dense_decode(query, key, value, mask, scaling, softcap):
         m = m.view(B, 1, 1, n) if m.shape[1] == 1 else m.view(B, hk, G, n)
         s = s.masked_fill(~m, NEG_INF)
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)
-    out = torch.matmul(p, value.float())                               # (B, hk, G, Dv)
+    out = torch.matmul(p.to(value.dtype), value)                       # (B, hk, G, Dv)
     return out.view(B, h, 1, value.shape[-1]).to(query.dtype)

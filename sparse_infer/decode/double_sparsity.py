@@ -7,7 +7,7 @@ Those r channels of every cached key are kept in a compact label cache (B, Hkv, 
 
 Channels (`channels` in the plan):
   * a list of channel indices: used for every kv head of the rule (offline calibrated);
-  * an int r: chosen per kv head when a sequence's side state is (re)built, normally at its
+  * an int r: chosen per batch row and kv head when a sequence's side state is (re)built, normally at its
     first decode step, from the prefill: importance[d] = mean |q_d| over the group's query
     heads at that step x mean |k_d| over the valid cached keys; the r largest are kept for
     the rest of the sequence (the label cache is laid out for them). r >= head_dim keeps all.
@@ -22,25 +22,26 @@ from sparse_infer.decode.common import GroupInputs, GrowBuffer, forced_and_eligi
 
 
 def choose_channels(query: torch.Tensor, key: torch.Tensor, valid: torch.Tensor | None, r: int) -> torch.Tensor:
-    """(hk, r) channel indices per kv head from this step's query (B, h, D) and the cache key (B, hk, n, D)."""
+    """(B, hk, r) channel indices per batch row and kv head, from this step's query (B, h, D)
+    and the cached keys (B, hk, n, D). Per row, so a batch row gets the channels it would get alone."""
     B, h, D = query.shape
     hk = key.shape[1]
-    q_mag = query.float().abs().view(B, hk, h // hk, D).mean(dim=(0, 2))              # (hk, D)
+    q_mag = query.float().abs().view(B, hk, h // hk, D).mean(2)                       # (B, hk, D)
     k_abs = key.float().abs()
     if valid is None:
-        k_mag = k_abs.mean(dim=(0, 2))
+        k_mag = k_abs.mean(2)
     else:
-        # valid is per index head; a key is counted if any head of its group may see it
+        # valid is per index head; a key counts if any head of its group may see it
         kv_valid = valid.view(B, hk, -1, valid.shape[-1]).any(2) if valid.shape[1] != hk else valid
         w = kv_valid.float()[..., None]
-        k_mag = (k_abs * w).sum(dim=(0, 2)) / w.sum(dim=(0, 2)).clamp_min(1.0)
+        k_mag = (k_abs * w).sum(2) / w.sum(2).clamp_min(1.0)
     return (q_mag * k_mag).topk(min(r, D), dim=-1).indices.sort(-1).values
 
 
 def labels_of(key: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
-    """The label channels of key rows: key (B, hk, m, D), channels (hk, r) -> (B, hk, m, r)."""
+    """The label channels of key rows: key (B, hk, m, D), channels (B, hk, r) -> (B, hk, m, r)."""
     B, hk, m, _ = key.shape
-    return key.gather(-1, channels.view(1, hk, 1, -1).expand(B, hk, m, -1))
+    return key.gather(-1, channels[:, :, None, :].expand(B, hk, m, -1))
 
 
 def update_label_cache(inp: GroupInputs, rule, state: dict) -> GrowBuffer:
@@ -51,7 +52,7 @@ def update_label_cache(inp: GroupInputs, rule, state: dict) -> GrowBuffer:
         if isinstance(rule.channels, int):
             channels = choose_channels(inp.query, inp.key, inp.valid, rule.channels)
         else:
-            channels = torch.tensor(rule.channels, device=inp.key.device).expand(inp.key.shape[1], -1)
+            channels = torch.tensor(rule.channels, device=inp.key.device).expand(*inp.key.shape[:2], -1)
         state["channels"] = channels.contiguous()
         cache = state["labels"] = GrowBuffer(labels_of(inp.key, state["channels"]))
     else:
@@ -60,12 +61,13 @@ def update_label_cache(inp: GroupInputs, rule, state: dict) -> GrowBuffer:
 
 
 def approximate_scores(query: torch.Tensor, labels: torch.Tensor, channels: torch.Tensor, scaling: float):
-    """q[c] . label over the r channels: query (B, h, D), labels (B, hk, n, r) -> (B, hk, G, n) fp32."""
+    """q[c] . label over the r channels: query (B, h, D), labels (B, hk, n, r), channels (B, hk, r)
+    -> (B, hk, G, n) fp32."""
     B, h, D = query.shape
     hk = labels.shape[1]
-    q = query.float().view(B, hk, h // hk, D)
-    q_lab = q.gather(-1, channels.view(1, hk, 1, -1).expand(B, hk, h // hk, -1))
-    return torch.matmul(q_lab, labels.float().transpose(-1, -2)) * scaling
+    q = query.to(labels.dtype).view(B, hk, h // hk, D)
+    q_lab = q.gather(-1, channels[:, :, None, :].expand(B, hk, h // hk, -1))
+    return torch.matmul(q_lab, labels.transpose(-1, -2)).float() * scaling    # cache dtype: no fp32 copy
 
 
 def select(inp: GroupInputs, rule, state: dict) -> torch.Tensor:

@@ -44,9 +44,9 @@ def upper_bounds(query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) ->
     """max over keys of each page of q.k, bounded above: query (B, h, D) -> (B, hk, G, pages) fp32."""
     B, h, D = query.shape
     hk = kmin.shape[1]
-    q = query.float().view(B, hk, h // hk, D)
-    return (torch.matmul(q.clamp(min=0), kmax.float().transpose(-1, -2))
-            + torch.matmul(q.clamp(max=0), kmin.float().transpose(-1, -2)))
+    q = query.to(kmin.dtype).view(B, hk, h // hk, D)
+    return (torch.matmul(q.clamp(min=0), kmax.transpose(-1, -2)).float()
+            + torch.matmul(q.clamp(max=0), kmin.transpose(-1, -2)).float())
 
 
 def update_bounds(inp: GroupInputs, rule, state: dict):

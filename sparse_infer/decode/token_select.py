@@ -19,7 +19,12 @@ from __future__ import annotations
 import torch
 
 from sparse_infer.decode.common import (
-    GroupInputs, forced_and_eligible, grouped_scores, pad_indices, top_tokens, vote,
+    GroupInputs,
+    forced_and_eligible,
+    grouped_scores,
+    pad_indices,
+    top_tokens,
+    vote,
 )
 
 

@@ -1,9 +1,9 @@
 """`sparse-infer eval ...` commands (mounted under the main CLI as `eval`).
 
-    sparse-infer eval ruler MODEL --plan PLAN [--compare dense] --lengths 4096,8192
-        --tasks all|LIST --samples N --out DIR [--data FILE] [--seed 0] [--resume]
-    sparse-infer eval needle [MODEL] --plan PLAN [--compare dense] --lengths ...
-        --depths 0,10,...,100 --out DIR
+sparse-infer eval ruler MODEL --plan PLAN [--compare dense] --lengths 4096,8192
+    --tasks all|LIST --samples N --out DIR [--data FILE] [--seed 0] [--resume]
+sparse-infer eval needle [MODEL] --plan PLAN [--compare dense] --lengths ...
+    --depths 0,10,...,100 --out DIR
 """
 
 from __future__ import annotations
@@ -148,11 +148,17 @@ def _interrupted(out: Path) -> typer.Exit:
 @eval_app.command("ruler")
 def ruler_cmd(
     model: Annotated[str, typer.Argument(help="Built-in name (smollm2-135m, qwen2.5-0.5b), HF dir, or dir:file.gguf.")],
-    plan: Annotated[str, typer.Option("--plan", help="Plan file, shipped plan name, or preset (dense, a_shape, vertical_slash, block).")],
+    plan: Annotated[
+        str,
+        typer.Option("--plan", help="Plan file, shipped plan name, or preset (dense, a_shape, vertical_slash, block)."),
+    ],
     compare: Annotated[str | None, typer.Option("--compare", help="Also run this baseline, usually 'dense'.")] = None,
-    lengths: Annotated[str, typer.Option("--lengths", help="Prompt lengths in tokens, e.g. 4096,8192 or 4k,8k.")] = "4096,8192",
+    lengths: Annotated[
+        str, typer.Option("--lengths", help="Prompt lengths in tokens, e.g. 4096,8192 or 4k,8k.")
+    ] = "4096,8192",
     tasks: Annotated[
-        str | None, typer.Option("--tasks", help="'all' or a comma list of RULER tasks (default: all, or none with --data).")
+        str | None,
+        typer.Option("--tasks", help="'all' or a comma list of RULER tasks (default: all, or none with --data)."),
     ] = None,
     samples: Annotated[int, typer.Option("--samples", min=1, help="Samples per task and length.")] = 10,
     out: Annotated[Path, typer.Option("--out", help="Output directory for results.json.")] = Path("eval_results/ruler"),
@@ -199,10 +205,12 @@ def needle_cmd(
     ] = None,
     compare: Annotated[str, typer.Option("--compare", help="Baseline to run too; 'none' for the plan alone.")] = DENSE,
     lengths: Annotated[str, typer.Option("--lengths", help="Context lengths in tokens.")] = DEFAULT_NEEDLE_LENGTHS,
-    depths: Annotated[str, typer.Option("--depths", help="Needle depths in percent, e.g. 0,10,...,100.")] = DEFAULT_NEEDLE_DEPTHS,
-    out: Annotated[Path, typer.Option("--out", help="Output directory (needle.png, needle.json, results.json).")] = Path(
-        "eval_results/needle"
-    ),
+    depths: Annotated[
+        str, typer.Option("--depths", help="Needle depths in percent, e.g. 0,10,...,100.")
+    ] = DEFAULT_NEEDLE_DEPTHS,
+    out: Annotated[
+        Path, typer.Option("--out", help="Output directory (needle.png, needle.json, results.json).")
+    ] = Path("eval_results/needle"),
     samples: Annotated[int, typer.Option("--samples", min=1, help="Prompts per grid cell.")] = 1,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Skip cells already in OUT/results.json.")] = False,
@@ -225,7 +233,16 @@ def needle_cmd(
         m, tok = _load(model)
         _check_model(m, length_list, plans)
         result = needle.run_needle(
-            m, tok, plans, out, length_list, depth_list, seed=seed, samples_per_cell=samples, resume=resume
+            m,
+            tok,
+            plans,
+            out,
+            length_list,
+            depth_list,
+            seed=seed,
+            samples_per_cell=samples,
+            resume=resume,
+            title=f"needle in a haystack: {model}",
         )
         rows = [r for r in runner.summarize(runner.load_results(out)) if r["plan"] in plans]
     except errors as e:

@@ -25,18 +25,18 @@ from sparse_infer.eval.ruler import (
     STRING_MATCH_ALL,
     EvalError,
     _cycled,
+    _pad_text,
     count_tokens,
     derive_seed,
     fit_length,
     format_prompt,
     insert_at_depths,
-    _pad_text,
 )
 
 NEEDLE_TASK = "needle"
 NEEDLE_JSON = "needle.json"
 NEEDLE_PNG = "needle.png"
-MAX_NEW_TOKENS = 32  # the answer is a 7-digit number right after the answer prefix
+MAX_NEW_TOKENS = 16  # the answer is a 7-digit number right after the answer prefix (~10 tokens)
 
 
 def needle_id(length: int, depth: float, index: int) -> str:
@@ -94,16 +94,15 @@ def make_needle_samples(
     ]
 
 
-def needle_grid(records: Sequence[Mapping[str, Any]], lengths: Sequence[int], depths: Sequence[float]) -> list[list[float | None]]:
+def needle_grid(
+    records: Sequence[Mapping[str, Any]], lengths: Sequence[int], depths: Sequence[float]
+) -> list[list[float | None]]:
     """Mean score per cell: grid[depth_row][length_col]; None where nothing ran."""
     cells: dict[tuple[int, float], list[float]] = {}
     for r in records:
         if r.get("task") == NEEDLE_TASK:
             cells.setdefault((int(r["length"]), float(r["depth"])), []).append(float(r["score"]))
-    return [
-        [(sum(v) / len(v)) if (v := cells.get((int(L), float(d)))) else None for L in lengths]
-        for d in depths
-    ]
+    return [[(sum(v) / len(v)) if (v := cells.get((int(L), float(d)))) else None for L in lengths] for d in depths]
 
 
 def plot_heatmap(
@@ -122,21 +121,23 @@ def plot_heatmap(
 
     names = list(grids)
     cols = len(names)
-    fig = Figure(figsize=(1.2 + 0.9 * len(lengths) * cols + 0.6 * cols, 1.4 + 0.45 * len(depths)), layout="constrained")
+    # Wide enough for the axis labels even with a single length column.
+    panel_w = max(3.0, 0.8 * len(lengths) + 1.4)
+    fig = Figure(figsize=(panel_w * cols + 1.2, 1.8 + 0.45 * len(depths)), layout="constrained")
     axes = fig.subplots(1, cols, squeeze=False)[0]
-    cmap = matplotlib.colormaps["RdYlGn"].copy()
-    cmap.set_bad("#dddddd")  # cells that did not run
+    cmap = matplotlib.colormaps["RdYlGn"].with_extremes(bad="#dddddd")  # grey: cells that did not run
     image = None
-    for ax, name in zip(axes, names):
+    for ax, name in zip(axes, names, strict=True):
         data = np.array([[np.nan if v is None else v for v in row] for row in grids[name]], dtype=float)
         image = ax.imshow(data, cmap=cmap, vmin=0, vmax=100, aspect="auto", origin="upper")
         ax.set_xticks(range(len(lengths)), [_fmt_len(L) for L in lengths])
         ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
         ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel("needle depth (%)")
+        if ax is axes[0]:
+            ax.set_ylabel("needle depth (%)")
         finite = data[np.isfinite(data)]
-        mean = f" (mean {finite.mean():.0f})" if finite.size else ""
-        ax.set_title(f"{name}{mean}")
+        mean = f"\nmean {finite.mean():.0f}" if finite.size else ""
+        ax.set_title(f"{name}{mean}", fontsize=10)
         for i in range(data.shape[0]):
             for j in range(data.shape[1]):
                 v = data[i, j]
@@ -144,7 +145,7 @@ def plot_heatmap(
     if image is not None:
         fig.colorbar(image, ax=list(axes), label="score", shrink=0.9)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, fontsize=11)
     if path is not None:
         fig.savefig(path, dpi=120)
     return fig
@@ -167,6 +168,7 @@ def run_needle(
     resume: bool = False,
     progress: bool = True,
     chat_template: bool | None = None,
+    title: str | None = None,
 ) -> dict[str, Any]:
     """Run the grid under each plan; write results.json, needle.json and needle.png; return needle.json's content."""
     from sparse_infer.eval.runner import _write_json, load_results, run_eval, validate
@@ -195,9 +197,10 @@ def run_needle(
         "png": NEEDLE_PNG,
     }
     _write_json(out / NEEDLE_JSON, result)
-    model_name = (doc.get("model") or {}).get("name_or_path") or ""
-    fig = plot_heatmap(grids, lengths, depths, out / NEEDLE_PNG, title=f"needle in a haystack {model_name}".strip())
-    del fig
+    if title is None:
+        name = (doc.get("model") or {}).get("name_or_path") or ""
+        title = f"needle in a haystack: {Path(name).name}" if name else "needle in a haystack"
+    plot_heatmap(grids, lengths, depths, out / NEEDLE_PNG, title=title)
     return result
 
 

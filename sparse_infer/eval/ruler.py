@@ -297,7 +297,9 @@ def _render_niah(cfg: NiahConfig, seed: int, n: int, pad: int) -> tuple[str, str
     keys = _unique(rng, cfg.key_type, cfg.num_keys, seen)
     values = [_unique(rng, cfg.value_type, cfg.num_values, seen) for _ in keys]
     needles = [
-        NEEDLE_TEMPLATE.format(type_v=cfg.value_type, key=k, value=v) for k, vs in zip(keys, values) for v in vs
+        NEEDLE_TEMPLATE.format(type_v=cfg.value_type, key=k, value=v)
+        for k, vs in zip(keys, values, strict=True)
+        for v in vs
     ]
     rng.shuffle(needles)
     queried = rng.sample(range(cfg.num_keys), cfg.num_queries)
@@ -441,7 +443,11 @@ def _render_cwe(seed: int, n: int, pad: int) -> tuple[str, str, list[str]]:
     random.Random(derive_seed(seed, "icl")).shuffle(ex_entries)
     example = (
         _CWE_TEMPLATE.format(context=_numbered(ex_entries))
-        + "\n" + _CWE_ANSWER.strip() + " " + " ".join(f"{i + 1}. {w}" for i, w in enumerate(ex_common)) + "\n\n"
+        + "\n"
+        + _CWE_ANSWER.strip()
+        + " "
+        + " ".join(f"{i + 1}. {w}" for i, w in enumerate(ex_common))
+        + "\n\n"
     )
     entries = _cwe_list(pool, common, n, random.Random(derive_seed(seed, "order", n)))
     context = _numbered(entries)
@@ -488,7 +494,7 @@ def _coded_text(rng: random.Random, order_rng: random.Random, n: int) -> tuple[s
         if w not in seen:
             seen.add(w)
             words.append(w)
-    stream = [w for w, c in zip(words, counts) for _ in range(c)]
+    stream = [w for w, c in zip(words, counts, strict=True) for _ in range(c)]
     order_rng.shuffle(stream)
     return " ... ".join(stream), words[:3]
 
@@ -509,6 +515,11 @@ def _renderer(task: str) -> Callable[[int, int, int], tuple[str, str, list[str]]
         cfg = NIAH_TASKS[task]
         return lambda seed, n, pad: _render_niah(cfg, seed, n, pad)
     return {"vt": _render_vt, "cwe": _render_cwe, "fwe": _render_fwe}[task]
+
+
+# Below these list sizes the top words are not well separated (ties, or
+# common words that do not all appear).
+MIN_UNITS = {"cwe": 6 * CWE_NUM_CW, "fwe": 60}
 
 
 def max_new_tokens_for(task: str) -> int:
@@ -616,15 +627,14 @@ def generate_task(
     resolve_tasks([task])
     render = _renderer(task)
     s = derive_seed(seed, task, length, index)
-    answers_box: list[list[str]] = []
-
     def build(n: int, pad: int) -> str:
-        task_text, prefix, answers = render(s, n, pad)
-        answers_box[:] = [answers]
+        task_text, prefix, _ = render(s, n, pad)
         return format_prompt(tokenizer, task_text, prefix, chat_template)
 
     prompt, n = fit_length(build, lambda t: count_tokens(tokenizer, t), length, hint=hint, what=f"{task} @ {length}")
     answers = render(s, n, 0)[2]  # answers never depend on pad
+    if n < MIN_UNITS.get(task, 1) or not all(a in prompt for a in answers):
+        raise EvalError(f"{task} @ {length}: too short to hold the task (haystack of {n} units); use a longer length")
     return {
         "id": sample_id(task, length, index),
         "task": task,
@@ -669,21 +679,26 @@ def generate_samples(
 
 def _read_records(path: Path) -> list[dict[str, Any]]:
     suffix = path.suffix.lower()
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        datasets = None
-    if datasets is not None and suffix in (".jsonl", ".json", ".parquet"):
-        kind = "parquet" if suffix == ".parquet" else "json"
-        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
-        return [dict(r) for r in ds]
     if suffix == ".parquet":
-        raise EvalError(f"reading {path.name} needs the datasets library: pip install datasets")
+        try:
+            import datasets
+        except ImportError:
+            raise EvalError(f"reading {path.name} needs the datasets library: pip install datasets") from None
+        return [dict(r) for r in datasets.load_dataset("parquet", data_files=str(path), split="train")]
+    # JSON is read with the stdlib even when datasets is installed: Arrow's
+    # schema inference rejects a field that is a string in one record and a
+    # list in another (answers: "x" vs ["x", "y"]), which hand-written files do.
     if suffix == ".jsonl":
         with path.open(encoding="utf-8") as fh:
-            return [json.loads(line) for line in fh if line.strip()]
+            try:
+                return [json.loads(line) for line in fh if line.strip()]
+            except json.JSONDecodeError as e:
+                raise EvalError(f"{path}: invalid JSON line ({e})") from None
     if suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise EvalError(f"{path}: invalid JSON ({e})") from None
         if isinstance(data, dict):  # {"data": [...]} as written by many exporters
             data = data.get("data", data.get("samples"))
         if not isinstance(data, list):

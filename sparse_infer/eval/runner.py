@@ -55,9 +55,7 @@ def validate_lengths(config: Any, lengths: Sequence[int]) -> None:
     limit = max_positions(config)
     bad = sorted({int(L) for L in lengths if limit is not None and int(L) > limit})
     if bad:
-        raise EvalError(
-            f"length(s) {', '.join(map(str, bad))} exceed the model's max_position_embeddings ({limit})"
-        )
+        raise EvalError(f"length(s) {', '.join(map(str, bad))} exceed the model's max_position_embeddings ({limit})")
     nonpos = [L for L in lengths if int(L) <= 0]
     if nonpos:
         raise EvalError(f"lengths must be positive, got {nonpos}")
@@ -88,7 +86,9 @@ def resolve_plan(plan: Any, config: Any) -> Any:
     """
     if plan is None:
         return None
-    from sparse_infer.plan import load_plan  # lazy: the eval package must import without it
+    from sparse_infer.plan import (
+        load_plan,  # lazy: the eval package must import without it
+    )
 
     return load_plan(plan, model_config=config)
 
@@ -247,7 +247,9 @@ def summarize(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
         for rec in entry.get("records", []):
             groups.setdefault((int(rec["length"]), rec["task"]), []).append(rec)
         order = {t: i for i, t in enumerate(TASK_NAMES)}
-        for (length, task), recs in sorted(groups.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 99), kv[0][1])):
+        for (length, task), recs in sorted(
+            groups.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 99), kv[0][1])
+        ):
             row = {
                 "plan": plan_name,
                 "length": length,
@@ -300,7 +302,11 @@ def run_eval(
     pending: list[tuple[str, Mapping[str, Any]]] = []
     for name in plans:
         entry = doc["plans"].setdefault(name, {"plan": describe_plan(plans[name]), "records": []})
-        if resume and entry.get("plan") != describe_plan(plans[name]) and isinstance(plans[name], (str, dict, type(None))):
+        if (
+            resume
+            and entry.get("plan") != describe_plan(plans[name])
+            and isinstance(plans[name], (str, dict, type(None)))
+        ):
             raise EvalError(
                 f"--resume: plan {name!r} in {path} was {entry.get('plan')!r}, now {describe_plan(plans[name])!r}; "
                 "use another --out"
@@ -427,7 +433,11 @@ def render_table(rows: Sequence[Mapping[str, Any]], baseline: str | None = None,
     base = baseline if baseline in plans else (DENSE if DENSE in plans else (plans[0] if plans else None))
     others = [p for p in plans if p != base]
     scores = {(r["plan"], int(r["length"]), r["task"]): float(r["score"]) for r in rows}
-    density = {(r["plan"], int(r["length"]), r["task"]): r["prefill_density"] for r in rows if r.get("prefill_density") is not None}
+    density = {
+        (r["plan"], int(r["length"]), r["task"]): r["prefill_density"]
+        for r in rows
+        if r.get("prefill_density") is not None
+    }
     dens_plans = [p for p in others if any(k[0] == p for k in density)]
     counts = {(int(r["length"]), r["task"]): r["n"] for r in rows}
     keys = list(dict.fromkeys((int(r["length"]), r["task"]) for r in rows))
@@ -467,7 +477,9 @@ def render_table(rows: Sequence[Mapping[str, Any]], baseline: str | None = None,
                 str(length),
                 task,
                 str(counts[(length, task)]),
-                *cells(lambda p: scores.get((p, length, task)), lambda p: density.get((p, length, task))),
+                *cells(
+                    lambda p, k=(length, task): scores.get((p, *k)), lambda p, k=(length, task): density.get((p, *k))
+                ),
             )
         if len(tasks) > 1:
 

@@ -9,6 +9,7 @@ from .block_sparse_attn import (
     index_density,
     index_to_mask,
     num_query_blocks,
+    release_workspaces,
     triton_available,
 )
 from .sparse_decode import (
@@ -28,6 +29,7 @@ __all__ = [
     "index_density",
     "index_to_mask",
     "num_query_blocks",
+    "release_workspaces",
     "triton_available",
     "dense_decode_reference",
     "indices_to_mask",

@@ -12,12 +12,13 @@ Three implementations share the contract:
     query block); runs natively on CUDA and under TRITON_INTERPRET on CPU.
 """
 
+import bisect
 import math
 import os
+import threading
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 __all__ = [
     "BlockSparseIndex",
@@ -29,6 +30,7 @@ __all__ = [
     "block_sparse_attention_triton",
     "block_sparse_attention",
     "triton_available",
+    "release_workspaces",
 ]
 
 _NEG_INF = float("-inf")
@@ -272,25 +274,32 @@ def dense_masked_attention(query, key, value, mask_bool, scaling, softcap=None):
 # torch executor
 # --------------------------------------------------------------------------
 
-# Score elements (fp32) per processed chunk. ~4 MiB keeps S in L2/L3 between the
-# two matmuls and the softmax; measured best on a 2-core EPYC, see bench/attention.py.
-_DEFAULT_CHUNK_ELEMS = 1 << 20
+# Score elements (fp32) per processed chunk: 4M (16 MiB) amortizes per-op
+# overhead while S stays cache-friendly; bigger was slower on a 2-core EPYC.
+_DEFAULT_CHUNK_ELEMS = 1 << 22
 
 
+@torch.no_grad()
 def block_sparse_attention_torch(query, key, value, index: BlockSparseIndex, *, scaling,
                                  attention_mask=None, softcap=None,
-                                 chunk_elems: int = _DEFAULT_CHUNK_ELEMS):
-    """Attention over the selected blocks only, by gathering K/V tiles.
+                                 chunk_elems: int = _DEFAULT_CHUNK_ELEMS, num_workers: int | None = None):
+    """Attention over the selected blocks only, by gathering K/V rows.
 
     Work unit ("item") = one (batch, index head, query block) with the Gi query
     heads of the index head stacked as rows (Gi*bs rows), so each gathered K/V
     tile feeds all heads of a GQA group in one matmul. Per item, the key axis is
       [diagonal block | off-diagonal selected blocks | columns]
     with the diagonal always in slot 0, so only that slot needs the causal
-    triangle mask; off-diagonal blocks are fully visible. Items are sorted by
-    block count and processed in chunks padded to the chunk's max count, which
+    triangle; off-diagonal blocks are fully visible. Items are sorted by block
+    count and processed in chunks padded to the chunk's largest count, which
     keeps padding (and its masking) rare. Softmax is one-shot per chunk since
-    the whole selected key set of an item fits the chunk.
+    an item's whole key set is in the chunk. Nothing of size q x n is built.
+
+    num_workers: chunks run on this many Python threads with one intra-op
+    thread each (default: torch.get_num_threads()). Independent chunks need no
+    barrier per op, which matters on small or shared CPUs; the intra-op thread
+    count is restored on return. Scratch buffers are kept between calls
+    (see `release_workspaces`). Inference only: runs without autograd.
     """
     B, Hq, q_len, D, Hkv, n, Hi = _check_shapes(query, key, value, index)
     attention_mask = _check_mask(attention_mask, B, Hq, q_len, n)
@@ -298,142 +307,252 @@ def block_sparse_attention_torch(query, key, value, index: BlockSparseIndex, *, 
     bs = index.block_size
     Gi = Hq // Hi
     q0 = n - q_len
-    front = q0 % bs
     NQB = index.kv_blocks.shape[2]
     norm = _normalize_index(index, q_len, n)
-    nkb, qb0, big = norm["nkb"], norm["qb0"], norm["big"]
+    qb0, big = norm["qb0"], norm["big"]
     off, off_cnt, has_diag = norm["off"], norm["off_cnt"], norm["has_diag"]
     cols, col_ok = norm["cols"], norm["col_ok"]
     C = 0 if cols is None else cols.shape[-1]
 
-    # Q: fp32, pre-scaled (1/softcap folded in so tanh can run in place),
-    # padded to whole absolute-aligned blocks, laid out (item, Gi*bs, D).
-    qscale = scaling / softcap if softcap is not None else scaling
-    qf = query.float() * qscale
-    qf = F.pad(qf, (0, 0, front, NQB * bs - q_len - front))
-    qp = (qf.view(B, Hi, Gi, NQB, bs, D).permute(0, 1, 3, 2, 4, 5)
-          .reshape(B * Hi * NQB, Gi * bs, D))
-    del qf
-    # K/V: fp32, padded to whole blocks, flattened to rows (row gather is as
-    # fast as block gather here and lets blocks + columns share one gather).
-    pad_n = nkb * bs - n
-    kf = key.float()
-    vf = value.float()
-    if pad_n:
-        kf = F.pad(kf, (0, 0, 0, pad_n))
-        vf = F.pad(vf, (0, 0, 0, pad_n))
-    kflat = kf.reshape(B * Hkv * nkb * bs, D)
-    vflat = vf.reshape(B * Hkv * nkb * bs, D)
+    # Q rows and the output are addressed in place (row = (b*Hq + h)*q + pos):
+    # no padded/permuted copy of Q. Rows of a query block that fall outside
+    # [q0, n) read row 0 and are written to a dummy last output row.
+    qflat = query.reshape(B * Hq * q_len, D)
+    out_full = torch.empty(B * Hq * q_len + 1, D, dtype=torch.float32, device=dev)
+    # K/V as fp32 rows (no copy for contiguous fp32 caches); positions past n in
+    # a partial last block are clamped: only the diagonal slot can hold them,
+    # and its causal triangle masks them.
+    kflat = key.float().reshape(B * Hkv * n, D)
+    vflat = value.float().reshape(B * Hkv * n, D)
 
-    out = torch.zeros(B * Hi * NQB, Gi * bs, D, dtype=torch.float32, device=dev)
-
-    # items that can produce anything
     item_b = torch.arange(B, device=dev).view(B, 1, 1).expand(B, Hi, NQB).reshape(-1)
     item_h = torch.arange(Hi, device=dev).view(1, Hi, 1).expand(B, Hi, NQB).reshape(-1)
     item_j = torch.arange(NQB, device=dev).view(1, 1, NQB).expand(B, Hi, NQB).reshape(-1)
     cnt_flat = off_cnt.reshape(-1)
-    active = (cnt_flat > 0) | has_diag.reshape(-1)
+    has_diag_flat = has_diag.reshape(-1)
+    active = (cnt_flat > 0) | has_diag_flat
+    col_ok_flat = None
     if col_ok is not None:
         col_ok_flat = col_ok.reshape(B * Hi * NQB, C)
         active = active | col_ok_flat.any(-1)
     act_idx = active.nonzero().squeeze(1)
+    if act_idx.numel() < active.numel():
+        out_full.zero_()  # items with nothing selected are skipped and must read 0
     if act_idx.numel() == 0:
-        return _unpack_output(out, B, Hi, NQB, Gi, bs, D, front, q_len, query.dtype)
-    order = torch.argsort(cnt_flat[act_idx], stable=True)
-    items_all = act_idx[order]
+        return _finish(out_full, B, Hq, q_len, D, query.dtype)
+    items_all = act_idx[torch.argsort(cnt_flat[act_idx], stable=True)]
     counts_sorted = cnt_flat[items_all].tolist()
 
-    off_flat = off.reshape(B * Hi * NQB, -1)
-    has_diag_flat = has_diag.reshape(-1)
-    kv_head = item_h * Hkv // Hi                      # kv head of each item's index head
-    row_base = (item_b * Hkv + kv_head) * (nkb * bs)  # first K row of that (b, kv head)
-    ar_bs = torch.arange(bs, device=dev)
-    # strict upper triangle of the diagonal tile (key offset > query offset)
-    triu = torch.ones(bs, bs, dtype=torch.bool, device=dev).triu_(1)
+    # Chunk plan over the count-sorted items. A chunk is padded to its largest
+    # item, so cut at a count change once the chunk is at least half full:
+    # chunks stay (nearly) uniform and padded slots stay rare.
+    def item_elems(cnt):
+        return Gi * bs * ((cnt + 1) * bs + C)
 
+    workers = torch.get_num_threads() if num_workers is None else num_workers
+    if workers > 1:  # give every worker a few chunks (short prompts, chunked prefill)
+        total = Gi * bs * ((sum(counts_sorted) + len(counts_sorted)) * bs + len(counts_sorted) * C)
+        chunk_elems = max(min(chunk_elems, total // (3 * workers)), 1 << 18)
+    plan = []
     n_items = len(counts_sorted)
     i = 0
     while i < n_items:
-        per = Gi * bs * ((counts_sorted[i] + 1) * bs + C)
-        j_end = min(n_items, i + max(1, chunk_elems // per))
-        per = Gi * bs * ((counts_sorted[j_end - 1] + 1) * bs + C)
-        j_end = min(n_items, i + max(1, chunk_elems // per))
-        items = items_all[i:j_end]
-        kbc = counts_sorted[j_end - 1]  # max off-diagonal count in this chunk
+        j_end = min(n_items, i + max(1, chunk_elems // item_elems(counts_sorted[i])))
+        j_end = min(n_items, i + max(1, chunk_elems // item_elems(counts_sorted[j_end - 1])))
+        if counts_sorted[j_end - 1] != counts_sorted[i]:
+            same = bisect.bisect_right(counts_sorted, counts_sorted[i], i, j_end)
+            if (same - i) * item_elems(counts_sorted[i]) * 2 >= chunk_elems:
+                j_end = same
+        plan.append((i, j_end, counts_sorted[i:j_end]))
         i = j_end
-        c = items.numel()
 
-        diag_blk = qb0 + item_j[items]
-        hd = has_diag_flat[items]
-        slots = torch.empty(c, kbc + 1, dtype=torch.long, device=dev)
-        slots[:, 0] = diag_blk
-        slot_ok = torch.empty(c, kbc + 1, dtype=torch.bool, device=dev)
-        slot_ok[:, 0] = hd
-        if kbc:
-            o = off_flat[items, :kbc]
-            ok = o < big
-            slots[:, 1:] = torch.where(ok, o, torch.zeros_like(o))  # pad -> any real block
-            slot_ok[:, 1:] = ok
-        rb = row_base[items]
-        idx = (rb[:, None, None] + slots[:, :, None] * bs + ar_bs).reshape(c, -1)
-        if C:
-            cpos = cols.reshape(B * Hi, C)[items // NQB]
-            cok = col_ok_flat[items]
-            idx = torch.cat([idx, rb[:, None] + cpos.clamp(min=0)], dim=1)
-        L = idx.shape[1]
-        flat_idx = idx.reshape(-1)
-        kg = kflat.index_select(0, flat_idx).view(c, L, D)
-        vg = vflat.index_select(0, flat_idx).view(c, L, D)
-        qc = qp.index_select(0, items)
+    ar_bs = torch.arange(bs, device=dev)
+    ctx = dict(
+        qflat=qflat, kflat=kflat, vflat=vflat, out_full=out_full, items_all=items_all,
+        item_b=item_b, item_h=item_h, item_j=item_j,
+        off_flat=off.reshape(B * Hi * NQB, -1), has_diag_flat=has_diag_flat,
+        kv_base=(item_b * Hkv + item_h * Hkv // Hi) * n,  # first K row of the item's kv head
+        # query row offsets of the Gi stacked heads: ((b*Hq + hi*Gi + g) * q)
+        q_base=((item_b * Hq + item_h * Gi) * q_len).view(-1, 1, 1) + (torch.arange(Gi, device=dev) * q_len).view(1, Gi, 1),
+        cols_bh=None if cols is None else cols.reshape(B * Hi, C), col_ok_flat=col_ok_flat,
+        ar_bs=ar_bs, triu=torch.ones(bs, bs, dtype=torch.bool, device=dev).triu_(1),  # key offset > query offset
+        attention_mask=attention_mask, softcap=softcap, qscale=scaling / softcap if softcap is not None else scaling,
+        bs=bs, Gi=Gi, D=D, C=C, NQB=NQB, qb0=qb0, big=big, q0=q0, q_len=q_len, n=n,
+        dummy_row=B * Hq * q_len,
+        ws_spec=_prefill_ws_spec(
+            max((j - i) * item_elems(cn[-1]) for i, j, cn in plan),
+            max((j - i) * ((cn[-1] + 1) * bs + C) * D for i, j, cn in plan),
+            max(j - i for i, j, _ in plan) * Gi * bs * D,
+        ),
+        ws_local=threading.local(), ws_taken=[],
+    )
 
-        s = torch.bmm(qc, kg.transpose(1, 2))  # (c, Gi*bs, L)
-        if softcap is not None:
-            s.tanh_().mul_(softcap)
-        s4 = s.view(c, Gi, bs, L)
-        nb = (kbc + 1) * bs
-        if not bool(slot_ok.all()):
-            s4[..., :nb].masked_fill_(~slot_ok.repeat_interleave(bs, dim=1).view(c, 1, 1, nb), _NEG_INF)
-        s4[..., :bs].masked_fill_(triu, _NEG_INF)  # causal, diagonal slot only
-        if C:
-            rowpos = (diag_blk * bs)[:, None] + ar_bs  # absolute query position of each row
-            cmask = cok[:, None, :] & (cpos[:, None, :] <= rowpos[:, :, None])
-            s4[..., nb:].masked_fill_(~cmask.unsqueeze(1), _NEG_INF)
-        if attention_mask is not None:
-            _apply_attention_mask(s4, attention_mask, items, item_b, item_h, diag_blk, slots, bs,
-                                  cpos if C else None, q0, n, Gi)
-        p = torch.softmax(s, dim=-1)
-        del s, s4
-        o_c = torch.bmm(p, vg)
-        o_c.nan_to_num_(nan=0.0)  # rows with no selected key: softmax of all -inf
-        out.index_copy_(0, items, o_c)
+    workers = min(workers, len(plan))
+    try:
+        if workers <= 1 or dev.type != "cpu":
+            for step in plan:
+                _run_chunk(ctx, *step)
+        else:
+            from concurrent.futures import ThreadPoolExecutor
 
-    return _unpack_output(out, B, Hi, NQB, Gi, bs, D, front, q_len, query.dtype)
+            inference = torch.is_inference_mode_enabled()
+
+            def work(step):
+                # grad/inference modes are thread-local: match the caller's so
+                # in-place writes into `out_full` are legal in the worker
+                with torch.inference_mode(inference), torch.no_grad():
+                    _run_chunk(ctx, *step)
+
+            prev = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                with ThreadPoolExecutor(max_workers=workers) as pool:
+                    list(pool.map(work, reversed(plan)))  # largest chunks first: short tail
+            finally:
+                torch.set_num_threads(prev)
+    finally:
+        for ws in ctx["ws_taken"]:
+            _ws_release(ws)
+    return _finish(out_full, B, Hq, q_len, D, query.dtype)
 
 
-def _apply_attention_mask(s4, attention_mask, items, item_b, item_h, diag_blk, slots, bs, cpos, q0, n, Gi):
-    """Gather attention_mask only at the chunk's tiles and mask scores in place."""
+def _finish(out_full, B, Hq, q_len, D, dtype):
+    out = out_full[:-1].view(B, Hq, q_len, D)  # contiguous view without the dummy row
+    return out if dtype == torch.float32 else out.to(dtype)
+
+
+# Scratch buffers survive between calls (one set per worker; decode uses the
+# same pool): allocating tens of MB per chunk or per call costs page faults,
+# measured 1.2-2x slower end to end on a 2-core machine (10x for decode gathers).
+_WS_LOCK = threading.Lock()
+_WS_FREE: list = []
+
+
+def _ws_acquire(spec: dict, device) -> dict:
+    """Take a scratch set from the pool: spec = {name: (numel, dtype)}.
+
+    Buffers are grown (never shrunk) to fit; callers slice what they need.
+    """
+    with _WS_LOCK:
+        ws = next((w for w in _WS_FREE if w["device"] == device and w["names"] == tuple(spec)), None)
+        if ws is not None:
+            _WS_FREE.remove(ws)
+    if ws is None:
+        ws = {"device": device, "names": tuple(spec)}
+    for name, (numel, dtype) in spec.items():
+        buf = ws.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype:
+            ws.pop(name, None)  # drop the old buffer before allocating the new one
+            with torch.inference_mode(False):  # normal tensors: usable in and out of inference mode
+                ws[name] = torch.empty(max(numel, 1), dtype=dtype, device=device)
+    return ws
+
+
+def _prefill_ws_spec(s_elems, kv_elems, q_elems):
+    f32 = torch.float32
+    return {"s": (s_elems, f32), "p": (s_elems, f32), "k": (kv_elems, f32), "v": (kv_elems, f32),
+            "q": (q_elems, f32), "o": (q_elems, f32)}
+
+
+def _ws_release(ws: dict):
+    with _WS_LOCK:
+        _WS_FREE.append(ws)
+
+
+def release_workspaces():
+    """Free the scratch buffers the torch executor keeps between calls."""
+    with _WS_LOCK:
+        _WS_FREE.clear()
+
+
+def _run_chunk(ctx, i, j_end, counts):
+    """Process sorted items [i, j_end) (off-diagonal counts `counts`, ascending),
+    each padded to the chunk's largest count."""
+    kbc = counts[-1]
+    bs, Gi, D, C = ctx["bs"], ctx["Gi"], ctx["D"], ctx["C"]
+    M = Gi * bs
+    items = ctx["items_all"][i:j_end]
     c = items.numel()
+    dev = items.device
+    ws = getattr(ctx["ws_local"], "ws", None)
+    if ws is None:
+        ws = _ws_acquire(ctx["ws_spec"], dev)
+        ctx["ws_local"].ws = ws
+        ctx["ws_taken"].append(ws)  # list.append is atomic under the GIL
+
+    # key rows: [diagonal | off-diagonal blocks (padded with block 0) | columns]
+    diag_blk = ctx["qb0"] + ctx["item_j"][items]
+    slots = torch.empty(c, kbc + 1, dtype=torch.long, device=dev)
+    slots[:, 0] = diag_blk
+    if kbc:
+        o = ctx["off_flat"][items, :kbc]
+        slots[:, 1:] = torch.where(o < ctx["big"], o, torch.zeros_like(o))  # padding, masked below
+    kb = ctx["kv_base"][items]
+    kpos = (slots[:, :, None] * bs + ctx["ar_bs"]).clamp_(max=ctx["n"] - 1).view(c, -1)
+    cpos = None
+    if C:
+        cpos = ctx["cols_bh"][items // ctx["NQB"]]
+        kpos = torch.cat([kpos, cpos.clamp(min=0)], dim=1)
+    L = kpos.shape[1]
+    kidx = (kb[:, None] + kpos).view(-1)
+    kg = torch.index_select(ctx["kflat"], 0, kidx, out=ws["k"][: c * L * D].view(c * L, D)).view(c, L, D)
+    vg = torch.index_select(ctx["vflat"], 0, kidx, out=ws["v"][: c * L * D].view(c * L, D)).view(c, L, D)
+
+    # query rows (c, Gi, bs): absolute position -> row within q, invalid -> dummy
+    qrow = (diag_blk * bs)[:, None] + ctx["ar_bs"] - ctx["q0"]          # (c, bs)
+    q_ok = (qrow >= 0) & (qrow < ctx["q_len"])
+    rows = ctx["q_base"][items] + qrow.clamp(0, ctx["q_len"] - 1).unsqueeze(1)  # (c, Gi, bs)
+    qbuf = ws["q"][: c * M * D].view(c * M, D)
+    if ctx["qflat"].dtype == torch.float32:
+        torch.index_select(ctx["qflat"], 0, rows.view(-1), out=qbuf)
+    else:
+        qbuf.copy_(ctx["qflat"].index_select(0, rows.view(-1)))
+    qc = qbuf.mul_(ctx["qscale"]).view(c, M, D)
+
+    s = torch.bmm(qc, kg.transpose(1, 2), out=ws["s"][: c * M * L].view(c, M, L))
+    if ctx["softcap"] is not None:
+        s.tanh_().mul_(ctx["softcap"])  # qscale already divided by softcap
+    s4 = s.view(c, Gi, bs, L)
+    nb = (kbc + 1) * bs
+    # padded slots sit at the end of each item's list: fill just those columns,
+    # one slice per distinct count (counts ascend within the chunk)
+    a = 0
+    while a < c and counts[a] < kbc:
+        b = bisect.bisect_right(counts, counts[a], a)
+        s4[a:b, :, :, (counts[a] + 1) * bs:nb] = _NEG_INF
+        a = b
+    # slot 0 = diagonal: causal triangle, or everything if it is not selected
+    hd = ctx["has_diag_flat"][items]
+    if bool(hd.all()):
+        s4[..., :bs].masked_fill_(ctx["triu"], _NEG_INF)
+    else:
+        s4[..., :bs].masked_fill_(ctx["triu"] | ~hd.view(c, 1, 1, 1), _NEG_INF)
+    if C:
+        rowpos = (diag_blk * bs)[:, None] + ctx["ar_bs"]  # absolute query position per row
+        cmask = ctx["col_ok_flat"][items][:, None, :] & (cpos[:, None, :] <= rowpos[:, :, None])
+        s4[..., nb:].masked_fill_(~cmask.unsqueeze(1), _NEG_INF)
+    if ctx["attention_mask"] is not None:
+        _apply_attention_mask(s4, ctx, items, qrow, kpos)
+    p = torch.ops.aten._softmax.out(s, -1, False, out=ws["p"][: c * M * L].view(c, M, L))
+    o_c = torch.bmm(p, vg, out=ws["o"][: c * M * D].view(c, M, D))
+    o_c.nan_to_num_(nan=0.0)  # rows with no selected key: softmax of all -inf
+    dst = torch.where(q_ok.unsqueeze(1), rows, ctx["dummy_row"])
+    ctx["out_full"].index_copy_(0, dst.view(-1), o_c.view(c * M, D))
+
+
+def _apply_attention_mask(s4, ctx, items, qrow, kpos):
+    """Gather attention_mask only at the chunk's tiles and mask scores in place."""
+    attention_mask, Gi = ctx["attention_mask"], ctx["Gi"]
+    c, bs = qrow.shape
     dev = s4.device
-    ar = torch.arange(bs, device=dev)
-    rowpos = (diag_blk * bs)[:, None] + ar                       # (c, bs)
-    rows = (rowpos - q0).clamp(0, attention_mask.shape[2] - 1)
-    keypos = (slots[:, :, None] * bs + ar).reshape(c, -1)
-    if cpos is not None:
-        keypos = torch.cat([keypos, cpos], dim=1)
-    keypos = keypos.clamp(0, n - 1)
-    bidx = item_b[items].view(c, 1, 1, 1)
+    rows = qrow.clamp(0, ctx["q_len"] - 1)
+    bidx = ctx["item_b"][items].view(c, 1, 1, 1)
     if attention_mask.shape[1] == 1:
         hidx = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=dev)
     else:
-        hidx = (item_h[items] * Gi).view(c, 1, 1, 1) + torch.arange(Gi, device=dev).view(1, Gi, 1, 1)
-    m = attention_mask[bidx, hidx, rows.view(c, 1, bs, 1), keypos.view(c, 1, 1, -1)]
+        hidx = (ctx["item_h"][items] * Gi).view(c, 1, 1, 1) + torch.arange(Gi, device=dev).view(1, Gi, 1, 1)
+    m = attention_mask[bidx, hidx, rows.view(c, 1, bs, 1), kpos.view(c, 1, 1, -1)]
     s4.masked_fill_(~m, _NEG_INF)
-
-
-def _unpack_output(out, B, Hi, NQB, Gi, bs, D, front, q_len, dtype):
-    o = (out.view(B, Hi, NQB, Gi, bs, D).permute(0, 1, 3, 2, 4, 5)
-         .reshape(B, Hi * Gi, NQB * bs, D)[:, :, front:front + q_len])
-    return o.to(dtype).contiguous()
 
 
 # --------------------------------------------------------------------------
@@ -489,7 +608,7 @@ if tl is not None:
         HI_PER_KV, GI, HEAD_SPLITS,
         BLOCK: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         HAS_COLS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-        PREC: tl.constexpr,
+        PREC: tl.constexpr, DOT_F32: tl.constexpr,
     ):
         # One program = (query block j, batch b, index head hi, head split).
         # The HEADS query heads it serves are stacked along M: row m is head
@@ -519,6 +638,8 @@ if tl is not None:
 
         q = tl.load(Q + b * sqb + head[:, None] * sqh + qrow[:, None] * sqm + offs_d[None, :],
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        if DOT_F32:  # the CPU interpreter's tl.dot is wrong for bf16: use fp32 there
+            q = q.to(tl.float32)
         m_i = tl.full([HEADS * BLOCK], float("-inf"), tl.float32)
         l_i = tl.zeros([HEADS * BLOCK], tl.float32)
         acc = tl.zeros([HEADS * BLOCK, BLOCK_D], tl.float32)
@@ -533,7 +654,11 @@ if tl is not None:
             blk = tl.load(OFF + item * s_off + s)
             kpos = blk * BLOCK + offs_n
             k = tl.load(k_base + kpos[None, :] * skn + offs_d[:, None], mask=d_ok[:, None], other=0.0)
+            if DOT_F32:
+                k = k.to(tl.float32)
             v = tl.load(v_base + kpos[:, None] * svn + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+            if DOT_F32:
+                v = v.to(tl.float32)
             qk = tl.dot(q, k, input_precision=PREC) * qk_scale
             if HAS_SOFTCAP:
                 qk = softcap * (1.0 - 2.0 / (tl.exp(2.0 * qk / softcap) + 1.0))  # softcap*tanh(qk/softcap)
@@ -556,7 +681,11 @@ if tl is not None:
             kpos = diag * BLOCK + offs_n
             k_ok = kpos < kv_len
             k = tl.load(k_base + kpos[None, :] * skn + offs_d[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+            if DOT_F32:
+                k = k.to(tl.float32)
             v = tl.load(v_base + kpos[:, None] * svn + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+            if DOT_F32:
+                v = v.to(tl.float32)
             qk = tl.dot(q, k, input_precision=PREC) * qk_scale
             if HAS_SOFTCAP:
                 qk = softcap * (1.0 - 2.0 / (tl.exp(2.0 * qk / softcap) + 1.0))
@@ -585,8 +714,12 @@ if tl is not None:
                 kpos = tl.where(c_ok, cpos, 0)
                 k = tl.load(k_base + kpos[None, :] * skn + offs_d[:, None], mask=c_ok[None, :] & d_ok[:, None],
                             other=0.0)
+                if DOT_F32:
+                    k = k.to(tl.float32)
                 v = tl.load(v_base + kpos[:, None] * svn + offs_d[None, :], mask=c_ok[:, None] & d_ok[None, :],
                             other=0.0)
+                if DOT_F32:
+                    v = v.to(tl.float32)
                 qk = tl.dot(q, k, input_precision=PREC) * qk_scale
                 if HAS_SOFTCAP:
                     qk = softcap * (1.0 - 2.0 / (tl.exp(2.0 * qk / softcap) + 1.0))
@@ -667,10 +800,8 @@ def block_sparse_attention_triton(query, key, value, index: BlockSparseIndex, *,
         heads //= 2
     splits = Gi // heads
     block_d = max(16, triton.next_power_of_2(D))
-    prec = "tf32" if (allow_tf32 and q.dtype == torch.float32) else "ieee"
-    if q.dtype != torch.float32:
-        prec = "tf32"  # irrelevant for fp16/bf16 MMAs; keeps a valid value
-    qk_scale = float(scaling)
+    # exact fp32 MMAs unless tf32 is allowed; fp16/bf16 MMAs ignore the setting
+    prec = "ieee" if (q.dtype == torch.float32 and not allow_tf32) else "tf32"
     kernel = _bsa_fwd_kernel
     grid = (NQB, B * Hi * splits)
     kwargs = _launch_opts(kernel, q, num_warps=num_warps or (8 if heads * bs >= 128 else 4),
@@ -681,11 +812,11 @@ def block_sparse_attention_triton(query, key, value, index: BlockSparseIndex, *,
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         off.stride(0), cols.stride(0) if has_cols else 0, colok.stride(0) if has_cols else 0,
         smb, smh, smq, smn,
-        Hi, NQB, n, q0, norm["qb0"], num_cols, qk_scale, float(softcap or 1.0),
+        Hi, NQB, n, q0, norm["qb0"], num_cols, float(scaling), float(softcap or 1.0),
         Hi // Hkv, Gi, splits,
         BLOCK=bs, HEADS=heads, HEAD_DIM=D, BLOCK_D=block_d,
         HAS_COLS=has_cols, HAS_MASK=attention_mask is not None, HAS_SOFTCAP=softcap is not None,
-        PREC=prec, **kwargs,
+        PREC=prec, DOT_F32=_is_interpreted(kernel) and q.dtype == torch.bfloat16, **kwargs,
     )
     return out
 

@@ -8,6 +8,9 @@ exactly those (AND attention_mask), reading only the selected K/V rows.
 import torch
 
 from .block_sparse_attn import (
+    _is_interpreted,
+    _ws_acquire,
+    _ws_release,
     _launch_opts,
     _require_triton,
     dense_masked_attention,
@@ -71,25 +74,30 @@ def dense_decode_reference(query, key, value, indices, *, scaling, attention_mas
     return dense_masked_attention(query, key, value, mask, scaling, softcap)
 
 
-def _gather_rows(x: torch.Tensor, pos: torch.Tensor, kv_head: torch.Tensor) -> torch.Tensor:
+def _gather_rows(x: torch.Tensor, pos: torch.Tensor, kv_head: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
     """x (B, Hkv, n, D), pos (B, Hi, K) clamped valid, kv_head (Hi,) -> (B, Hi, K, D).
 
     One gather per index head: with Hi == Hkv it is read once for all G query
-    heads of the group. Contiguous caches use a flat row index_select (fastest
-    on CPU); other layouts (e.g. strided static caches) use advanced indexing.
+    heads of the group. Contiguous caches use a flat row index_select into the
+    reusable `buf` (fresh multi-MB outputs each step cost page faults); other
+    layouts (e.g. strided static caches) use advanced indexing.
     """
     B, Hkv, n, D = x.shape
     Hi, K = pos.shape[1], pos.shape[2]
     if x.is_contiguous():
         base = (torch.arange(B, device=x.device).view(B, 1, 1) * Hkv + kv_head.view(1, Hi, 1)) * n
         rows = (base + pos).reshape(-1)
-        return x.reshape(B * Hkv * n, D).index_select(0, rows).view(B, Hi, K, D)
+        out = buf[: rows.numel() * D].view(rows.numel(), D)
+        return torch.index_select(x.view(B * Hkv * n, D), 0, rows, out=out).view(B, Hi, K, D)
     b = torch.arange(B, device=x.device).view(B, 1, 1)
     return x[b, kv_head.view(1, Hi, 1), pos]
 
 
+@torch.no_grad()
 def sparse_decode_torch(query, key, value, indices, *, scaling, attention_mask=None, softcap=None):
-    """Attention of one query token over the selected kv rows only (fp32 math)."""
+    """Attention of one query token over the selected kv rows only (fp32 math).
+
+    Inference only: runs without autograd."""
     B, Hq, D, Hkv, n, Hi = _check(query, key, value, indices)
     attention_mask = _check_mask(attention_mask, B, Hq, n)
     Gi = Hq // Hi
@@ -100,10 +108,22 @@ def sparse_decode_torch(query, key, value, indices, *, scaling, attention_mask=N
     ok = (idx >= 0) & (idx < n)
     pos = torch.where(ok, idx, torch.zeros_like(idx))
     kv_head = torch.arange(Hi, device=query.device) * Hkv // Hi
-    kg = _gather_rows(key, pos, kv_head).float()                # (B, Hi, K, D)
-    vg = _gather_rows(value, pos, kv_head).float()
-    q = query.reshape(B, Hi, Gi, D).float()                     # the G heads of a group share kg/vg
-    s = torch.matmul(q, kg.transpose(-1, -2)) * scaling         # (B, Hi, Gi, K)
+    numel = B * Hi * K * D
+    ws = _ws_acquire({"dk": (numel, key.dtype), "dv": (numel, value.dtype)}, key.device)
+    try:
+        kg = _gather_rows(key, pos, kv_head, ws["dk"]).float()  # (B, Hi, K, D)
+        vg = _gather_rows(value, pos, kv_head, ws["dv"]).float()
+        return _attend_gathered(query, kg, vg, pos, ok, n, scaling, attention_mask, softcap)
+    finally:
+        _ws_release(ws)  # kg/vg are dead once the output exists
+
+
+def _attend_gathered(query, kg, vg, pos, ok, n, scaling, attention_mask, softcap):
+    B, Hq, _, D = query.shape
+    Hi, K = pos.shape[1], pos.shape[2]
+    Gi = Hq // Hi
+    q = query.reshape(B, Hi, Gi, D).float() * scaling           # the G heads of a group share kg/vg
+    s = torch.matmul(q, kg.transpose(-1, -2))                    # (B, Hi, Gi, K)
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)
     allowed = ok.unsqueeze(2)                                    # (B, Hi, 1, K)
@@ -132,7 +152,7 @@ if tl is not None:
         sqb, sqh, skb, skh, skn, svb, svh, svn, sib, sih, smb, smh, smn,
         Hi, num_idx, kv_len, chunk, qk_scale, softcap, HI_PER_KV, GI,
         G_PAD: tl.constexpr, BLOCK_K: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-        HAS_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PREC: tl.constexpr,
+        HAS_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
     ):
         # Program = (batch b, index head hi) x split. All GI query heads that
         # share this index list are rows of one (G_PAD x BLOCK_K) tile, so each
@@ -150,6 +170,8 @@ if tl is not None:
         d_ok = offs_d < HEAD_DIM
         q = tl.load(Q + b * sqb + head[:, None] * sqh + offs_d[None, :], mask=g_ok[:, None] & d_ok[None, :],
                     other=0.0)
+        if DOT_F32:  # the CPU interpreter's tl.dot is wrong for bf16: use fp32 there
+            q = q.to(tl.float32)
         m_i = tl.full([G_PAD], float("-inf"), tl.float32)
         l_i = tl.full([G_PAD], 0.0, tl.float32)
         acc = tl.full([G_PAD, BLOCK_D], 0.0, tl.float32)
@@ -163,8 +185,12 @@ if tl is not None:
             pos = tl.where(ok, pos, 0)
             k = tl.load(K + b * skb + kvh * skh + pos[None, :] * skn + offs_d[:, None],
                         mask=ok[None, :] & d_ok[:, None], other=0.0)
+            if DOT_F32:
+                k = k.to(tl.float32)
             v = tl.load(V + b * svb + kvh * svh + pos[:, None] * svn + offs_d[None, :],
                         mask=ok[:, None] & d_ok[None, :], other=0.0)
+            if DOT_F32:
+                v = v.to(tl.float32)
             s = tl.dot(q, k, input_precision=PREC) * qk_scale
             if HAS_SOFTCAP:
                 s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))  # softcap*tanh(s/softcap)
@@ -266,7 +292,8 @@ def sparse_decode_triton(query, key, value, indices, *, scaling, attention_mask=
         v.stride(0), v.stride(1), v.stride(2), idx.stride(0), idx.stride(1), smb, smh, smn,
         Hi, num_idx, n, chunk, float(scaling), float(softcap or 1.0), Hi // Hkv, Gi,
         G_PAD=g_pad, BLOCK_K=block_k, HEAD_DIM=D, BLOCK_D=block_d,
-        HAS_MASK=attention_mask is not None, HAS_SOFTCAP=softcap is not None, PREC=prec, **opts,
+        HAS_MASK=attention_mask is not None, HAS_SOFTCAP=softcap is not None, PREC=prec,
+        DOT_F32=_is_interpreted(_sparse_decode_split_kernel) and q.dtype == torch.bfloat16, **opts,
     )
     opts = _launch_opts(_sparse_decode_reduce_kernel, q, num_warps=4)
     _sparse_decode_reduce_kernel[(B * Hi,)](

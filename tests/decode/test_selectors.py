@@ -94,7 +94,7 @@ def test_output_is_dense_attention_over_selection(name, padded, granularity, rec
     q, k, v, mask = tensors(1, padded=padded)
     out = decode_attention(rt, None, q, k, v, mask, SCALING, {})
     assert out.shape == (B, HQ, 1, D)
-    (rule_obj, idx, inp), = recorder
+    (_, idx, _), = recorder
     assert idx.shape[1] == (HQ if granularity == "head" else HKV)
     limit = rule.get("budget", 0) + rule.get("sink", 0) + rule.get("local", 0)
     if name == "quest":
@@ -167,27 +167,28 @@ def test_double_sparsity_keeps_best_label_scores(channels, recorder):
     q, k, v, mask = tensors(4, padded=True)
     decode_attention(rt, None, q, k, v, mask, SCALING, {})
     (_, idx, _), = recorder
-    chans = rt.decode_state["groups"][0]["channels"]                     # (Hkv, r)
+    chans = rt.decode_state["groups"][0]["channels"]                     # (B, Hkv, r)
     r = channels if isinstance(channels, int) else len(channels)
-    assert chans.shape == (HKV, r)
+    assert chans.shape == (B, HKV, r)
     if isinstance(channels, list):
-        assert chans.tolist() == [channels] * HKV
+        assert chans.tolist() == [[channels] * HKV] * B
     valid = _valid_rows(mask, N)
     logits = torch.zeros(B, HQ, N)
-    for h in range(HQ):
-        c = chans[h // (HQ // HKV)]
-        logits[:, h] = torch.einsum("bd,bnd->bn", q[:, h, 0, c], k[:, h // (HQ // HKV)][..., c]) * SCALING
+    for b in range(B):
+        for h in range(HQ):
+            c = chans[b, h // (HQ // HKV)]
+            logits[b, h] = k[b, h // (HQ // HKV)][:, c] @ q[b, h, 0, c] * SCALING
     _check_top(idx, _soft_vote(logits, valid), valid, 8, 32, 100)
 
 
 def test_double_sparsity_int_channels_follow_query_key_magnitude():
-    q, k, v, _ = tensors(5, padded=False)
+    q, k, _, _ = tensors(5, padded=False)
     q[:, :, 0, 7] *= 50      # channel 7 dominates q.k in every head
     k[:, :, :, 7] += 2
     inp = GroupInputs(q[:, :, 0], k, None, False, SCALING, None, True)
     chans = double_sparsity.choose_channels(inp.query, inp.key, None, 4)
-    assert all(7 in row.tolist() for row in chans)
-    assert double_sparsity.choose_channels(inp.query, inp.key, None, 1000).shape == (HKV, D)
+    assert all(7 in row.tolist() for row in chans.view(-1, 4))
+    assert double_sparsity.choose_channels(inp.query, inp.key, None, 1000).shape == (B, HKV, D)
 
 
 @pytest.mark.parametrize("padded", [False, True])
@@ -321,3 +322,32 @@ def test_double_sparsity_label_cache_appends_one_row_per_step():
         assert state["labels"].length == n
     chans = state["channels"]
     assert torch.equal(state["labels"].view(), double_sparsity.labels_of(k, chans))
+
+
+def test_new_sequence_sharing_first_and_last_rows_rebuilds():
+    """Continuity needs more than length + first/last rows: a different cache that is one
+    longer and agrees on those rows must still rebuild the side state."""
+    rt = make_rt(RULES["double_sparsity"])
+    q, k, v, _ = tensors(11, n=301, padded=False)
+    decode_attention(rt, None, q, k[:, :, :300], v[:, :, :300], None, SCALING, {})
+    decode_attention(rt, None, q, k, v, None, SCALING, {})                 # genuine next step
+    assert rt.decode_state["rebuilds"] == 1
+    other = torch.randn_like(k)
+    other[:, :, 0], other[:, :, 300] = k[:, :, 0], k[:, :, 300]
+    other = torch.cat([other, torch.randn(B, HKV, 1, D)], dim=2)
+    decode_attention(rt, None, q, other, torch.randn_like(other), None, SCALING, {})
+    assert rt.decode_state["rebuilds"] == 2
+    labels = rt.decode_state["groups"][0]["labels"].view()
+    assert torch.equal(labels, double_sparsity.labels_of(other, rt.decode_state["groups"][0]["channels"]))
+
+
+def test_sliding_window_without_mask_is_respected(recorder):
+    rt = make_rt(RULES["token_select"])
+    q, k, v, _ = tensors(12, padded=False)
+    out = decode_attention(rt, None, q, k, v, None, SCALING, {"sliding_window": 300})
+    (_, idx, _), = recorder
+    window = torch.zeros(1, 1, 1, N, dtype=torch.bool)
+    window[..., N - 300:] = True
+    check_index_invariants(idx, N, window.expand(B, 1, 1, N), 300)
+    sel = selection_mask(recorder, rt, N)
+    torch.testing.assert_close(out, dense_masked_attention(q, k, v, sel & window, SCALING), atol=1e-5, rtol=1e-5)

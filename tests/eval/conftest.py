@@ -1,6 +1,7 @@
 """Fixtures for the eval tests: a real BPE tokenizer trained in-process (no hub access)
 and tiny random-weight Llama models sized to it. The `smollm2` fixture comes from
 tests/conftest.py."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,0 +1,96 @@
+"""End-to-end decode speed of a loaded model: dense vs each plan's decode selection.
+
+One dense prefill of the prompt is shared by every plan (its cache is copied), so the
+numbers isolate decoding: `new_tokens` greedy steps through the whole model, one token at a
+time, with the plan's decode methods on the patched layers. The first step of each plan
+(which builds the side state from the full cache) is timed separately from the steady state.
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+
+
+def _load(model_spec):
+    if isinstance(model_spec, str):
+        from sparse_infer.models import load_model
+        return load_model(model_spec)
+    if isinstance(model_spec, tuple):
+        return model_spec
+    return model_spec, None
+
+
+def _prompt(model, tokenizer, prompt_len: int) -> torch.Tensor:
+    if tokenizer is not None:
+        from sparse_infer.bench.prefill import synthetic_prompt_ids
+        return synthetic_prompt_ids(tokenizer, prompt_len)
+    vocab = model.config.get_text_config().vocab_size
+    return torch.randint(3, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+def _decode_loop(model, cache, first_token, new_tokens: int):
+    """Greedy steps; returns (tokens, seconds of the first step, seconds of the remaining steps)."""
+    device = next(model.parameters()).device
+    token = first_token.to(device)
+    out, first_s = [], 0.0
+    t0 = time.perf_counter()
+    for step in range(new_tokens):
+        logits = model(input_ids=token, cache=cache, use_cache=True).logits[:, -1]
+        token = logits.argmax(-1, keepdim=True)
+        out.append(int(token[0, 0]))
+        if step == 0:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            first_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return out, first_s, time.perf_counter() - t0
+
+
+def bench_decode_end_to_end(model_spec, prompt_len: int, new_tokens: int, plans: dict, backend: str = "auto"):
+    """Decode tokens/s for dense and each plan (name -> plan: dict, YAML path, Plan).
+
+    model_spec: a built-in model name / path for load_model, a (model, tokenizer) pair, or a
+    model (random prompt). Returns {"prompt_len", "new_tokens", "rows": [...]}, one row per
+    plan, dense first: tokens_per_s (steady state, steps 2..new_tokens), first_step_s,
+    speedup (vs dense tokens_per_s), decode_density, state_bytes (side state after the run),
+    same_tokens (fraction of generated tokens equal to dense's)."""
+    from transformers import DynamicCache
+
+    import sparse_infer
+    from sparse_infer.decode import decode_state_bytes
+
+    if new_tokens < 2:
+        raise ValueError("new_tokens must be >= 2 (the first step is timed apart)")
+    model, tokenizer = _load(model_spec)
+    ids = _prompt(model, tokenizer, prompt_len).to(next(model.parameters()).device)
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        logits = model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1]
+    first_token = logits.argmax(-1, keepdim=True)
+
+    rows, dense_tokens, dense_rate = [], None, None
+    for name, plan in [("dense", None), *plans.items()]:
+        if plan is not None:
+            sparse_infer.patch(model, plan, backend=backend)
+            sparse_infer.reset_stats(model)
+        try:
+            tokens, first_s, rest_s = _decode_loop(model, copy.deepcopy(cache), first_token, new_tokens)
+            density = sparse_infer.get_stats(model)["decode_density"] if plan is not None else 1.0
+            state = decode_state_bytes(model) if plan is not None else 0
+        finally:
+            if plan is not None:
+                sparse_infer.unpatch(model)
+        rate = (new_tokens - 1) / rest_s
+        if plan is None:
+            dense_tokens, dense_rate = tokens, rate
+        rows.append({
+            "plan": name, "tokens_per_s": rate, "first_step_s": first_s, "speedup": rate / dense_rate,
+            "decode_density": density, "state_bytes": state,
+            "same_tokens": sum(a == b for a, b in zip(tokens, dense_tokens)) / len(tokens),
+        })
+    return {"prompt_len": prompt_len, "new_tokens": new_tokens, "rows": rows}

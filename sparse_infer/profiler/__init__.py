@@ -1,0 +1,10 @@
+"""Offline profiler: measures each head's attention on calibration prompts and writes a plan.
+
+    sparse-infer profile smollm2-135m --out configs/smollm2-135m.yaml --seq-len 4096 --samples 4
+
+or from Python: ``profile_model(model, tokenizer, ProfileConfig(...)).plan.save(path)``.
+See docs/PROFILER.md for what is measured and how each head's choice is made.
+"""
+from sparse_infer.profiler.profile import ProfileConfig, ProfileResult, build_plan, profile, profile_model
+
+__all__ = ["ProfileConfig", "ProfileResult", "profile", "profile_model", "build_plan"]

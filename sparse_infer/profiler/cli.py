@@ -1,0 +1,86 @@
+"""Typer commands of the profiler, mounted by the main CLI as
+
+    sparse-infer profile MODEL --out configs/NAME.yaml [--seq-len 8192] [--samples 4] ...
+    sparse-infer plan show PLAN
+
+`app` also works on its own: ``python -m sparse_infer.profiler profile ...``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(help="Offline profiler: measure each head's attention and write a sparse_infer plan.",
+                  no_args_is_help=True, add_completion=False)
+
+
+def profile_command(
+    model: Annotated[str, typer.Argument(help="Built-in name (smollm2-135m, qwen2.5-0.5b), a Hugging Face model "
+                                              "directory, DIR:FILE.gguf or a .gguf path.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the plan (YAML).")],
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Longest calibration length; statistics are also "
+                                                           "taken at half of it to see how budgets grow.")] = 8192,
+    samples: Annotated[int, typer.Option("--samples", help="Calibration prompts per length "
+                                                           "(needle, key-value, text, ...).")] = 4,
+    target_recall: Annotated[float, typer.Option("--target-recall", help="Share of each head's true attention "
+                                                                         "mass its pattern must keep.")] = 0.95,
+    min_seq_len: Annotated[Optional[int], typer.Option("--min-seq-len", help="Shorter prompts / caches run dense "
+                                                                             "[default: seq_len / 2].")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Calibration prompt seed.")] = 0,
+    channels: Annotated[int, typer.Option("--channels", help="Double Sparsity channels per head.")] = 16,
+    block_size: Annotated[int, typer.Option("--block-size", help="Prefill block size of the plan.")] = 64,
+    retrieval_threshold: Annotated[float, typer.Option("--retrieval-threshold",
+                                                       help="Retrieval-head score above which a head keeps "
+                                                            "the whole cache in decode.")] = 0.1,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the progress bar.")] = True,
+) -> None:
+    """Profile MODEL on generated calibration prompts and write a per-head plan to --out."""
+    from sparse_infer.profiler.profile import ProfileConfig, profile
+    from sparse_infer.profiler.report import summary_table
+
+    console = Console(stderr=True)
+    config = ProfileConfig(seq_len=seq_len, samples=samples, target_recall=target_recall, min_seq_len=min_seq_len,
+                           seed=seed, channels=channels, block_size=block_size,
+                           retrieval_threshold=retrieval_threshold)
+    try:
+        config.validate()
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    try:
+        result = profile(model, out, config, progress=progress, console=console)
+    except (ValueError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    console.print(summary_table(result))
+    console.print(f"plan written to [bold]{out}[/bold] ({result.seconds:.0f} s)")
+
+
+def plan_show_command(
+    plan: Annotated[str, typer.Argument(help="A plan YAML path or a shipped plan name.")],
+) -> None:
+    """Print per layer the pattern and method counts and the expected density at a few lengths."""
+    from sparse_infer.plan import PlanError, load_plan
+    from sparse_infer.profiler.report import plan_table
+
+    console = Console()
+    try:
+        loaded = load_plan(plan)
+    except PlanError as exc:
+        console.print(f"[red]invalid plan:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    console.print(plan_table(loaded))
+    if loaded.profile.get("command"):
+        console.print(f"made by: {loaded.profile['command']}  ({loaded.profile.get('created', '?')})")
+
+
+app.command("profile")(profile_command)
+plan_app = typer.Typer(help="Inspect plans.", no_args_is_help=True)
+plan_app.command("show")(plan_show_command)
+app.add_typer(plan_app, name="plan")
+
+
+def main() -> None:
+    app()

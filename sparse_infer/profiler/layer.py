@@ -1,0 +1,153 @@
+"""One layer's analysis: captured q/k of every calibration prompt -> a choice per head."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from sparse_infer.profiler.decode import decode_curves, double_sparsity_curve, retrieval_hits
+from sparse_infer.profiler.search import (
+    DENSE, HeadReport, MeanTable, SearchSettings, choose_decode, decide_prefill, decode_costs, decode_recall,
+    evaluate_prefill_run, measure_rules, runtime_granularity,
+)
+from sparse_infer.profiler.stats import attention_stats, channel_scores
+
+
+@dataclass
+class LayerRun:
+    """One prompt's post-RoPE q/k at one layer (batch dimension dropped)."""
+
+    length: int                         # nominal profiling length this prompt belongs to
+    query: torch.Tensor                 # (Hq, n, D)
+    key: torch.Tensor                   # (Hkv, n, D)
+    scaling: float
+    mask: torch.Tensor | None = None
+    softcap: float | None = None
+    input_ids: torch.Tensor | None = None
+    answer_positions: list[int] = field(default_factory=list)
+    needle_span: tuple[int, int] | None = None
+
+
+def _curve_entries(curves) -> dict:
+    out = {("token_select",): curves.token_select, ("quest",): curves.quest}
+    for sink, c in curves.streaming.items():
+        out[("streaming", sink)] = c
+    return out
+
+
+def curve_size(length: int) -> int:
+    """Decode budgets are searched up to half the cache; more than that is left to dense."""
+    return max(1, length // 2)
+
+
+def _curves_at(table: MeanTable) -> dict:
+    out = {"token_select": table.get(("token_select",)), "quest": table.get(("quest",)), "streaming": {}}
+    for key in table.sums:
+        if key[0] == "streaming":
+            out["streaming"][key[1]] = table.get(key)
+    if ("double_sparsity",) in table:
+        out["double_sparsity"] = table.get(("double_sparsity",))
+    return out
+
+
+def _top_share(x: torch.Tensor, total: float) -> torch.Tensor:
+    k = max(1, x.shape[-1] // 100)
+    return x.topk(k, dim=-1).values.sum(-1) / total
+
+
+def analyze_layer(runs: list[LayerRun], settings: SearchSettings, *, block_size: int | None = None,
+                  decode_queries: int = 32, on_run: Callable[[int], None] | None = None) -> list[HeadReport]:
+    """Gather exact statistics over `runs` and pick each head's prefill pattern and decode method."""
+    bs = block_size or settings.block_size
+    hq, _, head_dim = runs[0].query.shape
+    hkv = runs[0].key.shape[0]
+    grans = ("head", "group") if hq > hkv else ("head",)
+    prefill_tables: dict[int, MeanTable] = {}
+    decode_tables: dict[int, MeanTable] = {}
+    chan = torch.zeros(hq, head_dim)
+    hits, copies = torch.zeros(hq), 0
+    vshare, sshare = torch.zeros(hq), torch.zeros(hq)
+    kept = []
+    for i, run in enumerate(runs):
+        dq = max(decode_queries, 2 + len(run.answer_positions))
+        stats = attention_stats(run.query, run.key, scaling=run.scaling, block_size=bs, decode_queries=dq,
+                                mask=run.mask, softcap=run.softcap)
+        entries = evaluate_prefill_run(run.query, run.key, stats, scaling=run.scaling, granularities=grans,
+                                       mask=run.mask, softcap=run.softcap, length=run.length)
+        prefill_tables.setdefault(run.length, MeanTable()).add(entries)
+        q_last = run.query[:, stats.last_pos]
+        curves = decode_curves(stats.last_probs, stats.last_pos, q_last, run.key, scaling=run.scaling,
+                               size=curve_size(run.length))
+        decode_tables.setdefault(run.length, MeanTable()).add(_curve_entries(curves))
+        chan += channel_scores(run.query, run.key)
+        if run.needle_span is not None and run.answer_positions:
+            h, c = retrieval_hits(stats.last_probs, stats.last_pos, run.input_ids, run.answer_positions,
+                                  run.needle_span)
+            hits += h
+            copies += c
+        vshare += _top_share(stats.col_total, stats.n)
+        sshare += _top_share(stats.diag_mass, stats.n)
+        # the column map is only needed again to verify the final rules; decode rows for DS curves
+        kept.append(stats)
+        if on_run:
+            on_run(i)
+
+    # Double Sparsity: the r channels carrying the largest mean |q_d k_d| per head
+    r = min(settings.channels, head_dim)
+    channels = chan.topk(r, dim=-1).indices.sort(-1).values
+    for run, stats in zip(runs, kept):
+        q_last = run.query[:, stats.last_pos]
+        ds = double_sparsity_curve(stats.last_probs, stats.last_pos, q_last, run.key, channels,
+                                   size=curve_size(run.length))
+        decode_tables[run.length].add({("double_sparsity",): ds})
+
+    # prefill: choose, then verify each head at the granularity it will really run with
+    choices = decide_prefill(prefill_tables, hq, hkv, settings)
+    while True:
+        rules = [c.rule() for c in choices]
+        grans_rt = runtime_granularity(rules, hkv)
+        rec = {L: torch.zeros(hq) for L in prefill_tables}
+        den = {L: torch.zeros(hq) for L in prefill_tables}
+        cnt = {L: 0 for L in prefill_tables}
+        for run, stats in zip(runs, kept):
+            r_, d_ = measure_rules(rules, grans_rt, run.query, run.key, stats, scaling=run.scaling,
+                                   mask=run.mask, softcap=run.softcap)
+            rec[run.length] += r_
+            den[run.length] += d_
+            cnt[run.length] += 1
+        rec = {L: v / cnt[L] for L, v in rec.items()}
+        den = {L: v / cnt[L] for L, v in den.items()}
+        failing = [h for h in range(hq) if choices[h].pattern != "dense"
+                   and any(float(rec[L][h]) < settings.target_recall for L in rec)]
+        if not failing:
+            break
+        for h in failing:
+            choices[h] = DENSE
+
+    decode_at = {L: _curves_at(t) for L, t in decode_tables.items()}
+    retrieval = hits / copies if copies else torch.zeros(hq)
+    reports = []
+    for h in range(hq):
+        chans = channels[h].tolist()
+        if float(retrieval[h]) >= settings.retrieval_threshold and copies:
+            dec = DENSE                     # a retrieval head keeps the whole cache
+        else:
+            dec = choose_decode(decode_at, h, head_dim, settings, chans)
+        d_rec, d_cost = {}, {}
+        for L, curves in decode_at.items():
+            if dec.pattern == "dense":
+                d_rec[L], d_cost[L] = 1.0, 1.0
+            else:
+                d_rec[L] = float(decode_recall(curves, dec.pattern, dec.params, L)[h])
+                d_cost[L] = float(decode_costs(L, head_dim, settings.channels)[dec.pattern](dec.params))
+        reports.append(HeadReport(
+            prefill=choices[h], decode=dec,
+            prefill_recall={L: float(v[h]) for L, v in rec.items()},
+            prefill_density={L: float(v[h]) for L, v in den.items()},
+            decode_recall=d_rec, decode_cost=d_cost,
+            retrieval_score=float(retrieval[h]),
+            channels=chans if dec.pattern == "double_sparsity" else None,
+            vertical_share=float(vshare[h] / len(runs)), slash_share=float(sshare[h] / len(runs)),
+        ))
+    return reports

@@ -1,0 +1,162 @@
+"""Human-readable views: the profiler's summary table and `sparse-infer plan show`."""
+from __future__ import annotations
+
+import collections
+import math
+
+from rich.table import Table
+
+from sparse_infer.plan import Plan, Rule
+from sparse_infer.profiler.decode import SELECTOR_LOCAL, SELECTOR_SINK
+from sparse_infer.profiler.search import _static_index, params_key
+
+SHORT = {"dense": "dense", "a_shape": "A", "vertical_slash": "VS", "block": "blk", "streaming": "stream",
+         "token_select": "tok", "quest": "quest", "double_sparsity": "DS"}
+
+
+def _counts(kinds) -> str:
+    c = collections.Counter(kinds)
+    order = list(SHORT)
+    return " ".join(f"{SHORT[k]}:{c[k]}" for k in sorted(c, key=order.index))
+
+
+def summary_table(result) -> Table:
+    """Per layer: chosen patterns/methods, measured density and recall, retrieval heads."""
+    lengths = result.lengths
+    table = Table(title=f"profile of {result.plan.profile.get('model', {}).get('name', 'model')} "
+                        f"({result.seconds:.0f} s)")
+    table.add_column("layer", justify="right")
+    table.add_column("prefill")
+    for L in lengths:
+        table.add_column(f"density@{L}", justify="right")
+    table.add_column(f"min recall@{lengths[-1]}", justify="right")
+    table.add_column("decode")
+    table.add_column(f"kv read@{lengths[-1]}", justify="right")
+    table.add_column("retrieval heads")
+    for li, heads in enumerate(result.reports):
+        n = len(heads)
+        row = [str(li), _counts(r.prefill.pattern for r in heads)]
+        row += [f"{sum(r.prefill_density[L] for r in heads) / n:.3f}" for L in lengths]
+        row.append(f"{min(r.prefill_recall[lengths[-1]] for r in heads):.3f}")
+        row.append(_counts(r.decode.pattern for r in heads))
+        row.append(f"{sum(r.decode_cost[lengths[-1]] for r in heads) / n:.3f}")
+        ret = [f"{h}({r.retrieval_score:.2f})" for h, r in enumerate(heads)
+               if r.retrieval_score >= result.config.retrieval_threshold]
+        row.append(" ".join(ret))
+        table.add_row(*row)
+    all_heads = [r for layer in result.reports for r in layer]
+    n = len(all_heads)
+    table.add_section()
+    table.add_row("all", _counts(r.prefill.pattern for r in all_heads),
+                  *[f"{sum(r.prefill_density[L] for r in all_heads) / n:.3f}" for L in lengths],
+                  f"{min(r.prefill_recall[lengths[-1]] for r in all_heads):.3f}",
+                  _counts(r.decode.pattern for r in all_heads),
+                  f"{sum(r.decode_cost[lengths[-1]] for r in all_heads) / n:.3f}",
+                  str(sum(r.retrieval_score >= result.config.retrieval_threshold for r in all_heads)))
+    return table
+
+
+# --------------------------------------------------------------------------- expected density
+def _row_tokens(rule: Rule, n: int) -> float:
+    """Keys per query row a vertical_slash rule spends at length n (columns + diagonals)."""
+    p = rule.params
+    return min(n, p["vertical"].resolve(n) + p["sink"]) + min(n, p["slash"].resolve(n) + p["local"])
+
+
+def prefill_rule_density(rule: Rule, n: int, block_size: int, measured: dict[int, float] | None = None) -> float:
+    """Expected share of causal pairs a rule computes at length n.
+
+    Exact for dense and a_shape (static). vertical_slash and block depend on the data:
+    the profiler's measured density (at the nearest profiled length) is scaled by how the
+    rule's token budget grows; without measurements vertical_slash is estimated as
+    contiguous columns and diagonals, and block is unknown (NaN).
+    """
+    if rule.kind == "dense":
+        return 1.0
+    if rule.kind == "a_shape":
+        return float(_static_index("a_shape", params_key(dict(rule.params)), n, block_size, 1)[1][0])
+    if measured:
+        L = min(measured, key=lambda x: abs(math.log(x / n)))
+        if rule.kind == "vertical_slash":
+            scale = (_row_tokens(rule, n) / n) / (_row_tokens(rule, L) / L)
+            return min(1.0, measured[L] * scale)
+        return measured[L]
+    if rule.kind == "vertical_slash":
+        p = rule.params
+        cols = min(n, p["vertical"].resolve(n) + p["sink"])
+        diag_blocks = math.ceil((p["slash"].resolve(n) + p["local"]) / block_size) + 1
+        return min(1.0, cols / n + diag_blocks * block_size / (n / 2))
+    return float("nan")
+
+
+def decode_rule_density(rule: Rule, n: int) -> float:
+    """Share of the cached tokens a decode rule attends to at kv length n."""
+    if rule.kind == "dense":
+        return 1.0
+    if rule.kind == "streaming":
+        return min(1.0, (rule.params["sink"] + rule.params["local"]) / n)
+    budget = rule.params["budget"].resolve(n)
+    if rule.kind == "quest":
+        budget = math.ceil(budget / rule.params["page"]) * rule.params["page"]
+    return min(1.0, (budget + rule.params.get("sink", SELECTOR_SINK) + rule.params.get("local", SELECTOR_LOCAL)) / n)
+
+
+def show_lengths(plan: Plan) -> list[int]:
+    lengths = plan.profile.get("lengths") if isinstance(plan.profile, dict) else None
+    if lengths:
+        top = max(lengths)
+        return sorted(set(lengths) | {2 * top, 4 * top})
+    return [4096, 8192, 16384, 32768]
+
+
+def plan_table(plan: Plan, lengths: list[int] | None = None) -> Table:
+    """Per layer: pattern/method counts and expected prefill/decode density at a few lengths."""
+    lengths = lengths or show_lengths(plan)
+    heads = plan.model.num_attention_heads
+    layers = plan.model.num_hidden_layers
+    if heads is None or layers is None:
+        raise ValueError("the plan's model section lacks num_attention_heads / num_hidden_layers")
+    measured = (plan.profile.get("measured") or {}).get("head_prefill_density", {}) if plan.profile else {}
+    profiled = max(plan.profile.get("lengths") or [0]) if plan.profile else 0
+    title = f"plan {plan.source or ''}".strip()
+    if plan.profile:
+        name = (plan.profile.get("model") or {}).get("name") if isinstance(plan.profile.get("model"), dict) else None
+        title += f" - {name or plan.model.architecture}, target recall {plan.profile.get('target_recall', '?')}"
+    table = Table(title=title, caption=f"prefill dense below {plan.prefill.min_len} tokens, decode dense below "
+                                       f"{plan.decode.min_len}; density = share of causal pairs (prefill) / "
+                                       f"of cached tokens (decode)")
+    table.add_column("layer", justify="right")
+    table.add_column("prefill")
+    for n in lengths:
+        table.add_column(f"pre@{n}", justify="right")
+    table.add_column("decode")
+    for n in lengths:
+        table.add_column(f"dec@{n}", justify="right")
+    totals_p = {n: 0.0 for n in lengths}
+    totals_d = {n: 0.0 for n in lengths}
+    for li in range(layers):
+        prules = [plan.prefill.rule(li, h) for h in range(heads)]
+        drules = [plan.decode.rule(li, h) for h in range(heads)]
+        row = [str(li), _counts(r.kind for r in prules)]
+        head_measured = measured.get(li) if isinstance(measured, dict) else None
+        for n in lengths:
+            if n < plan.prefill.min_len:
+                d = 1.0
+            else:
+                ds = []
+                for h, r in enumerate(prules):
+                    m = {profiled: head_measured[h]} if head_measured and profiled else None
+                    ds.append(prefill_rule_density(r, n, plan.prefill.block_size, m))
+                d = sum(ds) / heads
+            totals_p[n] += d
+            row.append("?" if math.isnan(d) else f"{d:.3f}")
+        row.append(_counts(r.kind for r in drules))
+        for n in lengths:
+            d = 1.0 if n < plan.decode.min_len else sum(decode_rule_density(r, n) for r in drules) / heads
+            totals_d[n] += d
+            row.append(f"{d:.3f}")
+        table.add_row(*row)
+    table.add_section()
+    table.add_row("mean", "", *[("?" if math.isnan(totals_p[n]) else f"{totals_p[n] / layers:.3f}") for n in lengths],
+                  "", *[f"{totals_d[n] / layers:.3f}" for n in lengths])
+    return table

@@ -1,0 +1,477 @@
+"""Per-head search: the cheapest prefill pattern and decode method that keep the target recall.
+
+Prefill candidates are built with the project's own pattern builders
+(sparse_infer.prefill.build_index) on the captured q/k, and scored with the exact
+blockwise recall/density of sparse_infer.profiler.stats, so what is measured is what
+the executor will run. Decode candidates are read from the recall curves of
+sparse_infer.profiler.decode.
+
+Lengths: every statistic is gathered at two (or more) lengths. A fixed token count
+that suffices at every length is written as an int; one that has to grow is
+written as {frac, min} (frac from the longest length, min from the shorter ones).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from sparse_infer.plan import Budget, Rule, parse_budget, parse_rule
+from sparse_infer.prefill import build_index
+from sparse_infer.profiler.decode import QUEST_PAGE, SELECTOR_LOCAL, SELECTOR_SINK, STREAMING_SINKS, curve_at
+from sparse_infer.profiler.stats import (
+    AttentionStats, block_bitmap, block_part, column_gain, column_map, index_head_density, index_recall,
+    uniform_stats,
+)
+
+PREFILL_PATTERNS = ("a_shape", "vertical_slash", "block")
+DECODE_CHOICES = ("streaming", "token_select", "quest", "double_sparsity")
+VS_LAST_Q = 64          # vertical_slash estimate rows (the plan default)
+VS_MIN = 16             # smallest vertical/slash budget tried (the builder adds its sink columns
+                        # and local diagonals on top of the budgets)
+BLOCK_COVERAGES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    target_recall: float = 0.95
+    block_size: int = 64
+    # a sparse choice must cost less than this share of dense, else the head stays dense:
+    # below it, index building and gathering overheads eat the saving
+    dense_cutoff: float = 0.8
+    decode_cutoff: float = 0.8
+    # a rule shared by a whole GQA group lets the executor load each K/V block once per
+    # group; accept it when it costs at most this much more than per-head rules
+    group_slack: float = 0.1
+    retrieval_threshold: float = 0.1
+    channels: int = 16
+
+
+def pow2_grid(lo: int, hi: int) -> list[int]:
+    out, v = [], lo
+    while v <= max(hi, lo):
+        out.append(v)
+        v *= 2
+    return out
+
+
+def window_grid(bs: int, hi: int) -> list[int]:
+    """Every distinct a_shape window: local = k * bs keeps k + 1 kv blocks per query block.
+
+    A static window pays for every block it spans, so it gets every step, not powers of two
+    (evaluating it is cheap: its index does not depend on q/k and is cached)."""
+    return list(range(bs, max(hi, bs) + 1, bs))
+
+
+def params_key(params: dict) -> tuple:
+    return tuple(sorted(params.items()))
+
+
+def make_rule(pattern: str, params: dict, section: str = "prefill") -> Rule:
+    name_key = "pattern" if section == "prefill" else "method"
+    return parse_rule({name_key: pattern, **params}, f"profiler.{pattern}", section)
+
+
+# --------------------------------------------------------------------------- prefill grid
+def prefill_grid(n: int, bs: int) -> dict[str, list[dict]]:
+    half = max(n // 2, bs)
+    return {
+        "a_shape": [{"sink": s, "local": w} for s in (bs, 2 * bs) for w in window_grid(bs, half)],
+        "vertical_slash": [{"vertical": v, "slash": s}
+                           for v in pow2_grid(VS_MIN, half) for s in pow2_grid(VS_MIN, half)],
+        "block": [{"coverage": c} for c in BLOCK_COVERAGES],
+    }
+
+
+def estimate_overhead(pattern: str, n: int, bs: int) -> float:
+    """Estimation work as a share of dense causal attention (~n^2/2 scores)."""
+    if pattern == "vertical_slash":
+        return 2 * VS_LAST_Q / n            # last_q rows scored against all n keys
+    if pattern == "block":
+        return 1 / (bs * bs)                # pooled (n/bs)^2 block scores
+    return 0.0
+
+
+def evaluate_prefill_run(query: torch.Tensor, key: torch.Tensor, stats: AttentionStats, *, scaling: float,
+                         granularities=("head",), mask=None, softcap=None, length: int | None = None) -> dict:
+    """Recall and density per q head of every grid candidate on one prompt.
+
+    Returns {(granularity, pattern, params_key): (recall (Hq,), density (Hq,))}.
+    vertical_slash indexes are the union of the builder's blocks for a slash budget
+    and its columns for a vertical budget (columns depend only on the vertical
+    budget, blocks only on the slash budget), so 2k builds give all k^2 pairs exactly.
+    The grid follows the nominal `length` (a prompt may be a few tokens shorter), so
+    every prompt of one length fills the same table entries.
+    """
+    n, bs = stats.n, stats.block_size
+    hq = query.shape[0]
+    q4, k4 = query[None], key[None]
+    m4 = None if mask is None else mask.reshape(1, -1, *mask.shape[-2:])
+    ublocks, ucols, total_pairs = uniform_stats(n, bs)
+    grid = prefill_grid(length or n, bs)
+    out = {}
+
+    def build(pattern, params, gran):
+        return build_index(make_rule(pattern, params), q4, k4, block_size=bs, scaling=scaling,
+                           attention_mask=m4, granularity=gran, softcap=softcap)
+
+    for params in grid["a_shape"]:
+        # static: one bitmap per (n, bs, params), built once by the a_shape builder and cached
+        bitmap, density = _static_index("a_shape", params_key(params), n, bs, hq)
+        entry = (block_part(bitmap, stats.block_mass) / stats.num_queries, density)
+        for gran in granularities:
+            out[(gran, "a_shape", params_key(params))] = entry
+    with _reuse_vertical_slash_estimate():
+        out.update(_evaluate_estimated(build, grid, granularities, stats, hq, n, bs, ublocks, ucols, total_pairs))
+    return out
+
+
+def _evaluate_estimated(build, grid, granularities, stats, hq, n, bs, ublocks, ucols, total_pairs) -> dict:
+    out = {}
+    for gran in granularities:
+        for params in grid["block"]:
+            index = build("block", params, gran)
+            out[(gran, "block", params_key(params))] = (index_recall(index, stats),
+                                                        index_head_density(index, n, hq))
+        budgets = sorted({p["vertical"] for p in grid["vertical_slash"]})
+        per_slash, per_vertical = {}, {}
+        for s in budgets:
+            bitmap = block_bitmap(build("vertical_slash", {"vertical": VS_MIN, "slash": s}, gran), n)
+            per_slash[s] = (block_part(bitmap, stats.block_mass), column_gain(bitmap, stats.col_mass, bs),
+                            block_part(bitmap, ublocks), column_gain(bitmap, ucols, bs))
+        for v in budgets:
+            cmap = column_map(build("vertical_slash", {"vertical": v, "slash": VS_MIN}, gran), n)
+            per_vertical[v] = cmap.repeat_interleave(hq // cmap.shape[0], 0)
+        for params in grid["vertical_slash"]:
+            bmass, gain, upairs, ugain = per_slash[params["slash"]]
+            cmap = per_vertical[params["vertical"]]
+            recall = (bmass + (cmap * gain).sum(-1)) / stats.num_queries
+            pairs = upairs.repeat_interleave(hq // upairs.shape[0], 0) + (
+                cmap * ugain.repeat_interleave(hq // ugain.shape[0], 0)).sum(-1)
+            out[(gran, "vertical_slash", params_key(params))] = (recall, pairs / total_pairs)
+    return out
+
+
+@functools.lru_cache(maxsize=512)
+def _static_index(pattern: str, key: tuple, n: int, bs: int, num_heads: int):
+    """(bitmap (1, NQB, NKB), density (Hq,)) of a pattern whose index ignores q/k values."""
+    dummy = torch.empty(1, 1, 1, 1).expand(1, 1, n, 1)
+    index = build_index(make_rule(pattern, dict(key)), dummy, dummy, block_size=bs, scaling=1.0,
+                        granularity="head")
+    density = index_head_density(index, n, 1).expand(num_heads).clone()
+    return block_bitmap(index, n), density
+
+
+@contextlib.contextmanager
+def _reuse_vertical_slash_estimate():
+    """While one prompt's grid is evaluated, compute the vertical_slash estimate once.
+
+    The builder's estimate (softmax of the last `last_q` queries over all keys) does not
+    depend on the budgets, yet it is most of the builder's cost; every budget pair asks for
+    the same one. The builder's module-level function is wrapped by a memo for the duration
+    (same function, same arguments, a copy of the same result), so the indexes are still
+    exactly what the builder produces."""
+    import sparse_infer.prefill.vertical_slash as vs
+
+    original = getattr(vs, "last_query_attention", None)
+    if original is None:
+        yield
+        return
+    memo: dict = {}
+
+    def memoized(query, key, **kwargs):
+        mask = kwargs.get("attention_mask")
+        sig = (query.data_ptr(), tuple(query.shape), key.data_ptr(), tuple(key.shape),
+               None if mask is None else (mask.data_ptr(), tuple(mask.shape)),
+               tuple(sorted((k, v) for k, v in kwargs.items() if k != "attention_mask")))
+        if sig not in memo:
+            memo[sig] = original(query, key, **kwargs)
+        return tuple(t.clone() if torch.is_tensor(t) else t for t in memo[sig])
+
+    vs.last_query_attention = memoized
+    try:
+        yield
+    finally:
+        vs.last_query_attention = original
+
+
+class MeanTable:
+    """Running means of per-head tensors under hashable keys."""
+
+    def __init__(self):
+        self.sums: dict = {}
+        self.counts: dict = {}
+
+    def add(self, entries: dict):
+        for key, value in entries.items():
+            if key in self.sums:
+                prev = self.sums[key]
+                self.sums[key] = tuple(a + b for a, b in zip(prev, value)) if isinstance(value, tuple) else prev + value
+                self.counts[key] += 1
+            else:
+                self.sums[key] = tuple(v.clone() for v in value) if isinstance(value, tuple) else value.clone()
+                self.counts[key] = 1
+
+    def get(self, key):
+        value, count = self.sums[key], self.counts[key]
+        return tuple(v / count for v in value) if isinstance(value, tuple) else value / count
+
+    def __contains__(self, key):
+        return key in self.sums
+
+
+# --------------------------------------------------------------------------- combining lengths
+def combine_budget(needs: dict[int, int]):
+    """A token budget meeting `needs` {length: tokens} at every length: int if it need not grow."""
+    lengths = sorted(needs)
+    longest = lengths[-1]
+    shorter = max((needs[L] for L in lengths[:-1]), default=0)
+    if needs[longest] <= shorter:
+        return shorter
+    if not lengths[:-1]:
+        return needs[longest]
+    frac = math.ceil(needs[longest] / longest * 10000) / 10000
+    return {"frac": min(frac, 1.0), "min": max(shorter, 1)}
+
+
+def fixed_size_ok(needs: dict[int, int]) -> bool:
+    """A fixed window is trusted if its need grows at most like sqrt(length) between the
+    shortest and longest profiled lengths (proportional growth = not a fixed-size structure;
+    one grid step of threshold noise is tolerated)."""
+    lengths = sorted(needs)
+    short, long_ = lengths[0], lengths[-1]
+    return needs[long_] <= needs[short] * math.sqrt(long_ / short) + 1e-9
+
+
+def resolve(budget, n: int) -> int:
+    return parse_budget(budget, "budget").resolve(n)
+
+
+def _snap(value: int, grid: list[int]) -> int:
+    """Smallest grid value >= value (costs of off-grid budgets are read conservatively)."""
+    for g in grid:
+        if g >= value:
+            return g
+    return grid[-1]
+
+
+@dataclass
+class Choice:
+    pattern: str
+    params: dict                    # YAML parameters (budgets may be {frac, min})
+    cost: float                     # estimated share of dense work at the longest length
+    granularity: str = "head"
+
+    def rule(self, section: str = "prefill") -> Rule:
+        return make_rule(self.pattern, self.params, section)
+
+    def to_yaml(self, section: str = "prefill") -> dict:
+        name_key = "pattern" if section == "prefill" else "method"
+        return {name_key: self.pattern, **self.params}
+
+
+DENSE = Choice("dense", {}, 1.0)
+
+
+def _best_point(table: MeanTable, n: int, bs: int, gran: str, pattern: str, heads, target: float):
+    """Cheapest grid point of `pattern` whose recall reaches target on every head in `heads`."""
+    best = None
+    for params in prefill_grid(n, bs)[pattern]:
+        recall, density = table.get((gran, pattern, params_key(params)))
+        if bool((recall[heads] >= target).all()):
+            cost = float(density[heads].mean()) + estimate_overhead(pattern, n, bs)
+            if best is None or cost < best[1] - 1e-12:
+                best = (params, cost)
+    return best
+
+
+def choose_prefill(tables: dict[int, MeanTable], heads: list[int], gran: str, settings: SearchSettings) -> Choice:
+    """Cheapest pattern (with budgets combined over lengths) for the head set, or dense."""
+    lengths = sorted(tables)
+    longest, bs = lengths[-1], settings.block_size
+    best = DENSE
+    for pattern in PREFILL_PATTERNS:
+        points = {}
+        for L in lengths:
+            found = _best_point(tables[L], L, bs, gran, pattern, heads, settings.target_recall)
+            if found is None:
+                break
+            points[L] = found[0]
+        if len(points) != len(lengths):
+            continue
+        if pattern == "a_shape":
+            # a window that must widen in proportion to the length is not a local head:
+            # its need would outgrow any fixed window past the profiled lengths
+            if not fixed_size_ok({L: p["local"] for L, p in points.items()}):
+                continue
+            params = {k: max(p[k] for p in points.values()) for k in ("sink", "local")}
+            lookup = params
+        elif pattern == "vertical_slash":
+            params = {k: combine_budget({L: p[k] for L, p in points.items()}) for k in ("vertical", "slash")}
+            grid = pow2_grid(VS_MIN, max(longest // 2, bs))
+            lookup = {k: _snap(resolve(v, longest), grid) for k, v in params.items()}
+        else:
+            params = {"coverage": max(p["coverage"] for p in points.values())}
+            lookup = params
+        _, density = tables[longest].get((gran, pattern, params_key(lookup)))
+        cost = float(density[heads].mean()) + estimate_overhead(pattern, longest, bs)
+        if cost < best.cost - 1e-12:
+            best = Choice(pattern, params, cost, gran)
+    if best.cost >= settings.dense_cutoff:
+        return DENSE
+    return best
+
+
+def decide_prefill(tables: dict[int, MeanTable], num_heads: int, num_kv: int,
+                   settings: SearchSettings) -> list[Choice]:
+    """Per q head choice; a whole GQA group shares one rule when that is nearly as cheap."""
+    groups = num_heads // num_kv
+    if groups == 1:
+        return [choose_prefill(tables, [h], "head", settings) for h in range(num_heads)]
+    out: list[Choice] = []
+    for g in range(num_kv):
+        heads = list(range(g * groups, (g + 1) * groups))
+        shared = choose_prefill(tables, heads, "group", settings)
+        single = [choose_prefill(tables, [h], "head", settings) for h in heads]
+        if shared.cost * len(heads) <= sum(c.cost for c in single) * (1 + settings.group_slack):
+            out.extend(Choice(shared.pattern, dict(shared.params), shared.cost, "group") for _ in heads)
+        else:
+            out.extend(single)
+    return out
+
+
+def runtime_granularity(rules: list[Rule], num_kv: int) -> list[str]:
+    """The estimate granularity each head gets at run time (mirrors patches.sparse_prefill).
+
+    Heads sharing an identical rule are run together; their index is estimated per GQA
+    group only when that set is made of whole groups, otherwise per head.
+    """
+    num_heads = len(rules)
+    groups = num_heads // num_kv
+    if groups == 1:
+        return ["head"] * num_heads
+    members: dict[tuple, list[int]] = {}
+    for h, rule in enumerate(rules):
+        members.setdefault(rule.key(), []).append(h)
+    out = ["head"] * num_heads
+    for heads in members.values():
+        if len(heads) == len({h // groups for h in heads}) * groups:
+            for h in heads:
+                out[h] = "group"
+    return out
+
+
+def measure_rules(rules: list[Rule], grans: list[str], query, key, stats: AttentionStats, *, scaling,
+                  mask=None, softcap=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact (recall, density) per head of the final rules, each at its run-time granularity."""
+    hq = query.shape[0]
+    recall, density = torch.ones(hq), torch.ones(hq)
+    m4 = None if mask is None else mask.reshape(1, -1, *mask.shape[-2:])
+    done: dict = {}
+    with _reuse_vertical_slash_estimate():
+        for h, (rule, gran) in enumerate(zip(rules, grans)):
+            if rule.kind == "dense":
+                continue
+            key_ = (rule.key(), gran)
+            if key_ not in done:
+                index = build_index(rule, query[None], key[None], block_size=stats.block_size, scaling=scaling,
+                                    attention_mask=m4, granularity=gran, softcap=softcap)
+                done[key_] = (index_recall(index, stats), index_head_density(index, stats.n, hq))
+            recall[h], density[h] = done[key_][0][h], done[key_][1][h]
+    return recall, density
+
+
+# --------------------------------------------------------------------------- decode
+def decode_costs(n: int, head_dim: int, channels: int) -> dict:
+    """Share of the dense decode K/V traffic (2*n*D values) each method reads."""
+    base = SELECTOR_SINK + SELECTOR_LOCAL
+    return {
+        "streaming": lambda p: min(1.0, (p["sink"] + p["local"]) / n),
+        # scores every key (reads all of K), then reads V of the chosen ones
+        "token_select": lambda p: min(1.0, 0.5 + (resolve(p["budget"], n) + base) / (2 * n)),
+        # reads per-page min and max keys, then K/V of the chosen pages
+        "quest": lambda p: min(1.0, 1 / p["page"] + (math.ceil(resolve(p["budget"], n) / p["page"]) * p["page"]
+                                                      + base) / n),
+        # reads `channels` of D of every key (label cache), then K/V of the chosen keys
+        "double_sparsity": lambda p: min(1.0, channels / (2 * head_dim) + (resolve(p["budget"], n) + base) / n),
+    }
+
+
+def decode_recall(curves: dict, method: str, params: dict, n: int) -> torch.Tensor:
+    """(Hq,) recall of a decode rule from mean curves at length n."""
+    if method == "streaming":
+        return curve_at(curves["streaming"][params["sink"]], params["local"])
+    budget = resolve(params["budget"], n)
+    if method == "quest":
+        return curve_at(curves["quest"], math.ceil(budget / params["page"]))
+    return curve_at(curves[method], budget)
+
+
+def decode_grid(n: int) -> dict[str, list[dict]]:
+    half = max(n // 2, 64)              # the recall curves stop at half the cache (layer.curve_size)
+    budgets = pow2_grid(16, half)
+    return {
+        "streaming": [{"sink": s, "local": w} for s in STREAMING_SINKS for w in pow2_grid(64, half)],
+        "token_select": [{"budget": b} for b in budgets],
+        "quest": [{"page": QUEST_PAGE, "budget": b} for b in pow2_grid(QUEST_PAGE, half)],
+        "double_sparsity": [{"budget": b} for b in budgets],
+    }
+
+
+def choose_decode(curves: dict[int, dict], head: int, head_dim: int, settings: SearchSettings,
+                  channel_list: list[int] | None) -> Choice:
+    lengths = sorted(curves)
+    longest = lengths[-1]
+    best = DENSE
+    for method in DECODE_CHOICES:
+        if method == "double_sparsity" and channel_list is None:
+            continue
+        points = {}
+        for L in lengths:
+            cost_of = decode_costs(L, head_dim, settings.channels)[method]
+            found = None
+            for params in decode_grid(L)[method]:
+                if float(decode_recall(curves[L], method, params, L)[head]) >= settings.target_recall:
+                    cost = cost_of(params)
+                    if found is None or cost < found[1] - 1e-12:
+                        found = (params, cost)
+            if found is None:
+                break
+            points[L] = found[0]
+        if len(points) != len(lengths):
+            continue
+        if method == "streaming":
+            if not fixed_size_ok({L: p["local"] for L, p in points.items()}):
+                continue                    # window grows with length: not a streaming head
+            params = {k: max(p[k] for p in points.values()) for k in ("sink", "local")}
+        else:
+            params = {"budget": combine_budget({L: p["budget"] for L, p in points.items()})}
+            if method == "quest":
+                params = {"page": QUEST_PAGE, **params}
+            if method == "double_sparsity":
+                params = {"channels": list(channel_list), **params}
+        cost = decode_costs(longest, head_dim, settings.channels)[method](params)
+        if cost < best.cost - 1e-12:
+            best = Choice(method, params, cost)
+    if best.cost >= settings.decode_cutoff:
+        return DENSE
+    return best
+
+
+@dataclass
+class HeadReport:
+    """What the profiler measured for one head (kept for the summary and the plan's profile section)."""
+
+    prefill: Choice
+    decode: Choice
+    prefill_recall: dict = field(default_factory=dict)     # length -> recall of the final rule
+    prefill_density: dict = field(default_factory=dict)
+    decode_recall: dict = field(default_factory=dict)
+    decode_cost: dict = field(default_factory=dict)
+    retrieval_score: float = 0.0
+    channels: list[int] | None = None
+    vertical_share: float = 0.0     # share of mass on the top 1% columns (diagnostic)
+    slash_share: float = 0.0        # share of mass on the top 1% diagonals (diagnostic)

@@ -1,0 +1,20 @@
+"""The end-to-end decode bench runs on a tiny model and reports one row per plan, dense first."""
+import pytest
+
+from sparse_infer.bench.decode import bench_decode_end_to_end
+from tests.conftest import tiny_model
+
+
+def test_bench_decode_end_to_end_rows():
+    plans = {
+        "token_select": {"sparse_infer_plan": 1,
+                         "decode": {"min_kv_len": 0, "default": {"method": "token_select", "budget": 100000}}},
+        "quest": {"sparse_infer_plan": 1, "decode": {"min_kv_len": 0, "default": {"method": "quest", "budget": 32, "sink": 4, "local": 8}}},
+    }
+    result = bench_decode_end_to_end(tiny_model("llama"), prompt_len=96, new_tokens=4, plans=plans)
+    rows = result["rows"]
+    assert [r["plan"] for r in rows] == ["dense", "token_select", "quest"]
+    assert all(r["tokens_per_s"] > 0 for r in rows)
+    assert rows[0]["speedup"] == 1.0
+    assert rows[1]["same_tokens"] == 1.0 and rows[1]["decode_density"] == pytest.approx(1.0)
+    assert rows[2]["decode_density"] < 0.9 and rows[2]["state_bytes"] > 0

@@ -1,0 +1,200 @@
+"""Decode selection through model.generate on tiny random models: full budgets equal dense,
+left padding and batches work, side state never leaks between generate calls, the Double
+Sparsity label cache equals a recomputation, and query-similarity reuse skips scorings."""
+import copy
+
+import pytest
+import torch
+
+import sparse_infer
+from sparse_infer.decode import decode_counters, decode_state_bytes, reset_decode_state
+from sparse_infer.decode.double_sparsity import labels_of
+from sparse_infer.patches.attention import runtime_for
+from tests.conftest import tiny_model
+
+FULL = {
+    "streaming": {"method": "streaming", "sink": 4, "local": 100000},
+    "token_select": {"method": "token_select", "budget": 100000, "sink": 4, "local": 8},
+    "token_select_reuse": {"method": "token_select", "budget": 100000, "reuse": 0.3},
+    "double_sparsity": {"method": "double_sparsity", "channels": 4, "budget": 100000},
+    "quest": {"method": "quest", "page": 16, "budget": 100000},
+}
+SPARSE = {
+    "streaming": {"method": "streaming", "sink": 4, "local": 24},
+    "token_select": {"method": "token_select", "budget": 24, "sink": 4, "local": 8},
+    "token_select_reuse": {"method": "token_select", "budget": 24, "sink": 4, "local": 8, "reuse": 0.5},
+    "double_sparsity": {"method": "double_sparsity", "channels": 4, "budget": 24, "sink": 4, "local": 8},
+    "quest": {"method": "quest", "page": 8, "budget": 24, "sink": 4, "local": 8},
+}
+NEW = 6
+
+
+def plan_for(rule, mixed=True):
+    layers = {1: {0: {"method": "dense"}}} if mixed else {}
+    return {"sparse_infer_plan": 1, "prefill": {"min_seq_len": 100000},
+            "decode": {"min_kv_len": 0, "default": copy.deepcopy(rule), "layers": layers}}
+
+
+def ids_of(b, n, seed):
+    return torch.randint(3, 128, (b, n), generator=torch.Generator().manual_seed(seed))
+
+
+def generate(model, ids, attention_mask=None, new=NEW):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=attention_mask, max_new_tokens=new, min_new_tokens=new,
+                              do_sample=False, output_scores=True, return_dict_in_generate=True)
+
+
+def assert_same(a, b, atol=1e-5):
+    assert torch.equal(a.sequences, b.sequences)
+    for x, y in zip(a.scores, b.scores):
+        torch.testing.assert_close(x, y, atol=atol, rtol=atol)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gemma2", "mistral", "gemma3", "phi3"])
+def arch_model(request):
+    return request.param, tiny_model(request.param)
+
+
+@pytest.mark.parametrize("method", list(FULL))
+def test_full_budget_equals_dense(arch_model, method):
+    _, model = arch_model
+    ids = ids_of(1, 130, 0)
+    dense = generate(model, ids)
+    sparse_infer.patch(model, plan_for(FULL[method]))
+    try:
+        sparse = generate(model, ids)
+        stats = sparse_infer.get_stats(model)
+    finally:
+        sparse_infer.unpatch(model)
+    assert_same(sparse, dense)
+    assert stats["layers"][1]["sparse_decode_calls"] == NEW - 1
+    assert stats["decode_density"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("method", list(FULL))
+def test_full_budget_batch_left_padding_equals_dense(method):
+    model = tiny_model("qwen2")
+    ids = ids_of(2, 120, 1)
+    attn = torch.ones_like(ids)
+    attn[1, :37] = 0
+    ids[1, :37] = 0
+    dense = generate(model, ids, attn)
+    sparse_infer.patch(model, plan_for(FULL[method]))
+    try:
+        sparse = generate(model, ids, attn)
+    finally:
+        sparse_infer.unpatch(model)
+    assert_same(sparse, dense)
+
+
+@pytest.mark.parametrize("method", list(SPARSE))
+def test_sparse_budget_batch_rows_match_single_rows(method):
+    """Per-row selections: a left-padded batch gives each row what it gets alone."""
+    model = tiny_model("llama")
+    # padding of 32 = whole Quest pages, whose boundaries are absolute cache positions
+    a, b = ids_of(1, 100, 2), ids_of(1, 68, 3)
+    sparse_infer.patch(model, plan_for(SPARSE[method]))
+    try:
+        alone = [generate(model, a), generate(model, b)]
+        ids = torch.zeros(2, 100, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        ids[0], attn[0] = a[0], 1
+        ids[1, 32:], attn[1, 32:] = b[0], 1
+        both = generate(model, ids, attn)
+    finally:
+        sparse_infer.unpatch(model)
+    assert torch.equal(both.sequences[0, 100:], alone[0].sequences[0, 100:])
+    assert torch.equal(both.sequences[1, 100:], alone[1].sequences[0, 68:])
+    for step, (x, y0, y1) in enumerate(zip(both.scores, alone[0].scores, alone[1].scores)):
+        torch.testing.assert_close(x[0], y0[0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(x[1], y1[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", list(SPARSE))
+def test_no_stale_state_between_generate_calls(method):
+    """Second prompt chosen to look like a continuation: its kv length at the first decode
+    step is exactly one more than the first call's last, and its first and last tokens are
+    the tokens at those cache rows in the first call (so layer-0 keys there are identical)."""
+    first = ids_of(1, 90, 4)
+    plan = plan_for(SPARSE[method])
+
+    shared = tiny_model("llama")
+    sparse_infer.patch(shared, plan)
+    out_first = generate(shared, first)
+    last_row = first.shape[1] + NEW - 2                      # last cache row the first call processed
+    second = ids_of(1, last_row + 1, 5)
+    second[0, 0], second[0, -1] = first[0, 0], out_first.sequences[0, last_row]
+    out_shared = [out_first, generate(shared, second)]
+    fresh_out = []
+    for prompt in (first, second):
+        model = tiny_model("llama")
+        sparse_infer.patch(model, plan)
+        fresh_out.append(generate(model, prompt))
+    for a, b in zip(out_shared, fresh_out):
+        assert_same(a, b, atol=1e-6)
+    dense = generate(tiny_model("llama"), second)
+    assert sparse_infer.get_stats(shared)["decode_density"] < 0.8
+    if method != "streaming":
+        # the budget is really sparse: the output differs from dense somewhere
+        assert any(not torch.allclose(x, y, atol=1e-4) for x, y in zip(out_shared[1].scores, dense.scores))
+
+
+def test_double_sparsity_label_cache_matches_recomputed():
+    model = tiny_model("qwen2")
+    for channels in (5, [1, 3, 8, 15]):
+        sparse_infer.patch(model, plan_for({"method": "double_sparsity", "channels": channels, "budget": 16,
+                                            "sink": 2, "local": 4}, mixed=False))
+        try:
+            out = generate(model, ids_of(2, 500, 6), new=12)
+            cache = out.cache
+            for layer_idx, layer in enumerate(cache.layers):
+                rt = next(runtime_for(m) for m in model.modules()
+                          if runtime_for(m) is not None and runtime_for(m).layer_idx == layer_idx)
+                st = rt.decode_state["groups"][0]
+                keys = layer.keys
+                assert st["labels"].length == keys.shape[2]
+                assert torch.equal(st["labels"].view(), labels_of(keys, st["channels"]))
+                if isinstance(channels, list):
+                    assert st["channels"].tolist() == [[channels] * keys.shape[1]] * keys.shape[0]
+            assert decode_counters(model)["rebuilds"] == 2       # once per layer, then incremental
+            # label cache ~ r/D of K (plus growth headroom)
+            r = channels if isinstance(channels, int) else len(channels)
+            k_bytes = sum(layer.keys.numel() * layer.keys.element_size() for layer in cache.layers)
+            ratio = decode_state_bytes(model, detail=True)["double_sparsity"] / k_bytes
+            assert r / 16 <= ratio <= 1.2 * r / 16
+        finally:
+            sparse_infer.unpatch(model)
+
+
+def test_reuse_threshold_one_equals_no_reuse_and_reuse_saves_scorings():
+    model = tiny_model("llama")
+    ids = ids_of(1, 120, 7)
+    base = SPARSE["token_select"]
+    results, counts = {}, {}
+    for name, reuse in (("off", None), ("never", 1.0), ("on", 0.5)):
+        sparse_infer.patch(model, plan_for(dict(base, reuse=reuse), mixed=False))
+        try:
+            results[name] = generate(model, ids, new=10)
+            counts[name] = decode_counters(model)
+        finally:
+            sparse_infer.unpatch(model)
+    assert_same(results["never"], results["off"], atol=0)
+    assert counts["never"]["reuses"] == 0
+    assert counts["never"]["full_scorings"] == counts["off"]["full_scorings"]
+    assert counts["on"]["reuses"] > 0
+    assert counts["on"]["full_scorings"] < counts["off"]["full_scorings"]
+    assert counts["on"]["full_scorings"] + counts["on"]["reuses"] == counts["off"]["full_scorings"]
+
+
+def test_reset_and_state_bytes():
+    model = tiny_model("llama")
+    sparse_infer.patch(model, plan_for(SPARSE["quest"]))
+    try:
+        generate(model, ids_of(1, 64, 8))
+        by_kind = decode_state_bytes(model, detail=True)
+        assert by_kind["quest"] > 0 and by_kind["fingerprint"] > 0
+        reset_decode_state(model)
+        assert decode_state_bytes(model) == 0
+    finally:
+        sparse_infer.unpatch(model)

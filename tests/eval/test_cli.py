@@ -1,0 +1,204 @@
+"""`sparse-infer eval ruler|needle` through typer's CliRunner, with load_model faked to a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+import sparse_infer
+from sparse_infer.eval import cli, runner
+from sparse_infer.eval.cli import eval_app, parse_list
+from sparse_infer.eval.ruler import EvalError
+
+from .conftest import make_tiny_llama
+
+cli_runner = CliRunner()
+
+
+@pytest.fixture
+def fake_load(monkeypatch, tokenizer):
+    loaded = []
+
+    def load_model(spec, dtype=None):
+        loaded.append(spec)
+        return make_tiny_llama(tokenizer), tokenizer
+
+    monkeypatch.setattr(sparse_infer, "load_model", load_model, raising=False)
+    return loaded
+
+
+@pytest.fixture
+def fast_generation(monkeypatch):
+    """Answer every prompt with its first needle number: the plumbing is under test, not the model."""
+    prompts = []
+
+    def generate_one(model, tok, prompt, max_new_tokens):
+        prompts.append(prompt)
+        return "nothing useful", 2
+
+    monkeypatch.setattr(runner, "generate_one", generate_one)
+    return prompts
+
+
+def test_parse_list():
+    assert parse_list("4096,8192") == [4096, 8192]
+    assert parse_list("4k, 8K") == [4096, 8192]
+    assert parse_list("0,10,...,100", float) == [float(x) for x in range(0, 101, 10)]
+    assert parse_list("0,25,…,100") == [0, 25, 50, 75, 100]
+    for bad in ("", "a,b", "10,...,20", "0,10,..."):
+        with pytest.raises(EvalError):
+            parse_list(bad)
+
+
+def test_build_plans():
+    assert cli.build_plans("vertical_slash", "dense") == {"dense": None, "vertical_slash": "vertical_slash"}
+    assert list(cli.build_plans("plans/my.yaml", None)) == ["my"]
+    assert cli.build_plans("dense", "none") == {"dense": None}
+
+
+def test_ruler_command(tmp_path, fake_load, fast_generation):
+    out = tmp_path / "run"
+    args = [
+        "ruler",
+        "tiny",
+        "--plan",
+        "vertical_slash",
+        "--compare",
+        "dense",
+        "--lengths",
+        "512",
+        "--tasks",
+        "niah_single_1,niah_single_2",
+        "--samples",
+        "2",
+        "--out",
+        str(out),
+        "--seed",
+        "1",
+    ]
+    res = cli_runner.invoke(eval_app, args)
+    assert res.exit_code == 0, res.output
+    assert fake_load == ["tiny"]
+    assert len(fast_generation) == 2 * 2 * 2  # plans x tasks x samples
+    doc = json.loads((out / "results.json").read_text())
+    assert list(doc["plans"]) == ["dense", "vertical_slash"]
+    assert "Δ vertical_slash" in res.output and "results.json" in res.output
+    # --resume with everything done generates nothing more.
+    res = cli_runner.invoke(eval_app, [*args, "--resume"])
+    assert res.exit_code == 0, res.output
+    assert len(fast_generation) == 8
+
+
+def test_ruler_with_data_file(tmp_path, fake_load, fast_generation):
+    data = tmp_path / "qa.jsonl"
+    data.write_text("\n".join(json.dumps({"input": f"Question {i}?", "answers": ["x"]}) for i in range(3)))
+    out = tmp_path / "qa"
+    res = cli_runner.invoke(
+        eval_app,
+        [
+            "ruler",
+            "tiny",
+            "--plan",
+            "dense",
+            "--lengths",
+            "512",
+            "--data",
+            str(data),
+            "--samples",
+            "2",
+            "--out",
+            str(out),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    recs = json.loads((out / "results.json").read_text())["plans"]["dense"]["records"]
+    assert [r["task"] for r in recs] == ["qa", "qa"]  # no synthetic tasks unless --tasks is given
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--tasks", "niah_single_9"], "unknown task"),
+        (["--lengths", "8192"], "max_position_embeddings"),
+        (["--plan", "no_such_plan"], "plan file not found"),
+        (["--data", "missing.jsonl"], "data file not found"),
+    ],
+)
+def test_ruler_errors(tmp_path, fake_load, fast_generation, extra, message):
+    args = ["ruler", "tiny", "--plan", "vertical_slash", "--lengths", "512", "--tasks", "vt", "--out", str(tmp_path)]
+    res = cli_runner.invoke(eval_app, [*args, *extra])
+    assert res.exit_code == 2, res.output
+    assert message in res.output
+    assert not fast_generation
+
+
+def test_ruler_interrupt_message(tmp_path, fake_load, monkeypatch):
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "generate_one", interrupt)
+    res = cli_runner.invoke(
+        eval_app,
+        [
+            "ruler",
+            "tiny",
+            "--plan",
+            "dense",
+            "--lengths",
+            "512",
+            "--tasks",
+            "vt",
+            "--samples",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+    )
+    assert res.exit_code == 130
+    assert "--resume" in res.output
+
+
+def test_needle_defaults(tmp_path, fake_load, fast_generation, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = cli_runner.invoke(eval_app, ["needle", "--out", "nd"])
+    assert res.exit_code == 0, res.output
+    assert fake_load == [cli.DEFAULT_NEEDLE_MODEL]
+    saved = json.loads((tmp_path / "nd" / "needle.json").read_text())
+    assert saved["lengths"] == [1024, 2048, 4096] and saved["depths"] == [0.0, 50.0, 100.0]
+    assert list(saved["plans"])[0] == "dense" and len(saved["plans"]) == 2
+    assert len(fast_generation) == 2 * 3 * 3
+    assert (tmp_path / "nd" / "needle.png").is_file()
+    assert "needle.png" in res.output.replace("\n", "")
+
+
+def test_needle_explicit_grid(tmp_path, fake_load, fast_generation):
+    res = cli_runner.invoke(
+        eval_app,
+        [
+            "needle",
+            "tiny",
+            "--plan",
+            "a_shape",
+            "--compare",
+            "none",
+            "--lengths",
+            "512",
+            "--depths",
+            "0,25,...,100",
+            "--out",
+            str(tmp_path),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    saved = json.loads((tmp_path / "needle.json").read_text())
+    assert list(saved["plans"]) == ["a_shape"]
+    assert len(saved["plans"]["a_shape"]["scores"]) == 5
+
+
+def test_default_plan_falls_back_to_preset(monkeypatch):
+    import sparse_infer.plan as plan_mod
+
+    monkeypatch.setattr(plan_mod, "shipped_plan_path", lambda name: None)
+    assert cli.default_plan_for("smollm2-135m") == "vertical_slash"

@@ -1,0 +1,162 @@
+"""run_eval on tiny random-weight models: results.json, resume, interrupts, validation, table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from rich.console import Console
+
+from sparse_infer.eval import ruler, runner
+from sparse_infer.eval.ruler import EvalError
+
+from .conftest import make_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def samples(tokenizer):
+    out = ruler.generate_samples(tokenizer, ["niah_single_1", "vt"], [512, 768], 1, seed=0)
+    for s in out:
+        s["max_new_tokens"] = 4  # random weights: the text does not matter, only the plumbing
+    return out
+
+
+def _console_text(table) -> str:
+    console = Console(width=200, record=True)
+    console.print(table)
+    return console.export_text()
+
+
+def test_run_eval_dense_and_sparse(tmp_path, tokenizer, tiny_llama, samples, sparse_plan):
+    import sparse_infer
+
+    rows = runner.run_eval(
+        tiny_llama, tokenizer, samples, {"dense": None, "sparse": sparse_plan}, tmp_path, progress=False
+    )
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["version"] == 1 and doc["model"]["max_position_embeddings"] == 4096
+    assert list(doc["plans"]) == ["dense", "sparse"]
+    assert doc["plans"]["dense"]["plan"] is None
+    assert doc["plans"]["sparse"]["plan"]["prefill"]["default"]["pattern"] == "vertical_slash"
+    for name in ("dense", "sparse"):
+        recs = doc["plans"][name]["records"]
+        assert [r["id"] for r in recs] == [s["id"] for s in samples]
+        for r in recs:
+            assert "input" not in r and len(r["input_sha1"]) == 40
+            assert r["score"] in (0.0, 100.0) or 0 <= r["score"] <= 100
+            assert isinstance(r["prediction"], str) and 0 < r["new_tokens"] <= 4
+    # The patch layer measured the sparse prefill; dense has no stats.
+    assert all(0 < r["stats"]["prefill_density"] <= 1 for r in doc["plans"]["sparse"]["records"])
+    assert all("stats" not in r for r in doc["plans"]["dense"]["records"])
+    assert {(r["plan"], r["length"], r["task"]) for r in rows} == {
+        (p, L, t) for p in ("dense", "sparse") for L in (512, 768) for t in ("niah_single_1", "vt")
+    }
+    assert all(r["n"] == 1 for r in rows)
+    assert rows == doc["summary"]
+    assert not sparse_infer.is_patched(tiny_llama)  # left dense afterwards
+    text = _console_text(runner.render_table(rows))
+    assert "dense" in text and "Δ sparse" in text and "average" in text and "niah_single_1" in text
+
+
+def test_dense_only_needs_no_patch_layer(tmp_path, tokenizer, tiny_llama, samples):
+    rows = runner.run_eval(tiny_llama, tokenizer, samples[:2], {"dense": None}, tmp_path, progress=True)
+    assert [r["plan"] for r in rows] == ["dense", "dense"]
+
+
+def test_resume_skips_done_samples(tmp_path, tokenizer, tiny_llama, samples, monkeypatch):
+    calls = []
+    real = runner.generate_one
+
+    def counting(model, tok, prompt, n):
+        calls.append(prompt)
+        return real(model, tok, prompt, n)
+
+    monkeypatch.setattr(runner, "generate_one", counting)
+    runner.run_eval(tiny_llama, tokenizer, samples[:2], {"dense": None}, tmp_path, progress=False)
+    assert len(calls) == 2
+    rows = runner.run_eval(tiny_llama, tokenizer, samples, {"dense": None}, tmp_path, resume=True, progress=False)
+    assert len(calls) == len(samples)  # only the two new ones ran
+    recs = json.loads((tmp_path / "results.json").read_text())["plans"]["dense"]["records"]
+    assert sorted(r["id"] for r in recs) == sorted(s["id"] for s in samples)
+    assert sum(r["n"] for r in rows) == len(samples)
+    # Without --resume the file starts over.
+    runner.run_eval(tiny_llama, tokenizer, samples[:1], {"dense": None}, tmp_path, progress=False)
+    assert len(json.loads((tmp_path / "results.json").read_text())["plans"]["dense"]["records"]) == 1
+
+
+def test_interrupt_keeps_finished_samples(tmp_path, tokenizer, tiny_llama, samples, monkeypatch):
+    real = runner.generate_one
+    calls = []
+
+    def flaky(model, tok, prompt, n):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(model, tok, prompt, n)
+
+    monkeypatch.setattr(runner, "generate_one", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_eval(tiny_llama, tokenizer, samples, {"dense": None}, tmp_path, progress=False)
+    recs = json.loads((tmp_path / "results.json").read_text())["plans"]["dense"]["records"]
+    assert len(recs) == 2
+    monkeypatch.setattr(runner, "generate_one", real)
+    runner.run_eval(tiny_llama, tokenizer, samples, {"dense": None}, tmp_path, resume=True, progress=False)
+    recs = json.loads((tmp_path / "results.json").read_text())["plans"]["dense"]["records"]
+    assert len(recs) == len(samples)
+
+
+def test_resume_rejects_other_prompts(tmp_path, tokenizer, tiny_llama, samples):
+    runner.run_eval(tiny_llama, tokenizer, samples[:1], {"dense": None}, tmp_path, progress=False)
+    other = ruler.generate_samples(tokenizer, ["niah_single_1"], [512], 1, seed=7)
+    with pytest.raises(EvalError, match="different prompt"):
+        runner.run_eval(tiny_llama, tokenizer, other, {"dense": None}, tmp_path, resume=True, progress=False)
+
+
+@pytest.fixture
+def no_generation(monkeypatch):
+    def fail(*a, **k):
+        raise AssertionError("validation must happen before any generation")
+
+    monkeypatch.setattr(runner, "generate_one", fail)
+
+
+def test_length_above_max_positions(tmp_path, tokenizer, samples, no_generation):
+    model = make_tiny_llama(tokenizer, max_position_embeddings=640)
+    with pytest.raises(EvalError, match=r"768 exceed the model's max_position_embeddings \(640\)"):
+        runner.run_eval(model, tokenizer, samples, {"dense": None}, tmp_path, progress=False)
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_unknown_task(tmp_path, tokenizer, tiny_llama, samples, no_generation):
+    bad = [dict(samples[0], task="niah_single_9", metric=None, id=None)]
+    with pytest.raises(EvalError, match="unknown task 'niah_single_9'"):
+        runner.run_eval(tiny_llama, tokenizer, bad, {"dense": None}, tmp_path, progress=False)
+
+
+def test_plan_for_another_model(tmp_path, tokenizer, tiny_llama, samples, no_generation):
+    plan_mod = pytest.importorskip("sparse_infer.plan")
+    other = make_tiny_llama(tokenizer)
+    other.config.num_hidden_layers = 3
+    foreign = plan_mod.preset("vertical_slash", other.config).to_dict()
+    with pytest.raises(plan_mod.PlanError, match="another model"):
+        runner.run_eval(tiny_llama, tokenizer, samples, {"dense": None, "foreign": foreign}, tmp_path, progress=False)
+    with pytest.raises(plan_mod.PlanError, match="not found"):
+        runner.run_eval(tiny_llama, tokenizer, samples, {"x": "no_such_plan"}, tmp_path, progress=False)
+
+
+def test_render_table_diff_and_order():
+    rows = [
+        {"plan": "dense", "length": 8192, "task": "vt", "score": 80.0, "n": 2},
+        {"plan": "vs", "length": 8192, "task": "vt", "score": 60.0, "n": 2, "prefill_density": 0.25},
+        {"plan": "dense", "length": 4096, "task": "vt", "score": 100.0, "n": 2},
+        {"plan": "vs", "length": 4096, "task": "vt", "score": 100.0, "n": 2, "prefill_density": 0.5},
+        {"plan": "dense", "length": 4096, "task": "niah_single_1", "score": 50.0, "n": 2},
+        {"plan": "vs", "length": 4096, "task": "niah_single_1", "score": 75.0, "n": 2, "prefill_density": 0.5},
+    ]
+    table = runner.render_table(rows)
+    assert [c.header for c in table.columns] == ["length", "task", "n", "dense", "vs", "Δ vs", "density vs"]
+    text = _console_text(table)
+    lines = [line for line in text.splitlines() if "│" in line]
+    assert "niah_single_1" in lines[0] and "+25.0" in lines[0]
+    assert "average" in lines[2] and "75.0" in lines[2] and "87.5" in lines[2] and "+12.5" in lines[2]
+    assert "8192" in lines[3] and "-20.0" in lines[3] and "25%" in lines[3]

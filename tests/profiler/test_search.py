@@ -1,0 +1,84 @@
+"""Head search on synthetic attention with planted structure picks the matching pattern."""
+import pytest
+import torch
+
+from sparse_infer.profiler.layer import LayerRun, analyze_layer
+from sparse_infer.profiler.search import SearchSettings, combine_budget, runtime_granularity, make_rule
+from tests.profiler.synthetic import planted_heads
+
+LENGTHS = (1024, 2048)
+BS = 32
+
+
+@pytest.fixture(scope="module")
+def planted_reports():
+    runs = []
+    for n in LENGTHS:
+        q, k = planted_heads(n)
+        runs.append(LayerRun(n, q, k, scaling=1.0))
+    return analyze_layer(runs, SearchSettings(block_size=BS), block_size=BS)
+
+
+def _resolved(rule_params, key, n):
+    from sparse_infer.plan import parse_budget
+    return parse_budget(rule_params[key], key).resolve(n)
+
+
+def test_local_head_gets_a_shape(planted_reports):
+    rep = planted_reports[0]
+    assert rep.prefill.pattern == "a_shape"
+    assert rep.prefill.params["local"] <= 256          # ~115 tokens carry 95% of the mass
+    assert all(r >= 0.95 for r in rep.prefill_recall.values())
+
+
+def test_vertical_head_gets_vertical_heavy_vertical_slash(planted_reports):
+    rep = planted_reports[1]
+    assert rep.prefill.pattern == "vertical_slash"
+    n = LENGTHS[-1]
+    assert _resolved(rep.prefill.params, "vertical", n) > _resolved(rep.prefill.params, "slash", n)
+    assert rep.vertical_share > 0.5 > rep.slash_share
+
+
+def test_slash_head_gets_slash_heavy_vertical_slash(planted_reports):
+    rep = planted_reports[2]
+    assert rep.prefill.pattern == "vertical_slash"
+    n = LENGTHS[-1]
+    assert _resolved(rep.prefill.params, "slash", n) >= _resolved(rep.prefill.params, "vertical", n)
+    assert rep.slash_share > 0.5 > rep.vertical_share
+    assert all(r >= 0.95 for r in rep.prefill_recall.values())
+
+
+def test_diffuse_head_stays_dense(planted_reports):
+    rep = planted_reports[3]
+    assert rep.prefill.pattern == "dense"
+    assert rep.decode.pattern == "dense"
+
+
+def test_sparse_choices_meet_target_and_save_work(planted_reports):
+    for rep in planted_reports[:3]:
+        for n in LENGTHS:
+            assert rep.prefill_recall[n] >= 0.95
+            assert rep.prefill_density[n] < 0.8
+        assert rep.decode.pattern != "dense"
+        assert all(r >= 0.95 for r in rep.decode_recall.values())
+
+
+def test_combine_budget_fixed_or_growing():
+    assert combine_budget({2048: 256, 4096: 256}) == 256          # same need: a token count
+    assert combine_budget({2048: 512, 4096: 256}) == 512
+    grown = combine_budget({2048: 128, 4096: 512})                # grows: {frac, min}
+    assert grown == {"frac": 0.125, "min": 128}
+    from sparse_infer.plan import parse_budget
+    b = parse_budget(grown, "b")
+    assert b.resolve(2048) >= 128 and b.resolve(4096) >= 512
+
+
+def test_runtime_granularity_mirrors_grouping():
+    a = make_rule("a_shape", {"sink": 64, "local": 128})
+    v = make_rule("vertical_slash", {"vertical": 16, "slash": 16})
+    d = make_rule("dense", {})
+    # 4 q heads, 2 kv heads: heads {0,1} share kv 0, {2,3} share kv 1
+    assert runtime_granularity([v, v, d, d], 2) == ["group", "group", "group", "group"]
+    assert runtime_granularity([v, a, v, a], 2) == ["head"] * 4
+    assert runtime_granularity([v, v, v, a], 2) == ["head", "head", "head", "head"]
+    assert runtime_granularity([v, v, v, v], 4) == ["head"] * 4     # no GQA

@@ -1,0 +1,155 @@
+"""Blockwise statistics and index recall/density equal their dense-map definitions."""
+import pytest
+import torch
+
+from sparse_infer.kernels.block_sparse_attn import index_density, index_to_mask
+from sparse_infer.prefill import build_index
+from sparse_infer.profiler.decode import decode_curves, double_sparsity_curve, retrieval_hits
+from sparse_infer.profiler.search import evaluate_prefill_run, make_rule, params_key
+from sparse_infer.profiler.stats import (
+    attention_stats, channel_scores, index_head_density, index_recall,
+)
+
+
+def _inputs(hq=4, hkv=2, n=300, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(hq, n, d, generator=g) * 1.5, torch.randn(hkv, n, d, generator=g)
+
+
+def _dense_probs(q, k, scaling, mask=None):
+    hq, n, _ = q.shape
+    kk = k.repeat_interleave(hq // k.shape[0], 0)
+    s = q @ kk.transpose(-1, -2) * scaling
+    allowed = torch.ones(n, n, dtype=torch.bool).tril()
+    if mask is not None:
+        allowed = allowed & mask
+    return torch.softmax(s.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
+
+
+@pytest.mark.parametrize("n,bs", [(300, 32), (256, 64), (97, 16)])
+def test_blockwise_stats_equal_dense_map(n, bs):
+    q, k = _inputs(n=n)
+    st = attention_stats(q, k, scaling=0.25, block_size=bs, decode_queries=20)
+    P = _dense_probs(q, k, 0.25)
+    nkb = -(-n // bs)
+    Pp = torch.nn.functional.pad(P, (0, nkb * bs - n, 0, nkb * bs - n))
+    torch.testing.assert_close(st.block_mass, Pp.view(4, nkb, bs, nkb, bs).sum((2, 4)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(st.col_mass, Pp.view(4, nkb, bs, nkb * bs).sum(2)[..., :n], atol=1e-5, rtol=0)
+    torch.testing.assert_close(st.col_total, P.sum(1), atol=1e-5, rtol=0)
+    i = torch.arange(n)
+    diag = torch.stack([P[:, i[o:], i[o:] - o].sum(-1) for o in range(n)], -1)
+    torch.testing.assert_close(st.diag_mass, diag, atol=1e-5, rtol=0)
+    torch.testing.assert_close(st.last_probs, P[:, -20:], atol=1e-6, rtol=0)
+
+
+RULES = [
+    ("a_shape", {"sink": 32, "local": 64}),
+    ("vertical_slash", {"vertical": 16, "slash": 8}),
+    ("block", {"coverage": 0.8}),
+]
+
+
+@pytest.mark.parametrize("granularity", ["head", "group"])
+@pytest.mark.parametrize("pattern,params", RULES)
+def test_recall_and_density_equal_dense_map(pattern, params, granularity):
+    q, k = _inputs(n=300)
+    bs = 32
+    st = attention_stats(q, k, scaling=0.25, block_size=bs)
+    index = build_index(make_rule(pattern, params), q[None], k[None], block_size=bs, scaling=0.25,
+                        granularity=granularity)
+    mask = index_to_mask(index, 300, 300, 4)[0]                          # (Hq, n, n) selected pairs
+    P = _dense_probs(q, k, 0.25)
+    want_recall = (P * mask).sum((-1, -2)) / 300
+    torch.testing.assert_close(index_recall(index, st), want_recall, atol=1e-5, rtol=0)
+    want_density = mask.float().sum((-1, -2)) / (300 * 301 / 2)
+    torch.testing.assert_close(index_head_density(index, 300, 4), want_density, atol=1e-6, rtol=0)
+    assert abs(float(want_density.mean()) - index_density(index, 300, 300)) < 1e-6
+
+
+def test_recall_with_padding_mask_equals_dense_map():
+    q, k = _inputs(n=200)
+    n = 200
+    mask = torch.ones(n, n, dtype=torch.bool).tril() & (torch.arange(n)[None, :] >= 30)
+    st = attention_stats(q, k, scaling=0.25, block_size=32, mask=mask[None])
+    index = build_index(make_rule("a_shape", {"sink": 32, "local": 64}), q[None], k[None], block_size=32,
+                        scaling=0.25, attention_mask=mask[None, None], granularity="head")
+    P = _dense_probs(q, k, 0.25, mask)
+    sel = index_to_mask(index, n, n, 4)[0]
+    torch.testing.assert_close(index_recall(index, st), (P * sel).sum((-1, -2)) / n, atol=1e-5, rtol=0)
+
+
+def test_vertical_slash_grid_union_is_the_builder_index():
+    """The grid evaluates vertical_slash pairs as blocks(slash) | columns(vertical); check
+    that this equals the builder's own index for the pair."""
+    q, k = _inputs(n=512, d=16)
+    st = attention_stats(q, k, scaling=0.25, block_size=32)
+    table = evaluate_prefill_run(q, k, st, scaling=0.25, granularities=("head", "group"))
+    for gran in ("head", "group"):
+        for params in ({"vertical": 32, "slash": 64}, {"vertical": 128, "slash": 16}):
+            index = build_index(make_rule("vertical_slash", params), q[None], k[None], block_size=32,
+                                scaling=0.25, granularity=gran)
+            recall, density = table[(gran, "vertical_slash", params_key(params))]
+            torch.testing.assert_close(recall, index_recall(index, st), atol=1e-6, rtol=0)
+            torch.testing.assert_close(density, index_head_density(index, 512, 4), atol=1e-6, rtol=0)
+
+
+def test_channel_scores_are_mean_abs_products_over_causal_pairs():
+    q, k = _inputs(n=40, d=8)
+    got = channel_scores(q, k)
+    kk = k.repeat_interleave(2, 0)
+    prod = (q[:, :, None, :] * kk[:, None, :, :]).abs()                 # (H, i, j, D)
+    causal = torch.ones(40, 40, dtype=torch.bool).tril()[None, :, :, None]
+    want = (prod * causal).sum((1, 2)) / (40 * 41 / 2)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def _selector_recall(kind, params, q, k, P, scaling):
+    """Recall of the project's own decode selector on the last query."""
+    from sparse_infer.decode import SELECTORS
+    from sparse_infer.decode.common import GroupInputs
+    rule = make_rule(kind, params, "decode")
+    inp = GroupInputs(query=q[None, :, -1], key=k[None], valid=None, per_head=True, scaling=scaling,
+                      softcap=None, fresh=True)
+    idx = SELECTORS[kind](inp, rule, {})[0]                            # (Hq, K)
+    sel = torch.zeros(q.shape[0], P.shape[-1], dtype=torch.bool)
+    sel.scatter_(-1, idx.clamp(min=0), idx >= 0)
+    return (P[:, -1] * sel).sum(-1)
+
+
+@pytest.mark.parametrize("kind,params", [("token_select", {"budget": 40}), ("quest", {"page": 16, "budget": 64}),
+                                         ("streaming", {"sink": 16, "local": 64})])
+def test_decode_curves_match_the_decode_selectors(kind, params):
+    from sparse_infer.profiler.search import decode_recall
+    q, k = _inputs(n=400)
+    P = _dense_probs(q, k, 0.25)
+    pos = torch.tensor([399])
+    curves = decode_curves(P[:, -1:], pos, q[:, -1:], k, scaling=0.25)
+    table = {"token_select": curves.token_select, "quest": curves.quest, "streaming": curves.streaming}
+    got = decode_recall(table, kind, params, 400)
+    torch.testing.assert_close(got, _selector_recall(kind, params, q, k, P, 0.25), atol=1e-5, rtol=0)
+
+
+def test_double_sparsity_curve_matches_the_selector():
+    from sparse_infer.profiler.decode import curve_at
+    q, k = _inputs(n=400, hq=2, hkv=2)
+    P = _dense_probs(q, k, 0.25)
+    channels = [1, 4, 7, 9]
+    curve = double_sparsity_curve(P[:, -1:], torch.tensor([399]), q[:, -1:], k,
+                                  torch.tensor([channels, channels]))
+    got = curve_at(curve, 48)
+    want = _selector_recall("double_sparsity", {"channels": channels, "budget": 48}, q, k, P, 0.25)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_retrieval_hits_count_copying_heads():
+    n = 50
+    ids = torch.arange(100, 100 + n)
+    ids[45:48] = ids[10:13]                          # the answer copies the needle tokens 10..12
+    probs = torch.full((2, 10, n), 0.01)
+    pos = torch.arange(40, 50)
+    for t in (45, 46, 47):
+        probs[0, t - 1 - 40, t - 35] = 1.0           # head 0 looks at the token it copies
+        probs[1, t - 1 - 40, 0] = 1.0                # head 1 looks at the first token
+    hits, count = retrieval_hits(probs, pos, ids, [45, 46, 47], (10, 13))
+    assert count == 3
+    assert hits.tolist() == [3.0, 0.0]
