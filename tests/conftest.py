@@ -2,6 +2,12 @@
 PyPI-shipped models (session-scoped, loaded once, marked `model`)."""
 from __future__ import annotations
 
+import os
+
+# Triton kernels run in its CPU interpreter here; it must be set before triton is first imported.
+if not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 

@@ -208,15 +208,12 @@ def bench_prefill_attention(lengths=(4096, 8192, 16384), heads=(32, 8), head_dim
                 for backend in backends:
                     configs.append((pattern, target, index_density(index, n, n), backend, index))
 
-        def make(backend, index):
-            if backend == "torch":
-                return lambda: block_sparse_attention_torch(q, k, v, index, scaling=scaling)
-            if backend == "triton":
-                return lambda: block_sparse_attention_triton(q, k, v, index, scaling=scaling)
-            return lambda: naive_gather_attention(q, k, v, index, scaling=scaling)
-
-        dense = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # noqa: E731
-        fns = [dense] + [make(backend, index) for _, _, _, backend, index in configs]
+        executors = {"torch": block_sparse_attention_torch, "triton": block_sparse_attention_triton,
+                     "naive_gather": naive_gather_attention}
+        # default arguments bind this iteration's tensors
+        fns = [lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)]
+        fns += [lambda q=q, k=k, v=v, f=executors[backend], index=index: f(q, k, v, index, scaling=scaling)
+                for _, _, _, backend, index in configs]
         times = _time_interleaved(fns, repeats, warmup, device, stat)
         dense_ms = times[0]
         for (pattern, target, density, backend, _), sparse_ms in zip(configs, times[1:]):
@@ -268,11 +265,12 @@ def bench_decode_attention(kv_lens=(16384, 32768, 65536), budget=2048, heads=(32
         idx = idx.view(batch, Hkv, kb).to(device)
         dense_bytes = 2 * batch * Hkv * n * head_dim * elem
         sparse_bytes = 2 * batch * Hkv * kb * head_dim * elem + idx.numel() * idx.element_size()
-        fns = [lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
-               lambda: _dense_decode_grouped(q, k, v, scaling)]
+        # default arguments bind this iteration's tensors
+        fns = [lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+               lambda q=q, k=k, v=v: _dense_decode_grouped(q, k, v, scaling)]
         for backend in backends:
             fn = sparse_decode_torch if backend == "torch" else sparse_decode_triton
-            fns.append(lambda fn=fn: fn(q, k, v, idx, scaling=scaling))
+            fns.append(lambda fn=fn, q=q, k=k, v=v, idx=idx: fn(q, k, v, idx, scaling=scaling))
         times = _time_interleaved(fns, repeats, warmup, device, stat)
         dense_ms, grouped_ms = times[0], times[1]
         for backend, sparse_ms in zip(backends, times[2:]):

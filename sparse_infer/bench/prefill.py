@@ -10,7 +10,6 @@ def synthetic_prompt_ids(tokenizer, length: int, seed: int = 0) -> torch.Tensor:
     """Deterministic natural-ish text of exactly `length` tokens (stdlib docstrings, no downloads)."""
     import json
     import textwrap
-    import this  # noqa: F401  (the Zen text ships with Python)
 
     pieces = [json.__doc__, textwrap.__doc__, time.__doc__, torch.__doc__ or ""]
     text = " ".join(p for p in pieces if p)

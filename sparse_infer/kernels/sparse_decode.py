@@ -67,7 +67,7 @@ def indices_to_mask(indices: torch.Tensor, kv_len: int, num_q_heads: int) -> tor
 
 def dense_decode_reference(query, key, value, indices, *, scaling, attention_mask=None, softcap=None):
     """Reference via dense_masked_attention over indices_to_mask (AND attention_mask)."""
-    B, Hq, D, Hkv, n, Hi = _check(query, key, value, indices)
+    _, Hq, _, _, n, _ = _check(query, key, value, indices)
     mask = indices_to_mask(indices, n, Hq)
     if attention_mask is not None:
         mask = mask & attention_mask
@@ -100,7 +100,6 @@ def sparse_decode_torch(query, key, value, indices, *, scaling, attention_mask=N
     Inference only: runs without autograd."""
     B, Hq, D, Hkv, n, Hi = _check(query, key, value, indices)
     attention_mask = _check_mask(attention_mask, B, Hq, n)
-    Gi = Hq // Hi
     idx = indices.long()
     K = idx.shape[-1]
     if K == 0:

@@ -44,7 +44,9 @@ def _triton_skip_reason():
 
 
 _SKIP = _triton_skip_reason()
-needs_triton = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
+def needs_triton(fn):
+    """Mark a test as a Triton test (registered `triton` marker) and skip it with the reason."""
+    return pytest.mark.triton(pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")(fn))
 
 
 def make_index(B, Hi, q_len, n, bs, p=0.35, n_cols=0, seed=0, empty_blocks=(), device="cpu"):

@@ -39,7 +39,9 @@ def _triton_skip_reason():
 
 
 _SKIP = _triton_skip_reason()
-needs_triton = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
+def needs_triton(fn):
+    """Mark a test as a Triton test (registered `triton` marker) and skip it with the reason."""
+    return pytest.mark.triton(pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")(fn))
 
 
 def make_case(B, Hq, Hkv, Hi, n, K, D=32, n_unused=5, dtype=torch.float32, seed=0, device="cpu"):
