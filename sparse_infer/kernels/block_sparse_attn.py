@@ -754,6 +754,8 @@ def block_sparse_attention_triton(query, key, value, index: BlockSparseIndex, *,
     max_rows caps the stacked M dimension (heads x block rows) of one program;
     groups that do not fit are split over several programs (K/V then shared via
     L2). allow_tf32 trades fp32 exactness for tensor-core speed on fp32 inputs.
+    CPU tensors run only under the interpreter: TRITON_INTERPRET=1 must be set
+    before triton is first imported. Untuned on real GPUs so far.
     """
     _require_triton()
     B, Hq, q_len, D, Hkv, n, Hi = _check_shapes(query, key, value, index)

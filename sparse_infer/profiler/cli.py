@@ -13,6 +13,12 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+def _console(stderr: bool = False) -> Console:
+    """Tables are wide: when not on a terminal (pipes, logs, tests) do not squeeze them to 80 columns."""
+    console = Console(stderr=stderr)
+    return console if console.is_terminal else Console(stderr=stderr, width=160)
+
+
 app = typer.Typer(help="Offline profiler: measure each head's attention and write a sparse_infer plan.",
                   no_args_is_help=True, add_completion=False)
 
@@ -41,7 +47,7 @@ def profile_command(
     from sparse_infer.profiler.profile import ProfileConfig, profile
     from sparse_infer.profiler.report import summary_table
 
-    console = Console(stderr=True)
+    console = _console(stderr=True)
     config = ProfileConfig(seq_len=seq_len, samples=samples, target_recall=target_recall, min_seq_len=min_seq_len,
                            seed=seed, channels=channels, block_size=block_size,
                            retrieval_threshold=retrieval_threshold)
@@ -65,7 +71,7 @@ def plan_show_command(
     from sparse_infer.plan import PlanError, load_plan
     from sparse_infer.profiler.report import plan_table
 
-    console = Console()
+    console = _console()
     try:
         loaded = load_plan(plan)
     except PlanError as exc:
