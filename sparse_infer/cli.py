@@ -82,7 +82,8 @@ def bench_prefill(
     hq, hkv = _ints(heads)
     console.print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     rows = bench_prefill_attention(lengths=_ints(lengths), heads=(hq, hkv), head_dim=head_dim)
-    _table(rows, list(rows[0].keys()), f"prefill attention, Hq={hq} Hkv={hkv} D={head_dim}")
+    _table(rows, ["n", "pattern", "density", "backend", "dense_ms", "sparse_ms", "ratio"],
+           f"prefill attention, Hq={hq} Hkv={hkv} D={head_dim}")
     e2e = []
     if model:
         import sparse_infer
@@ -117,19 +118,31 @@ def bench_decode(
     json_out: Optional[str] = typer.Option(None, "--json"),
 ):
     """Dense vs each decode method: per-step attention time, bytes read; then tokens/s."""
-    from sparse_infer.bench.attention import bench_decode_attention
+    from sparse_infer.bench.attention import bench_decode_attention, bench_decode_methods
 
     hq, hkv = _ints(heads)
     rows = bench_decode_attention(kv_lens=_ints(kv_lens), budget=budget, heads=(hq, hkv), head_dim=head_dim)
-    _table(rows, list(rows[0].keys()), f"decode attention, budget {budget}")
+    _table(rows, [c for c in ("kv_len", "budget", "dense_ms", "dense_grouped_ms", "sparse_ms", "ratio", "ratio_grouped",
+                              "dense_kv_bytes", "sparse_kv_bytes") if c in rows[0]], f"decode attention, budget {budget}")
+    methods = bench_decode_methods(kv_lens=_ints(kv_lens), budget=budget, heads=(hq, hkv), head_dim=head_dim)
+    shown = [{**r, "reuse_rate": "-" if r["reuse_rate"] is None else f"{r['reuse_rate']:.2f}"} for r in methods]
+    _table(shown, ["kv_len", "method", "dense_ms", "sparse_ms", "ratio", "bytes_read", "dense_bytes", "selected",
+                   "reuse_rate", "note"],
+           f"decode attention per method (decode_attention, growing cache, mean of "
+           f"{methods[0]['steps'] if methods else 0} steps), budget {budget}")
     e2e = []
     if model:
         from sparse_infer.bench.decode import bench_decode_end_to_end
-        e2e = bench_decode_end_to_end(model, prompt_len, new_tokens, None)
+        budget_plan = {"budget": budget}
+        plans = {m: {"sparse_infer_plan": 1, "prefill": {"min_seq_len": 1 << 30},
+                     "decode": {"min_kv_len": 0, "default": {**budget_plan, "method": m},
+                                "layers": {0: {"*": {"method": "dense"}}}}}
+                 for m in ("token_select", "double_sparsity", "quest")}
+        e2e = bench_decode_end_to_end(model, prompt_len, new_tokens, plans)["rows"]
         _table(e2e, list(e2e[0].keys()), f"end-to-end decode, {model}")
     if json_out:
         with open(json_out, "w") as fh:
-            json.dump({"attention": rows, "end_to_end": e2e}, fh, indent=2)
+            json.dump({"attention": rows, "methods": methods, "end_to_end": e2e}, fh, indent=2)
 
 
 _mount_optional()

@@ -29,6 +29,7 @@ __all__ = [
     "naive_gather_attention",
     "bench_prefill_attention",
     "bench_decode_attention",
+    "bench_decode_methods",
 ]
 
 
@@ -282,4 +283,137 @@ def bench_decode_attention(kv_lens=(16384, 32768, 65536), budget=2048, heads=(32
                 "heads": f"{Hq}/{Hkv}", "head_dim": head_dim, "dtype": str(dtype).replace("torch.", ""),
                 "device": str(device), "threads": torch.get_num_threads(), "stat": stat,
             })
+    return rows
+
+
+# --------------------------------------------------------------------------
+# per-method decode (selectors + gather executor, with their side state)
+# --------------------------------------------------------------------------
+
+
+class _FakeAttentionModule:
+    """Stands in for a transformers attention module (decode_attention does not read it)."""
+
+    layer_idx = 0
+
+
+def _method_plan(method, budget):
+    """One-layer plan dict for a decode method (min_kv_len 0)."""
+    if method == "streaming":  # no budget key: sink + local = budget
+        sink = min(128, max(1, budget // 8))
+        rule = {"method": "streaming", "sink": sink, "local": max(1, budget - sink)}
+    elif method == "token_select_reuse":
+        rule = {"method": "token_select", "budget": budget, "reuse": 0.9}
+    else:
+        rule = {"method": method, "budget": budget}
+    return {"sparse_infer_plan": 1, "decode": {"min_kv_len": 0, "default": rule}}
+
+
+def _drifting_queries(steps, batch, heads, head_dim, generator, drift=0.3):
+    """q_t = normalize(q_{t-1} + drift * noise), per head, norm sqrt(head_dim) (unit element scale),
+    so consecutive queries have cosine ~ 1 / sqrt(1 + drift^2) (~0.96 for drift 0.3)."""
+    def norm(x):
+        return x / x.norm(dim=-1, keepdim=True) * math.sqrt(head_dim)
+    q = norm(torch.randn(batch, heads, 1, head_dim, generator=generator))
+    out = [q]
+    for _ in range(steps - 1):
+        q = norm(q + drift * torch.randn(q.shape, generator=generator))
+        out.append(q)
+    return out
+
+
+def bench_decode_methods(kv_lens=(16384, 32768, 65536), budget=2048, heads=(32, 8), head_dim=128,
+                         methods=("token_select", "token_select_reuse", "double_sparsity", "quest", "streaming"),
+                         repeats=5, dtype=torch.float32, device="cpu", seed=0):
+    """Dense SDPA vs `decode_attention` per decode method, on a cache that grows one key per step.
+
+    For each kv length n: synthetic K/V (1, Hkv, n + repeats, D); step t (t = 0..repeats) sees the
+    first n + t keys (a fresh contiguous tensor per step, as DynamicCache's cat produces) and a
+    query drifting slowly (see _drifting_queries). Step 0 is a warm-up that builds the method's
+    side state from the full K (Quest page bounds, Double Sparsity label cache, TokenSelect's last
+    selection); steps 1..repeats continue the sequence, so the incremental paths run as in
+    generation. Each step times dense SDPA (enable_gqa) then the method; times are means over
+    the `repeats` steps (a mean, so reuse's occasional full scorings are amortised).
+    token_select_reuse is token_select with reuse threshold 0.9 (cosine).
+
+    bytes_read: K/V bytes per step, incl. the method's scoring data, averaged over the timed steps:
+      token_select   all of K (only on steps that score; reuse skips it) + selected V
+      double_sparsity label cache (r/D of K) + selected K and V
+      quest          page min/max bounds (2 x pages x D) + selected K and V
+      streaming      selected K and V
+    The selected count is measured (sink + local + budget for the top-k methods). Index bytes
+    are not counted. dense_bytes = all of K and V (at the mean length of the timed steps).
+    """
+    from sparse_infer.decode import decode_attention
+    from sparse_infer.patches.attention import LayerRuntime, group_heads
+    from sparse_infer.plan import plan_from_dict
+
+    Hq, Hkv = heads
+    batch = 1
+    scaling = 1.0 / math.sqrt(head_dim)
+    elem = torch.empty((), dtype=dtype).element_size()
+    module = _FakeAttentionModule()
+    rows = []
+    for n in kv_lens:
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        total = n + repeats
+        k_all = torch.randn(batch, Hkv, total, head_dim, generator=g).to(device=device, dtype=dtype)
+        v_all = torch.randn(batch, Hkv, total, head_dim, generator=g).to(device=device, dtype=dtype)
+        queries = [q.to(device=device, dtype=dtype)
+                   for q in _drifting_queries(repeats + 1, batch, Hq, head_dim, g)]
+        for method in methods:
+            plan = plan_from_dict(_method_plan(method, budget))
+            rt = LayerRuntime(plan, 0, Hq, Hkv, dense_fn=None, dense_mask_is_float=False)
+            rt.decode_groups = group_heads(plan.decode, 0, Hq)
+            rule = rt.decode_groups[0][0]
+            dense_t, sparse_t, bytes_read, selected_tokens = [], [], [], []
+            reuses = scorings = 0
+            for step in range(repeats + 1):
+                m = n + step
+                k = k_all[:, :, :m].contiguous()
+                v = v_all[:, :, :m].contiguous()
+                q = queries[step]
+                counters_before = dict(rt.decode_state.get("groups", {}).get(0, {}).get("counters", {}))
+                selected_before = rt.stats.decode_selected
+                d_ms = _time_once_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), device)
+                s_ms = _time_once_ms(lambda: decode_attention(rt, module, q, k, v, None, scaling, {}), device)
+                if step == 0:
+                    continue  # warm-up: builds the side state from the full K
+                dense_t.append(d_ms)
+                sparse_t.append(s_ms)
+                kv_rows = (rt.stats.decode_selected - selected_before) * Hkv / Hq   # per kv head row
+                selected_tokens.append(kv_rows / (batch * Hkv))
+                counters = rt.decode_state["groups"][0].get("counters", {})
+                d_reuse = counters.get("reuses", 0) - counters_before.get("reuses", 0)
+                d_score = counters.get("full_scorings", 0) - counters_before.get("full_scorings", 0)
+                reuses += d_reuse
+                scorings += d_score
+                k_bytes = batch * Hkv * m * head_dim * elem
+                sel_bytes = kv_rows * head_dim * elem
+                if rule.kind == "token_select":
+                    b = sel_bytes + (k_bytes if d_score > 0 else 0)
+                elif rule.kind == "double_sparsity":
+                    r = rt.decode_state["groups"][0]["channels"].shape[-1]
+                    b = 2 * sel_bytes + k_bytes * min(r, head_dim) / head_dim
+                elif rule.kind == "quest":
+                    pages = -(-m // rule.page)
+                    b = 2 * sel_bytes + 2 * batch * Hkv * pages * head_dim * elem
+                else:
+                    b = 2 * sel_bytes
+                bytes_read.append(b)
+            dense_ms = statistics.mean(dense_t)
+            sparse_ms = statistics.mean(sparse_t)
+            row = {
+                "kv_len": n, "method": method, "dense_ms": dense_ms, "sparse_ms": sparse_ms,
+                "ratio": dense_ms / sparse_ms, "bytes_read": int(statistics.mean(bytes_read)),
+                "dense_bytes": 2 * batch * Hkv * (n + (repeats + 1) // 2) * head_dim * elem,
+                "selected": round(statistics.mean(selected_tokens), 1),
+                "reuse_rate": (reuses / (reuses + scorings)) if rule.kind == "token_select" and reuses + scorings
+                else None,
+                "budget": budget, "steps": repeats,
+                "note": "reuse=0.9, q drift 0.3" if method == "token_select_reuse" else "",
+                "heads": f"{Hq}/{Hkv}", "head_dim": head_dim, "dtype": str(dtype).replace("torch.", ""),
+                "device": str(device), "threads": torch.get_num_threads(), "stat": "mean",
+            }
+            rows.append(row)
     return rows

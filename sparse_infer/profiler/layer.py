@@ -108,18 +108,21 @@ def analyze_layer(runs: list[LayerRun], settings: SearchSettings, *, block_size:
         rules = [c.rule() for c in choices]
         grans_rt = runtime_granularity(rules, hkv)
         rec = {L: torch.zeros(hq) for L in prefill_tables}
+        tail = {L: torch.zeros(hq) for L in prefill_tables}
         den = {L: torch.zeros(hq) for L in prefill_tables}
         cnt = {L: 0 for L in prefill_tables}
         for run, stats in zip(runs, kept):
-            r_, d_ = measure_rules(rules, grans_rt, run.query, run.key, stats, scaling=run.scaling,
-                                   mask=run.mask, softcap=run.softcap)
+            r_, t_, d_ = measure_rules(rules, grans_rt, run.query, run.key, stats, scaling=run.scaling,
+                                       mask=run.mask, softcap=run.softcap)
             rec[run.length] += r_
+            tail[run.length] += t_
             den[run.length] += d_
             cnt[run.length] += 1
         rec = {L: v / cnt[L] for L, v in rec.items()}
+        tail = {L: v / cnt[L] for L, v in tail.items()}
         den = {L: v / cnt[L] for L, v in den.items()}
         failing = [h for h in range(hq) if choices[h].pattern != "dense"
-                   and any(float(rec[L][h]) < settings.target_recall for L in rec)]
+                   and any(min(float(rec[L][h]), float(tail[L][h])) < settings.target_recall for L in rec)]
         if not failing:
             break
         for h in failing:
@@ -144,6 +147,7 @@ def analyze_layer(runs: list[LayerRun], settings: SearchSettings, *, block_size:
         reports.append(HeadReport(
             prefill=choices[h], decode=dec,
             prefill_recall={L: float(v[h]) for L, v in rec.items()},
+            prefill_tail_recall={L: float(v[h]) for L, v in tail.items()},
             prefill_density={L: float(v[h]) for L, v in den.items()},
             decode_recall=d_rec, decode_cost=d_cost,
             retrieval_score=float(retrieval[h]),

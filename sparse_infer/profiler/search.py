@@ -24,7 +24,7 @@ from sparse_infer.prefill import build_index
 from sparse_infer.profiler.decode import QUEST_PAGE, SELECTOR_LOCAL, SELECTOR_SINK, STREAMING_SINKS, curve_at
 from sparse_infer.profiler.stats import (
     AttentionStats, block_bitmap, block_part, column_gain, column_map, index_head_density, index_recall,
-    uniform_stats,
+    index_tail_recall, uniform_stats,
 )
 
 PREFILL_PATTERNS = ("a_shape", "vertical_slash", "block")
@@ -99,7 +99,9 @@ def evaluate_prefill_run(query: torch.Tensor, key: torch.Tensor, stats: Attentio
                          granularities=("head",), mask=None, softcap=None, length: int | None = None) -> dict:
     """Recall and density per q head of every grid candidate on one prompt.
 
-    Returns {(granularity, pattern, params_key): (recall (Hq,), density (Hq,))}.
+    Returns {(granularity, pattern, params_key): (recall, tail recall, density)}, each (Hq,):
+    recall over all queries, over the last query block (see stats.index_tail_recall), and
+    the share of causal pairs computed.
     vertical_slash indexes are the union of the builder's blocks for a slash budget
     and its columns for a vertical budget (columns depend only on the vertical
     budget, blocks only on the slash budget), so 2k builds give all k^2 pairs exactly.
@@ -121,7 +123,8 @@ def evaluate_prefill_run(query: torch.Tensor, key: torch.Tensor, stats: Attentio
     for params in grid["a_shape"]:
         # static: one bitmap per (n, bs, params), built once by the a_shape builder and cached
         bitmap, density = _static_index("a_shape", params_key(params), n, bs, hq)
-        entry = (block_part(bitmap, stats.block_mass) / stats.num_queries, density)
+        entry = (block_part(bitmap, stats.block_mass) / stats.num_queries,
+                 block_part(bitmap[:, -1:], stats.block_mass[:, -1:]) / stats.tail_rows, density)
         for gran in granularities:
             out[(gran, "a_shape", params_key(params))] = entry
     with _reuse_vertical_slash_estimate():
@@ -134,24 +137,28 @@ def _evaluate_estimated(build, grid, granularities, stats, hq, n, bs, ublocks, u
     for gran in granularities:
         for params in grid["block"]:
             index = build("block", params, gran)
-            out[(gran, "block", params_key(params))] = (index_recall(index, stats),
+            out[(gran, "block", params_key(params))] = (index_recall(index, stats), index_tail_recall(index, stats),
                                                         index_head_density(index, n, hq))
         budgets = sorted({p["vertical"] for p in grid["vertical_slash"]})
         per_slash, per_vertical = {}, {}
         for s in budgets:
             bitmap = block_bitmap(build("vertical_slash", {"vertical": VS_MIN, "slash": s}, gran), n)
+            tail = bitmap[:, -1:]
             per_slash[s] = (block_part(bitmap, stats.block_mass), column_gain(bitmap, stats.col_mass, bs),
+                            block_part(tail, stats.block_mass[:, -1:]),
+                            column_gain(tail, stats.col_mass[:, -1:], bs),
                             block_part(bitmap, ublocks), column_gain(bitmap, ucols, bs))
         for v in budgets:
             cmap = column_map(build("vertical_slash", {"vertical": v, "slash": VS_MIN}, gran), n)
             per_vertical[v] = cmap.repeat_interleave(hq // cmap.shape[0], 0)
         for params in grid["vertical_slash"]:
-            bmass, gain, upairs, ugain = per_slash[params["slash"]]
+            bmass, gain, tmass, tgain, upairs, ugain = per_slash[params["slash"]]
             cmap = per_vertical[params["vertical"]]
             recall = (bmass + (cmap * gain).sum(-1)) / stats.num_queries
+            tail = (tmass + (cmap * tgain).sum(-1)) / stats.tail_rows
             pairs = upairs.repeat_interleave(hq // upairs.shape[0], 0) + (
                 cmap * ugain.repeat_interleave(hq // ugain.shape[0], 0)).sum(-1)
-            out[(gran, "vertical_slash", params_key(params))] = (recall, pairs / total_pairs)
+            out[(gran, "vertical_slash", params_key(params))] = (recall, tail, pairs / total_pairs)
     return out
 
 
@@ -280,8 +287,8 @@ def _best_point(table: MeanTable, n: int, bs: int, gran: str, pattern: str, head
     """Cheapest grid point of `pattern` whose recall reaches target on every head in `heads`."""
     best = None
     for params in prefill_grid(n, bs)[pattern]:
-        recall, density = table.get((gran, pattern, params_key(params)))
-        if bool((recall[heads] >= target).all()):
+        recall, tail, density = table.get((gran, pattern, params_key(params)))
+        if bool((recall[heads] >= target).all()) and bool((tail[heads] >= target).all()):
             cost = float(density[heads].mean()) + estimate_overhead(pattern, n, bs)
             if best is None or cost < best[1] - 1e-12:
                 best = (params, cost)
@@ -316,7 +323,7 @@ def choose_prefill(tables: dict[int, MeanTable], heads: list[int], gran: str, se
         else:
             params = {"coverage": max(p["coverage"] for p in points.values())}
             lookup = params
-        _, density = tables[longest].get((gran, pattern, params_key(lookup)))
+        density = tables[longest].get((gran, pattern, params_key(lookup)))[-1]
         cost = float(density[heads].mean()) + estimate_overhead(pattern, longest, bs)
         if cost < best.cost - 1e-12:
             best = Choice(pattern, params, cost, gran)
@@ -365,10 +372,10 @@ def runtime_granularity(rules: list[Rule], num_kv: int) -> list[str]:
 
 
 def measure_rules(rules: list[Rule], grans: list[str], query, key, stats: AttentionStats, *, scaling,
-                  mask=None, softcap=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact (recall, density) per head of the final rules, each at its run-time granularity."""
+                  mask=None, softcap=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact (recall, tail recall, density) per head of the final rules, each at its run-time granularity."""
     hq = query.shape[0]
-    recall, density = torch.ones(hq), torch.ones(hq)
+    recall, tail, density = torch.ones(hq), torch.ones(hq), torch.ones(hq)
     m4 = None if mask is None else mask.reshape(1, -1, *mask.shape[-2:])
     done: dict = {}
     with _reuse_vertical_slash_estimate():
@@ -379,9 +386,10 @@ def measure_rules(rules: list[Rule], grans: list[str], query, key, stats: Attent
             if key_ not in done:
                 index = build_index(rule, query[None], key[None], block_size=stats.block_size, scaling=scaling,
                                     attention_mask=m4, granularity=gran, softcap=softcap)
-                done[key_] = (index_recall(index, stats), index_head_density(index, stats.n, hq))
-            recall[h], density[h] = done[key_][0][h], done[key_][1][h]
-    return recall, density
+                done[key_] = (index_recall(index, stats), index_tail_recall(index, stats),
+                              index_head_density(index, stats.n, hq))
+            recall[h], tail[h], density[h] = (v[h] for v in done[key_])
+    return recall, tail, density
 
 
 # --------------------------------------------------------------------------- decode
@@ -468,6 +476,7 @@ class HeadReport:
     prefill: Choice
     decode: Choice
     prefill_recall: dict = field(default_factory=dict)     # length -> recall of the final rule
+    prefill_tail_recall: dict = field(default_factory=dict)  # the same over the last query block
     prefill_density: dict = field(default_factory=dict)
     decode_recall: dict = field(default_factory=dict)
     decode_cost: dict = field(default_factory=dict)

@@ -47,6 +47,11 @@ class AttentionStats:
     def num_queries(self) -> int:
         return self.n
 
+    @property
+    def tail_rows(self) -> int:
+        """Queries in the last query block."""
+        return self.n - (math.ceil(self.n / self.block_size) - 1) * self.block_size
+
 
 def _bool_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
     """transformers hands bool (sdpa) or additive float (eager) masks; stats want bool."""
@@ -163,9 +168,12 @@ def column_gain(bitmap: torch.Tensor, col_mass: torch.Tensor, bs: int) -> torch.
 
 
 def selected_mass(index: BlockSparseIndex, block_mass: torch.Tensor, col_mass: torch.Tensor,
-                  n: int) -> torch.Tensor:
-    """(Hq,) exact mass of `block_mass`/`col_mass` inside the index's selected pairs."""
+                  n: int, last_block_only: bool = False) -> torch.Tensor:
+    """(Hq,) exact mass of `block_mass`/`col_mass` inside the index's selected pairs
+    (of the last query block only, with `last_block_only`)."""
     bitmap = block_bitmap(index, n)
+    if last_block_only:
+        bitmap, block_mass, col_mass = bitmap[:, -1:], block_mass[:, -1:], col_mass[:, -1:]
     total = block_part(bitmap, block_mass)
     cmap = column_map(index, n)
     if cmap is not None:
@@ -196,6 +204,12 @@ def uniform_stats(n: int, bs: int) -> tuple[torch.Tensor, torch.Tensor, float]:
 def index_recall(index: BlockSparseIndex, stats: AttentionStats) -> torch.Tensor:
     """(Hq,) mean over queries of the true attention mass inside the index's pairs."""
     return selected_mass(index, stats.block_mass, stats.col_mass, stats.n) / stats.num_queries
+
+
+def index_tail_recall(index: BlockSparseIndex, stats: AttentionStats) -> torch.Tensor:
+    """(Hq,) the same over the last query block only: the question and answer tokens of a
+    calibration prompt, where a head that is local elsewhere may have to look far back."""
+    return selected_mass(index, stats.block_mass, stats.col_mass, stats.n, True) / stats.tail_rows
 
 
 def index_head_density(index: BlockSparseIndex, n: int, num_q_heads: int) -> torch.Tensor:

@@ -18,3 +18,16 @@ def test_bench_decode_end_to_end_rows():
     assert rows[0]["speedup"] == 1.0
     assert rows[1]["same_tokens"] == 1.0 and rows[1]["decode_density"] == pytest.approx(1.0)
     assert rows[2]["decode_density"] < 0.9 and rows[2]["state_bytes"] > 0
+
+
+def test_bench_decode_methods_smoke():
+    from sparse_infer.bench.attention import bench_decode_methods
+
+    methods = ("token_select", "token_select_reuse", "double_sparsity", "quest", "streaming")
+    rows = bench_decode_methods(kv_lens=(512,), budget=64, heads=(4, 2), head_dim=16, methods=methods, repeats=1)
+    assert [r["method"] for r in rows] == list(methods)
+    for r in rows:
+        assert r["kv_len"] == 512 and r["dense_ms"] > 0 and r["sparse_ms"] > 0 and r["bytes_read"] > 0
+        if r["method"] in ("quest", "double_sparsity", "streaming"):
+            assert r["bytes_read"] < r["dense_bytes"]
+    assert rows[1]["reuse_rate"] is not None and rows[2]["reuse_rate"] is None

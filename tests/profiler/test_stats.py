@@ -7,7 +7,7 @@ from sparse_infer.prefill import build_index
 from sparse_infer.profiler.decode import decode_curves, double_sparsity_curve, retrieval_hits
 from sparse_infer.profiler.search import evaluate_prefill_run, make_rule, params_key
 from sparse_infer.profiler.stats import (
-    attention_stats, channel_scores, index_head_density, index_recall,
+    attention_stats, channel_scores, index_head_density, index_recall, index_tail_recall,
 )
 
 
@@ -61,6 +61,9 @@ def test_recall_and_density_equal_dense_map(pattern, params, granularity):
     P = _dense_probs(q, k, 0.25)
     want_recall = (P * mask).sum((-1, -2)) / 300
     torch.testing.assert_close(index_recall(index, st), want_recall, atol=1e-5, rtol=0)
+    tail = slice((300 // bs) * bs, 300)                                  # the last query block's rows
+    want_tail = (P[:, tail] * mask[:, tail]).sum((-1, -2)) / (300 - (300 // bs) * bs)
+    torch.testing.assert_close(index_tail_recall(index, st), want_tail, atol=1e-5, rtol=0)
     want_density = mask.float().sum((-1, -2)) / (300 * 301 / 2)
     torch.testing.assert_close(index_head_density(index, 300, 4), want_density, atol=1e-6, rtol=0)
     assert abs(float(want_density.mean()) - index_density(index, 300, 300)) < 1e-6
@@ -88,8 +91,9 @@ def test_vertical_slash_grid_union_is_the_builder_index():
         for params in ({"vertical": 32, "slash": 64}, {"vertical": 128, "slash": 16}):
             index = build_index(make_rule("vertical_slash", params), q[None], k[None], block_size=32,
                                 scaling=0.25, granularity=gran)
-            recall, density = table[(gran, "vertical_slash", params_key(params))]
+            recall, tail, density = table[(gran, "vertical_slash", params_key(params))]
             torch.testing.assert_close(recall, index_recall(index, st), atol=1e-6, rtol=0)
+            torch.testing.assert_close(tail, index_tail_recall(index, st), atol=1e-6, rtol=0)
             torch.testing.assert_close(density, index_head_density(index, 512, 4), atol=1e-6, rtol=0)
 
 
