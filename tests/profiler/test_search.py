@@ -1,6 +1,5 @@
 """Head search on synthetic attention with planted structure picks the matching pattern."""
 import pytest
-import torch
 
 from sparse_infer.profiler.layer import LayerRun, analyze_layer
 from sparse_infer.profiler.search import SearchSettings, combine_budget, runtime_granularity, make_rule
