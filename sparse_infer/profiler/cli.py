@@ -29,12 +29,12 @@ def profile_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the plan (YAML).")],
     seq_len: Annotated[int, typer.Option("--seq-len", help="Longest calibration length; statistics are also "
                                                            "taken at half of it to see how budgets grow.")] = 8192,
-    samples: Annotated[int, typer.Option("--samples", help="Calibration prompts per length "
-                                                           "(needle, key-value, text, ...).")] = 4,
+    samples: Annotated[int, typer.Option("--samples", help="Calibration prompts (needle, key-value, "
+                                                           "text, ...), each serving both lengths.")] = 4,
     target_recall: Annotated[float, typer.Option("--target-recall", help="Share of each head's true attention "
                                                                          "mass its pattern must keep.")] = 0.95,
     min_seq_len: Annotated[Optional[int], typer.Option("--min-seq-len", help="Shorter prompts / caches run dense "
-                                                                             "[default: seq_len / 2].")] = None,
+                                                                             "(default: seq_len / 2).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Calibration prompt seed.")] = 0,
     channels: Annotated[int, typer.Option("--channels", help="Double Sparsity channels per head.")] = 16,
     block_size: Annotated[int, typer.Option("--block-size", help="Prefill block size of the plan.")] = 64,

@@ -1,8 +1,8 @@
 """The offline profiler: calibration prompts -> per-head statistics -> a validated plan.
 
-    from sparse_infer.profiler import ProfileConfig, profile_model
+    from sparse_infer.profiler import ProfileConfig, profile_model, save_plan
     result = profile_model(model, tokenizer, ProfileConfig(seq_len=4096, samples=4))
-    result.plan.save("configs/my-model.yaml")
+    save_plan(result.plan, "configs/my-model.yaml")     # Plan.save writes the same content, less compactly
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 
 from sparse_infer.plan import PLAN_VERSION, Plan, load_plan, model_spec_from_config, plan_from_dict
 from sparse_infer.profiler.capture import decoder_layers, layerwise
@@ -182,6 +183,9 @@ def profile_model(model, tokenizer, config: ProfileConfig | None = None, *, name
                                          decode_queries=config.decode_queries, on_run=on_run))
             del runs
             bar.advance(t_layers)
+            if progress and not bar.console.is_terminal:
+                # no live bar in logs and pipes: one line per layer instead
+                bar.console.print(f"layer {layer + 1}/{num_layers} profiled ({time.time() - started:.0f} s)")
     if was_training:
         model.train()
 
@@ -243,9 +247,9 @@ def build_plan(reports: list[list[HeadReport]], model, config: ProfileConfig, le
                         for L in lengths},
         "decode_recall": {L: [_r(sum(r.decode_recall[L] for r in layer) / len(layer)) for layer in reports]
                           for L in lengths},
-        # per head, at the longest length: lets `plan show` scale data-dependent densities
-        "head_prefill_density": {li: [_r(r.prefill_density[lengths[-1]]) for r in layer]
-                                 for li, layer in enumerate(reports)},
+        # per head and length: lets `plan show` report data-dependent densities
+        "head_prefill_density": {L: {li: [_r(r.prefill_density[L]) for r in layer]
+                                     for li, layer in enumerate(reports)} for L in lengths},
         "retrieval_heads": retrieval,
     }
     from sparse_infer import __version__
@@ -254,7 +258,9 @@ def build_plan(reports: list[list[HeadReport]], model, config: ProfileConfig, le
         "tool": f"{TOOL} {__version__}",
         "created": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
         "command": command,
-        "model": {"name": name, "architecture": spec.architecture, "fingerprint": model_fingerprint(model)},
+        # GGUF-loaded configs carry no `architectures`: name the class that was profiled
+        "model": {"name": name, "architecture": spec.architecture or type(model).__name__,
+                  "fingerprint": model_fingerprint(model)},
         "seq_len": max(lengths),
         "lengths": list(lengths),
         "samples": config.samples,
@@ -280,6 +286,52 @@ def build_plan(reports: list[list[HeadReport]], model, config: ProfileConfig, le
     return plan
 
 
+class _Flow(dict):
+    """A mapping written on one line (one rule per line keeps a 270-head plan readable)."""
+
+
+class _FlowList(list):
+    pass
+
+
+class _PlanDumper(yaml.SafeDumper):
+    pass
+
+
+_PlanDumper.add_representer(_Flow, lambda d, v: d.represent_mapping("tag:yaml.org,2002:map", v.items(),
+                                                                     flow_style=True))
+_PlanDumper.add_representer(_FlowList, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v,
+                                                                         flow_style=True))
+
+
+def plan_yaml(plan: Plan) -> str:
+    """The plan as YAML, each rule and each measurement list on one line (same content as Plan.save)."""
+    raw = plan.to_dict()
+    for section in ("prefill", "decode"):
+        sec = raw[section]
+        sec["default"] = _Flow(sec["default"])
+        for heads in (sec.get("layers") or {}).values():
+            for head, rule in heads.items():
+                heads[head] = _Flow(rule)
+    def flow_lists(value):
+        if isinstance(value, dict):
+            return {k: flow_lists(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return _FlowList(flow_lists(v) for v in value)
+        return value
+
+    if (raw.get("profile") or {}).get("measured"):
+        raw["profile"]["measured"] = flow_lists(raw["profile"]["measured"])
+    return yaml.dump(raw, Dumper=_PlanDumper, sort_keys=False, default_flow_style=None, width=120)
+
+
+def save_plan(plan: Plan, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(plan_yaml(plan))
+    return path
+
+
 def profile(model_spec: str, out: str | Path, config: ProfileConfig | None = None, *, progress: bool = True,
             console=None) -> ProfileResult:
     """Load a model by spec (see sparse_infer.models.load_model), profile it, save and re-validate the plan."""
@@ -288,9 +340,12 @@ def profile(model_spec: str, out: str | Path, config: ProfileConfig | None = Non
     config = config or ProfileConfig()
     model, tokenizer = load_model(model_spec)
     result = profile_model(model, tokenizer, config, name=model_spec, out=out, progress=progress, console=console)
-    path = result.plan.save(out)
-    load_plan(path, model.config)       # what was written must load and match the model
+    path = save_plan(result.plan, out)
+    reloaded = load_plan(path, model.config)     # what was written must load and match the model
+    if reloaded.to_dict() != result.plan.to_dict():
+        raise RuntimeError(f"{path} does not read back as the plan that was profiled")
     return result
 
 
-__all__ = ["ProfileConfig", "ProfileResult", "profile", "profile_model", "build_plan", "model_fingerprint"]
+__all__ = ["ProfileConfig", "ProfileResult", "profile", "profile_model", "build_plan", "model_fingerprint",
+           "plan_yaml", "save_plan"]

@@ -109,15 +109,41 @@ def show_lengths(plan: Plan) -> list[int]:
     return [4096, 8192, 16384, 32768]
 
 
-def plan_table(plan: Plan, lengths: list[int] | None = None) -> Table:
-    """Per layer: pattern/method counts and expected prefill/decode density at a few lengths."""
-    lengths = lengths or show_lengths(plan)
+def expected_densities(plan: Plan, lengths: list[int]) -> list[dict[int, tuple[float, float]]]:
+    """Per layer {n: (prefill density, decode density)}, averaged over the layer's heads."""
     heads = plan.model.num_attention_heads
     layers = plan.model.num_hidden_layers
     if heads is None or layers is None:
         raise ValueError("the plan's model section lacks num_attention_heads / num_hidden_layers")
     measured = (plan.profile.get("measured") or {}).get("head_prefill_density", {}) if plan.profile else {}
-    profiled = max(plan.profile.get("lengths") or [0]) if plan.profile else 0
+    if not isinstance(measured, dict):
+        measured = {}
+    out = []
+    for li in range(layers):
+        prules = [plan.prefill.rule(li, h) for h in range(heads)]
+        drules = [plan.decode.rule(li, h) for h in range(heads)]
+        # {length: this layer's measured density per head}, from the profile when present
+        head_measured = {L: per_layer[li] for L, per_layer in measured.items()
+                         if isinstance(per_layer, dict) and len(per_layer.get(li) or []) == heads}
+        row = {}
+        for n in lengths:
+            if n < plan.prefill.min_len:
+                pre = 1.0
+            else:
+                pre = sum(prefill_rule_density(r, n, plan.prefill.block_size,
+                                               {L: v[h] for L, v in head_measured.items()} or None)
+                          for h, r in enumerate(prules)) / heads
+            dec = 1.0 if n < plan.decode.min_len else sum(decode_rule_density(r, n) for r in drules) / heads
+            row[n] = (pre, dec)
+        out.append(row)
+    return out
+
+
+def plan_table(plan: Plan, lengths: list[int] | None = None) -> Table:
+    """Per layer: pattern/method counts and expected prefill/decode density at a few lengths."""
+    lengths = lengths or show_lengths(plan)
+    heads = plan.model.num_attention_heads
+    dens = expected_densities(plan, lengths)
     title = f"plan {plan.source or ''}".strip()
     if plan.profile:
         name = (plan.profile.get("model") or {}).get("name") if isinstance(plan.profile.get("model"), dict) else None
@@ -132,31 +158,16 @@ def plan_table(plan: Plan, lengths: list[int] | None = None) -> Table:
     table.add_column("decode")
     for n in lengths:
         table.add_column(f"dec@{n}", justify="right")
-    totals_p = {n: 0.0 for n in lengths}
-    totals_d = {n: 0.0 for n in lengths}
-    for li in range(layers):
-        prules = [plan.prefill.rule(li, h) for h in range(heads)]
-        drules = [plan.decode.rule(li, h) for h in range(heads)]
-        row = [str(li), _counts(r.kind for r in prules)]
-        head_measured = measured.get(li) if isinstance(measured, dict) else None
-        for n in lengths:
-            if n < plan.prefill.min_len:
-                d = 1.0
-            else:
-                ds = []
-                for h, r in enumerate(prules):
-                    m = {profiled: head_measured[h]} if head_measured and profiled else None
-                    ds.append(prefill_rule_density(r, n, plan.prefill.block_size, m))
-                d = sum(ds) / heads
-            totals_p[n] += d
-            row.append("?" if math.isnan(d) else f"{d:.3f}")
-        row.append(_counts(r.kind for r in drules))
-        for n in lengths:
-            d = 1.0 if n < plan.decode.min_len else sum(decode_rule_density(r, n) for r in drules) / heads
-            totals_d[n] += d
-            row.append(f"{d:.3f}")
-        table.add_row(*row)
+
+    def fmt(x: float) -> str:
+        return "?" if math.isnan(x) else f"{x:.3f}"
+
+    for li, row in enumerate(dens):
+        table.add_row(str(li), _counts(plan.prefill.rule(li, h).kind for h in range(heads)),
+                      *[fmt(row[n][0]) for n in lengths],
+                      _counts(plan.decode.rule(li, h).kind for h in range(heads)),
+                      *[fmt(row[n][1]) for n in lengths])
     table.add_section()
-    table.add_row("mean", "", *[("?" if math.isnan(totals_p[n]) else f"{totals_p[n] / layers:.3f}") for n in lengths],
-                  "", *[f"{totals_d[n] / layers:.3f}" for n in lengths])
+    table.add_row("mean", "", *[fmt(sum(r[n][0] for r in dens) / len(dens)) for n in lengths],
+                  "", *[fmt(sum(r[n][1] for r in dens) / len(dens)) for n in lengths])
     return table

@@ -206,25 +206,33 @@ def _reuse_vertical_slash_estimate():
 
 
 class MeanTable:
-    """Running means of per-head tensors under hashable keys."""
+    """Running means (and minimums) of per-head tensors under hashable keys."""
 
     def __init__(self):
         self.sums: dict = {}
+        self.mins: dict = {}
         self.counts: dict = {}
 
     def add(self, entries: dict):
         for key, value in entries.items():
+            value = value if isinstance(value, tuple) else (value,)
             if key in self.sums:
-                prev = self.sums[key]
-                self.sums[key] = tuple(a + b for a, b in zip(prev, value)) if isinstance(value, tuple) else prev + value
+                self.sums[key] = tuple(a + b for a, b in zip(self.sums[key], value))
+                self.mins[key] = tuple(torch.minimum(a, b) for a, b in zip(self.mins[key], value))
                 self.counts[key] += 1
             else:
-                self.sums[key] = tuple(v.clone() for v in value) if isinstance(value, tuple) else value.clone()
+                self.sums[key] = tuple(v.clone() for v in value)
+                self.mins[key] = tuple(v.clone() for v in value)
                 self.counts[key] = 1
 
     def get(self, key):
-        value, count = self.sums[key], self.counts[key]
-        return tuple(v / count for v in value) if isinstance(value, tuple) else value / count
+        """Mean over the added entries (a tuple when tuples were added)."""
+        out = tuple(v / self.counts[key] for v in self.sums[key])
+        return out if len(out) > 1 else out[0]
+
+    def minimum(self, key):
+        out = self.mins[key]
+        return out if len(out) > 1 else out[0]
 
     def __contains__(self, key):
         return key in self.sums
@@ -240,7 +248,11 @@ def combine_budget(needs: dict[int, int]):
         return shorter
     if not lengths[:-1]:
         return needs[longest]
-    frac = math.ceil(needs[longest] / longest * 10000) / 10000
+    # exact when the length is a power of two (then need/length is a short decimal); otherwise
+    # rounded to 8 places, upwards, so that ceil(frac * length) still covers the need
+    frac = round(needs[longest] / longest, 8)
+    if frac * longest < needs[longest]:
+        frac += 1e-8
     return {"frac": min(frac, 1.0), "min": max(shorter, 1)}
 
 
@@ -284,10 +296,14 @@ DENSE = Choice("dense", {}, 1.0)
 
 
 def _best_point(table: MeanTable, n: int, bs: int, gran: str, pattern: str, heads, target: float):
-    """Cheapest grid point of `pattern` whose recall reaches target on every head in `heads`."""
+    """Cheapest grid point of `pattern` that keeps the target on every head in `heads`:
+    recall averaged over queries and samples, and over the last query block (question and
+    answer) of every sample, since one missed retrieval there costs the answer."""
     best = None
     for params in prefill_grid(n, bs)[pattern]:
-        recall, tail, density = table.get((gran, pattern, params_key(params)))
+        key = (gran, pattern, params_key(params))
+        recall, _, density = table.get(key)
+        tail = table.minimum(key)[1]
         if bool((recall[heads] >= target).all()) and bool((tail[heads] >= target).all()):
             cost = float(density[heads].mean()) + estimate_overhead(pattern, n, bs)
             if best is None or cost < best[1] - 1e-12:
@@ -476,7 +492,7 @@ class HeadReport:
     prefill: Choice
     decode: Choice
     prefill_recall: dict = field(default_factory=dict)     # length -> recall of the final rule
-    prefill_tail_recall: dict = field(default_factory=dict)  # the same over the last query block
+    prefill_tail_recall: dict = field(default_factory=dict)  # over the last query block, worst sample
     prefill_density: dict = field(default_factory=dict)
     decode_recall: dict = field(default_factory=dict)
     decode_cost: dict = field(default_factory=dict)

@@ -116,6 +116,17 @@ def test_profile_command_callable_directly(tiny_dir, tmp_path, capsys):
     assert "pre@1024" in shown and "dec@2048" in shown
 
 
+def test_plan_show_densities_match_measurements(cli_plan):
+    from sparse_infer.profiler.report import expected_densities
+    plan = load_plan(cli_plan)
+    measured = plan.profile["measured"]["prefill_density"]
+    dens = expected_densities(plan, [512, 1024, 4096])
+    for layer, row in enumerate(dens):
+        for n in (512, 1024):             # at profiled lengths: what the profiler measured
+            assert abs(row[n][0] - measured[n][layer]) < 0.02
+        assert 0 < row[4096][0] <= 1 and 0 < row[4096][1] <= 1
+
+
 def test_plan_show_cli(cli_plan):
     res = CliRunner().invoke(app, ["plan", "show", str(cli_plan)])
     assert res.exit_code == 0, res.output

@@ -69,7 +69,9 @@ def test_combine_budget_fixed_or_growing():
     assert grown == {"frac": 0.125, "min": 128}
     from sparse_infer.plan import parse_budget
     b = parse_budget(grown, "b")
-    assert b.resolve(2048) >= 128 and b.resolve(4096) >= 512
+    assert b.resolve(2048) == 256 and b.resolve(4096) == 512         # exactly the need at 4096
+    odd = parse_budget(combine_budget({1500: 100, 3000: 333}), "b")
+    assert odd.resolve(3000) in (333, 334) and odd.resolve(1500) >= 100
 
 
 def test_runtime_granularity_mirrors_grouping():
