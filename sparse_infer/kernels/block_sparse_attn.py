@@ -564,6 +564,7 @@ try:  # Triton is optional: the torch executor covers every case without it.
 except Exception:  # noqa: BLE001 - a missing or broken triton only disables that backend
     triton = None
     tl = None
+    _softcap = _online_softmax_step = None   # kernels are only defined when triton imports
 
 
 def triton_available() -> bool:
@@ -596,6 +597,26 @@ def _require_triton():
 
 
 if tl is not None:
+
+    @triton.jit
+    def _softcap(s, softcap):
+        # softcap * tanh(s / softcap), written with exp (tl has no tanh on every backend)
+        return softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
+
+    @triton.jit
+    def _online_softmax_step(s, ok, m_i, l_i, acc, v, PREC: tl.constexpr):
+        """Fold one tile of scores (allowed where ok) and its values into the running (max, sum, acc).
+
+        Rows with nothing allowed so far keep max = -inf; they are rescaled with 0 so no NaN appears.
+        """
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_use)
+        p = tl.exp(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        return m_new, l_i, acc
 
     @triton.jit
     def _bsa_fwd_kernel(
@@ -659,18 +680,13 @@ if tl is not None:
                 v = v.to(tl.float32)
             qk = tl.dot(q, k, input_precision=PREC) * qk_scale
             if HAS_SOFTCAP:
-                qk = softcap * (1.0 - 2.0 / (tl.exp(2.0 * qk / softcap) + 1.0))  # softcap*tanh(qk/softcap)
+                qk = _softcap(qk, softcap)
+            ok = qk > float("-inf")          # blocks left of the diagonal are causal-safe; only a mask cuts them
             if HAS_MASK:
                 am = tl.load(MASK + b * smb + head[:, None] * smh + qrow[:, None] * smq + kpos[None, :] * smn,
                              mask=row_ok[:, None], other=0)
-                qk = tl.where(am != 0, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_use)
-            p = tl.exp(qk - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-            m_i = m_new
+                ok = ok & (am != 0)
+            m_i, l_i, acc = _online_softmax_step(qk, ok, m_i, l_i, acc, v, PREC)
 
         # 2) the diagonal block: the only tile that needs the causal triangle
         #    (it also holds the partial last block when n % BLOCK != 0).
@@ -686,20 +702,13 @@ if tl is not None:
                 v = v.to(tl.float32)
             qk = tl.dot(q, k, input_precision=PREC) * qk_scale
             if HAS_SOFTCAP:
-                qk = softcap * (1.0 - 2.0 / (tl.exp(2.0 * qk / softcap) + 1.0))
+                qk = _softcap(qk, softcap)
             ok = kpos[None, :] <= qpos[:, None]
             if HAS_MASK:
                 am = tl.load(MASK + b * smb + head[:, None] * smh + qrow[:, None] * smq + kpos[None, :] * smn,
                              mask=row_ok[:, None] & k_ok[None, :], other=0)
                 ok = ok & (am != 0)
-            qk = tl.where(ok, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_use)
-            p = tl.exp(qk - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-            m_i = m_new
+            m_i, l_i, acc = _online_softmax_step(qk, ok, m_i, l_i, acc, v, PREC)
 
         # 3) columns, BLOCK at a time; COLOK already removed invalid columns,
         #    columns right of the diagonal block and those inside selected blocks.
@@ -720,20 +729,13 @@ if tl is not None:
                     v = v.to(tl.float32)
                 qk = tl.dot(q, k, input_precision=PREC) * qk_scale
                 if HAS_SOFTCAP:
-                    qk = softcap * (1.0 - 2.0 / (tl.exp(2.0 * qk / softcap) + 1.0))
+                    qk = _softcap(qk, softcap)
                 ok = c_ok[None, :] & (kpos[None, :] <= qpos[:, None])
                 if HAS_MASK:
                     am = tl.load(MASK + b * smb + head[:, None] * smh + qrow[:, None] * smq + kpos[None, :] * smn,
                                  mask=row_ok[:, None] & c_ok[None, :], other=0)
                     ok = ok & (am != 0)
-                qk = tl.where(ok, qk, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(qk, 1))
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp(m_i - m_use)
-                p = tl.exp(qk - m_use[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-                m_i = m_new
+                m_i, l_i, acc = _online_softmax_step(qk, ok, m_i, l_i, acc, v, PREC)
 
         # rows that saw no key have l_i == 0 -> output zeros
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]

@@ -12,6 +12,8 @@ from .block_sparse_attn import (
     _ws_acquire,
     _ws_release,
     _launch_opts,
+    _online_softmax_step,
+    _softcap,
     _require_triton,
     dense_masked_attention,
     tl,
@@ -192,19 +194,12 @@ if tl is not None:
                 v = v.to(tl.float32)
             s = tl.dot(q, k, input_precision=PREC) * qk_scale
             if HAS_SOFTCAP:
-                s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))  # softcap*tanh(s/softcap)
+                s = _softcap(s, softcap)
             valid = ok[None, :] & g_ok[:, None]
             if HAS_MASK:
                 am = tl.load(MASK + b * smb + head[:, None] * smh + pos[None, :] * smn, mask=valid, other=0)
                 valid = valid & (am != 0)
-            s = tl.where(valid, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_use)
-            p = tl.exp(s - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-            m_i = m_new
+            m_i, l_i, acc = _online_softmax_step(s, valid, m_i, l_i, acc, v, PREC)
         # unnormalized partials; the reduce kernel rescales by the global max
         row = (bh * tl.num_programs(1) + sp) * G_PAD + g
         tl.store(MID_M + row, m_i)
