@@ -7,19 +7,22 @@ import torch
 
 
 def synthetic_prompt_ids(tokenizer, length: int, seed: int = 0) -> torch.Tensor:
-    """Deterministic natural-ish text of exactly `length` tokens (stdlib docstrings, no downloads)."""
-    import json
-    import textwrap
+    """Exactly `length` tokens of natural prose (the Python reference that ships with CPython).
 
-    pieces = [json.__doc__, textwrap.__doc__, time.__doc__, torch.__doc__ or ""]
-    text = " ".join(p for p in pieces if p)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    g = torch.Generator().manual_seed(seed)
-    reps = length // max(len(ids), 1) + 1
-    out = torch.tensor(ids * reps)[:length]
-    # shuffle sentence order cheaply so repeats are not trivially periodic
-    shift = int(torch.randint(0, len(ids), (1,), generator=g))
-    return out.roll(shift)[None]
+    Non-repeating text matters: a prompt made of one passage repeated gives copy heads strong
+    periodic diagonals, which is not what long documents look like.
+    """
+    from sparse_infer.eval._text import essay_words
+
+    words = essay_words()
+    start = (seed * 7919) % len(words)
+    ids: list[int] = []
+    chunk = 2000
+    while len(ids) < length:
+        piece = " ".join(words[start:start + chunk]) or " ".join(words[:chunk])
+        ids.extend(tokenizer(" " + piece, add_special_tokens=False)["input_ids"])
+        start = (start + chunk) % len(words)
+    return torch.tensor(ids[:length])[None]
 
 
 def bench_prefill_end_to_end(model, tokenizer, lengths, plans: dict, repeats: int = 1):
