@@ -160,8 +160,15 @@ def test_ruler_interrupt_message(tmp_path, fake_load, monkeypatch):
     assert "--resume" in res.output
 
 
+def test_needle_default_plan_is_the_shipped_one():
+    assert cli.default_plan_for("smollm2-135m").endswith("configs/smollm2-135m.yaml")
+    assert cli.default_plan_for("no-such-model") == cli.FALLBACK_PLAN
+
+
 def test_needle_defaults(tmp_path, fake_load, fast_generation, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    # the fake loader returns a tiny model, which the shipped 30-layer SmolLM2 plan rightly rejects
+    monkeypatch.setattr(cli, "default_plan_for", lambda model: cli.FALLBACK_PLAN)
     res = cli_runner.invoke(eval_app, ["needle", "--out", "nd"])
     assert res.exit_code == 0, res.output
     assert fake_load == [cli.DEFAULT_NEEDLE_MODEL]
