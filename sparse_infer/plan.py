@@ -472,8 +472,9 @@ def preset(name: str, model_config, min_seq_len: int = 4096, min_kv_len: int = 4
     defaults = {
         "dense": {"pattern": "dense"},
         "a_shape": {"pattern": "a_shape", "sink": 128, "local": 1024},
-        "vertical_slash": {"pattern": "vertical_slash", "vertical": {"frac": 0.05, "min": 512, "max": 4096},
-                           "slash": {"frac": 0.05, "min": 512, "max": 8192}},
+        # slash lines become whole kv blocks in the executor, so their budget is kept small
+        "vertical_slash": {"pattern": "vertical_slash", "vertical": {"frac": 0.03, "min": 256, "max": 2048},
+                           "slash": {"frac": 0.02, "min": 256, "max": 2048}},
         "block": {"pattern": "block", "coverage": 0.95},
     }
     raw = {
