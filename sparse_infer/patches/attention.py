@@ -204,23 +204,23 @@ def sparse_prefill(rt: LayerRuntime, query, key, value, mask, scaling, softcap=N
 
 def get_stats(model) -> dict:
     """Measured density per layer since patching (or the last reset_stats)."""
+    runtimes = list(_iter_runtimes(model))
     layers = {}
-    for module in model.modules():
-        rt = runtime_for(module)
-        if rt is not None:
-            s = rt.stats
-            layers[rt.layer_idx] = {
-                "prefill_calls": s.prefill_calls, "sparse_prefill_calls": s.sparse_prefill_calls,
-                "prefill_density": s.selected_pairs / s.causal_pairs if s.causal_pairs else None,
-                "decode_calls": s.decode_calls, "sparse_decode_calls": s.sparse_decode_calls,
-                "decode_density": s.decode_selected / s.decode_total if s.decode_total else None,
-            }
-    sel = sum(rt.stats.selected_pairs for rt in _iter_runtimes(model))
-    tot = sum(rt.stats.causal_pairs for rt in _iter_runtimes(model))
-    dsel = sum(rt.stats.decode_selected for rt in _iter_runtimes(model))
-    dtot = sum(rt.stats.decode_total for rt in _iter_runtimes(model))
-    return {"layers": layers, "prefill_density": sel / tot if tot else None,
-            "decode_density": dsel / dtot if dtot else None}
+    for rt in runtimes:
+        s = rt.stats
+        layers[rt.layer_idx] = {
+            "prefill_calls": s.prefill_calls, "sparse_prefill_calls": s.sparse_prefill_calls,
+            "prefill_density": s.selected_pairs / s.causal_pairs if s.causal_pairs else None,
+            "decode_calls": s.decode_calls, "sparse_decode_calls": s.sparse_decode_calls,
+            "decode_density": s.decode_selected / s.decode_total if s.decode_total else None,
+        }
+
+    def ratio(num: str, den: str):
+        total = sum(getattr(rt.stats, den) for rt in runtimes)
+        return sum(getattr(rt.stats, num) for rt in runtimes) / total if total else None
+
+    return {"layers": layers, "prefill_density": ratio("selected_pairs", "causal_pairs"),
+            "decode_density": ratio("decode_selected", "decode_total")}
 
 
 def reset_stats(model) -> None:

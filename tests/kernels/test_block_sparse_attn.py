@@ -1,21 +1,16 @@
 """Block-sparse prefill executors vs the dense masked reference.
 
 Every executor must equal dense_masked_attention(index_to_mask(...)). Triton
-runs under TRITON_INTERPRET=1 on CPU (set below, before triton is imported)
+runs under TRITON_INTERPRET=1 on CPU (set by tests/conftest.py before triton is imported)
 or natively when CUDA is present.
 """
 
 import math
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # must precede the first `import triton` in this process
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from sparse_infer.kernels import (  # noqa: E402
+from sparse_infer.kernels import (
     BlockSparseIndex,
     block_sparse_attention,
     block_sparse_attention_torch,
@@ -24,29 +19,8 @@ from sparse_infer.kernels import (  # noqa: E402
     index_density,
     index_to_mask,
     num_query_blocks,
-    triton_available,
 )
-
-TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _triton_skip_reason():
-    if not triton_available():
-        return "triton is not installed"
-    if TRITON_DEVICE == "cpu":
-        from triton.runtime.interpreter import InterpretedFunction
-
-        from sparse_infer.kernels import block_sparse_attn
-
-        if not isinstance(block_sparse_attn._bsa_fwd_kernel, InterpretedFunction):
-            return "triton was imported before TRITON_INTERPRET=1 was set; run this module on its own"
-    return None
-
-
-_SKIP = _triton_skip_reason()
-def needs_triton(fn):
-    """Mark a test as a Triton test (registered `triton` marker) and skip it with the reason."""
-    return pytest.mark.triton(pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")(fn))
+from tests.kernels.triton_support import TRITON_DEVICE, needs_triton
 
 
 def make_index(B, Hi, q_len, n, bs, p=0.35, n_cols=0, seed=0, empty_blocks=(), device="cpu"):

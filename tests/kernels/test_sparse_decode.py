@@ -1,47 +1,18 @@
 """Sparse decode executors vs the dense masked reference (q == 1)."""
 
 import math
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # must precede the first `import triton` in this process
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from sparse_infer.kernels import (  # noqa: E402
+from sparse_infer.kernels import (
     dense_decode_reference,
     indices_to_mask,
     sparse_decode,
     sparse_decode_torch,
     sparse_decode_triton,
-    triton_available,
 )
-
-TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _triton_skip_reason():
-    if not triton_available():
-        return "triton is not installed"
-    if TRITON_DEVICE == "cpu":
-        import importlib
-
-        from triton.runtime.interpreter import InterpretedFunction
-
-        # (the package re-exports a function named sparse_decode, so import the module by path)
-        mod = importlib.import_module("sparse_infer.kernels.sparse_decode")
-
-        if not isinstance(mod._sparse_decode_split_kernel, InterpretedFunction):
-            return "triton was imported before TRITON_INTERPRET=1 was set; run this module on its own"
-    return None
-
-
-_SKIP = _triton_skip_reason()
-def needs_triton(fn):
-    """Mark a test as a Triton test (registered `triton` marker) and skip it with the reason."""
-    return pytest.mark.triton(pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")(fn))
+from tests.kernels.triton_support import TRITON_DEVICE, needs_triton
 
 
 def make_case(B, Hq, Hkv, Hi, n, K, D=32, n_unused=5, dtype=torch.float32, seed=0, device="cpu"):
