@@ -115,6 +115,8 @@ def bench_decode(
     model: Optional[str] = typer.Option(None, help="also time end-to-end decode tokens/s of this model"),
     prompt_len: int = 16384,
     new_tokens: int = 32,
+    cache: str = typer.Option("dynamic", help="end-to-end KV cache for dense and sparse alike: 'dynamic' "
+                                               "(DynamicCache, copies K/V every step) or 'append' (AppendCache)"),
     json_out: Optional[str] = typer.Option(None, "--json"),
 ):
     """Dense vs each decode method: per-step attention time, bytes read; then tokens/s."""
@@ -138,7 +140,7 @@ def bench_decode(
                      "decode": {"min_kv_len": 0, "default": {**budget_plan, "method": m},
                                 "layers": {0: {"*": {"method": "dense"}}}}}
                  for m in ("token_select", "double_sparsity", "quest")}
-        e2e = bench_decode_end_to_end(model, prompt_len, new_tokens, plans)["rows"]
+        e2e = bench_decode_end_to_end(model, prompt_len, new_tokens, plans, cache=cache)["rows"]
         _table(e2e, list(e2e[0].keys()), f"end-to-end decode, {model}")
     if json_out:
         with open(json_out, "w") as fh:

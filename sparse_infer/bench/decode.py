@@ -51,15 +51,22 @@ def _decode_loop(model, cache, first_token, new_tokens: int):
     return out, first_s, time.perf_counter() - t0
 
 
-def bench_decode_end_to_end(model_spec, prompt_len: int, new_tokens: int, plans: dict, backend: str = "auto"):
+def bench_decode_end_to_end(model_spec, prompt_len: int, new_tokens: int, plans: dict, backend: str = "auto",
+                            cache: str = "dynamic"):
     """Decode tokens/s for dense and each plan (name -> plan: dict, YAML path, Plan).
 
     model_spec: a built-in model name / path for load_model, a (model, tokenizer) pair, or a
     model (random prompt). Returns {"prompt_len", "new_tokens", "rows": [...]}, one row per
     plan, dense first: tokens_per_s (steady state, steps 2..new_tokens), first_step_s,
     speedup (vs dense tokens_per_s), decode_density, state_bytes (side state after the run),
-    same_tokens (fraction of generated tokens equal to dense's)."""
+    same_tokens (fraction of generated tokens equal to dense's).
+
+    cache: "dynamic" (transformers' DynamicCache: every step concatenates, i.e. copies the
+    whole K/V once, for dense and sparse alike) or "append" (sparse_infer.AppendCache: rows
+    written in place). Dense and every plan use the same kind."""
     from transformers import DynamicCache
+
+    from sparse_infer.cache import AppendCache
 
     import sparse_infer
     from sparse_infer.decode import decode_state_bytes
@@ -69,8 +76,10 @@ def bench_decode_end_to_end(model_spec, prompt_len: int, new_tokens: int, plans:
     model, tokenizer = _load(model_spec)
     ids = _prompt(model, tokenizer, prompt_len).to(next(model.parameters()).device)
     with torch.no_grad():
-        cache = DynamicCache(config=model.config)
-        logits = model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1]
+        if cache not in ("dynamic", "append"):
+            raise ValueError(f"cache must be 'dynamic' or 'append', got {cache!r}")
+        kv = (DynamicCache if cache == "dynamic" else AppendCache)(config=model.config)
+        logits = model(input_ids=ids, cache=kv, use_cache=True).logits[:, -1]
     first_token = logits.argmax(-1, keepdim=True)
 
     rows, dense_tokens, dense_rate = [], None, None
@@ -79,7 +88,7 @@ def bench_decode_end_to_end(model_spec, prompt_len: int, new_tokens: int, plans:
             sparse_infer.patch(model, plan, backend=backend)
             sparse_infer.reset_stats(model)
         try:
-            tokens, first_s, rest_s = _decode_loop(model, copy.deepcopy(cache), first_token, new_tokens)
+            tokens, first_s, rest_s = _decode_loop(model, copy.deepcopy(kv), first_token, new_tokens)
             density = sparse_infer.get_stats(model)["decode_density"] if plan is not None else 1.0
             state = decode_state_bytes(model) if plan is not None else 0
         finally:
@@ -89,7 +98,7 @@ def bench_decode_end_to_end(model_spec, prompt_len: int, new_tokens: int, plans:
         if plan is None:
             dense_tokens, dense_rate = tokens, rate
         rows.append({
-            "plan": name, "tokens_per_s": rate, "first_step_s": first_s, "speedup": rate / dense_rate,
+            "plan": name, "cache": cache, "tokens_per_s": rate, "first_step_s": first_s, "speedup": rate / dense_rate,
             "decode_density": density, "state_bytes": state,
             "same_tokens": sum(a == b for a, b in zip(tokens, dense_tokens)) / len(tokens),
         })

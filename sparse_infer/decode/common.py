@@ -40,9 +40,19 @@ class GroupInputs:
         return self.query.shape[1] if self.per_head else self.key.shape[1]
 
 
+@dataclass(frozen=True)
+class KeyRange:
+    """The keys left for scoring when nothing is masked: positions start <= t < stop (after
+    the sinks, before the local window). Kept as two ints so that no (B, H, n) mask is built
+    on every decode step."""
+
+    start: int
+    stop: int
+
+
 def forced_and_eligible(inp: GroupInputs, sink: int, local: int):
     """Indices of the always-kept tokens (first `sink` and last `local` valid keys) and the
-    bool (B, Hi, n) set of keys left for scoring (valid and not already forced)."""
+    keys left for scoring: a KeyRange when nothing is masked, else a bool (B, Hi, n) tensor."""
     B, Hi, n = inp.query.shape[0], inp.index_heads, inp.n
     device = inp.key.device
     if inp.valid is None:
@@ -50,11 +60,7 @@ def forced_and_eligible(inp: GroupInputs, sink: int, local: int):
         s = min(sink, n)
         lo = max(n - local, s)
         pos = torch.cat([torch.arange(s, device=device), torch.arange(lo, n, device=device)])
-        forced = pos.view(1, 1, -1).expand(B, Hi, -1)
-        eligible = torch.ones(B, Hi, n, dtype=torch.bool, device=device)
-        eligible[..., :s] = False
-        eligible[..., lo:] = False
-        return forced, eligible
+        return pos.view(1, 1, -1).expand(B, Hi, -1), KeyRange(s, lo)
     valid = inp.valid
     rank_front = valid.cumsum(-1)                              # 1-based rank among valid keys
     rank_back = valid.sum(-1, keepdim=True) - rank_front + 1
@@ -68,8 +74,15 @@ def forced_and_eligible(inp: GroupInputs, sink: int, local: int):
     return forced, valid & ~forced_mask
 
 
-def top_tokens(scores: torch.Tensor, eligible: torch.Tensor, budget: int) -> torch.Tensor:
-    """The `budget` best eligible keys per row of scores (B, Hi, n); slots with no eligible key -> -1."""
+def top_tokens(scores: torch.Tensor, eligible, budget: int) -> torch.Tensor:
+    """The `budget` best eligible keys per row of scores (B, Hi, n); slots with no eligible key -> -1.
+
+    eligible: a KeyRange (top-k over that slice only) or a bool (B, Hi, n) tensor."""
+    if isinstance(eligible, KeyRange):
+        part = scores[..., eligible.start: eligible.stop]
+        k = min(budget, part.shape[-1])
+        vals, idx = part.topk(k, dim=-1, sorted=False)
+        return (idx + eligible.start).masked_fill(vals == NEG_INF, -1)
     k = min(budget, scores.shape[-1])
     scores = scores.masked_fill(~eligible, NEG_INF)
     vals, idx = scores.topk(k, dim=-1, sorted=False)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from sparse_infer.decode.common import NEG_INF, GroupInputs, GrowBuffer, forced_and_eligible, vote
+from sparse_infer.decode.common import NEG_INF, GroupInputs, GrowBuffer, KeyRange, forced_and_eligible, vote
 
 
 def page_bounds_from_keys(key: torch.Tensor, page: int, valid: torch.Tensor | None = None):
@@ -81,8 +81,12 @@ def select(inp: GroupInputs, rule, state: dict) -> torch.Tensor:
     pages = -(-n // page)
     forced, eligible = forced_and_eligible(inp, rule.sink, rule.local)
     # a page competes only if it still has a token that is neither forced nor masked out
-    padded = torch.nn.functional.pad(eligible, (0, pages * page - n))
-    page_eligible = padded.view(B, Hi, pages, page).any(-1)
+    if isinstance(eligible, KeyRange):
+        first = torch.arange(pages, device=inp.key.device) * page
+        page_eligible = ((first < eligible.stop) & (first + page > eligible.start)).expand(B, Hi, pages)
+    else:
+        padded = torch.nn.functional.pad(eligible, (0, pages * page - n))
+        page_eligible = padded.view(B, Hi, pages, page).any(-1)
     bounds = upper_bounds(inp.query, state["kmin"].view(), state["kmax"].view()) * inp.scaling
     if inp.softcap:
         bounds = inp.softcap * torch.tanh(bounds / inp.softcap)       # monotone: keeps the bound's order
@@ -90,7 +94,11 @@ def select(inp: GroupInputs, rule, state: dict) -> torch.Tensor:
     k = min(-(-rule.budget.resolve(n) // page), pages)
     vals, top = scores.topk(k, dim=-1, sorted=False)                 # (B, Hi, k)
     tokens = (top[..., None] * page + torch.arange(page, device=top.device)).view(B, Hi, k * page)
-    keep = (vals != NEG_INF).repeat_interleave(page, dim=-1) & (tokens < n)
-    keep &= padded.gather(-1, tokens.clamp(max=pages * page - 1))   # drop forced / masked tokens of the page
+    keep = (vals != NEG_INF).repeat_interleave(page, dim=-1)
+    # drop the page's tokens that are forced, masked out or past the end
+    if isinstance(eligible, KeyRange):
+        keep &= (tokens >= eligible.start) & (tokens < eligible.stop)
+    else:
+        keep &= (tokens < n) & padded.gather(-1, tokens.clamp(max=pages * page - 1))
     picked = tokens.masked_fill(~keep, -1)
     return torch.cat([forced.expand(B, Hi, -1), picked], dim=-1)

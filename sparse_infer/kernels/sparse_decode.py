@@ -76,21 +76,39 @@ def dense_decode_reference(query, key, value, indices, *, scaling, attention_mas
     return dense_masked_attention(query, key, value, mask, scaling, softcap)
 
 
+def _row_layout(x: torch.Tensor):
+    """(row stride of dim 0, row stride of dim 1) when every (b, h, t) row of x (B, H, n, D) is
+    a contiguous D-vector at a whole-row offset in its storage (contiguous caches, and the
+    prefix views of AppendCache / static buffers); None otherwise."""
+    B, H, n, D = x.shape
+    if x.stride(3) != 1 or (x.stride(2) != D and n > 1):
+        return None
+    s0, s1 = x.stride(0), x.stride(1)
+    if s0 % D or s1 % D:
+        return None
+    return s0 // D, s1 // D
+
+
 def _gather_rows(x: torch.Tensor, pos: torch.Tensor, kv_head: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
     """x (B, Hkv, n, D), pos (B, Hi, K) clamped valid, kv_head (Hi,) -> (B, Hi, K, D).
 
     One gather per index head: with Hi == Hkv it is read once for all G query
-    heads of the group. Contiguous caches use a flat row index_select into the
-    reusable `buf` (fresh multi-MB outputs each step cost page faults); other
-    layouts (e.g. strided static caches) use advanced indexing.
+    heads of the group. Row-addressable layouts (see _row_layout) use a flat row
+    index_select into the reusable `buf` (fresh multi-MB outputs each step cost
+    page faults); other layouts use advanced indexing.
     """
     B, Hkv, n, D = x.shape
     Hi, K = pos.shape[1], pos.shape[2]
-    if x.is_contiguous():
-        base = (torch.arange(B, device=x.device).view(B, 1, 1) * Hkv + kv_head.view(1, Hi, 1)) * n
+    layout = _row_layout(x)
+    if layout is not None:
+        r0, r1 = layout
+        base = torch.arange(B, device=x.device).view(B, 1, 1) * r0 + kv_head.view(1, Hi, 1) * r1
         rows = (base + pos).reshape(-1)
+        # flat (rows, D) view over the storage from x's first element to its last row
+        span = (B - 1) * r0 + (Hkv - 1) * r1 + n
+        flat = torch.as_strided(x, (span, D), (D, 1))
         out = buf[: rows.numel() * D].view(rows.numel(), D)
-        return torch.index_select(x.view(B * Hkv * n, D), 0, rows, out=out).view(B, Hi, K, D)
+        return torch.index_select(flat, 0, rows, out=out).view(B, Hi, K, D)
     b = torch.arange(B, device=x.device).view(B, 1, 1)
     return x[b, kv_head.view(1, Hi, 1), pos]
 

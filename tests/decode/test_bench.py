@@ -5,14 +5,16 @@ from sparse_infer.bench.decode import bench_decode_end_to_end
 from tests.conftest import tiny_model
 
 
-def test_bench_decode_end_to_end_rows():
+@pytest.mark.parametrize("cache", ["dynamic", "append"])
+def test_bench_decode_end_to_end_rows(cache):
     plans = {
         "token_select": {"sparse_infer_plan": 1,
                          "decode": {"min_kv_len": 0, "default": {"method": "token_select", "budget": 100000}}},
         "quest": {"sparse_infer_plan": 1, "decode": {"min_kv_len": 0, "default": {"method": "quest", "budget": 32, "sink": 4, "local": 8}}},
     }
-    result = bench_decode_end_to_end(tiny_model("llama"), prompt_len=96, new_tokens=4, plans=plans)
+    result = bench_decode_end_to_end(tiny_model("llama"), prompt_len=96, new_tokens=4, plans=plans, cache=cache)
     rows = result["rows"]
+    assert all(r["cache"] == cache for r in rows)
     assert [r["plan"] for r in rows] == ["dense", "token_select", "quest"]
     assert all(r["tokens_per_s"] > 0 for r in rows)
     assert rows[0]["speedup"] == 1.0
@@ -31,3 +33,8 @@ def test_bench_decode_methods_smoke():
         if r["method"] in ("quest", "double_sparsity", "streaming"):
             assert r["bytes_read"] < r["dense_bytes"]
     assert rows[1]["reuse_rate"] is not None and rows[2]["reuse_rate"] is None
+
+
+def test_bench_decode_end_to_end_rejects_unknown_cache():
+    with pytest.raises(ValueError, match="cache must be"):
+        bench_decode_end_to_end(tiny_model("llama"), prompt_len=16, new_tokens=2, plans={}, cache="static")
