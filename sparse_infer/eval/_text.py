@@ -10,22 +10,12 @@ every run of the same Python build.
 from __future__ import annotations
 
 import functools
-import importlib
 import re
+
+from sparse_infer._stdlib_text import module_docstrings, pydoc_topic_texts
 
 # RULER's "noise"/"repeat" haystack sentence.
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-
-# Used only if pydoc_data was stripped from this Python install.
-_FALLBACK_MODULES = (
-    "abc", "argparse", "asyncio", "base64", "bisect", "calendar", "collections", "contextlib",
-    "copy", "csv", "dataclasses", "datetime", "decimal", "difflib", "email", "enum", "fractions",
-    "functools", "heapq", "hmac", "inspect", "io", "ipaddress", "itertools", "json", "logging",
-    "mailbox", "os", "pathlib", "pickle", "pprint", "queue", "random", "re", "sched", "shlex",
-    "shutil", "socket", "sqlite3", "statistics", "string", "struct", "subprocess", "tarfile",
-    "tempfile", "textwrap", "threading", "timeit", "tokenize", "typing", "unittest", "urllib",
-    "uuid", "warnings", "weakref", "zipfile",
-)
 
 # Words too generic to make a distinctive needle key or a "common word" answer.
 _STOP = frozenset(
@@ -57,18 +47,7 @@ def _prose_paragraphs(text: str) -> list[str]:
 @functools.lru_cache(maxsize=None)
 def essay_words() -> tuple[str, ...]:
     """The essay haystack as a word sequence (about 30k words)."""
-    try:
-        topics = importlib.import_module("pydoc_data.topics").topics
-        texts = [topics[k] for k in sorted(topics)]
-    except ImportError:
-        texts = []
-        for name in _FALLBACK_MODULES:
-            try:
-                doc = importlib.import_module(name).__doc__
-            except ImportError:
-                continue
-            if doc:
-                texts.append(doc)
+    texts = pydoc_topic_texts() or module_docstrings()
     words: list[str] = []
     for text in texts:
         for para in _prose_paragraphs(text):

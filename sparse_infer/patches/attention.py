@@ -13,7 +13,6 @@ from __future__ import annotations
 import sys
 import threading
 import weakref
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch

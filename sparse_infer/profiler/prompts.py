@@ -30,13 +30,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sparse_infer._stdlib_text import module_docstrings, pydoc_topic_texts
+
 KINDS = ("needle", "kv", "text")
-_FALLBACK_MODULES = (
-    "argparse", "asyncio", "collections", "contextlib", "csv", "dataclasses", "decimal", "difflib",
-    "email", "functools", "heapq", "inspect", "json", "logging", "pathlib", "pickle", "random", "re",
-    "shutil", "socket", "sqlite3", "string", "subprocess", "tarfile", "threading", "typing", "unittest",
-    "urllib", "zipfile",
-)
 
 
 @dataclass
@@ -69,21 +65,10 @@ class CalibrationSample:
 @functools.lru_cache(maxsize=1)
 def corpus_paragraphs() -> tuple[str, ...]:
     """Prose paragraphs from the stdlib, in a fixed order."""
-    texts: list[str] = []
-    try:
-        topics = importlib.import_module("pydoc_data.topics").topics
-        texts = [topics[k] for k in sorted(topics)]
-    except ImportError:
-        pass
+    texts = pydoc_topic_texts()
     paras = _prose(texts)
     if sum(len(p.split()) for p in paras) < 20000:
-        for name in _FALLBACK_MODULES:
-            try:
-                doc = importlib.import_module(name).__doc__
-            except ImportError:
-                continue
-            if doc:
-                texts.append(doc)
+        texts += module_docstrings()
         with contextlib.redirect_stdout(io.StringIO()):   # importing `this` prints the Zen
             this = importlib.import_module("this")
         texts.append("".join(this.d.get(c, c) for c in this.s))

@@ -82,13 +82,10 @@ def tiny_llama(tokenizer):
 
 @pytest.fixture
 def sparse_plan(tiny_llama):
-    """A vertical-slash plan that is really sparse at a few hundred tokens (skips without the patch layer)."""
-    plan_mod = pytest.importorskip("sparse_infer.plan", reason="sparse_infer.plan is not available yet")
-    try:
-        from sparse_infer import patch  # noqa: F401
-    except ImportError:
-        pytest.skip("sparse_infer.patch is not available yet")
-    plan = plan_mod.preset("vertical_slash", tiny_llama.config, min_seq_len=128, min_kv_len=128).to_dict()
+    """A vertical-slash plan that is really sparse at a few hundred tokens."""
+    from sparse_infer.plan import preset
+
+    plan = preset("vertical_slash", tiny_llama.config, min_seq_len=128, min_kv_len=128).to_dict()
     # Budgets far below the prompt length so the prefill really skips pairs;
     # given as a dict to exercise that plan form too.
     plan["prefill"]["default"]["vertical"] = {"frac": 0.05, "min": 16, "max": 64}

@@ -58,6 +58,11 @@ def test_build_plans():
     assert cli.build_plans("dense", "none") == {"dense": None}
 
 
+def ruler_args(plan, out, *extra):
+    """`eval ruler` on the fake tiny model at 512 tokens; later options override earlier ones."""
+    return ["ruler", "tiny", "--plan", plan, "--lengths", "512", "--out", str(out), *extra]
+
+
 def test_ruler_command(tmp_path, fake_load, fast_generation):
     out = tmp_path / "run"
     args = [
@@ -95,23 +100,7 @@ def test_ruler_with_data_file(tmp_path, fake_load, fast_generation):
     data = tmp_path / "qa.jsonl"
     data.write_text("\n".join(json.dumps({"input": f"Question {i}?", "answers": ["x"]}) for i in range(3)))
     out = tmp_path / "qa"
-    res = cli_runner.invoke(
-        eval_app,
-        [
-            "ruler",
-            "tiny",
-            "--plan",
-            "dense",
-            "--lengths",
-            "512",
-            "--data",
-            str(data),
-            "--samples",
-            "2",
-            "--out",
-            str(out),
-        ],
-    )
+    res = cli_runner.invoke(eval_app, ruler_args("dense", out, "--data", str(data), "--samples", "2"))
     assert res.exit_code == 0, res.output
     recs = json.loads((out / "results.json").read_text())["plans"]["dense"]["records"]
     assert [r["task"] for r in recs] == ["qa", "qa"]  # no synthetic tasks unless --tasks is given
@@ -127,8 +116,7 @@ def test_ruler_with_data_file(tmp_path, fake_load, fast_generation):
     ],
 )
 def test_ruler_errors(tmp_path, fake_load, fast_generation, extra, message):
-    args = ["ruler", "tiny", "--plan", "vertical_slash", "--lengths", "512", "--tasks", "vt", "--out", str(tmp_path)]
-    res = cli_runner.invoke(eval_app, [*args, *extra])
+    res = cli_runner.invoke(eval_app, ruler_args("vertical_slash", tmp_path, "--tasks", "vt", *extra))
     assert res.exit_code == 2, res.output
     assert message in res.output
     assert not fast_generation
@@ -139,23 +127,7 @@ def test_ruler_interrupt_message(tmp_path, fake_load, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(runner, "generate_one", interrupt)
-    res = cli_runner.invoke(
-        eval_app,
-        [
-            "ruler",
-            "tiny",
-            "--plan",
-            "dense",
-            "--lengths",
-            "512",
-            "--tasks",
-            "vt",
-            "--samples",
-            "1",
-            "--out",
-            str(tmp_path),
-        ],
-    )
+    res = cli_runner.invoke(eval_app, ruler_args("dense", tmp_path, "--tasks", "vt", "--samples", "1"))
     assert res.exit_code == 130
     assert "--resume" in res.output
 
