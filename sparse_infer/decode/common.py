@@ -103,8 +103,8 @@ def grouped_scores(query: torch.Tensor, key: torch.Tensor, scaling: float, softc
     cache is not copied to fp32 on every step."""
     B, h, D = query.shape
     hk = key.shape[1]
-    q = query.to(key.dtype).view(B, hk, h // hk, D)
-    s = torch.matmul(q, key.transpose(-1, -2)).float() * scaling
+    q = (query.to(key.dtype) * scaling).view(B, hk, h // hk, D)   # scale the query, not n scores
+    s = torch.matmul(q, key.transpose(-1, -2)).float()
     if softcap:
         s = softcap * torch.tanh(s / softcap)
     return s
@@ -124,9 +124,11 @@ def vote(scores: torch.Tensor, valid: torch.Tensor | None, per_head: bool) -> to
         return out if valid is None else out.masked_fill(~valid, NEG_INF)
     if valid is not None:
         scores = scores.masked_fill(~valid[:, :, None], NEG_INF)
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)     # an all-masked row votes nothing
-    out = probs.sum(2)
-    return out if valid is None else out.masked_fill(~valid, NEG_INF)
+    probs = torch.softmax(scores, dim=-1)
+    if valid is None:
+        return probs.sum(2)
+    out = probs.nan_to_num_(0.0).sum(2)                       # an all-masked row votes nothing
+    return out.masked_fill(~valid, NEG_INF)
 
 
 class GrowBuffer:

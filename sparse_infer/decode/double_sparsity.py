@@ -65,9 +65,9 @@ def approximate_scores(query: torch.Tensor, labels: torch.Tensor, channels: torc
     -> (B, hk, G, n) fp32."""
     B, h, D = query.shape
     hk = labels.shape[1]
-    q = query.to(labels.dtype).view(B, hk, h // hk, D)
+    q = (query.to(labels.dtype) * scaling).view(B, hk, h // hk, D)      # scale the query, not n scores
     q_lab = q.gather(-1, channels[:, :, None, :].expand(B, hk, h // hk, -1))
-    return torch.matmul(q_lab, labels.transpose(-1, -2)).float() * scaling    # cache dtype: no fp32 copy
+    return torch.matmul(q_lab, labels.transpose(-1, -2)).float()             # cache dtype: no fp32 copy
 
 
 def select(inp: GroupInputs, rule, state: dict) -> torch.Tensor:
