@@ -61,27 +61,44 @@ def _remember_sequence(state: dict, key: torch.Tensor) -> None:
 
 
 # --------------------------------------------------------------------------- head layout
-def _layout(heads: list[int], num_heads: int, num_kv: int):
-    """How a rule's query heads map onto the cache: (q heads, kv index, heads per kv row).
+def _parts(heads: list[int], num_heads: int, num_kv: int, by_head: bool):
+    """Split a rule's query heads into parts that each read one contiguous run of cache heads.
 
-    Whole GQA groups keep the sharing (kv index is a slice when the groups are adjacent, so
-    K/V are viewed, not copied); a partial group gives each query head its own kv row."""
+    Returns [(q heads or None for the whole layer, kv slice or None, per_head)]. Whole GQA
+    groups keep one shared selection per kv head (unless the plan asks for per-head
+    selection); a partial group gives each of its query heads its own selection. K/V are
+    always sliced (views), never gathered with a head list: that would copy the whole cache
+    of those heads on every step."""
     G = num_heads // num_kv
     if len(heads) == num_heads:
-        return None, None, G
-    kv_of = [h // G for h in heads]
-    whole = sorted(set(kv_of))
-    if len(heads) == len(whole) * G:
-        if whole == list(range(whole[0], whole[-1] + 1)):
-            return heads, slice(whole[0], whole[-1] + 1), G
-        return heads, whole, G
-    return heads, kv_of, 1
+        return [(None, None, by_head or G == 1)]
+    per_kv: dict[int, list[int]] = {}
+    for h in heads:
+        per_kv.setdefault(h // G, []).append(h)
+    parts, run = [], []
+    for j in sorted(per_kv):
+        if len(per_kv[j]) == G and not by_head and (not run or run[-1] == j - 1):
+            run.append(j)                              # adjacent whole groups share one part
+            continue
+        if run:
+            parts.append(([h for r in run for h in per_kv[r]], slice(run[0], run[-1] + 1), G == 1))
+            run = []
+        if len(per_kv[j]) == G and not by_head:
+            run = [j]
+        else:
+            parts.append((per_kv[j], slice(j, j + 1), True))
+    if run:
+        parts.append(([h for r in run for h in per_kv[r]], slice(run[0], run[-1] + 1), G == 1))
+    return parts
 
 
 def _layer_layouts(rt, num_heads: int, num_kv: int) -> list:
+    """[(rule, q heads or None, kv slice or None, per_head)], one entry per part (see _parts)."""
+    by_head = rt.plan.decode.granularity == "head"
     cached = rt.decode_state.get("layouts")
     if cached is None or cached[0] != (num_heads, num_kv):
-        layouts = [(rule, heads, *_layout(heads, num_heads, num_kv)) for rule, heads in rt.decode_groups]
+        layouts = [(rule, *part) for rule, heads in rt.decode_groups
+                   for part in _parts(heads, num_heads, num_kv, by_head)]
         cached = rt.decode_state["layouts"] = ((num_heads, num_kv), layouts)
     return cached[1]
 
@@ -129,21 +146,20 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
 
     out = None
     selected = 0.0
-    for gi, (rule, heads, q_heads, kv_index, G) in enumerate(_layer_layouts(rt, Hq, Hkv)):
+    for pi, (rule, q_heads, kv_slice, per_head) in enumerate(_layer_layouts(rt, Hq, Hkv)):
         whole_layer = q_heads is None
         q = query if whole_layer else query[:, q_heads]
-        k = key if kv_index is None else key[:, kv_index]
-        v = value if kv_index is None else value[:, kv_index]
-        m = mask if mask is None or mask.shape[1] == 1 else mask[:, heads]
+        k = key if kv_slice is None else key[:, kv_slice]
+        v = value if kv_slice is None else value[:, kv_slice]
+        m = mask if mask is None or mask.shape[1] == 1 or whole_layer else mask[:, q_heads]
         h = q.shape[1]
         if rule.kind == "dense":
             res = grouped_dense_decode(q, k, v, m, scaling, softcap)
             selected += B * h * n
         else:
-            per_head = section.granularity == "head" or G == 1
             inp = GroupInputs(query=q[:, :, 0], key=k, valid=_valid_for(m, B, k.shape[1], per_head, h, n),
                               per_head=per_head, scaling=scaling, softcap=softcap, fresh=fresh)
-            indices = SELECTORS[rule.kind](inp, rule, group_states.setdefault(gi, {}))
+            indices = SELECTORS[rule.kind](inp, rule, group_states.setdefault(pi, {}))
             res = sparse_decode(q, k, v, indices, scaling=scaling, attention_mask=m, softcap=softcap,
                                 backend=rt.backend)
             selected += float((indices >= 0).sum()) * (h // indices.shape[1])
@@ -152,7 +168,7 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
         else:
             if out is None:
                 out = query.new_empty(B, Hq, 1, value.shape[-1])
-            out[:, heads] = res.to(out.dtype)
+            out[:, q_heads] = res.to(out.dtype)
 
     _remember_sequence(state, key)
     rt.stats.decode_selected += selected
@@ -191,8 +207,8 @@ def decode_state_bytes(model, detail: bool = False):
         state = rt.decode_state
         by_kind["fingerprint"] = by_kind.get("fingerprint", 0) + _tensor_bytes(state.get("sequence"))
         layouts = state.get("layouts", (None, []))[1]
-        for gi, gs in state.get("groups", {}).items():
-            kind = layouts[gi][0].kind if gi < len(layouts) else "unknown"
+        for pi, gs in state.get("groups", {}).items():
+            kind = layouts[pi][0].kind if pi < len(layouts) else "unknown"
             by_kind[kind] = by_kind.get(kind, 0) + _tensor_bytes(gs)
     return by_kind if detail else sum(by_kind.values())
 

@@ -193,6 +193,12 @@ def generate_one(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -
     device = next(model.parameters()).device
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    extra = {}
+    if getattr(model, "config", None) is not None:
+        from sparse_infer.cache import AppendCache
+
+        # in-place K/V appends instead of DynamicCache's per-step copy (same results, dense or sparse)
+        extra["cache"] = AppendCache(config=model.config)
     with torch.inference_mode():
         out = model.generate(
             input_ids=input_ids,
@@ -200,6 +206,7 @@ def generate_one(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -
             do_sample=False,
             max_new_tokens=int(max_new_tokens),
             pad_token_id=pad,
+            **extra,
         )
     new = out[0, input_ids.shape[1] :]
     return tokenizer.decode(new, skip_special_tokens=True), int(new.numel())

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from sparse_infer.decode import SELECTORS, decode_attention, double_sparsity, quest
+from sparse_infer.decode import SELECTORS, _layer_layouts, decode_attention, double_sparsity, quest
 from sparse_infer.decode.common import GroupInputs
 from sparse_infer.kernels.block_sparse_attn import dense_masked_attention
 from sparse_infer.kernels.sparse_decode import indices_to_mask
@@ -63,13 +63,14 @@ def recorder(monkeypatch):
 
 
 def selection_mask(seen, rt, n):
-    """(B, Hq, 1, n) bool of the (head, key) pairs selected, dense heads = everything."""
+    """(B, Hq, 1, n) bool of the (head, key) pairs selected by the last decode step, dense heads =
+    everything. The selectors of one step run in the order of the layer's parts."""
     sel = torch.ones(B, HQ, 1, n, dtype=torch.bool)
-    by_rule = {rule.key(): idx for rule, idx, _ in seen}
-    for rule, heads in rt.decode_groups:
-        if rule.kind != "dense":
-            idx = by_rule[rule.key()]
-            sel[:, heads] = indices_to_mask(idx, n, len(heads))
+    parts = [p for p in _layer_layouts(rt, HQ, HKV) if p[0].kind != "dense"]
+    for (rule, q_heads, _, _), (seen_rule, idx, _) in zip(parts, seen[-len(parts):]):
+        assert seen_rule.key() == rule.key()
+        heads = list(range(HQ)) if q_heads is None else q_heads
+        sel[:, heads] = indices_to_mask(idx, n, len(heads))
     return sel
 
 
@@ -228,7 +229,11 @@ def test_mixed_heads_dense_and_two_methods(recorder):
     rt = make_rt(RULES["quest"], layers=layers)
     q, k, v, mask = tensors(7, padded=True)
     out = decode_attention(rt, None, q, k, v, mask, SCALING, {})
-    assert len(recorder) == 2
+    assert {rule.kind for rule, _, _ in recorder} == {"quest", "streaming"}
+    for _, _, inp in recorder:
+        # partial GQA groups read one kv head each, as a view of the cache (no per-step copy of K)
+        assert inp.key.shape[1] == 1 and inp.per_head
+        assert inp.key.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
     sel = selection_mask(recorder, rt, N)
     ref = dense_masked_attention(q, k, v, sel & mask, SCALING)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
