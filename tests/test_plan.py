@@ -117,3 +117,21 @@ def test_presets_validate_against_config(name):
 def test_preset_unknown():
     with pytest.raises(PlanError, match="unknown preset"):
         preset("sparse", tiny_config("llama"))
+
+
+@pytest.mark.parametrize("name,shape", [
+    ("smollm2-135m", dict(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576)),
+    ("qwen2.5-0.5b", dict(num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, hidden_size=896)),
+])
+def test_shipped_plans_load_by_name_and_fit_their_model(name, shape):
+    """Shipped plans are found by model name, round-trip exactly, record the command that
+    wrote them, and validate against their model's shape (and not another's)."""
+    import transformers
+
+    config = transformers.LlamaConfig(**shape)
+    plan = load_plan(name, config)
+    assert plan.profile["command"].startswith(f"sparse-infer profile {name} ")
+    assert plan_from_dict(plan.to_dict()).to_dict() == plan.to_dict()
+    other = transformers.LlamaConfig(**{**shape, "num_hidden_layers": shape["num_hidden_layers"] + 1})
+    with pytest.raises(PlanError, match="another model"):
+        load_plan(name, other)

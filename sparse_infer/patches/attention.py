@@ -112,9 +112,14 @@ def _dense_subset(query, key, value, mask, scaling, softcap):
         full = causal[None, None] if mask is None else causal[None, None] & mask
         return dense_masked_attention(query, key, value, full, scaling, softcap=softcap)
     groups = query.shape[1] // key.shape[1]
+    if mask is None and q_len == n:
+        # plain causal prefill: no (n, n) mask (SDPA would turn it into an n^2 float tensor: GBs at 32K)
+        # and no copy of K/V per query head
+        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
+                                              enable_gqa=groups > 1)
     if groups > 1:
         key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
-    if mask is None:
+    if mask is None:                                   # chunked prefill: queries are the last q_len keys
         causal = torch.ones(q_len, n, dtype=torch.bool, device=query.device).tril(n - q_len)
         return F.scaled_dot_product_attention(query, key, value, attn_mask=causal, scale=scaling)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
