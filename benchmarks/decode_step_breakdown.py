@@ -1,0 +1,76 @@
+"""Where a decode step of Qwen2.5-0.5B goes: dense, no attention at all (the bound for any
+decode method), and each method, over a synthetic cache (random K/V: timing only).
+
+    N=32768 BATCH=1 CACHE=append python benchmarks/decode_step_breakdown.py [THREADS]
+
+Each configuration starts from a copy of the same cache and runs warm-up steps, then 6 timed
+steps on a growing cache (the side state of each method is built once, then kept
+incrementally, as in generation). Prints median and min ms per step.
+"""
+import copy
+import os
+import sys
+import time
+
+import torch
+from transformers import AttentionInterface, DynamicCache
+
+import sparse_infer
+from sparse_infer.cache import AppendCache
+from sparse_infer.models import load_model
+
+N = int(os.environ.get("N", 16384))
+BATCH = int(os.environ.get("BATCH", 1))
+CACHE = os.environ.get("CACHE", "append")
+METHODS = ("quest", "double_sparsity", "token_select", "streaming")
+
+
+def zero_attention(module, query, key, value, attention_mask, **kwargs):
+    B, H, q, D = query.shape
+    return query.new_zeros(B, q, H, D), None
+
+
+def main(threads: str = "2"):
+    torch.set_num_threads(int(threads))
+    model, _ = load_model("qwen2.5-0.5b")
+    cfg = model.config
+    L, Hkv = cfg.num_hidden_layers, cfg.num_key_value_heads
+    D = cfg.hidden_size // cfg.num_attention_heads
+    g = torch.Generator().manual_seed(0)
+    base = (AppendCache if CACHE == "append" else DynamicCache)(config=cfg)
+    for layer in range(L):
+        base.update(torch.randn(BATCH, Hkv, N, D, generator=g), torch.randn(BATCH, Hkv, N, D, generator=g), layer)
+    token = torch.full((BATCH, 1), 100)
+
+    @torch.no_grad()
+    def steps(name, warmup=3, timed=6):
+        cache = copy.deepcopy(base)
+        times = []
+        for i in range(warmup + timed):
+            t0 = time.perf_counter()
+            model(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+        times.sort()
+        print(f"{name:18s} median {times[len(times) // 2] * 1e3:7.1f} ms  min {times[0] * 1e3:7.1f} ms", flush=True)
+
+    print(f"N={N} batch={BATCH} cache={CACHE} threads={threads}")
+    steps("dense")
+    AttentionInterface.register("sparse_infer_zero", zero_attention)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("sparse_infer_zero")
+    steps("no attention")
+    model.set_attn_implementation(previous)
+    for method in METHODS:
+        rule = {"method": method} if method == "streaming" else {"method": method, "budget": 2048}
+        plan = {"sparse_infer_plan": 1, "prefill": {"min_seq_len": 1 << 30},
+                "decode": {"min_kv_len": 0, "default": rule, "layers": {0: {"*": {"method": "dense"}}}}}
+        sparse_infer.patch(model, plan)
+        try:
+            steps(method, warmup=2)
+        finally:
+            sparse_infer.unpatch(model)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

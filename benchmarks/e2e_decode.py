@@ -1,0 +1,29 @@
+"""End-to-end decode tokens/s of Qwen2.5-0.5B after a real prompt: dense vs Quest, Double
+Sparsity and TokenSelect (budget 2048, layer 0 dense), per cache kind.
+
+    python benchmarks/e2e_decode.py dynamic,append out/e2e_decode.json [PROMPT_LEN] [NEW_TOKENS]
+"""
+import json
+import sys
+
+from sparse_infer.bench.decode import bench_decode_end_to_end
+from sparse_infer.models import load_model
+
+
+def main(caches: str, out: str, prompt_len: str = "16384", new_tokens: str = "16"):
+    pair = load_model("qwen2.5-0.5b")
+    plans = {m: {"sparse_infer_plan": 1, "prefill": {"min_seq_len": 1 << 30},
+                 "decode": {"min_kv_len": 0, "default": {"budget": 2048, "method": m},
+                            "layers": {0: {"*": {"method": "dense"}}}}}
+             for m in ("quest", "double_sparsity", "token_select")}
+    result = {}
+    for cache in caches.split(","):
+        result[cache] = bench_decode_end_to_end(pair, int(prompt_len), int(new_tokens), plans, cache=cache)
+        for row in result[cache]["rows"]:
+            print(cache, row, flush=True)
+    with open(out, "w") as fh:
+        json.dump(result, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
