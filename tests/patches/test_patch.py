@@ -82,8 +82,8 @@ def test_chunked_prefill_equals_dense():
         sparse_infer.patch(model, full_plan(model, FULL_RULES["block"]))
         try:
             cache = DynamicCache(config=model.config)
-            first = model(ids[:, :120], past_key_values=cache, use_cache=True).logits
-            second = model(ids[:, 120:], past_key_values=cache, use_cache=True).logits
+            first = model(ids[:, :120], cache=cache, use_cache=True).logits
+            second = model(ids[:, 120:], cache=cache, use_cache=True).logits
         finally:
             sparse_infer.unpatch(model)
     torch.testing.assert_close(torch.cat([first, second], 1), dense, atol=1e-5, rtol=1e-5)
