@@ -41,6 +41,9 @@ def profile_command(
     retrieval_threshold: Annotated[float, typer.Option("--retrieval-threshold",
                                                        help="Retrieval-head score above which a head keeps "
                                                             "the whole cache in decode.")] = 0.1,
+    group_slack: Annotated[float, typer.Option(
+        "--group-slack", help="Keep one rule for a whole GQA group (K/V loaded once per group) when it costs at "
+                              "most this much more than per-head rules; 'inf' = always one rule per kv group.")] = 0.1,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the progress bar.")] = True,
 ) -> None:
     """Profile MODEL on generated calibration prompts and write a per-head plan to --out."""
@@ -50,7 +53,7 @@ def profile_command(
     console = _console(stderr=True)
     config = ProfileConfig(seq_len=seq_len, samples=samples, target_recall=target_recall, min_seq_len=min_seq_len,
                            seed=seed, channels=channels, block_size=block_size,
-                           retrieval_threshold=retrieval_threshold)
+                           retrieval_threshold=retrieval_threshold, group_slack=group_slack)
     try:
         config.validate()
     except ValueError as exc:

@@ -38,6 +38,9 @@ class ProfileConfig:
     channels: int = 16
     block_size: int = 64
     retrieval_threshold: float = 0.1
+    # a rule shared by a whole GQA group is kept when it costs at most (1 + slack) x the
+    # per-head rules; inf = always one rule per kv group (see SearchSettings.group_slack)
+    group_slack: float = 0.1
     lengths: tuple[int, ...] | None = None  # default: (seq_len // 2, seq_len)
     decode_queries: int = 32      # last queries standing in for decode steps (answer tokens included)
     # torch threads while profiling: per-block statistics are many small ops, and on a shared
@@ -64,12 +67,15 @@ class ProfileConfig:
             raise ValueError(f"--seq-len {max(lengths)} exceeds the model's context ({max_positions} positions)")
         if self.channels < 1 or (head_dim and self.channels > head_dim):
             raise ValueError(f"--channels must be in [1, head_dim={head_dim}], got {self.channels}")
+        if not self.group_slack >= 0:
+            raise ValueError(f"--group-slack must be >= 0 (inf = one rule per kv group), got {self.group_slack}")
         if self.min_seq_len is not None and self.min_seq_len < 0:
             raise ValueError(f"--min-seq-len must be >= 0, got {self.min_seq_len}")
 
     def settings(self) -> SearchSettings:
         return SearchSettings(target_recall=self.target_recall, block_size=self.block_size,
-                              retrieval_threshold=self.retrieval_threshold, channels=self.channels)
+                              retrieval_threshold=self.retrieval_threshold, channels=self.channels,
+                              group_slack=self.group_slack)
 
     def command(self, model_name: str, out: str | None) -> str:
         """The exact `sparse-infer profile` command line that reproduces this run."""
@@ -85,6 +91,8 @@ class ProfileConfig:
             parts += ["--block-size", str(self.block_size)]
         if self.retrieval_threshold != 0.1:
             parts += ["--retrieval-threshold", f"{self.retrieval_threshold:g}"]
+        if self.group_slack != 0.1:
+            parts += ["--group-slack", f"{self.group_slack:g}"]
         return shlex.join(parts)
 
 
@@ -270,6 +278,7 @@ def build_plan(reports: list[list[HeadReport]], model, config: ProfileConfig, le
         "channels": config.channels,
         "block_size": config.block_size,
         "retrieval_threshold": config.retrieval_threshold,
+        "group_slack": config.group_slack,
         "measured": measured,
     }
     raw = {

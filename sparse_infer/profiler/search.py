@@ -359,7 +359,8 @@ def decide_prefill(tables: dict[int, MeanTable], num_heads: int, num_kv: int,
         heads = list(range(g * groups, (g + 1) * groups))
         shared = choose_prefill(tables, heads, "group", settings)
         single = [choose_prefill(tables, [h], "head", settings) for h in heads]
-        if shared.cost * len(heads) <= sum(c.cost for c in single) * (1 + settings.group_slack):
+        if settings.group_slack == float("inf") or \
+                shared.cost * len(heads) <= sum(c.cost for c in single) * (1 + settings.group_slack):
             out.extend(Choice(shared.pattern, dict(shared.params), shared.cost, "group") for _ in heads)
         else:
             out.extend(single)

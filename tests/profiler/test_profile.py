@@ -140,3 +140,15 @@ def test_bad_options_are_rejected(tiny_dir, tmp_path):
     res = CliRunner().invoke(app, ["profile", str(tiny_dir), "--out", str(tmp_path / "x.yaml"),
                                    "--seq-len", "8192", "--no-progress"])
     assert res.exit_code != 0 and "exceeds the model's context" in res.output
+
+
+def test_group_slack_is_validated_and_recorded_in_the_command():
+    from sparse_infer.profiler.profile import ProfileConfig
+
+    config = ProfileConfig(seq_len=1024, group_slack=float("inf"))
+    config.validate()
+    assert config.command("qwen2.5-0.5b", "plan.yaml").endswith("--group-slack inf")
+    assert "--group-slack" not in ProfileConfig(seq_len=1024).command("m", None)
+    assert config.settings().group_slack == float("inf")
+    with pytest.raises(ValueError, match="--group-slack must be >= 0"):
+        ProfileConfig(seq_len=1024, group_slack=-1.0).validate()

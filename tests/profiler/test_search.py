@@ -83,3 +83,21 @@ def test_runtime_granularity_mirrors_grouping():
     assert runtime_granularity([v, a, v, a], 2) == ["head"] * 4
     assert runtime_granularity([v, v, v, a], 2) == ["head", "head", "head", "head"]
     assert runtime_granularity([v, v, v, v], 4) == ["head"] * 4     # no GQA
+
+
+def test_infinite_group_slack_gives_one_rule_per_kv_group():
+    """--group-slack inf: the heads of a GQA group always share one rule (K/V loaded once)."""
+    runs = []
+    for n in LENGTHS:
+        q, k = planted_heads(n)
+        runs.append(LayerRun(n, q, k[[0, 2]], scaling=1.0))         # heads 0,1 -> kv 0; 2,3 -> kv 1
+    per_head = analyze_layer(runs, SearchSettings(block_size=BS, group_slack=0.0), block_size=BS)
+    shared = analyze_layer(runs, SearchSettings(block_size=BS, group_slack=float("inf")), block_size=BS)
+
+    def rules(reports):
+        return [(r.prefill.pattern, repr(r.prefill.params), r.prefill.granularity) for r in reports]
+
+    assert len({rule[:2] for rule in rules(per_head)}) >= 2           # per head, the heads differ
+    got = rules(shared)
+    assert got[0] == got[1] and got[2] == got[3]
+    assert all(gran == "group" for _, _, gran in got)
