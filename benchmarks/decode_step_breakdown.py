@@ -16,6 +16,7 @@ import torch
 from transformers import AttentionInterface, DynamicCache
 
 import sparse_infer
+from sparse_infer.bench.decode import decode_method_plan
 from sparse_infer.cache import AppendCache
 from sparse_infer.models import load_model
 
@@ -62,10 +63,7 @@ def main(threads: str = "2"):
     steps("no attention")
     model.set_attn_implementation(previous)
     for method in METHODS:
-        rule = {"method": method} if method == "streaming" else {"method": method, "budget": 2048}
-        plan = {"sparse_infer_plan": 1, "prefill": {"min_seq_len": 1 << 30},
-                "decode": {"min_kv_len": 0, "default": rule, "layers": {0: {"*": {"method": "dense"}}}}}
-        sparse_infer.patch(model, plan)
+        sparse_infer.patch(model, decode_method_plan(method, 2048))
         try:
             steps(method, warmup=2)
         finally:

@@ -6,16 +6,13 @@ Sparsity and TokenSelect (budget 2048, layer 0 dense), per cache kind.
 import json
 import sys
 
-from sparse_infer.bench.decode import bench_decode_end_to_end
+from sparse_infer.bench.decode import bench_decode_end_to_end, decode_method_plan
 from sparse_infer.models import load_model
 
 
 def main(caches: str, out: str, prompt_len: str = "16384", new_tokens: str = "16"):
     pair = load_model("qwen2.5-0.5b")
-    plans = {m: {"sparse_infer_plan": 1, "prefill": {"min_seq_len": 1 << 30},
-                 "decode": {"min_kv_len": 0, "default": {"budget": 2048, "method": m},
-                            "layers": {0: {"*": {"method": "dense"}}}}}
-             for m in ("quest", "double_sparsity", "token_select")}
+    plans = {m: decode_method_plan(m, 2048) for m in ("quest", "double_sparsity", "token_select")}
     result = {}
     for cache in caches.split(","):
         result[cache] = bench_decode_end_to_end(pair, int(prompt_len), int(new_tokens), plans, cache=cache)

@@ -96,14 +96,9 @@ def bench_prefill(
 
 
 def bench_prefill_end_to_end_rows(model, tok, lengths, plan_names):
-    from sparse_infer.bench.prefill import bench_prefill_end_to_end
-    from sparse_infer.plan import preset
+    from sparse_infer.bench.prefill import bench_prefill_end_to_end, named_plans
 
-    plans = {}
-    for name in plan_names:
-        plans[name] = preset(name, model.config, min_seq_len=0) if name in ("a_shape", "vertical_slash", "block") \
-            else name
-    return bench_prefill_end_to_end(model, tok, lengths, plans)
+    return bench_prefill_end_to_end(model, tok, lengths, named_plans(plan_names, model.config))
 
 
 @bench_app.command("decode")
@@ -134,12 +129,8 @@ def bench_decode(
            f"{methods[0]['steps'] if methods else 0} steps), budget {budget}")
     e2e = []
     if model:
-        from sparse_infer.bench.decode import bench_decode_end_to_end
-        budget_plan = {"budget": budget}
-        plans = {m: {"sparse_infer_plan": 1, "prefill": {"min_seq_len": 1 << 30},
-                     "decode": {"min_kv_len": 0, "default": {**budget_plan, "method": m},
-                                "layers": {0: {"*": {"method": "dense"}}}}}
-                 for m in ("token_select", "double_sparsity", "quest")}
+        from sparse_infer.bench.decode import bench_decode_end_to_end, decode_method_plan
+        plans = {m: decode_method_plan(m, budget) for m in ("token_select", "double_sparsity", "quest")}
         e2e = bench_decode_end_to_end(model, prompt_len, new_tokens, plans, cache=cache)["rows"]
         _table(e2e, list(e2e[0].keys()), f"end-to-end decode, {model}")
     if json_out:

@@ -51,6 +51,15 @@ def _decode_loop(model, cache, first_token, new_tokens: int):
     return out, first_s, time.perf_counter() - t0
 
 
+def decode_method_plan(method: str, budget: int = 2048) -> dict:
+    """A whole-model plan for the end-to-end decode benches: prefill dense, every layer but
+    layer 0 decoding with `method` (streaming keeps its default sink + window, the others
+    read `budget` tokens), from the first step (min_kv_len 0)."""
+    rule = {"method": method} if method == "streaming" else {"method": method, "budget": budget}
+    return {"sparse_infer_plan": 1, "prefill": {"min_seq_len": 1 << 30},
+            "decode": {"min_kv_len": 0, "default": rule, "layers": {0: {"*": {"method": "dense"}}}}}
+
+
 def bench_decode_end_to_end(model_spec, prompt_len: int, new_tokens: int, plans: dict, backend: str = "auto",
                             cache: str = "dynamic"):
     """Decode tokens/s for dense and each plan (name -> plan: dict, YAML path, Plan).
@@ -66,18 +75,17 @@ def bench_decode_end_to_end(model_spec, prompt_len: int, new_tokens: int, plans:
     written in place). Dense and every plan use the same kind."""
     from transformers import DynamicCache
 
-    from sparse_infer.cache import AppendCache
-
     import sparse_infer
+    from sparse_infer.cache import AppendCache
     from sparse_infer.decode import decode_state_bytes
 
+    if cache not in ("dynamic", "append"):
+        raise ValueError(f"cache must be 'dynamic' or 'append', got {cache!r}")
     if new_tokens < 2:
         raise ValueError("new_tokens must be >= 2 (the first step is timed apart)")
     model, tokenizer = _load(model_spec)
     ids = _prompt(model, tokenizer, prompt_len).to(next(model.parameters()).device)
     with torch.no_grad():
-        if cache not in ("dynamic", "append"):
-            raise ValueError(f"cache must be 'dynamic' or 'append', got {cache!r}")
         kv = (DynamicCache if cache == "dynamic" else AppendCache)(config=model.config)
         logits = model(input_ids=ids, cache=kv, use_cache=True).logits[:, -1]
     first_token = logits.argmax(-1, keepdim=True)

@@ -25,6 +25,16 @@ def synthetic_prompt_ids(tokenizer, length: int, seed: int = 0) -> torch.Tensor:
     return torch.tensor(ids[:length])[None]
 
 
+def named_plans(names, model_config) -> dict:
+    """{name: plan} for the end-to-end benches: sparse presets are built with min_seq_len 0 (so
+    every benchmarked length runs sparse); any other name (shipped plan, YAML path) is passed on
+    to patch as it is."""
+    from sparse_infer.plan import PRESETS, preset
+
+    return {name: preset(name, model_config, min_seq_len=0) if name in PRESETS and name != "dense" else name
+            for name in names}
+
+
 def bench_prefill_end_to_end(model, tokenizer, lengths, plans: dict, repeats: int = 1):
     """Rows {n, plan, seconds, ratio, density}: one forward over the prompt, dense first."""
     import sparse_infer

@@ -75,20 +75,22 @@ def _parts(heads: list[int], num_heads: int, num_kv: int, by_head: bool):
     per_kv: dict[int, list[int]] = {}
     for h in heads:
         per_kv.setdefault(h // G, []).append(h)
-    parts, run = [], []
-    for j in sorted(per_kv):
-        if len(per_kv[j]) == G and not by_head and (not run or run[-1] == j - 1):
-            run.append(j)                              # adjacent whole groups share one part
-            continue
+    parts, run = [], []                                # run: adjacent whole groups sharing one part
+
+    def close_run():
         if run:
-            parts.append(([h for r in run for h in per_kv[r]], slice(run[0], run[-1] + 1), G == 1))
-            run = []
+            parts.append(([h for j in run for h in per_kv[j]], slice(run[0], run[-1] + 1), G == 1))
+            run.clear()
+
+    for j in sorted(per_kv):
         if len(per_kv[j]) == G and not by_head:
-            run = [j]
+            if run and run[-1] != j - 1:
+                close_run()
+            run.append(j)
         else:
+            close_run()
             parts.append((per_kv[j], slice(j, j + 1), True))
-    if run:
-        parts.append(([h for r in run for h in per_kv[r]], slice(run[0], run[-1] + 1), G == 1))
+    close_run()
     return parts
 
 

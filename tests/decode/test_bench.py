@@ -38,3 +38,18 @@ def test_bench_decode_methods_smoke():
 def test_bench_decode_end_to_end_rejects_unknown_cache():
     with pytest.raises(ValueError, match="cache must be"):
         bench_decode_end_to_end(tiny_model("llama"), prompt_len=16, new_tokens=2, plans={}, cache="static")
+
+
+@pytest.mark.parametrize("method", ["quest", "double_sparsity", "token_select", "streaming"])
+def test_decode_method_plan_validates_and_keeps_layer_0_dense(method):
+    from sparse_infer.bench.decode import decode_method_plan
+    from sparse_infer.patches.attention import group_heads
+    from sparse_infer.plan import load_plan
+
+    plan = load_plan(decode_method_plan(method, 512))
+    assert plan.decode.min_len == 0
+    assert [rule.kind for rule, _ in group_heads(plan.decode, 0, 4)] == ["dense"]
+    (rule, heads), = group_heads(plan.decode, 1, 4)
+    assert rule.kind == method and heads == [0, 1, 2, 3]
+    if method != "streaming":
+        assert rule.budget.resolve(100000) == 512

@@ -19,3 +19,13 @@ def test_bench_rows(tiny_llama, tokenizer):
     assert rows[0]["ratio"] == 1.0 and rows[0]["density"] == 1.0
     assert 0.05 < rows[1]["density"] < 0.6 and rows[1]["seconds"] > 0
     assert tiny_llama.config._attn_implementation == "sdpa"        # left unpatched
+
+
+def test_named_plans_build_sparse_presets_and_pass_other_names(tiny_llama):
+    from sparse_infer.bench.prefill import named_plans
+
+    plans = named_plans(["a_shape", "block", "vertical_slash", "dense", "smollm2-135m"], tiny_llama.config)
+    for name in ("a_shape", "block", "vertical_slash"):
+        assert plans[name].prefill.min_len == 0                  # every benchmarked length runs sparse
+        assert plans[name].prefill.default.kind == name
+    assert plans["dense"] == "dense" and plans["smollm2-135m"] == "smollm2-135m"
