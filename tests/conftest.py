@@ -63,3 +63,13 @@ def smollm2():
     import sparse_infer
 
     return sparse_infer.load_model("smollm2-135m")
+
+
+@pytest.fixture(autouse=True)
+def _sparse_heads_stay_sparse(monkeypatch):
+    """Tests compare the sparse executors with dense attention, often on short inputs
+    where the indices are dense enough for patch's "auto" dense_above to run those
+    heads dense instead; keep every head on its planned path unless a test says otherwise."""
+    from sparse_infer.patches import attention
+
+    monkeypatch.setitem(attention.DENSE_ABOVE, "torch", 1.0)

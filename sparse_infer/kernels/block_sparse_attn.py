@@ -12,7 +12,6 @@ Three implementations share the contract:
     query block); runs natively on CUDA and under TRITON_INTERPRET on CPU.
 """
 
-import bisect
 import threading
 from dataclasses import dataclass
 
@@ -23,6 +22,7 @@ __all__ = [
     "num_query_blocks",
     "index_to_mask",
     "index_density",
+    "index_head_density",
     "dense_masked_attention",
     "block_sparse_attention_torch",
     "block_sparse_attention_triton",
@@ -126,6 +126,11 @@ def _normalize_index(index: BlockSparseIndex, q_len: int, n: int):
       cols:     (B, Hi, C) sorted unique valid columns padded with -1 (or None).
       col_ok:   (B, Hi, NQB, C) column usable for this query block: valid, not
                 right of the diagonal block, not inside a selected block (dedup).
+      col_cnt:  (B, Hi, NQB) columns at or before the query block's last row: a
+                prefix of `cols`, the only part that block has to read. Without it
+                an early query block would pay for every column of a long list.
+      col_use:  (B, Hi, NQB) usable columns (col_ok) per query block: what the
+                torch executor computes after dropping the others.
     Blocks right of the diagonal are dropped: causality removes all their pairs.
     """
     bs = index.block_size
@@ -140,7 +145,7 @@ def _normalize_index(index: BlockSparseIndex, q_len: int, n: int):
     kbo = int(off_cnt.max()) if off_cnt.numel() else 0
     off = off[..., :kbo]
     out = {"off": off, "off_cnt": off_cnt, "has_diag": has_diag, "big": big, "nkb": nkb,
-           "qb0": qb0, "cols": None, "col_ok": None}
+           "qb0": qb0, "cols": None, "col_ok": None, "col_cnt": None, "col_use": None}
     if index.columns is not None and index.columns.shape[-1] > 0:
         cols = index.columns.long()
         cs, ccnt = _unique_sorted(cols, (cols >= 0) & (cols < n), n + 1)
@@ -160,6 +165,9 @@ def _normalize_index(index: BlockSparseIndex, q_len: int, n: int):
             col_ok = cvalid.unsqueeze(2) & (cblk4 <= diag) & ~in_off & ~in_diag
             out["cols"] = torch.where(cvalid, cs, torch.full_like(cs, -1))
             out["col_ok"] = col_ok
+            last_row = torch.clamp((diag.view(1, 1, NQB) + 1) * bs, max=n)   # exclusive end of each query block
+            out["col_cnt"] = torch.searchsorted(cs.contiguous(), last_row.expand(B, Hi, NQB).contiguous())
+            out["col_use"] = col_ok.sum(-1)
     return out
 
 
@@ -208,6 +216,11 @@ def index_density(index: BlockSparseIndex, q_len: int, kv_len: int) -> float:
     Computed in closed form per (query block, kv block) so it stays cheap at
     long lengths (no q x n mask).
     """
+    return float(index_head_density(index, q_len, kv_len).mean())
+
+
+def index_head_density(index: BlockSparseIndex, q_len: int, kv_len: int) -> torch.Tensor:
+    """float64 (Hi,): fraction of causal pairs each index head selects, averaged over batch."""
     bs = index.block_size
     n = kv_len
     q0 = n - q_len
@@ -231,7 +244,7 @@ def index_density(index: BlockSparseIndex, q_len: int, kv_len: int) -> float:
     w = (torch.clamp(ks + bs, max=n) - ks).clamp(min=0)
     # pairs (p, k) with p in [rs, re), k in [ks, ks+w), k <= p
     per = tri_sum(re - ks, w) - tri_sum(rs - ks, w)
-    total = torch.where(valid, per, torch.zeros_like(per)).sum()
+    total = torch.where(valid, per, torch.zeros_like(per)).sum((2, 3))                # (B, Hi)
     if index.columns is not None and index.columns.shape[-1] > 0:
         cols = index.columns.long()
         cs, _ = _unique_sorted(cols, (cols >= 0) & (cols < n), n + 1)
@@ -242,9 +255,9 @@ def index_density(index: BlockSparseIndex, q_len: int, kv_len: int) -> float:
         in_blk = blocks.gather(-1, pos) == cblk4
         c = cs.double().unsqueeze(2)
         rows = (re - torch.maximum(rs, c)).clamp(min=0)
-        total = total + torch.where(cvalid.unsqueeze(2) & ~in_blk, rows, torch.zeros_like(rows)).sum()
+        total = total + torch.where(cvalid.unsqueeze(2) & ~in_blk, rows, torch.zeros_like(rows)).sum((2, 3))
     causal = (n * (n + 1) - q0 * (q0 + 1)) / 2
-    return float(total) / (B * Hi * causal)
+    return total.mean(0) / causal
 
 
 def dense_masked_attention(query, key, value, mask_bool, scaling, softcap=None):
@@ -338,31 +351,15 @@ def block_sparse_attention_torch(query, key, value, index: BlockSparseIndex, *, 
         out_full.zero_()  # items with nothing selected are skipped and must read 0
     if act_idx.numel() == 0:
         return _finish(out_full, B, Hq, q_len, D, query.dtype)
-    items_all = act_idx[torch.argsort(cnt_flat[act_idx], stable=True)]
-    counts_sorted = cnt_flat[items_all].tolist()
-
-    # Chunk plan over the count-sorted items. A chunk is padded to its largest
-    # item, so cut at a count change once the chunk is at least half full:
-    # chunks stay (nearly) uniform and padded slots stay rare.
-    def item_elems(cnt):
-        return Gi * bs * ((cnt + 1) * bs + C)
-
+    # An item's key axis: the diagonal block, its off-diagonal blocks and its
+    # usable columns (read from the prefix of the column list that lies at or
+    # before its rows; columns inside selected blocks are dropped, not masked).
+    use_flat = norm["col_use"].reshape(-1) if C else torch.zeros_like(cnt_flat)
+    key_len = (cnt_flat + 1) * bs + use_flat
+    items_all = act_idx[torch.argsort(key_len[act_idx], stable=True)]
+    plan = _chunk_plan(cnt_flat[items_all].tolist(), use_flat[items_all].tolist(), Gi, bs, chunk_elems,
+                       torch.get_num_threads() if num_workers is None else num_workers)
     workers = torch.get_num_threads() if num_workers is None else num_workers
-    if workers > 1:  # give every worker a few chunks (short prompts, chunked prefill)
-        total = Gi * bs * ((sum(counts_sorted) + len(counts_sorted)) * bs + len(counts_sorted) * C)
-        chunk_elems = max(min(chunk_elems, total // (3 * workers)), 1 << 18)
-    plan = []
-    n_items = len(counts_sorted)
-    i = 0
-    while i < n_items:
-        j_end = min(n_items, i + max(1, chunk_elems // item_elems(counts_sorted[i])))
-        j_end = min(n_items, i + max(1, chunk_elems // item_elems(counts_sorted[j_end - 1])))
-        if counts_sorted[j_end - 1] != counts_sorted[i]:
-            same = bisect.bisect_right(counts_sorted, counts_sorted[i], i, j_end)
-            if (same - i) * item_elems(counts_sorted[i]) * 2 >= chunk_elems:
-                j_end = same
-        plan.append((i, j_end, counts_sorted[i:j_end]))
-        i = j_end
 
     ar_bs = torch.arange(bs, device=dev)
     ctx = dict(
@@ -377,10 +374,11 @@ def block_sparse_attention_torch(query, key, value, index: BlockSparseIndex, *, 
         attention_mask=attention_mask, softcap=softcap, qscale=scaling / softcap if softcap is not None else scaling,
         bs=bs, Gi=Gi, D=D, C=C, NQB=NQB, qb0=qb0, big=big, q0=q0, q_len=q_len, n=n,
         dummy_row=B * Hq * q_len,
+        cnt_flat=cnt_flat, col_cnt_flat=norm["col_cnt"].reshape(-1) if C else None,
         ws_spec=_prefill_ws_spec(
-            max((j - i) * item_elems(cn[-1]) for i, j, cn in plan),
-            max((j - i) * ((cn[-1] + 1) * bs + C) * D for i, j, cn in plan),
-            max(j - i for i, j, _ in plan) * Gi * bs * D,
+            max((j - i) * Gi * bs * ((kbc + 1) * bs + cc) for i, j, kbc, cc in plan),
+            max((j - i) * ((kbc + 1) * bs + cc) * D for i, j, kbc, cc in plan),
+            max(j - i for i, j, _, _ in plan) * Gi * bs * D,
         ),
         ws_local=threading.local(), ws_taken=[],
     )
@@ -412,6 +410,36 @@ def block_sparse_attention_torch(query, key, value, index: BlockSparseIndex, *, 
         for ws in ctx["ws_taken"]:
             _ws_release(ws)
     return _finish(out_full, B, Hq, q_len, D, query.dtype)
+
+
+def _chunk_plan(counts, col_counts, Gi, bs, chunk_elems, workers):
+    """Split items (sorted by key length) into chunks [(i, j, blocks, columns)].
+
+    A chunk is padded to its largest block count and largest column count, so
+    cut where that padded length would change once the chunk is at least half
+    full: chunks stay (nearly) uniform and padded slots stay rare.
+    """
+    n_items = len(counts)
+    if workers > 1:  # give every worker a few chunks (short prompts, chunked prefill)
+        total = Gi * bs * ((sum(counts) + n_items) * bs + sum(col_counts))
+        chunk_elems = max(min(chunk_elems, total // (3 * workers)), 1 << 18)
+    plan = []
+    i = 0
+    while i < n_items:
+        kbc, cc = counts[i], col_counts[i]
+        j = i + 1
+        while j < n_items:
+            nk, nc = max(kbc, counts[j]), max(cc, col_counts[j])
+            padded, now = (nk + 1) * bs + nc, (kbc + 1) * bs + cc
+            if (j + 1 - i) * Gi * bs * padded > chunk_elems:
+                break
+            if padded != now and (j - i) * Gi * bs * now * 2 >= chunk_elems:
+                break
+            kbc, cc = nk, nc
+            j += 1
+        plan.append((i, j, kbc, cc))
+        i = j
+    return plan
 
 
 def _finish(out_full, B, Hq, q_len, D, dtype):
@@ -463,11 +491,10 @@ def release_workspaces():
         _WS_FREE.clear()
 
 
-def _run_chunk(ctx, i, j_end, counts):
-    """Process sorted items [i, j_end) (off-diagonal counts `counts`, ascending),
-    each padded to the chunk's largest count."""
-    kbc = counts[-1]
-    bs, Gi, D, C = ctx["bs"], ctx["Gi"], ctx["D"], ctx["C"]
+def _run_chunk(ctx, i, j_end, kbc, cc):
+    """Process sorted items [i, j_end), each padded to `kbc` off-diagonal blocks
+    and `cc` usable columns."""
+    bs, Gi, D = ctx["bs"], ctx["Gi"], ctx["D"]
     M = Gi * bs
     items = ctx["items_all"][i:j_end]
     c = items.numel()
@@ -487,9 +514,14 @@ def _run_chunk(ctx, i, j_end, counts):
         slots[:, 1:] = torch.where(o < ctx["big"], o, torch.zeros_like(o))  # padding, masked below
     kb = ctx["kv_base"][items]
     kpos = (slots[:, :, None] * bs + ctx["ar_bs"]).clamp_(max=ctx["n"] - 1).view(c, -1)
-    cpos = None
-    if C:
-        cpos = ctx["cols_bh"][items // ctx["NQB"]]
+    cpos = cok = None
+    if cc:
+        prefix = int(ctx["col_cnt_flat"][items].max())
+        cpos = ctx["cols_bh"][items // ctx["NQB"], :prefix]
+        cok = ctx["col_ok_flat"][items, :prefix]
+        if cc < prefix:  # usable columns first (stable: they stay ascending), then cut
+            keep = torch.sort(cok.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :cc]
+            cpos, cok = cpos.gather(1, keep), cok.gather(1, keep)
         kpos = torch.cat([kpos, cpos.clamp(min=0)], dim=1)
     L = kpos.shape[1]
     kidx = (kb[:, None] + kpos).view(-1)
@@ -512,23 +544,29 @@ def _run_chunk(ctx, i, j_end, counts):
         s.tanh_().mul_(ctx["softcap"])  # qscale already divided by softcap
     s4 = s.view(c, Gi, bs, L)
     nb = (kbc + 1) * bs
-    # padded slots sit at the end of each item's list: fill just those columns,
-    # one slice per distinct count (counts ascend within the chunk)
-    a = 0
-    while a < c and counts[a] < kbc:
-        b = bisect.bisect_right(counts, counts[a], a)
-        s4[a:b, :, :, (counts[a] + 1) * bs:nb] = _NEG_INF
-        a = b
+    # padded block slots sit at the end of each item's block list
+    cnt = ctx["cnt_flat"][items]
+    first = int(cnt.min()) if kbc else kbc
+    if first < kbc:  # mask from the shortest item's end on
+        pad = torch.arange(first, kbc, device=dev)[None, :] >= cnt[:, None]     # (c, kbc - first)
+        s4[..., (first + 1) * bs:nb].masked_fill_(pad.repeat_interleave(bs, 1)[:, None, None, :], _NEG_INF)
     # slot 0 = diagonal: causal triangle, or everything if it is not selected
     hd = ctx["has_diag_flat"][items]
     if bool(hd.all()):
         s4[..., :bs].masked_fill_(ctx["triu"], _NEG_INF)
     else:
         s4[..., :bs].masked_fill_(ctx["triu"] | ~hd.view(c, 1, 1, 1), _NEG_INF)
-    if C:
-        rowpos = (diag_blk * bs)[:, None] + ctx["ar_bs"]  # absolute query position per row
-        cmask = ctx["col_ok_flat"][items][:, None, :] & (cpos[:, None, :] <= rowpos[:, :, None])
-        s4[..., nb:].masked_fill_(~cmask.unsqueeze(1), _NEG_INF)
+    if cc:
+        if bool(hd.all()):
+            # usable columns lie left of a selected diagonal block: visible to every row
+            # compacted: each item's unusable columns are a tail, so mask from the shortest item on
+            first = int(cok.sum(1).min())
+            if first < cc:
+                s4[..., nb + first:].masked_fill_(~cok[:, None, None, first:], _NEG_INF)
+        else:
+            rowpos = (diag_blk * bs)[:, None] + ctx["ar_bs"]  # absolute query position per row
+            cmask = cok[:, None, :] & (cpos[:, None, :] <= rowpos[:, :, None])
+            s4[..., nb:].masked_fill_(~cmask.unsqueeze(1), _NEG_INF)
     if ctx["attention_mask"] is not None:
         _apply_attention_mask(s4, ctx, items, qrow, kpos)
     p = torch.ops.aten._softmax.out(s, -1, False, out=ws["p"][: c * M * L].view(c, M, L))
@@ -620,10 +658,10 @@ if tl is not None:
 
     @triton.jit
     def _bsa_fwd_kernel(
-        Q, K, V, O, OFF, CNT, HASD, COLS, COLOK, MASK,
+        Q, K, V, O, OFF, CNT, HASD, COLS, COLOK, COLCNT, MASK,
         sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
         s_off, s_cols, s_colok, smb, smh, smq, smn,
-        Hi, NQB, kv_len, q0, qb0, num_cols, qk_scale, softcap,
+        Hi, NQB, kv_len, q0, qb0, qk_scale, softcap,
         HI_PER_KV, GI, HEAD_SPLITS,
         BLOCK: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         HAS_COLS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -710,9 +748,11 @@ if tl is not None:
                 ok = ok & (am != 0)
             m_i, l_i, acc = _online_softmax_step(qk, ok, m_i, l_i, acc, v, PREC)
 
-        # 3) columns, BLOCK at a time; COLOK already removed invalid columns,
-        #    columns right of the diagonal block and those inside selected blocks.
+        # 3) columns, BLOCK at a time, only the prefix at or before this block's
+        #    rows (COLCNT); COLOK already removed invalid columns, columns right
+        #    of the diagonal block and those inside selected blocks.
         if HAS_COLS:
+            num_cols = tl.load(COLCNT + item)
             for c0 in range(0, num_cols, BLOCK):
                 cidx = c0 + offs_n
                 c_in = cidx < num_cols
@@ -780,10 +820,9 @@ def block_sparse_attention_triton(query, key, value, index: BlockSparseIndex, *,
     if has_cols:
         cols = norm["cols"].reshape(B * Hi, -1).to(torch.int32).contiguous()
         colok = norm["col_ok"].reshape(items, -1).to(torch.uint8).contiguous()
-        num_cols = cols.shape[1]
+        colcnt = norm["col_cnt"].reshape(items).to(torch.int32).contiguous()
     else:
-        cols = colok = cnt  # dummies, never read
-        num_cols = 0
+        cols = colok = colcnt = cnt  # dummies, never read
     if attention_mask is not None:
         mask = attention_mask.view(torch.uint8)  # same storage, Triton-friendly dtype
         smb, smh, smq, smn = mask.stride()
@@ -809,12 +848,12 @@ def block_sparse_attention_triton(query, key, value, index: BlockSparseIndex, *,
     kwargs = _launch_opts(kernel, q, num_warps=num_warps or (8 if heads * bs >= 128 else 4),
                           num_stages=num_stages or 2)
     kernel[grid](
-        q, k, v, out, off, cnt, hasd, cols, colok, mask,
+        q, k, v, out, off, cnt, hasd, cols, colok, colcnt, mask,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         off.stride(0), cols.stride(0) if has_cols else 0, colok.stride(0) if has_cols else 0,
         smb, smh, smq, smn,
-        Hi, NQB, n, q0, norm["qb0"], num_cols, float(scaling), float(softcap or 1.0),
+        Hi, NQB, n, q0, norm["qb0"], float(scaling), float(softcap or 1.0),
         Hi // Hkv, Gi, splits,
         BLOCK=bs, HEADS=heads, HEAD_DIM=D, BLOCK_D=block_d,
         HAS_COLS=has_cols, HAS_MASK=attention_mask is not None, HAS_SOFTCAP=softcap is not None,

@@ -49,15 +49,20 @@ def is_patched(model) -> bool:
     return id(model) in _PREVIOUS
 
 
-def patch(model, plan, backend: str = "auto"):
+def patch(model, plan, backend: str = "auto", dense_above: float | str = "auto"):
     """Make `model` run the plan's sparse attention. Returns the validated Plan.
 
     plan: a YAML path, a shipped plan name, a preset name ("dense", "a_shape",
     "vertical_slash", "block"), a dict or a Plan. Validation happens before
     anything changes: a bad plan raises PlanError and leaves the model untouched.
+    dense_above: in prefill, a head whose index selects more than this share of
+    the causal pairs runs dense instead (faster there, and exact). "auto" takes
+    the break-even measured for the executor in use; 1.0 always runs the plan.
     """
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    if dense_above != "auto" and not (isinstance(dense_above, (int, float)) and 0 < dense_above <= 1):
+        raise ValueError(f"dense_above must be 'auto' or a number in (0, 1], got {dense_above!r}")
     resolved: Plan = load_plan(plan, model.config)
     modules = attention_modules(model)
     if not modules:
@@ -76,7 +81,7 @@ def patch(model, plan, backend: str = "auto"):
         num_kv = getattr(cfg, "num_key_value_heads", None) or num_heads
         impl = getattr(module.config, "_attn_implementation", previous)
         dense_fn, float_mask = _dense_function(impl if impl != IMPLEMENTATION else previous, module)
-        rt = LayerRuntime(resolved, layer_idx, num_heads, num_kv, dense_fn, float_mask, backend)
+        rt = LayerRuntime(resolved, layer_idx, num_heads, num_kv, dense_fn, float_mask, backend, dense_above)
         rt.prefill_groups = group_heads(resolved.prefill, layer_idx, num_heads)
         rt.decode_groups = group_heads(resolved.decode, layer_idx, num_heads)
         runtimes.append((module, rt))

@@ -27,8 +27,8 @@ IMPLEMENTATION = "sparse_infer"
 class LayerStats:
     prefill_calls: int = 0
     sparse_prefill_calls: int = 0
-    selected_pairs: float = 0.0      # (query, key) pairs computed by sparse heads
-    causal_pairs: float = 0.0        # pairs dense causal attention would compute for those heads
+    selected_pairs: float = 0.0      # (query, key) pairs computed in sparse prefill calls (dense heads: all)
+    causal_pairs: float = 0.0        # pairs dense causal attention would compute for the same heads
     decode_calls: int = 0
     sparse_decode_calls: int = 0
     decode_selected: float = 0.0
@@ -44,6 +44,7 @@ class LayerRuntime:
     dense_fn: object                    # the pre-patch attention function
     dense_mask_is_float: bool           # eager-style functions expect additive float masks
     backend: str = "auto"
+    dense_above: float | str = "auto"    # see DENSE_ABOVE
     stats: LayerStats = field(default_factory=LayerStats)
     decode_state: dict = field(default_factory=dict)   # selectors' side state (see sparse_infer.decode)
     prefill_groups: list = field(default_factory=list)  # [(Rule, [q heads])], computed once
@@ -161,15 +162,37 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout=
     rt.stats.prefill_calls += 1
     section = rt.plan.prefill
     if n < section.min_len or all(rule.kind == "dense" for rule, _ in rt.prefill_groups):
+        pairs = query.shape[0] * query.shape[1] * (q_len * (n - q_len) + q_len * (q_len + 1) / 2)
+        rt.stats.selected_pairs += pairs
+        rt.stats.causal_pairs += pairs
         return _dense(rt, module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     rt.stats.sparse_prefill_calls += 1
     out = sparse_prefill(rt, query, key, value, _to_bool_mask(attention_mask), scaling, kwargs.get("softcap"))
     return out.transpose(1, 2).contiguous(), None
 
 
+# Above this share of causal pairs a head's block-sparse attention costs more than
+# dense attention, so the head runs dense (exact, and faster). Measured for the
+# torch executor against SDPA on a 2-core CPU (docs/RESULTS.md, "Dense above");
+# the Triton executor has not been measured against FlashAttention: never.
+DENSE_ABOVE = {"torch": 0.4, "triton": 1.0}
+
+
+def resolve_dense_above(dense_above, backend: str, device) -> float:
+    if dense_above != "auto":
+        return float(dense_above)
+    from sparse_infer.kernels.block_sparse_attn import triton_available
+    used = backend if backend != "auto" else ("triton" if device.type == "cuda" and triton_available() else "torch")
+    return DENSE_ABOVE[used]
+
+
 def sparse_prefill(rt: LayerRuntime, query, key, value, mask, scaling, softcap=None):
-    """Run each rule of the layer over its heads; returns (B, Hq, q, D)."""
-    from sparse_infer.kernels.block_sparse_attn import block_sparse_attention, index_density
+    """Run each rule of the layer over its heads; returns (B, Hq, q, D).
+
+    Heads of dense rules, and heads whose index selects more than `dense_above`
+    of the causal pairs, are collected and run as one dense call at the end.
+    """
+    from sparse_infer.kernels.block_sparse_attn import BlockSparseIndex, block_sparse_attention, index_head_density
     from sparse_infer.prefill import build_index
 
     section = rt.plan.prefill
@@ -180,26 +203,64 @@ def sparse_prefill(rt: LayerRuntime, query, key, value, mask, scaling, softcap=N
         parts = [(rule, *_head_subsets(heads, num_heads, num_kv)) for rule, heads in rt.prefill_groups]
     out = query.new_empty(query.shape[0], num_heads, query.shape[2], value.shape[-1])
     q_len, n = query.shape[2], key.shape[2]
+    per_head_pairs = query.shape[0] * (q_len * (n - q_len) + q_len * (q_len + 1) / 2)
+    dense_above = resolve_dense_above(rt.dense_above, rt.backend, query.device)
+    dense_heads: list[int] = []
+
+    def head_slice(t, heads):
+        if t is None or t.shape[1] == 1:
+            return t
+        return t if len(heads) == t.shape[1] else t[:, heads]
+
     for rule, heads, kv_heads in parts:
-        full = len(heads) == num_heads
-        q = query if full else query[:, heads]
-        k = key if full and len(kv_heads) == num_kv else key[:, kv_heads]
-        v = value if full and len(kv_heads) == num_kv else value[:, kv_heads]
-        m = mask
-        if mask is not None and mask.shape[1] > 1:
-            m = mask[:, heads]
         if rule.kind == "dense":
-            res = _dense_subset(q, k, v, m, scaling, softcap)
+            dense_heads += heads
+            continue
+        whole = len(heads) == num_heads and len(kv_heads) == num_kv
+        q = query if whole else query[:, heads]
+        k = key if whole else key[:, kv_heads]
+        v = value if whole else value[:, kv_heads]
+        m = mask if mask is None or mask.shape[1] == 1 else mask[:, heads]
+        granularity = section.granularity if k.shape[1] < q.shape[1] else "head"
+        index = build_index(rule, q, k, block_size=section.block_size, scaling=scaling,
+                            attention_mask=m, granularity=granularity, softcap=softcap)
+        density = index_head_density(index, q_len, n)                       # per index head
+        per_index = len(heads) // index.num_index_heads                     # query heads per index head
+        too_dense = (density > dense_above).repeat_interleave(per_index).tolist()
+        if any(too_dense):
+            keep = [i for i, d in enumerate(too_dense) if not d]
+            dense_heads += [h for h, d in zip(heads, too_dense) if d]
+            if not keep:
+                continue
+            # drop whole index heads; a kept GQA index head keeps all its query heads
+            keep_index = sorted({i // per_index for i in keep})
+            index = BlockSparseIndex(index.block_size, index.kv_blocks[:, keep_index],
+                                     None if index.columns is None else index.columns[:, keep_index])
+            density = density[keep_index]
+            heads = [heads[i] for i in keep]
+            shared = q.shape[1] // k.shape[1]
+            # per-group index: keep its kv heads; per-head index: one kv head per kept query head
+            kv_keep = keep_index if per_index > 1 else [i // shared for i in keep]
+            q, k, v = q[:, keep], k[:, kv_keep], v[:, kv_keep]
+            m = head_slice(m, keep)
+            whole = False
+        res = block_sparse_attention(q, k, v, index, scaling=scaling, attention_mask=m,
+                                     softcap=softcap, backend=rt.backend)
+        rt.stats.selected_pairs += float(density.sum()) * per_index * per_head_pairs
+        rt.stats.causal_pairs += len(heads) * per_head_pairs
+        if whole:
+            out = res.to(out.dtype)
         else:
-            granularity = section.granularity if k.shape[1] < q.shape[1] else "head"
-            index = build_index(rule, q, k, block_size=section.block_size, scaling=scaling,
-                                attention_mask=m, granularity=granularity, softcap=softcap)
-            res = block_sparse_attention(q, k, v, index, scaling=scaling, attention_mask=m,
-                                         softcap=softcap, backend=rt.backend)
-            causal_pairs = len(heads) * q.shape[0] * (q_len * (n - q_len) + q_len * (q_len + 1) / 2)
-            rt.stats.selected_pairs += index_density(index, q_len, n) * causal_pairs
-            rt.stats.causal_pairs += causal_pairs
-        if full:
+            out[:, heads] = res.to(out.dtype)
+    if dense_heads:
+        dense_heads.sort()
+        heads, kv_heads = _head_subsets(dense_heads, num_heads, num_kv)
+        whole = len(heads) == num_heads
+        res = _dense_subset(query if whole else query[:, heads], key if whole else key[:, kv_heads],
+                            value if whole else value[:, kv_heads], head_slice(mask, heads), scaling, softcap)
+        rt.stats.selected_pairs += len(heads) * per_head_pairs
+        rt.stats.causal_pairs += len(heads) * per_head_pairs
+        if whole:
             out = res.to(out.dtype)
         else:
             out[:, heads] = res.to(out.dtype)

@@ -73,6 +73,7 @@ CASES = [
     (1, 8, 2, "q", 50, 150, 16, 7, None),      # per-query-head index, chunked
     (2, 4, 2, "q", 33, 33, 16, 0, 30.0),       # per-query-head index, tiny, softcap
     (1, 4, 2, "kv", 1, 90, 16, 5, None),       # single query row (last position)
+    (1, 6, 2, "q", 130, 130, 16, 60, None),    # long column lists: each query block reads its own prefix
 ]
 
 
@@ -94,6 +95,24 @@ def test_torch_matches_dense(case):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     out1 = block_sparse_attention_torch(q, k, v, index, scaling=scaling, softcap=softcap, num_workers=1)
     torch.testing.assert_close(out1, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_column_prefix_per_query_block():
+    # a query block reads only the columns at or before its last row
+    from sparse_infer.kernels.block_sparse_attn import _normalize_index
+    q_len, n, bs = 70, 200, 16
+    index = make_index(2, 3, q_len, n, bs, n_cols=50, seed=5)
+    norm = _normalize_index(index, q_len, n)
+    cols = index.columns
+    qb0 = (n - q_len) // bs
+    for j in range(norm["col_cnt"].shape[-1]):
+        end = min((qb0 + j + 1) * bs, n)
+        expected = ((cols >= 0) & (cols < end)).sum(-1)
+        assert torch.equal(norm["col_cnt"][..., j], expected)
+        # nothing usable lies past that prefix
+        width = norm["col_ok"].shape[-1]
+        beyond = torch.arange(width)[None, None, :] >= norm["col_cnt"][..., j, None]
+        assert not (norm["col_ok"][:, :, j] & beyond).any()
 
 
 @pytest.mark.parametrize("per_head_mask", [False, True])
@@ -205,6 +224,7 @@ TRITON_CASES = [
     (2, 2, 1, "kv", 40, 40, 16, 4, None, True, torch.float32),    # left padding mask
     (1, 4, 2, "kv", 40, 40, 16, 3, None, False, torch.float16),
     (1, 4, 2, "kv", 40, 40, 16, 3, None, False, torch.bfloat16),
+    (1, 4, 2, "q", 80, 80, 16, 40, None, False, torch.float32),   # long column lists, per-block prefixes
 ]
 
 

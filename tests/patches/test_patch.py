@@ -122,6 +122,57 @@ def test_sparse_budget_changes_output_but_stays_close():
     assert not torch.allclose(sparse, dense, atol=1e-5)   # the sparse path really ran
 
 
+@pytest.mark.parametrize("granularity", ["group", "head"])
+def test_heads_denser_than_dense_above_run_dense(granularity):
+    # heads 0-1 (kv group 0) get a wide window (dense index), heads 2-3 a narrow one
+    model = tiny_model("llama")
+    ids = _ids(1, 512, seed=6)
+    wide = {"pattern": "a_shape", "sink": 32, "local": 224}
+    narrow = {"pattern": "a_shape", "sink": 32, "local": 32}
+
+    def plan(first_two):
+        p = full_plan(model, narrow, mixed=False)
+        p["prefill"]["granularity"] = granularity
+        p["prefill"]["layers"] = {layer: {0: first_two, 1: first_two} for layer in range(2)}
+        return p
+
+    with torch.no_grad():
+        sparse_infer.patch(model, plan({"pattern": "dense"}), dense_above=1.0)
+        reference = model(ids).logits
+        sparse_infer.unpatch(model)
+        sparse_infer.patch(model, plan(wide), dense_above=1.0)
+        planned = model(ids).logits
+        planned_density = sparse_infer.get_stats(model)["prefill_density"]
+        sparse_infer.unpatch(model)
+        sparse_infer.patch(model, plan(wide), dense_above=0.6)
+        switched = model(ids).logits
+        stats = sparse_infer.get_stats(model)
+        sparse_infer.unpatch(model)
+    assert not torch.allclose(planned, reference, atol=1e-5)   # the wide heads are not dense by themselves
+    torch.testing.assert_close(switched, reference, atol=1e-6, rtol=1e-6)
+    # dense heads count as computing every causal pair
+    assert stats["prefill_density"] > planned_density
+    assert stats["layers"][0]["sparse_prefill_calls"] == 1
+
+
+@pytest.mark.parametrize("bad", [0, 1.5, "often", -0.2])
+def test_bad_dense_above_changes_nothing(bad):
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="dense_above"):
+        sparse_infer.patch(model, full_plan(model, FULL_RULES["a_shape"]), dense_above=bad)
+    assert not is_patched(model) and model.config._attn_implementation == "sdpa"
+
+
+def test_auto_dense_above_follows_the_executor(monkeypatch):
+    from sparse_infer.patches import attention
+
+    monkeypatch.setitem(attention.DENSE_ABOVE, "torch", 0.35)
+    assert attention.resolve_dense_above("auto", "torch", torch.device("cpu")) == 0.35
+    assert attention.resolve_dense_above("auto", "auto", torch.device("cpu")) == 0.35
+    assert attention.resolve_dense_above("auto", "triton", torch.device("cpu")) == attention.DENSE_ABOVE["triton"]
+    assert attention.resolve_dense_above(0.5, "torch", torch.device("cpu")) == 0.5
+
+
 def test_patch_is_idempotent_and_unpatch_restores_implementation():
     model = tiny_model("gemma2")
     assert model.config._attn_implementation == "eager"
