@@ -172,18 +172,22 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout=
 
 
 # Above this share of causal pairs a head's block-sparse attention costs more than
-# dense attention, so the head runs dense (exact, and faster). Measured for the
-# torch executor against SDPA on a 2-core CPU (docs/RESULTS.md, "Dense above");
-# the Triton executor has not been measured against FlashAttention: never.
-DENSE_ABOVE = {"torch": 0.4, "triton": 1.0}
+# dense attention, so the head runs dense (exact, and faster). Measured for the torch
+# executor against SDPA on a 2-core CPU with Qwen2.5-0.5B's real q/k/v at 16K
+# (docs/RESULTS.md, "Dense above"): 0.4 for an index per query head (each tile feeds
+# one head), 0.7 for an index shared by a GQA group (a tile feeds the whole group's
+# stacked rows, so bigger, cheaper matmuls). The Triton executor has not been timed
+# against FlashAttention: it never switches.
+DENSE_ABOVE = {"torch": {"head": 0.4, "group": 0.7}, "triton": {"head": 1.0, "group": 1.0}}
 
 
-def resolve_dense_above(dense_above, backend: str, device) -> float:
+def resolve_dense_above(dense_above, backend: str, device) -> dict:
+    """{"head": threshold, "group": threshold} for indices per query head / per GQA group."""
     if dense_above != "auto":
-        return float(dense_above)
+        return {"head": float(dense_above), "group": float(dense_above)}
     from sparse_infer.kernels.block_sparse_attn import triton_available
     used = backend if backend != "auto" else ("triton" if device.type == "cuda" and triton_available() else "torch")
-    return DENSE_ABOVE[used]
+    return dict(DENSE_ABOVE[used])
 
 
 def sparse_prefill(rt: LayerRuntime, query, key, value, mask, scaling, softcap=None):
@@ -226,7 +230,8 @@ def sparse_prefill(rt: LayerRuntime, query, key, value, mask, scaling, softcap=N
                             attention_mask=m, granularity=granularity, softcap=softcap)
         density = index_head_density(index, q_len, n)                       # per index head
         per_index = len(heads) // index.num_index_heads                     # query heads per index head
-        too_dense = (density > dense_above).repeat_interleave(per_index).tolist()
+        limit = dense_above["group" if per_index > 1 else "head"]
+        too_dense = (density > limit).repeat_interleave(per_index).tolist()
         if any(too_dense):
             keep = [i for i, d in enumerate(too_dense) if not d]
             dense_heads += [h for h, d in zip(heads, too_dense) if d]

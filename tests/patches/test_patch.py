@@ -155,6 +155,30 @@ def test_heads_denser_than_dense_above_run_dense(granularity):
     assert stats["layers"][0]["sparse_prefill_calls"] == 1
 
 
+@pytest.mark.parametrize("granularity", ["group", "head"])
+def test_auto_dense_above_uses_the_threshold_of_the_index_kind(monkeypatch, granularity):
+    # only indices shared by a GQA group switch when only the group threshold is below their density
+    from sparse_infer.patches import attention
+
+    model = tiny_model("llama")
+    ids = _ids(1, 512, seed=6)
+    p = full_plan(model, {"pattern": "a_shape", "sink": 32, "local": 224}, mixed=False)
+    p["prefill"]["granularity"] = granularity
+    monkeypatch.setitem(attention.DENSE_ABOVE, "torch", {"head": 1.0, "group": 0.6})
+    with torch.no_grad():
+        dense = model(ids).logits
+        sparse_infer.patch(model, p)
+        out = model(ids).logits
+        density = sparse_infer.get_stats(model)["prefill_density"]
+        sparse_infer.unpatch(model)
+    if granularity == "group":
+        assert density == 1.0
+        torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
+    else:
+        assert density < 0.9
+        assert not torch.allclose(out, dense, atol=1e-5)
+
+
 @pytest.mark.parametrize("bad", [0, 1.5, "often", -0.2])
 def test_bad_dense_above_changes_nothing(bad):
     model = tiny_model("llama")
@@ -166,11 +190,13 @@ def test_bad_dense_above_changes_nothing(bad):
 def test_auto_dense_above_follows_the_executor(monkeypatch):
     from sparse_infer.patches import attention
 
-    monkeypatch.setitem(attention.DENSE_ABOVE, "torch", 0.35)
-    assert attention.resolve_dense_above("auto", "torch", torch.device("cpu")) == 0.35
-    assert attention.resolve_dense_above("auto", "auto", torch.device("cpu")) == 0.35
-    assert attention.resolve_dense_above("auto", "triton", torch.device("cpu")) == attention.DENSE_ABOVE["triton"]
-    assert attention.resolve_dense_above(0.5, "torch", torch.device("cpu")) == 0.5
+    measured = {"head": 0.35, "group": 0.75}
+    monkeypatch.setitem(attention.DENSE_ABOVE, "torch", measured)
+    cpu = torch.device("cpu")
+    assert attention.resolve_dense_above("auto", "torch", cpu) == measured
+    assert attention.resolve_dense_above("auto", "auto", cpu) == measured
+    assert attention.resolve_dense_above("auto", "triton", cpu) == attention.DENSE_ABOVE["triton"]
+    assert attention.resolve_dense_above(0.5, "torch", cpu) == {"head": 0.5, "group": 0.5}
 
 
 def test_patch_is_idempotent_and_unpatch_restores_implementation():
