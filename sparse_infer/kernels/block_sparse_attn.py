@@ -376,9 +376,9 @@ def block_sparse_attention_torch(query, key, value, index: BlockSparseIndex, *, 
         dummy_row=B * Hq * q_len,
         cnt_flat=cnt_flat, col_cnt_flat=norm["col_cnt"].reshape(-1) if C else None,
         ws_spec=_prefill_ws_spec(
-            max((j - i) * Gi * bs * ((kbc + 1) * bs + cc) for i, j, kbc, cc in plan),
-            max((j - i) * ((kbc + 1) * bs + cc) * D for i, j, kbc, cc in plan),
-            max(j - i for i, j, _, _ in plan) * Gi * bs * D,
+            max((j - i) * Gi * bs * ((kbc + 1) * bs + cc) for i, j, kbc, cc, _ in plan),
+            max((j - i) * ((kbc + 1) * bs + cc) * D for i, j, kbc, cc, _ in plan),
+            max(j - i for i, j, *_ in plan) * Gi * bs * D,
         ),
         ws_local=threading.local(), ws_taken=[],
     )
@@ -413,7 +413,7 @@ def block_sparse_attention_torch(query, key, value, index: BlockSparseIndex, *, 
 
 
 def _chunk_plan(counts, col_counts, Gi, bs, chunk_elems, workers):
-    """Split items (sorted by key length) into chunks [(i, j, blocks, columns)].
+    """Split items (sorted by key length) into chunks [(i, j, blocks, columns, item block counts)].
 
     A chunk is padded to its largest block count and largest column count, so
     cut where that padded length would change once the chunk is at least half
@@ -437,7 +437,7 @@ def _chunk_plan(counts, col_counts, Gi, bs, chunk_elems, workers):
                 break
             kbc, cc = nk, nc
             j += 1
-        plan.append((i, j, kbc, cc))
+        plan.append((i, j, kbc, cc, counts[i:j]))
         i = j
     return plan
 
@@ -491,9 +491,9 @@ def release_workspaces():
         _WS_FREE.clear()
 
 
-def _run_chunk(ctx, i, j_end, kbc, cc):
+def _run_chunk(ctx, i, j_end, kbc, cc, counts):
     """Process sorted items [i, j_end), each padded to `kbc` off-diagonal blocks
-    and `cc` usable columns."""
+    and `cc` usable columns (`counts`: each item's own block count)."""
     bs, Gi, D = ctx["bs"], ctx["Gi"], ctx["D"]
     M = Gi * bs
     items = ctx["items_all"][i:j_end]
@@ -544,10 +544,24 @@ def _run_chunk(ctx, i, j_end, kbc, cc):
         s.tanh_().mul_(ctx["softcap"])  # qscale already divided by softcap
     s4 = s.view(c, Gi, bs, L)
     nb = (kbc + 1) * bs
-    # padded block slots sit at the end of each item's block list
-    cnt = ctx["cnt_flat"][items]
-    first = int(cnt.min()) if kbc else kbc
-    if first < kbc:  # mask from the shortest item's end on
+    # padded block slots sit at the end of each item's block list: fill just those,
+    # one slice per run of equal counts (items sorted by key length mostly form a few
+    # runs), or with one broadcast mask when the counts are mixed
+    runs = []
+    a = 0
+    while a < c:
+        b = a + 1
+        while b < c and counts[b] == counts[a]:
+            b += 1
+        if counts[a] < kbc:
+            runs.append((a, b, counts[a]))
+        a = b
+    if len(runs) <= 8:
+        for a, b, count in runs:
+            s4[a:b, :, :, (count + 1) * bs:nb] = _NEG_INF
+    else:
+        cnt = ctx["cnt_flat"][items]
+        first = min(counts)
         pad = torch.arange(first, kbc, device=dev)[None, :] >= cnt[:, None]     # (c, kbc - first)
         s4[..., (first + 1) * bs:nb].masked_fill_(pad.repeat_interleave(bs, 1)[:, None, None, :], _NEG_INF)
     # slot 0 = diagonal: causal triangle, or everything if it is not selected

@@ -74,6 +74,7 @@ CASES = [
     (2, 4, 2, "q", 33, 33, 16, 0, 30.0),       # per-query-head index, tiny, softcap
     (1, 4, 2, "kv", 1, 90, 16, 5, None),       # single query row (last position)
     (1, 6, 2, "q", 130, 130, 16, 60, None),    # long column lists: each query block reads its own prefix
+    (1, 4, 2, "kv", 400, 400, 16, 0, None),    # one chunk holding many distinct block counts
 ]
 
 
