@@ -119,7 +119,9 @@ def _apply_plan(model: Any, plan: Any) -> None:
         raise EvalError("sparse_infer.patch is not available; cannot run a sparse plan") from None
     unpatch(model)  # start from dense so plans never stack
     if plan is not None:
-        patch(model, plan)
+        # the accuracy of the plan as written: no head switched to dense because this
+        # machine's executor would be faster that way (patch's dense_above="auto")
+        patch(model, plan, dense_above=1.0)
 
 
 def _attention_stats(model: Any) -> dict[str, float] | None:

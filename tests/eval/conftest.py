@@ -88,6 +88,9 @@ def sparse_plan(tiny_llama):
     plan = preset("vertical_slash", tiny_llama.config, min_seq_len=128, min_kv_len=128).to_dict()
     # Budgets far below the prompt length so the prefill really skips pairs;
     # given as a dict to exercise that plan form too.
-    plan["prefill"]["default"]["vertical"] = {"frac": 0.05, "min": 16, "max": 64}
-    plan["prefill"]["default"]["slash"] = {"frac": 0.05, "min": 16, "max": 64}
+    plan["prefill"]["default"]["vertical"] = {"frac": 0.02, "min": 8, "max": 16}
+    plan["prefill"]["default"]["slash"] = {"frac": 0.02, "min": 8, "max": 16}
+    plan["prefill"]["default"]["sink"] = 16
+    plan["prefill"]["default"]["local"] = 16
+    plan["prefill"]["block_size"] = 16     # 64-token blocks would cover most of a 512-token prompt
     return plan

@@ -46,7 +46,7 @@ def test_run_eval_dense_and_sparse(tmp_path, tokenizer, tiny_llama, samples, spa
             assert r["score"] in (0.0, 100.0) or 0 <= r["score"] <= 100
             assert isinstance(r["prediction"], str) and 0 < r["new_tokens"] <= 4
     # The patch layer measured the sparse prefill; dense has no stats.
-    assert all(0 < r["stats"]["prefill_density"] <= 1 for r in doc["plans"]["sparse"]["records"])
+    assert all(0 < r["stats"]["prefill_density"] < 1 for r in doc["plans"]["sparse"]["records"])
     assert all("stats" not in r for r in doc["plans"]["dense"]["records"])
     assert {(r["plan"], r["length"], r["task"]) for r in rows} == {
         (p, L, t) for p in ("dense", "sparse") for L in (512, 768) for t in ("niah_single_1", "vt")
@@ -161,3 +161,13 @@ def test_render_table_diff_and_order():
     assert "niah_single_1" in lines[0] and "+25.0" in lines[0]
     assert "average" in lines[2] and "75.0" in lines[2] and "87.5" in lines[2] and "+12.5" in lines[2]
     assert "8192" in lines[3] and "-20.0" in lines[3] and "25%" in lines[3]
+
+
+def test_eval_runs_the_plan_as_written(tmp_path, tokenizer, tiny_llama, samples, sparse_plan, monkeypatch):
+    # even where patch's "auto" would run every head dense on this machine, the eval measures the plan
+    from sparse_infer.patches import attention
+
+    monkeypatch.setitem(attention.DENSE_ABOVE, "torch", {"head": 1e-6, "group": 1e-6})
+    runner.run_eval(tiny_llama, tokenizer, samples[:1], {"sparse": sparse_plan}, tmp_path, progress=False)
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["plans"]["sparse"]["records"][0]["stats"]["prefill_density"] < 1
