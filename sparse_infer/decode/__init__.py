@@ -116,6 +116,12 @@ def _valid_for(mask_h: torch.Tensor | None, B: int, hk: int, per_head: bool, h: 
     return m if per_head else m.view(B, hk, h // hk, n).any(2)
 
 
+def _torch_backend(backend: str, query) -> bool:
+    from sparse_infer.kernels.block_sparse_attn import triton_available
+
+    return backend == "torch" or (backend == "auto" and not (query.is_cuda and triton_available()))
+
+
 # --------------------------------------------------------------------------- entry point
 def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
     """Return (B, Hq, 1, D) for a sparse decode step, or None to run the dense implementation.
@@ -148,7 +154,13 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
 
     out = None
     selected = 0.0
-    for pi, (rule, q_heads, kv_slice, per_head) in enumerate(_layer_layouts(rt, Hq, Hkv)):
+    layouts = _layer_layouts(rt, Hq, Hkv)
+    # On the torch executor, the sparse parts of a mixed layer are attended in one call (one
+    # index list per query head, each reading its own cache head): per-part calls cost ~0.3 ms
+    # each on a CPU, and a layer of a profiled plan has up to ~8 parts.
+    merge = _torch_backend(rt.backend, query) and sum(rule.kind != "dense" for rule, *_ in layouts) >= 2
+    pending = []                                   # (query heads, their cache heads, (B, h, K) indices)
+    for pi, (rule, q_heads, kv_slice, per_head) in enumerate(layouts):
         whole_layer = q_heads is None
         q = query if whole_layer else query[:, q_heads]
         k = key if kv_slice is None else key[:, kv_slice]
@@ -162,15 +174,37 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
             inp = GroupInputs(query=q[:, :, 0], key=k, valid=_valid_for(m, B, k.shape[1], per_head, h, n),
                               per_head=per_head, scaling=scaling, softcap=softcap, fresh=fresh)
             indices = SELECTORS[rule.kind](inp, rule, group_states.setdefault(pi, {}))
+            selected += float((indices >= 0).sum()) * (h // indices.shape[1])
+            if merge:
+                heads = list(range(Hq)) if whole_layer else list(q_heads)
+                first_kv = 0 if kv_slice is None else kv_slice.start
+                group = h // k.shape[1]                              # query heads per cache head here
+                per_query = indices.repeat_interleave(h // indices.shape[1], dim=1)
+                pending.append((heads, [first_kv + j // group for j in range(h)], per_query))
+                continue
             res = sparse_decode(q, k, v, indices, scaling=scaling, attention_mask=m, softcap=softcap,
                                 backend=rt.backend)
-            selected += float((indices >= 0).sum()) * (h // indices.shape[1])
         if whole_layer:
             out = res
         else:
             if out is None:
                 out = query.new_empty(B, Hq, 1, value.shape[-1])
             out[:, q_heads] = res.to(out.dtype)
+
+    if pending:
+        from sparse_infer.kernels.sparse_decode import sparse_decode_torch
+        from sparse_infer.decode.common import pad_indices
+
+        heads = [h for part in pending for h in part[0]]
+        width = max(part[2].shape[-1] for part in pending)
+        indices = torch.cat([pad_indices(part[2], width) for part in pending], dim=1)
+        kv_heads = torch.tensor([kv for part in pending for kv in part[1]], device=key.device)
+        m = mask if mask is None or mask.shape[1] == 1 else mask[:, heads]
+        res = sparse_decode_torch(query[:, heads], key, value, indices, scaling=scaling, attention_mask=m,
+                                  softcap=softcap, kv_heads=kv_heads)
+        if out is None:
+            out = query.new_empty(B, Hq, 1, value.shape[-1])
+        out[:, heads] = res.to(out.dtype)
 
     _remember_sequence(state, key)
     rt.stats.decode_selected += selected

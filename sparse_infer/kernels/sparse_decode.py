@@ -114,11 +114,23 @@ def _gather_rows(x: torch.Tensor, pos: torch.Tensor, kv_head: torch.Tensor, buf:
 
 
 @torch.no_grad()
-def sparse_decode_torch(query, key, value, indices, *, scaling, attention_mask=None, softcap=None):
+def sparse_decode_torch(query, key, value, indices, *, scaling, attention_mask=None, softcap=None,
+                        kv_heads=None):
     """Attention of one query token over the selected kv rows only (fp32 math).
 
+    kv_heads: optional int64 (Hq,), the cache head each query head reads, for an index per
+    query head over any subset of a layer's heads (then Hi must equal Hq). Lets the decode
+    dispatcher run all of a layer's sparse parts as one call without copying K/V per head.
     Inference only: runs without autograd."""
-    B, Hq, D, Hkv, n, Hi = _check(query, key, value, indices)
+    if kv_heads is None:
+        B, Hq, D, Hkv, n, Hi = _check(query, key, value, indices)
+    else:
+        B, Hq, D = query.shape[0], query.shape[1], query.shape[3]
+        Hkv, n, Hi = key.shape[1], key.shape[2], indices.shape[1]
+        if Hi != Hq or tuple(kv_heads.shape) != (Hq,) or indices.dim() != 3 or indices.shape[0] != B:
+            raise ValueError("with kv_heads, indices must be (B, Hq, K) and kv_heads (Hq,)")
+        if kv_heads.numel() and (int(kv_heads.min()) < 0 or int(kv_heads.max()) >= Hkv):
+            raise ValueError(f"kv_heads must lie in [0, {Hkv})")
     attention_mask = _check_mask(attention_mask, B, Hq, n)
     idx = indices.long()
     K = idx.shape[-1]
@@ -126,7 +138,7 @@ def sparse_decode_torch(query, key, value, indices, *, scaling, attention_mask=N
         return torch.zeros_like(query)
     ok = (idx >= 0) & (idx < n)
     pos = torch.where(ok, idx, torch.zeros_like(idx))
-    kv_head = torch.arange(Hi, device=query.device) * Hkv // Hi
+    kv_head = torch.arange(Hi, device=query.device) * Hkv // Hi if kv_heads is None else kv_heads.to(query.device)
     numel = B * Hi * K * D
     ws = _ws_acquire({"dk": (numel, key.dtype), "dv": (numel, value.dtype)}, key.device)
     try:

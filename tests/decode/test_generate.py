@@ -198,3 +198,29 @@ def test_reset_and_state_bytes():
         assert decode_state_bytes(model) == 0
     finally:
         sparse_infer.unpatch(model)
+
+
+def test_mixed_layer_parts_in_one_call_equal_separate_calls(monkeypatch):
+    # a layer mixing methods over partial GQA groups: the torch path attends all its sparse
+    # parts in one executor call; the per-part calls give the same tokens and logits
+    import sparse_infer.decode as decode
+
+    model = tiny_model("llama")                     # 4 query heads, 2 kv heads
+    rules = {0: SPARSE["quest"], 1: SPARSE["token_select"], 2: SPARSE["double_sparsity"],
+             3: {"method": "dense"}}
+    plan = {"sparse_infer_plan": 1, "prefill": {"min_seq_len": 100000},
+            "decode": {"min_kv_len": 0, "granularity": "head", "default": SPARSE["streaming"],
+                       "layers": {layer: copy.deepcopy(rules) for layer in range(2)}}}
+    ids = ids_of(2, 90, seed=21)
+    calls = []
+    real = decode._torch_backend
+    monkeypatch.setattr(decode, "_torch_backend", lambda *a: calls.append(1) or real(*a))
+    sparse_infer.patch(model, plan)
+    merged = generate(model, ids)
+    sparse_infer.unpatch(model)
+    assert calls
+    monkeypatch.setattr(decode, "_torch_backend", lambda *a: False)
+    sparse_infer.patch(model, plan)
+    separate = generate(model, ids)
+    sparse_infer.unpatch(model)
+    assert_same(merged, separate)

@@ -49,6 +49,22 @@ def test_torch_matches_dense(case):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_torch_explicit_cache_head_per_query_head():
+    # any subset of a layer's query heads, each reading the cache head kv_heads names
+    B, Hkv, n, K = 2, 3, 150, 40
+    kv_heads = torch.tensor([2, 0, 0, 1, 2])
+    q, k, v, idx = make_case(B, kv_heads.numel(), Hkv, kv_heads.numel(), n, K, seed=7)
+    mask = torch.ones(B, 1, 1, n, dtype=torch.bool)
+    mask[1, ..., :20] = False
+    ref = dense_decode_reference(q, k[:, kv_heads], v[:, kv_heads], idx, scaling=0.2, attention_mask=mask)
+    out = sparse_decode_torch(q, k, v, idx, scaling=0.2, attention_mask=mask, kv_heads=kv_heads)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="kv_heads"):
+        sparse_decode_torch(q, k, v, idx, scaling=0.2, kv_heads=torch.tensor([0, 1, 2, 3, 0]))
+    with pytest.raises(ValueError, match="kv_heads"):
+        sparse_decode_torch(q, k, v, idx[:, :2], scaling=0.2, kv_heads=kv_heads)
+
+
 @pytest.mark.parametrize("per_head", [False, True])
 def test_torch_padding_mask(per_head):
     B, Hq, Hkv, n, K = 2, 8, 2, 120, 50
