@@ -2,6 +2,8 @@
 decode method), and each method, over a synthetic cache (random K/V: timing only).
 
     N=32768 BATCH=1 CACHE=append python benchmarks/decode_step_breakdown.py [THREADS]
+    METHODS=quest,qwen2.5-0.5b N=16384 python benchmarks/decode_step_breakdown.py 1   # a shipped plan too
+    MODEL=smollm2-135m METHODS=smollm2-135m N=4096 python benchmarks/decode_step_breakdown.py 1
 
 Each configuration starts from a copy of the same cache and runs warm-up steps, then 6 timed
 steps on a growing cache (the side state of each method is built once, then kept
@@ -23,7 +25,9 @@ from sparse_infer.models import load_model
 N = int(os.environ.get("N", 16384))
 BATCH = int(os.environ.get("BATCH", 1))
 CACHE = os.environ.get("CACHE", "append")
-METHODS = ("quest", "double_sparsity", "token_select", "streaming")
+# decode methods (one method for every head, budget 2048) or plan names (shipped plans, YAML)
+METHODS = tuple(os.environ.get("METHODS", "quest,double_sparsity,token_select,streaming").split(","))
+KNOWN_METHODS = ("quest", "double_sparsity", "token_select", "streaming")
 
 
 def zero_attention(module, query, key, value, attention_mask, **kwargs):
@@ -33,7 +37,7 @@ def zero_attention(module, query, key, value, attention_mask, **kwargs):
 
 def main(threads: str = "2"):
     torch.set_num_threads(int(threads))
-    model, _ = load_model("qwen2.5-0.5b")
+    model, _ = load_model(os.environ.get("MODEL", "qwen2.5-0.5b"))
     cfg = model.config
     L, Hkv = cfg.num_hidden_layers, cfg.num_key_value_heads
     D = cfg.hidden_size // cfg.num_attention_heads
@@ -63,7 +67,8 @@ def main(threads: str = "2"):
     steps("no attention")
     model.set_attn_implementation(previous)
     for method in METHODS:
-        sparse_infer.patch(model, decode_method_plan(method, 2048))
+        plan = decode_method_plan(method, 2048) if method in KNOWN_METHODS else method
+        sparse_infer.patch(model, plan)
         try:
             steps(method, warmup=2)
         finally:
