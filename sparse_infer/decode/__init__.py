@@ -116,6 +116,64 @@ def _valid_for(mask_h: torch.Tensor | None, B: int, hk: int, per_head: bool, h: 
     return m if per_head else m.view(B, hk, h // hk, n).any(2)
 
 
+# a gathered row is copied and read again (~3 passes) where reading in place is one pass
+IN_PLACE_SHARE = 1 / 3
+
+
+def _attend_pending(out, pending, query, key, value, mask, scaling, softcap):
+    """Attend the collected sparse parts of a layer (torch executor), writing into `out`.
+
+    Per cache head: when its query heads' selections add up to more than IN_PLACE_SHARE of the
+    cache, gathering them per query head (copy, then read the copy) would move more bytes than
+    reading the cache once, so those heads read it in place under a mask of exactly their
+    selections; the other heads share one gather call with an index list per query head."""
+    from sparse_infer.decode.common import pad_indices
+    from sparse_infer.kernels.sparse_decode import sparse_decode_torch
+
+    n = key.shape[2]
+    heads = [h for part in pending for h in part[0]]
+    kv_of = [kv for part in pending for kv in part[1]]
+    width = max(part[2].shape[-1] for part in pending)
+    indices = torch.cat([pad_indices(part[2], width) for part in pending], dim=1)     # (B, len(heads), K)
+    rows = (indices >= 0).sum(-1).amax(0).tolist()                                    # per head, worst batch row
+    per_kv: dict[int, list[int]] = {}
+    for i, kv in enumerate(kv_of):
+        per_kv.setdefault(kv, []).append(i)
+    gathered = []
+    for kv, members in per_kv.items():
+        if sum(rows[i] for i in members) <= IN_PLACE_SHARE * n:
+            gathered += members
+            continue
+        hs = [heads[i] for i in members]
+        m = None if mask is None else (mask if mask.shape[1] == 1 else mask[:, hs])
+        out[:, hs] = _masked_in_place(query[:, hs], key[:, kv], value[:, kv], indices[:, members], m,
+                                      scaling, softcap).to(out.dtype)
+    if gathered:
+        hs = [heads[i] for i in gathered]
+        m = mask if mask is None or mask.shape[1] == 1 else mask[:, hs]
+        res = sparse_decode_torch(query[:, hs], key, value, indices[:, gathered], scaling=scaling,
+                                  attention_mask=m, softcap=softcap,
+                                  kv_heads=torch.tensor([kv_of[i] for i in gathered], device=key.device))
+        out[:, hs] = res.to(out.dtype)
+
+
+def _masked_in_place(query, key, value, indices, mask, scaling, softcap):
+    """query (B, h, 1, D) over one cache head key/value (B, n, D), restricted to each query
+    head's own `indices` (B, h, K) (and mask (B, 1|h, 1, n)): reads the cache once, copies nothing."""
+    B, h = query.shape[:2]
+    n = key.shape[1]
+    keep = torch.zeros(B, h, n + 1, dtype=torch.bool, device=key.device)
+    keep.scatter_(-1, torch.where(indices >= 0, indices, n), True)                  # -1 -> spare slot n
+    keep = keep[..., :n]
+    if mask is not None:
+        keep &= mask[:, :, 0]
+    s = torch.matmul(query[:, :, 0].float() * scaling, key.float().transpose(-1, -2))  # (B, h, n)
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    p = torch.softmax(s.masked_fill_(~keep, float("-inf")), dim=-1).nan_to_num_(0.0)
+    return torch.matmul(p, value.float()).unsqueeze(2)
+
+
 def _torch_backend(backend: str, query) -> bool:
     from sparse_infer.kernels.block_sparse_attn import triton_available
 
@@ -192,19 +250,9 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
             out[:, q_heads] = res.to(out.dtype)
 
     if pending:
-        from sparse_infer.kernels.sparse_decode import sparse_decode_torch
-        from sparse_infer.decode.common import pad_indices
-
-        heads = [h for part in pending for h in part[0]]
-        width = max(part[2].shape[-1] for part in pending)
-        indices = torch.cat([pad_indices(part[2], width) for part in pending], dim=1)
-        kv_heads = torch.tensor([kv for part in pending for kv in part[1]], device=key.device)
-        m = mask if mask is None or mask.shape[1] == 1 else mask[:, heads]
-        res = sparse_decode_torch(query[:, heads], key, value, indices, scaling=scaling, attention_mask=m,
-                                  softcap=softcap, kv_heads=kv_heads)
         if out is None:
             out = query.new_empty(B, Hq, 1, value.shape[-1])
-        out[:, heads] = res.to(out.dtype)
+        _attend_pending(out, pending, query, key, value, mask, scaling, softcap)
 
     _remember_sequence(state, key)
     rt.stats.decode_selected += selected

@@ -200,14 +200,20 @@ def test_reset_and_state_bytes():
         sparse_infer.unpatch(model)
 
 
-def test_mixed_layer_parts_in_one_call_equal_separate_calls(monkeypatch):
+@pytest.mark.parametrize("in_place_share", [0.0, 100.0])
+def test_mixed_layer_parts_in_one_call_equal_separate_calls(monkeypatch, in_place_share):
     # a layer mixing methods over partial GQA groups: the torch path attends all its sparse
-    # parts in one executor call; the per-part calls give the same tokens and logits
+    # parts in one call, gathering per query head (share 100) or reading each cache head in
+    # place under a mask of the selections (share 0); per-part calls give the same result
     import sparse_infer.decode as decode
 
     model = tiny_model("llama")                     # 4 query heads, 2 kv heads
     rules = {0: SPARSE["quest"], 1: SPARSE["token_select"], 2: SPARSE["double_sparsity"],
              3: {"method": "dense"}}
+    monkeypatch.setattr(decode, "IN_PLACE_SHARE", in_place_share)
+    in_place = []
+    real_in_place = decode._masked_in_place
+    monkeypatch.setattr(decode, "_masked_in_place", lambda *a: in_place.append(1) or real_in_place(*a))
     plan = {"sparse_infer_plan": 1, "prefill": {"min_seq_len": 100000},
             "decode": {"min_kv_len": 0, "granularity": "head", "default": SPARSE["streaming"],
                        "layers": {layer: copy.deepcopy(rules) for layer in range(2)}}}
@@ -219,6 +225,7 @@ def test_mixed_layer_parts_in_one_call_equal_separate_calls(monkeypatch):
     merged = generate(model, ids)
     sparse_infer.unpatch(model)
     assert calls
+    assert bool(in_place) == (in_place_share == 0.0)
     monkeypatch.setattr(decode, "_torch_backend", lambda *a: False)
     sparse_infer.patch(model, plan)
     separate = generate(model, ids)
