@@ -108,16 +108,22 @@ def test_generate_matches_dense_and_short_prompts_stay_dense():
     assert torch.equal(sparse, dense)
 
 
+def _dense_and_planned(model, ids, plan):
+    """(dense logits, logits under the plan, measured prefill density); leaves the model unpatched."""
+    with torch.no_grad():
+        dense = model(ids).logits
+        sparse_infer.patch(model, plan)
+        planned = model(ids).logits
+        density = sparse_infer.get_stats(model)["prefill_density"]
+        sparse_infer.unpatch(model)
+    return dense, planned, density
+
+
 def test_sparse_budget_changes_output_but_stays_close():
     model = tiny_model("llama")
     ids = _ids(1, 256, seed=4)
     plan = full_plan(model, {"pattern": "a_shape", "sink": 32, "local": 64}, mixed=False)
-    with torch.no_grad():
-        dense = model(ids).logits
-        sparse_infer.patch(model, plan)
-        sparse = model(ids).logits
-        density = sparse_infer.get_stats(model)["prefill_density"]
-        sparse_infer.unpatch(model)
+    dense, sparse, density = _dense_and_planned(model, ids, plan)
     assert 0.2 < density < 0.8
     assert not torch.allclose(sparse, dense, atol=1e-5)   # the sparse path really ran
 
@@ -165,12 +171,7 @@ def test_auto_dense_above_uses_the_threshold_of_the_index_kind(monkeypatch, gran
     p = full_plan(model, {"pattern": "a_shape", "sink": 32, "local": 224}, mixed=False)
     p["prefill"]["granularity"] = granularity
     monkeypatch.setitem(attention.DENSE_ABOVE, "torch", {"head": 1.0, "group": 0.6})
-    with torch.no_grad():
-        dense = model(ids).logits
-        sparse_infer.patch(model, p)
-        out = model(ids).logits
-        density = sparse_infer.get_stats(model)["prefill_density"]
-        sparse_infer.unpatch(model)
+    dense, out, density = _dense_and_planned(model, ids, p)
     if granularity == "group":
         assert density == 1.0
         torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
