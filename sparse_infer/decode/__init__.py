@@ -120,6 +120,37 @@ def _valid_for(mask_h: torch.Tensor | None, B: int, hk: int, per_head: bool, h: 
 IN_PLACE_SHARE = 1 / 3
 
 
+def _expected_rows(rule, n: int) -> int:
+    """Upper bound of the cache rows one selection of `rule` holds at length n."""
+    p = rule.params
+    if rule.kind == "streaming":
+        return min(n, p["sink"] + p["local"])
+    budget = p["budget"].resolve(n)
+    if rule.kind == "quest":
+        budget = -(-budget // p["page"]) * p["page"]
+    return min(n, budget + p["sink"] + p["local"])
+
+
+def _parts_over_limit(layouts, num_heads: int, num_kv: int, n: int, limit: float) -> set[int]:
+    """Parts (indices into layouts) to run dense: those touching a cache head whose sparse
+    selections would hold more than `limit` x n rows in all (a per-query-head selection counts
+    once per query head, a shared one once), where reading it whole costs no more."""
+    group = num_heads // num_kv
+    load = [0] * num_kv
+    touched = []
+    for rule, q_heads, kv_slice, per_head in layouts:
+        kvs = range(num_kv) if kv_slice is None else range(kv_slice.start, kv_slice.stop)
+        touched.append(kvs)
+        if rule.kind == "dense":
+            continue
+        heads_per_kv = group if q_heads is None else len(q_heads) // len(kvs)
+        for kv in kvs:
+            load[kv] += _expected_rows(rule, n) * (heads_per_kv if per_head else 1)
+    over = {kv for kv in range(num_kv) if load[kv] > limit * n}
+    return {pi for pi, (rule, *_) in enumerate(layouts)
+            if rule.kind != "dense" and any(kv in over for kv in touched[pi])}
+
+
 def _attend_pending(out, pending, query, key, value, mask, scaling, softcap):
     """Attend the collected sparse parts of a layer (torch executor), writing into `out`.
 
@@ -194,6 +225,16 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
     if n < section.min_len or all(rule.kind == "dense" for rule, _ in rt.decode_groups):
         state.pop("sequence", None)           # the next sparse step must rebuild, whatever it sees
         return None
+    layouts = _layer_layouts(rt, Hq, Hkv)
+    from sparse_infer.patches.attention import resolve_dense_above
+    limit = resolve_dense_above(rt.dense_above, rt.backend, query.device)["decode"]
+    run_dense = _parts_over_limit(layouts, Hq, Hkv, n, limit) if limit < 1 else set()
+    if all(rule.kind == "dense" or pi in run_dense for pi, (rule, *_) in enumerate(layouts)):
+        # nothing left to select: the model's own attention runs the whole layer in one call
+        state.pop("sequence", None)
+        rt.stats.decode_selected += float(B * Hq * n)
+        rt.stats.decode_total += float(B * Hq * n)
+        return None
     softcap = kwargs.get("softcap") or None
     window = kwargs.get("sliding_window")
     if mask is None and window and n > window:
@@ -212,11 +253,12 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
 
     out = None
     selected = 0.0
-    layouts = _layer_layouts(rt, Hq, Hkv)
+    dense_on_kv: dict[int, list[int]] = {}        # cache head -> query heads that read it whole
     # On the torch executor, the sparse parts of a mixed layer are attended in one call (one
     # index list per query head, each reading its own cache head): per-part calls cost ~0.3 ms
     # each on a CPU, and a layer of a profiled plan has up to ~8 parts.
-    merge = _torch_backend(rt.backend, query) and sum(rule.kind != "dense" for rule, *_ in layouts) >= 2
+    sparse_parts = sum(rule.kind != "dense" and pi not in run_dense for pi, (rule, *_) in enumerate(layouts))
+    merge = _torch_backend(rt.backend, query) and sparse_parts >= 2
     pending = []                                   # (query heads, their cache heads, (B, h, K) indices)
     for pi, (rule, q_heads, kv_slice, per_head) in enumerate(layouts):
         whole_layer = q_heads is None
@@ -225,9 +267,14 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
         v = value if kv_slice is None else value[:, kv_slice]
         m = mask if mask is None or mask.shape[1] == 1 or whole_layer else mask[:, q_heads]
         h = q.shape[1]
-        if rule.kind == "dense":
-            res = grouped_dense_decode(q, k, v, m, scaling, softcap)
+        if rule.kind == "dense" or pi in run_dense:
+            # collected per cache head and run together below: one call per cache head, not per part
+            heads = list(range(Hq)) if whole_layer else list(q_heads)
+            first_kv, group = (0 if kv_slice is None else kv_slice.start), h // k.shape[1]
+            for j, head in enumerate(heads):
+                dense_on_kv.setdefault(first_kv + j // group, []).append(head)
             selected += B * h * n
+            continue
         else:
             inp = GroupInputs(query=q[:, :, 0], key=k, valid=_valid_for(m, B, k.shape[1], per_head, h, n),
                               per_head=per_head, scaling=scaling, softcap=softcap, fresh=fresh)
@@ -253,6 +300,13 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
         if out is None:
             out = query.new_empty(B, Hq, 1, value.shape[-1])
         _attend_pending(out, pending, query, key, value, mask, scaling, softcap)
+    if dense_on_kv:
+        if out is None:
+            out = query.new_empty(B, Hq, 1, value.shape[-1])
+        for kv, heads in dense_on_kv.items():
+            m = mask if mask is None or mask.shape[1] == 1 else mask[:, heads]
+            out[:, heads] = grouped_dense_decode(query[:, heads], key[:, kv: kv + 1], value[:, kv: kv + 1], m,
+                                                 scaling, softcap).to(out.dtype)
 
     _remember_sequence(state, key)
     rt.stats.decode_selected += selected

@@ -171,20 +171,25 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout=
     return out.transpose(1, 2).contiguous(), None
 
 
-# Above this share of causal pairs a head's block-sparse attention costs more than
-# dense attention, so the head runs dense (exact, and faster). Measured for the torch
-# executor against SDPA on a 2-core CPU with Qwen2.5-0.5B's real q/k/v at 16K
-# (docs/RESULTS.md, "Dense above"): 0.4 for an index per query head (each tile feeds
+# Prefill: above this share of causal pairs a head's block-sparse attention costs more
+# than dense attention, so the head runs dense (exact, and faster). Measured for the
+# torch executor against SDPA on a 2-core CPU with Qwen2.5-0.5B's real q/k/v at 16K
+# (docs/RESULTS.md, "Third session"): 0.4 for an index per query head (each tile feeds
 # one head), 0.7 for an index shared by a GQA group (a tile feeds the whole group's
-# stacked rows, so bigger, cheaper matmuls). The Triton executor has not been timed
-# against FlashAttention: it never switches.
-DENSE_ABOVE = {"torch": {"head": 0.4, "group": 0.7}, "triton": {"head": 1.0, "group": 1.0}}
+# stacked rows, so bigger, cheaper matmuls).
+# Decode: when the selections on one cache head add up to more than this share of the
+# cache, the torch path would read that head in place anyway (decode.IN_PLACE_SHARE),
+# i.e. as many bytes as dense attention, with the selection work on top: its heads run dense.
+# The Triton executors have not been timed against FlashAttention: they never switch.
+DENSE_ABOVE = {"torch": {"head": 0.4, "group": 0.7, "decode": 1 / 3},
+               "triton": {"head": 1.0, "group": 1.0, "decode": 1.0}}
 
 
 def resolve_dense_above(dense_above, backend: str, device) -> dict:
-    """{"head": threshold, "group": threshold} for indices per query head / per GQA group."""
+    """{"head", "group", "decode"} thresholds: prefill indices per query head / per GQA group,
+    and the share of a cache head that decode selections may read in all."""
     if dense_above != "auto":
-        return {"head": float(dense_above), "group": float(dense_above)}
+        return {"head": float(dense_above), "group": float(dense_above), "decode": float(dense_above)}
     from sparse_infer.kernels.block_sparse_attn import triton_available
     used = backend if backend != "auto" else ("triton" if device.type == "cuda" and triton_available() else "torch")
     return dict(DENSE_ABOVE[used])

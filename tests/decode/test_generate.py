@@ -2,6 +2,7 @@
 left padding and batches work, side state never leaks between generate calls, the Double
 Sparsity label cache equals a recomputation, and query-similarity reuse skips scorings."""
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -231,3 +232,53 @@ def test_mixed_layer_parts_in_one_call_equal_separate_calls(monkeypatch, in_plac
     separate = generate(model, ids)
     sparse_infer.unpatch(model)
     assert_same(merged, separate)
+
+
+def test_auto_dense_above_runs_cache_heads_dense_when_selections_cover_too_much(monkeypatch):
+    # per-query-head selections of 40+12 rows on a ~200-row cache, two query heads per cache
+    # head: 104 rows > a third of the cache, so with "auto" every head decodes dense
+    from sparse_infer.patches import attention
+
+    monkeypatch.setitem(attention.DENSE_ABOVE, "torch", {"head": 1.0, "group": 1.0, "decode": 1 / 3})
+    model = tiny_model("llama")
+    ids = ids_of(1, 200, seed=31)
+    heavy = dict(SPARSE["token_select"], budget=40)
+    plan = plan_for(heavy, mixed=False)
+    plan["decode"]["granularity"] = "head"
+    reference = generate(model, ids)
+    sparse_infer.patch(model, plan)
+    switched = generate(model, ids)
+    assert sparse_infer.get_stats(model)["decode_density"] == 1.0
+    sparse_infer.unpatch(model)
+    sparse_infer.patch(model, plan, dense_above=1.0)         # as written: really sparse
+    planned = generate(model, ids)
+    assert sparse_infer.get_stats(model)["decode_density"] < 0.9
+    sparse_infer.unpatch(model)
+    assert_same(switched, reference)
+    # a light rule (8 + 12 rows per head, 40 per cache head) stays sparse under "auto"
+    light = plan_for(dict(SPARSE["token_select"], budget=8), mixed=False)
+    light["decode"]["granularity"] = "head"
+    sparse_infer.patch(model, light)
+    generate(model, ids)
+    assert sparse_infer.get_stats(model)["decode_density"] < 0.5
+    sparse_infer.unpatch(model)
+    assert not torch.equal(planned.sequences, switched.sequences) or any(
+        not torch.allclose(x, y, atol=1e-5) for x, y in zip(planned.scores, switched.scores))
+
+
+def test_parts_over_limit_counts_per_head_selections_once_per_query_head():
+    from sparse_infer.decode import _layer_layouts, _parts_over_limit
+    from sparse_infer.patches.attention import group_heads
+    from sparse_infer.plan import load_plan
+
+    plan = load_plan({"sparse_infer_plan": 1, "decode": {
+        "min_kv_len": 0, "granularity": "head", "default": {"method": "streaming", "sink": 4, "local": 28},
+        "layers": {0: {0: {"method": "quest", "page": 8, "budget": 20, "sink": 0, "local": 0}}}}})
+    rt = SimpleNamespace(plan=plan, decode_groups=group_heads(plan.decode, 0, 4), decode_state={})
+    layouts = _layer_layouts(rt, 4, 2)                   # 4 query heads on 2 cache heads
+    on_kv = {pi: kv.start for pi, (_, _, kv, _) in enumerate(layouts)}
+    # cache head 0: quest head 0 (20 rounded up to 24 rows) + streaming head 1 (32) = 56 rows;
+    # cache head 1: streaming heads 2 and 3, 32 rows each = 64 rows
+    assert _parts_over_limit(layouts, 4, 2, 200, 0.3) == {pi for pi, kv in on_kv.items() if kv == 1}
+    assert _parts_over_limit(layouts, 4, 2, 200, 0.25) == set(on_kv)
+    assert _parts_over_limit(layouts, 4, 2, 200, 0.5) == set()
