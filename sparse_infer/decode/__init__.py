@@ -275,20 +275,19 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
                 dense_on_kv.setdefault(first_kv + j // group, []).append(head)
             selected += B * h * n
             continue
-        else:
-            inp = GroupInputs(query=q[:, :, 0], key=k, valid=_valid_for(m, B, k.shape[1], per_head, h, n),
-                              per_head=per_head, scaling=scaling, softcap=softcap, fresh=fresh)
-            indices = SELECTORS[rule.kind](inp, rule, group_states.setdefault(pi, {}))
-            selected += float((indices >= 0).sum()) * (h // indices.shape[1])
-            if merge:
-                heads = list(range(Hq)) if whole_layer else list(q_heads)
-                first_kv = 0 if kv_slice is None else kv_slice.start
-                group = h // k.shape[1]                              # query heads per cache head here
-                per_query = indices.repeat_interleave(h // indices.shape[1], dim=1)
-                pending.append((heads, [first_kv + j // group for j in range(h)], per_query))
-                continue
-            res = sparse_decode(q, k, v, indices, scaling=scaling, attention_mask=m, softcap=softcap,
-                                backend=rt.backend)
+        inp = GroupInputs(query=q[:, :, 0], key=k, valid=_valid_for(m, B, k.shape[1], per_head, h, n),
+                          per_head=per_head, scaling=scaling, softcap=softcap, fresh=fresh)
+        indices = SELECTORS[rule.kind](inp, rule, group_states.setdefault(pi, {}))
+        selected += float((indices >= 0).sum()) * (h // indices.shape[1])
+        if merge:
+            heads = list(range(Hq)) if whole_layer else list(q_heads)
+            first_kv = 0 if kv_slice is None else kv_slice.start
+            group = h // k.shape[1]                                  # query heads per cache head here
+            per_query = indices.repeat_interleave(h // indices.shape[1], dim=1)
+            pending.append((heads, [first_kv + j // group for j in range(h)], per_query))
+            continue
+        res = sparse_decode(q, k, v, indices, scaling=scaling, attention_mask=m, softcap=softcap,
+                            backend=rt.backend)
         if whole_layer:
             out = res
         else:
