@@ -5,7 +5,9 @@ step. For each rule of the layer (rt.decode_groups: [(Rule, [query heads])]) it 
 method's selector for an index list (B, Hi, K) of absolute kv positions (-1 = unused;
 Hi = kv heads when a group shares one selection, query heads otherwise) and hands it to the
 gather executor (sparse_infer.kernels.sparse_decode). Dense heads (e.g. retrieval heads)
-read the whole cache. Every selector file under this package only chooses indices:
+read the whole cache, and so, under patch's dense_above="auto", do heads whose selections
+could not read less than dense attention (see _parts_over_limit); on the torch executor a
+layer's sparse parts are attended in one call (see _attend_pending). Every selector file under this package only chooses indices:
 
     streaming       first `sink` + last `local` valid tokens
     token_select    exact q.k over all keys, per-head softmax summed over the group, top `budget`
