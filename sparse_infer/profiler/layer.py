@@ -8,7 +8,8 @@ import torch
 
 from sparse_infer.profiler.decode import decode_curves, double_sparsity_curve, retrieval_hits
 from sparse_infer.profiler.search import (
-    DENSE, HeadReport, MeanTable, SearchSettings, choose_decode, decide_prefill, decode_costs, decode_recall,
+    DENSE, HeadReport, MeanTable, SearchSettings, choose_decode, decide_prefill, decode_cost_factor, decode_costs,
+    decode_recall,
     evaluate_prefill_run, measure_rules, runtime_granularity,
 )
 from sparse_infer.profiler.stats import attention_stats, channel_scores
@@ -135,14 +136,15 @@ def analyze_layer(runs: list[LayerRun], settings: SearchSettings, *, block_size:
         if float(retrieval[h]) >= settings.retrieval_threshold and copies:
             dec = DENSE                     # a retrieval head keeps the whole cache
         else:
-            dec = choose_decode(decode_at, h, head_dim, settings, chans)
+            dec = choose_decode(decode_at, h, head_dim, settings, chans, decode_cost_factor(settings, hq, hkv))
         d_rec, d_cost = {}, {}
         for L, curves in decode_at.items():
             if dec.pattern == "dense":
                 d_rec[L], d_cost[L] = 1.0, 1.0
             else:
                 d_rec[L] = float(decode_recall(curves, dec.pattern, dec.params, L)[h])
-                d_cost[L] = float(decode_costs(L, head_dim, settings.channels)[dec.pattern](dec.params))
+                d_cost[L] = min(1.0, float(decode_costs(L, head_dim, settings.channels)[dec.pattern](dec.params))
+                                * decode_cost_factor(settings, hq, hkv))
         reports.append(HeadReport(
             prefill=choices[h], decode=dec,
             prefill_recall={L: float(v[h]) for L, v in rec.items()},

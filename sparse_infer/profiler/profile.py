@@ -41,6 +41,7 @@ class ProfileConfig:
     # a rule shared by a whole GQA group is kept when it costs at most (1 + slack) x the
     # per-head rules; inf = always one rule per kv group (see SearchSettings.group_slack)
     group_slack: float = 0.1
+    decode_gqa_cost: bool = False           # see SearchSettings.decode_gqa_cost
     lengths: tuple[int, ...] | None = None  # default: (seq_len // 2, seq_len)
     decode_queries: int = 32      # last queries standing in for decode steps (answer tokens included)
     # torch threads while profiling: per-block statistics are many small ops, and on a shared
@@ -75,7 +76,7 @@ class ProfileConfig:
     def settings(self) -> SearchSettings:
         return SearchSettings(target_recall=self.target_recall, block_size=self.block_size,
                               retrieval_threshold=self.retrieval_threshold, channels=self.channels,
-                              group_slack=self.group_slack)
+                              group_slack=self.group_slack, decode_gqa_cost=self.decode_gqa_cost)
 
     def command(self, model_name: str, out: str | None) -> str:
         """The exact `sparse-infer profile` command line that reproduces this run."""
@@ -93,6 +94,8 @@ class ProfileConfig:
             parts += ["--retrieval-threshold", f"{self.retrieval_threshold:g}"]
         if self.group_slack != 0.1:
             parts += ["--group-slack", f"{self.group_slack:g}"]
+        if self.decode_gqa_cost:
+            parts += ["--decode-gqa-cost"]
         return shlex.join(parts)
 
 
@@ -279,6 +282,7 @@ def build_plan(reports: list[list[HeadReport]], model, config: ProfileConfig, le
         "block_size": config.block_size,
         "retrieval_threshold": config.retrieval_threshold,
         "group_slack": config.group_slack,
+        **({"decode_gqa_cost": True} if config.decode_gqa_cost else {}),
         "measured": measured,
     }
     raw = {

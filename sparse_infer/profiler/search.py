@@ -48,6 +48,10 @@ class SearchSettings:
     group_slack: float = 0.1
     retrieval_threshold: float = 0.1
     channels: int = 16
+    # price per-head decode selections against dense per query head of a GQA group: a
+    # selection is gathered once per query head, dense reads each kv head once for the group
+    # (--decode-gqa-cost; off keeps the earlier model, which the shipped plans were made with)
+    decode_gqa_cost: bool = False
 
 
 def pow2_grid(lo: int, hi: int) -> list[int]:
@@ -446,8 +450,13 @@ def decode_grid(n: int) -> dict[str, list[dict]]:
     }
 
 
+def decode_cost_factor(settings: SearchSettings, num_heads: int, num_kv_heads: int) -> int:
+    """How many times its own share of the traffic a per-head decode selection costs against dense."""
+    return num_heads // num_kv_heads if settings.decode_gqa_cost else 1
+
+
 def choose_decode(curves: dict[int, dict], head: int, head_dim: int, settings: SearchSettings,
-                  channel_list: list[int] | None) -> Choice:
+                  channel_list: list[int] | None, cost_factor: int = 1) -> Choice:
     lengths = sorted(curves)
     longest = lengths[-1]
     best = DENSE
@@ -481,7 +490,7 @@ def choose_decode(curves: dict[int, dict], head: int, head_dim: int, settings: S
         cost = decode_costs(longest, head_dim, settings.channels)[method](params)
         if cost < best.cost - 1e-12:
             best = Choice(method, params, cost)
-    if best.cost >= settings.decode_cutoff:
+    if best.cost * cost_factor >= settings.decode_cutoff:
         return DENSE
     return best
 

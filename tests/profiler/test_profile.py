@@ -152,3 +152,17 @@ def test_group_slack_is_validated_and_recorded_in_the_command():
     assert config.settings().group_slack == float("inf")
     with pytest.raises(ValueError, match="--group-slack must be >= 0"):
         ProfileConfig(seq_len=1024, group_slack=-1.0).validate()
+
+
+def test_decode_gqa_cost_is_recorded_in_the_command_and_the_plan(tiny_dir, tmp_path):
+    from sparse_infer.profiler.profile import ProfileConfig
+
+    config = ProfileConfig(seq_len=1024, decode_gqa_cost=True)
+    assert config.command("m", "plan.yaml").endswith("--decode-gqa-cost")
+    assert config.settings().decode_gqa_cost
+    assert "--decode-gqa-cost" not in ProfileConfig(seq_len=1024).command("m", None)
+    out = tmp_path / "gqa.yaml"
+    profile_command(str(tiny_dir), out, seq_len=1024, samples=1, target_recall=0.6, progress=False,
+                    decode_gqa_cost=True)
+    plan = load_plan(out, tiny_model("llama").config)
+    assert plan.profile["decode_gqa_cost"] is True and "--decode-gqa-cost" in plan.profile["command"]

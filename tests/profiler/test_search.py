@@ -101,3 +101,28 @@ def test_infinite_group_slack_gives_one_rule_per_kv_group():
     got = rules(shared)
     assert got[0] == got[1] and got[2] == got[3]
     assert all(gran == "group" for _, _, gran in got)
+
+
+def test_decode_gqa_cost_prices_per_head_selections_per_query_head():
+    """A head whose attention sits in 1/16 of the cache takes quest alone; priced per query head
+    of a 7-head GQA group the same selection costs more than dense reads, so it stays dense."""
+    import torch
+
+    from sparse_infer.profiler.decode import QUEST_PAGE, STREAMING_SINKS
+    from sparse_infer.profiler.search import DENSE, choose_decode, decode_cost_factor
+
+    def ramp(points, full_at):
+        return torch.clamp((torch.arange(points, dtype=torch.float64) + 1) / full_at, max=1.0)[None]
+
+    curves = {}
+    for n in LENGTHS:
+        half = n // 2
+        curves[n] = {"token_select": ramp(half, n // 16), "quest": ramp(half // QUEST_PAGE, n // 16 // QUEST_PAGE),
+                     "streaming": {s: torch.full((1, half), 0.5, dtype=torch.float64) for s in STREAMING_SINKS}}
+    settings = SearchSettings(target_recall=0.95)
+    alone = choose_decode(curves, 0, 64, settings, None, cost_factor=1)
+    assert alone.pattern == "quest" and alone.cost < 0.3
+    assert choose_decode(curves, 0, 64, settings, None, cost_factor=3).pattern == "quest"
+    assert choose_decode(curves, 0, 64, settings, None, cost_factor=7) == DENSE
+    assert decode_cost_factor(SearchSettings(decode_gqa_cost=True), 14, 2) == 7
+    assert decode_cost_factor(SearchSettings(), 14, 2) == 1                 # off: the earlier model
