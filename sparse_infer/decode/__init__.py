@@ -29,6 +29,7 @@ import torch
 
 from sparse_infer.decode import double_sparsity, quest, streaming, token_select
 from sparse_infer.decode.common import GroupInputs, GrowBuffer, grouped_dense_decode
+from sparse_infer.kernels.block_sparse_attn import resolve_backend
 
 SELECTORS = {
     "streaming": streaming.select,
@@ -207,18 +208,13 @@ def _masked_in_place(query, key, value, indices, mask, scaling, softcap):
     return torch.matmul(p, value.float()).unsqueeze(2)
 
 
-def _torch_backend(backend: str, query) -> bool:
-    from sparse_infer.kernels.block_sparse_attn import triton_available
-
-    return backend == "torch" or (backend == "auto" and not (query.is_cuda and triton_available()))
-
-
 # --------------------------------------------------------------------------- entry point
 def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
     """Return (B, Hq, 1, D) for a sparse decode step, or None to run the dense implementation.
 
     mask: None or bool (B, 1|Hq, 1, n), True = may attend (padding, sliding windows)."""
     from sparse_infer.kernels.sparse_decode import sparse_decode
+    from sparse_infer.patches.attention import resolve_dense_above
 
     section = rt.plan.decode
     B, Hq = query.shape[:2]
@@ -228,8 +224,7 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
         state.pop("sequence", None)           # the next sparse step must rebuild, whatever it sees
         return None
     layouts = _layer_layouts(rt, Hq, Hkv)
-    from sparse_infer.patches.attention import resolve_dense_above
-    limit = resolve_dense_above(rt.dense_above, rt.backend, query.device)["decode"]
+    limit = resolve_dense_above(rt.dense_above, rt.backend, query)["decode"]
     run_dense = _parts_over_limit(layouts, Hq, Hkv, n, limit) if limit < 1 else set()
     if all(rule.kind == "dense" or pi in run_dense for pi, (rule, *_) in enumerate(layouts)):
         # nothing left to select: the model's own attention runs the whole layer in one call
@@ -260,7 +255,7 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
     # index list per query head, each reading its own cache head): per-part calls cost ~0.3 ms
     # each on a CPU, and a layer of a profiled plan has up to ~8 parts.
     sparse_parts = sum(rule.kind != "dense" and pi not in run_dense for pi, (rule, *_) in enumerate(layouts))
-    merge = _torch_backend(rt.backend, query) and sparse_parts >= 2
+    merge = resolve_backend(rt.backend, query) == "torch" and sparse_parts >= 2
     pending = []                                   # (query heads, their cache heads, (B, h, K) indices)
     for pi, (rule, q_heads, kv_slice, per_head) in enumerate(layouts):
         whole_layer = q_heads is None

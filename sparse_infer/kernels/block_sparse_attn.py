@@ -28,6 +28,7 @@ __all__ = [
     "block_sparse_attention_triton",
     "block_sparse_attention",
     "triton_available",
+    "resolve_backend",
     "release_workspaces",
 ]
 
@@ -876,11 +877,17 @@ def block_sparse_attention_triton(query, key, value, index: BlockSparseIndex, *,
     return out
 
 
+def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
+    """The executor 'auto' means for this tensor: Triton for CUDA tensors when importable, else torch."""
+    if backend != "auto":
+        return backend
+    return "triton" if (tensor.is_cuda and triton_available()) else "torch"
+
+
 def block_sparse_attention(query, key, value, index: BlockSparseIndex, *, scaling,
                            attention_mask=None, softcap=None, backend: str = "auto"):
     """Dispatch: 'auto' = Triton for CUDA tensors when importable, else torch."""
-    if backend == "auto":
-        backend = "triton" if (query.is_cuda and triton_available()) else "torch"
+    backend = resolve_backend(backend, query)
     if backend == "torch":
         return block_sparse_attention_torch(query, key, value, index, scaling=scaling,
                                             attention_mask=attention_mask, softcap=softcap)

@@ -16,6 +16,7 @@ from .block_sparse_attn import (
     _softcap,
     _require_triton,
     dense_masked_attention,
+    resolve_backend,
     tl,
     triton,
     triton_available,
@@ -330,8 +331,7 @@ def sparse_decode_triton(query, key, value, indices, *, scaling, attention_mask=
 def sparse_decode(query, key, value, indices, *, scaling, attention_mask=None, softcap=None,
                   backend: str = "auto"):
     """Dispatch: 'auto' = Triton for CUDA tensors when importable, else torch."""
-    if backend == "auto":
-        backend = "triton" if (query.is_cuda and triton_available()) else "torch"
+    backend = resolve_backend(backend, query)
     if backend == "torch":
         return sparse_decode_torch(query, key, value, indices, scaling=scaling,
                                    attention_mask=attention_mask, softcap=softcap)

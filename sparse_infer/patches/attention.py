@@ -185,14 +185,13 @@ DENSE_ABOVE = {"torch": {"head": 0.4, "group": 0.7, "decode": 1 / 3},
                "triton": {"head": 1.0, "group": 1.0, "decode": 1.0}}
 
 
-def resolve_dense_above(dense_above, backend: str, device) -> dict:
+def resolve_dense_above(dense_above, backend: str, tensor) -> dict:
     """{"head", "group", "decode"} thresholds: prefill indices per query head / per GQA group,
     and the share of a cache head that decode selections may read in all."""
     if dense_above != "auto":
         return {"head": float(dense_above), "group": float(dense_above), "decode": float(dense_above)}
-    from sparse_infer.kernels.block_sparse_attn import triton_available
-    used = backend if backend != "auto" else ("triton" if device.type == "cuda" and triton_available() else "torch")
-    return dict(DENSE_ABOVE[used])
+    from sparse_infer.kernels.block_sparse_attn import resolve_backend
+    return dict(DENSE_ABOVE[resolve_backend(backend, tensor)])
 
 
 def sparse_prefill(rt: LayerRuntime, query, key, value, mask, scaling, softcap=None):
@@ -213,7 +212,7 @@ def sparse_prefill(rt: LayerRuntime, query, key, value, mask, scaling, softcap=N
     out = query.new_empty(query.shape[0], num_heads, query.shape[2], value.shape[-1])
     q_len, n = query.shape[2], key.shape[2]
     per_head_pairs = query.shape[0] * (q_len * (n - q_len) + q_len * (q_len + 1) / 2)
-    dense_above = resolve_dense_above(rt.dense_above, rt.backend, query.device)
+    dense_above = resolve_dense_above(rt.dense_above, rt.backend, query)
     dense_heads: list[int] = []
 
     def head_slice(t, heads):

@@ -220,14 +220,14 @@ def test_mixed_layer_parts_in_one_call_equal_separate_calls(monkeypatch, in_plac
                        "layers": {layer: copy.deepcopy(rules) for layer in range(2)}}}
     ids = ids_of(2, 90, seed=21)
     calls = []
-    real = decode._torch_backend
-    monkeypatch.setattr(decode, "_torch_backend", lambda *a: calls.append(1) or real(*a))
+    real = decode.resolve_backend
+    monkeypatch.setattr(decode, "resolve_backend", lambda *a: calls.append(1) or real(*a))
     sparse_infer.patch(model, plan)
     merged = generate(model, ids)
     sparse_infer.unpatch(model)
     assert calls
     assert bool(in_place) == (in_place_share == 0.0)
-    monkeypatch.setattr(decode, "_torch_backend", lambda *a: False)
+    monkeypatch.setattr(decode, "resolve_backend", lambda *a: "triton")   # per-part calls (they run torch on CPU)
     sparse_infer.patch(model, plan)
     separate = generate(model, ids)
     sparse_infer.unpatch(model)

@@ -193,7 +193,7 @@ def test_auto_dense_above_follows_the_executor(monkeypatch):
 
     measured = {"head": 0.35, "group": 0.75, "decode": 0.3}
     monkeypatch.setitem(attention.DENSE_ABOVE, "torch", measured)
-    cpu = torch.device("cpu")
+    cpu = torch.zeros(1)                                  # a CPU tensor: "auto" means the torch executor
     assert attention.resolve_dense_above("auto", "torch", cpu) == measured
     assert attention.resolve_dense_above("auto", "auto", cpu) == measured
     assert attention.resolve_dense_above("auto", "triton", cpu) == attention.DENSE_ABOVE["triton"]
