@@ -30,6 +30,7 @@ import torch
 from sparse_infer.decode import double_sparsity, quest, streaming, token_select
 from sparse_infer.decode.common import GroupInputs, GrowBuffer, grouped_dense_decode
 from sparse_infer.kernels.block_sparse_attn import resolve_backend
+from sparse_infer.patches.attention import heads_of, resolve_dense_above
 
 SELECTORS = {
     "streaming": streaming.select,
@@ -108,6 +109,13 @@ def _layer_layouts(rt, num_heads: int, num_kv: int) -> list:
     return cached[1]
 
 
+def _part_heads(q_heads, kv_slice, num_heads: int, heads_per_kv: int):
+    """A part's query heads (the layer's when q_heads is None) and the cache head each reads."""
+    heads = list(range(num_heads)) if q_heads is None else list(q_heads)
+    first_kv = 0 if kv_slice is None else kv_slice.start
+    return heads, [first_kv + j // heads_per_kv for j in range(len(heads))]
+
+
 def _valid_for(mask_h: torch.Tensor | None, B: int, hk: int, per_head: bool, h: int, n: int):
     """(B, Hi, n) bool of keys the mask allows, from a (B, 1|h, 1, n) mask."""
     if mask_h is None:
@@ -179,33 +187,24 @@ def _attend_pending(out, pending, query, key, value, mask, scaling, softcap):
             gathered += members
             continue
         hs = [heads[i] for i in members]
-        m = None if mask is None else (mask if mask.shape[1] == 1 else mask[:, hs])
-        out[:, hs] = _masked_in_place(query[:, hs], key[:, kv], value[:, kv], indices[:, members], m,
-                                      scaling, softcap).to(out.dtype)
+        keep = _selection_mask(indices[:, members], n, heads_of(mask, hs))
+        res = grouped_dense_decode(query[:, hs], key[:, kv: kv + 1], value[:, kv: kv + 1], keep, scaling, softcap)
+        out[:, hs] = res.nan_to_num(0.0).to(out.dtype)               # a head with nothing selected reads 0
     if gathered:
         hs = [heads[i] for i in gathered]
-        m = mask if mask is None or mask.shape[1] == 1 else mask[:, hs]
         res = sparse_decode_torch(query[:, hs], key, value, indices[:, gathered], scaling=scaling,
-                                  attention_mask=m, softcap=softcap,
+                                  attention_mask=heads_of(mask, hs), softcap=softcap,
                                   kv_heads=torch.tensor([kv_of[i] for i in gathered], device=key.device))
         out[:, hs] = res.to(out.dtype)
 
 
-def _masked_in_place(query, key, value, indices, mask, scaling, softcap):
-    """query (B, h, 1, D) over one cache head key/value (B, n, D), restricted to each query
-    head's own `indices` (B, h, K) (and mask (B, 1|h, 1, n)): reads the cache once, copies nothing."""
-    B, h = query.shape[:2]
-    n = key.shape[1]
-    keep = torch.zeros(B, h, n + 1, dtype=torch.bool, device=key.device)
+def _selection_mask(indices, n: int, mask):
+    """bool (B, h, 1, n): True at each query head's selected positions (and where `mask`, (B, 1|h, 1, n), allows)."""
+    B, h = indices.shape[:2]
+    keep = torch.zeros(B, h, n + 1, dtype=torch.bool, device=indices.device)
     keep.scatter_(-1, torch.where(indices >= 0, indices, n), True)                  # -1 -> spare slot n
-    keep = keep[..., :n]
-    if mask is not None:
-        keep &= mask[:, :, 0]
-    s = torch.matmul(query[:, :, 0].float() * scaling, key.float().transpose(-1, -2))  # (B, h, n)
-    if softcap:
-        s = softcap * torch.tanh(s / softcap)
-    p = torch.softmax(s.masked_fill_(~keep, float("-inf")), dim=-1).nan_to_num_(0.0)
-    return torch.matmul(p, value.float()).unsqueeze(2)
+    keep = keep[..., :n].unsqueeze(2)
+    return keep if mask is None else keep & mask
 
 
 # --------------------------------------------------------------------------- entry point
@@ -214,7 +213,6 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
 
     mask: None or bool (B, 1|Hq, 1, n), True = may attend (padding, sliding windows)."""
     from sparse_infer.kernels.sparse_decode import sparse_decode
-    from sparse_infer.patches.attention import resolve_dense_above
 
     section = rt.plan.decode
     B, Hq = query.shape[:2]
@@ -262,14 +260,12 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
         q = query if whole_layer else query[:, q_heads]
         k = key if kv_slice is None else key[:, kv_slice]
         v = value if kv_slice is None else value[:, kv_slice]
-        m = mask if mask is None or mask.shape[1] == 1 or whole_layer else mask[:, q_heads]
+        m = mask if whole_layer else heads_of(mask, q_heads)
         h = q.shape[1]
         if rule.kind == "dense" or pi in run_dense:
             # collected per cache head and run together below: one call per cache head, not per part
-            heads = list(range(Hq)) if whole_layer else list(q_heads)
-            first_kv, group = (0 if kv_slice is None else kv_slice.start), h // k.shape[1]
-            for j, head in enumerate(heads):
-                dense_on_kv.setdefault(first_kv + j // group, []).append(head)
+            for head, kv in zip(*_part_heads(q_heads, kv_slice, Hq, h // k.shape[1])):
+                dense_on_kv.setdefault(kv, []).append(head)
             selected += B * h * n
             continue
         inp = GroupInputs(query=q[:, :, 0], key=k, valid=_valid_for(m, B, k.shape[1], per_head, h, n),
@@ -277,11 +273,8 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
         indices = SELECTORS[rule.kind](inp, rule, group_states.setdefault(pi, {}))
         selected += float((indices >= 0).sum()) * (h // indices.shape[1])
         if merge:
-            heads = list(range(Hq)) if whole_layer else list(q_heads)
-            first_kv = 0 if kv_slice is None else kv_slice.start
-            group = h // k.shape[1]                                  # query heads per cache head here
             per_query = indices.repeat_interleave(h // indices.shape[1], dim=1)
-            pending.append((heads, [first_kv + j // group for j in range(h)], per_query))
+            pending.append((*_part_heads(q_heads, kv_slice, Hq, h // k.shape[1]), per_query))
             continue
         res = sparse_decode(q, k, v, indices, scaling=scaling, attention_mask=m, softcap=softcap,
                             backend=rt.backend)
@@ -292,17 +285,13 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
                 out = query.new_empty(B, Hq, 1, value.shape[-1])
             out[:, q_heads] = res.to(out.dtype)
 
+    if out is None and (pending or dense_on_kv):
+        out = query.new_empty(B, Hq, 1, value.shape[-1])
     if pending:
-        if out is None:
-            out = query.new_empty(B, Hq, 1, value.shape[-1])
         _attend_pending(out, pending, query, key, value, mask, scaling, softcap)
-    if dense_on_kv:
-        if out is None:
-            out = query.new_empty(B, Hq, 1, value.shape[-1])
-        for kv, heads in dense_on_kv.items():
-            m = mask if mask is None or mask.shape[1] == 1 else mask[:, heads]
-            out[:, heads] = grouped_dense_decode(query[:, heads], key[:, kv: kv + 1], value[:, kv: kv + 1], m,
-                                                 scaling, softcap).to(out.dtype)
+    for kv, heads in dense_on_kv.items():
+        out[:, heads] = grouped_dense_decode(query[:, heads], key[:, kv: kv + 1], value[:, kv: kv + 1],
+                                             heads_of(mask, heads), scaling, softcap).to(out.dtype)
 
     _remember_sequence(state, key)
     rt.stats.decode_selected += selected

@@ -127,6 +127,13 @@ def _dense_subset(query, key, value, mask, scaling, softcap):
     return out.nan_to_num(0.0)
 
 
+def heads_of(mask: torch.Tensor | None, heads: list[int]) -> torch.Tensor | None:
+    """The rows of a (B, 1|H, ...) mask for the given heads (a shared mask is kept as it is)."""
+    if mask is None or mask.shape[1] == 1 or heads == list(range(mask.shape[1])):
+        return mask
+    return mask[:, heads]
+
+
 def _head_subsets(heads: list[int], num_heads: int, num_kv: int):
     """Index tensors for running a subset of query heads while keeping GQA sharing when possible."""
     groups = num_heads // num_kv
@@ -214,12 +221,6 @@ def sparse_prefill(rt: LayerRuntime, query, key, value, mask, scaling, softcap=N
     per_head_pairs = query.shape[0] * (q_len * (n - q_len) + q_len * (q_len + 1) / 2)
     dense_above = resolve_dense_above(rt.dense_above, rt.backend, query)
     dense_heads: list[int] = []
-
-    def head_slice(t, heads):
-        if t is None or t.shape[1] == 1:
-            return t
-        return t if len(heads) == t.shape[1] else t[:, heads]
-
     for rule, heads, kv_heads in parts:
         if rule.kind == "dense":
             dense_heads += heads
@@ -228,7 +229,7 @@ def sparse_prefill(rt: LayerRuntime, query, key, value, mask, scaling, softcap=N
         q = query if whole else query[:, heads]
         k = key if whole else key[:, kv_heads]
         v = value if whole else value[:, kv_heads]
-        m = mask if mask is None or mask.shape[1] == 1 else mask[:, heads]
+        m = heads_of(mask, heads)
         granularity = section.granularity if k.shape[1] < q.shape[1] else "head"
         index = build_index(rule, q, k, block_size=section.block_size, scaling=scaling,
                             attention_mask=m, granularity=granularity, softcap=softcap)
@@ -251,7 +252,7 @@ def sparse_prefill(rt: LayerRuntime, query, key, value, mask, scaling, softcap=N
             # per-group index: keep its kv heads; per-head index: one kv head per kept query head
             kv_keep = keep_index if per_index > 1 else [i // shared for i in keep]
             q, k, v = q[:, keep], k[:, kv_keep], v[:, kv_keep]
-            m = head_slice(m, keep)
+            m = heads_of(m, keep)
             whole = False
         res = block_sparse_attention(q, k, v, index, scaling=scaling, attention_mask=m,
                                      softcap=softcap, backend=rt.backend)
@@ -266,7 +267,7 @@ def sparse_prefill(rt: LayerRuntime, query, key, value, mask, scaling, softcap=N
         heads, kv_heads = _head_subsets(dense_heads, num_heads, num_kv)
         whole = len(heads) == num_heads
         res = _dense_subset(query if whole else query[:, heads], key if whole else key[:, kv_heads],
-                            value if whole else value[:, kv_heads], head_slice(mask, heads), scaling, softcap)
+                            value if whole else value[:, kv_heads], heads_of(mask, heads), scaling, softcap)
         rt.stats.selected_pairs += len(heads) * per_head_pairs
         rt.stats.causal_pairs += len(heads) * per_head_pairs
         if whole:

@@ -213,8 +213,8 @@ def test_mixed_layer_parts_in_one_call_equal_separate_calls(monkeypatch, in_plac
              3: {"method": "dense"}}
     monkeypatch.setattr(decode, "IN_PLACE_SHARE", in_place_share)
     in_place = []
-    real_in_place = decode._masked_in_place
-    monkeypatch.setattr(decode, "_masked_in_place", lambda *a: in_place.append(1) or real_in_place(*a))
+    real_in_place = decode._selection_mask
+    monkeypatch.setattr(decode, "_selection_mask", lambda *a: in_place.append(1) or real_in_place(*a))
     plan = {"sparse_infer_plan": 1, "prefill": {"min_seq_len": 100000},
             "decode": {"min_kv_len": 0, "granularity": "head", "default": SPARSE["streaming"],
                        "layers": {layer: copy.deepcopy(rules) for layer in range(2)}}}
