@@ -358,9 +358,8 @@ def block_sparse_attention_torch(query, key, value, index: BlockSparseIndex, *, 
     use_flat = norm["col_use"].reshape(-1) if C else torch.zeros_like(cnt_flat)
     key_len = (cnt_flat + 1) * bs + use_flat
     items_all = act_idx[torch.argsort(key_len[act_idx], stable=True)]
-    plan = _chunk_plan(cnt_flat[items_all].tolist(), use_flat[items_all].tolist(), Gi, bs, chunk_elems,
-                       torch.get_num_threads() if num_workers is None else num_workers)
     workers = torch.get_num_threads() if num_workers is None else num_workers
+    plan = _chunk_plan(cnt_flat[items_all].tolist(), use_flat[items_all].tolist(), Gi, bs, chunk_elems, workers)
 
     ar_bs = torch.arange(bs, device=dev)
     ctx = dict(
@@ -375,7 +374,7 @@ def block_sparse_attention_torch(query, key, value, index: BlockSparseIndex, *, 
         attention_mask=attention_mask, softcap=softcap, qscale=scaling / softcap if softcap is not None else scaling,
         bs=bs, Gi=Gi, D=D, C=C, NQB=NQB, qb0=qb0, big=big, q0=q0, q_len=q_len, n=n,
         dummy_row=B * Hq * q_len,
-        cnt_flat=cnt_flat, col_cnt_flat=norm["col_cnt"].reshape(-1) if C else None,
+        col_cnt_flat=norm["col_cnt"].reshape(-1) if C else None,
         ws_spec=_prefill_ws_spec(
             max((j - i) * Gi * bs * ((kbc + 1) * bs + cc) for i, j, kbc, cc, _ in plan),
             max((j - i) * ((kbc + 1) * bs + cc) * D for i, j, kbc, cc, _ in plan),
@@ -561,18 +560,19 @@ def _run_chunk(ctx, i, j_end, kbc, cc, counts):
         for a, b, count in runs:
             s4[a:b, :, :, (count + 1) * bs:nb] = _NEG_INF
     else:
-        cnt = ctx["cnt_flat"][items]
+        cnt = torch.tensor(counts, device=dev)
         first = min(counts)
         pad = torch.arange(first, kbc, device=dev)[None, :] >= cnt[:, None]     # (c, kbc - first)
         s4[..., (first + 1) * bs:nb].masked_fill_(pad.repeat_interleave(bs, 1)[:, None, None, :], _NEG_INF)
     # slot 0 = diagonal: causal triangle, or everything if it is not selected
     hd = ctx["has_diag_flat"][items]
-    if bool(hd.all()):
+    all_diag = bool(hd.all())
+    if all_diag:
         s4[..., :bs].masked_fill_(ctx["triu"], _NEG_INF)
     else:
         s4[..., :bs].masked_fill_(ctx["triu"] | ~hd.view(c, 1, 1, 1), _NEG_INF)
     if cc:
-        if bool(hd.all()):
+        if all_diag:
             # usable columns lie left of a selected diagonal block: visible to every row
             # compacted: each item's unusable columns are a tail, so mask from the shortest item on
             first = int(cok.sum(1).min())

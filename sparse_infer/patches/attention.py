@@ -127,6 +127,11 @@ def _dense_subset(query, key, value, mask, scaling, softcap):
     return out.nan_to_num(0.0)
 
 
+def _causal_pairs(q_len: int, n: int) -> float:
+    """(query, key) pairs causal attention computes for one head: the queries are the last q_len of n keys."""
+    return q_len * (n - q_len) + q_len * (q_len + 1) / 2
+
+
 def heads_of(mask: torch.Tensor | None, heads: list[int]) -> torch.Tensor | None:
     """The rows of a (B, 1|H, ...) mask for the given heads (a shared mask is kept as it is)."""
     if mask is None or mask.shape[1] == 1 or heads == list(range(mask.shape[1])):
@@ -169,7 +174,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout=
     rt.stats.prefill_calls += 1
     section = rt.plan.prefill
     if n < section.min_len or all(rule.kind == "dense" for rule, _ in rt.prefill_groups):
-        pairs = query.shape[0] * query.shape[1] * (q_len * (n - q_len) + q_len * (q_len + 1) / 2)
+        pairs = query.shape[0] * query.shape[1] * _causal_pairs(q_len, n)
         rt.stats.selected_pairs += pairs
         rt.stats.causal_pairs += pairs
         return _dense(rt, module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
@@ -218,7 +223,7 @@ def sparse_prefill(rt: LayerRuntime, query, key, value, mask, scaling, softcap=N
         parts = [(rule, *_head_subsets(heads, num_heads, num_kv)) for rule, heads in rt.prefill_groups]
     out = query.new_empty(query.shape[0], num_heads, query.shape[2], value.shape[-1])
     q_len, n = query.shape[2], key.shape[2]
-    per_head_pairs = query.shape[0] * (q_len * (n - q_len) + q_len * (q_len + 1) / 2)
+    per_head_pairs = query.shape[0] * _causal_pairs(q_len, n)
     dense_above = resolve_dense_above(rt.dense_above, rt.backend, query)
     dense_heads: list[int] = []
     for rule, heads, kv_heads in parts:
