@@ -5,9 +5,11 @@ synthetic cache: dense SDPA vs a plan's rules for that layer, per step, cache gr
     python benchmarks/decode_layer.py 16384 quest 1            # one method for every head, budget 2048
 
 PLAN: a decode method name (quest, double_sparsity, token_select, streaming) or a plan name /
-YAML. Prints ms per step (mean of 40 steps after 2 warm-up steps); `profile` adds a torch
+YAML. DENSE_ABOVE=1 runs every rule as written (default "auto", as patch: heads whose selections
+could not read less than dense attention run dense, and a layer left with nothing to select says so). Prints ms per step (mean of 40 steps after 2 warm-up steps); `profile` adds a torch
 profiler table of 10 more steps.
 """
+import os
 import sys
 import time
 
@@ -41,6 +43,8 @@ def main(length: str, plan_name: str, layer: str, profile: str = ""):
     query = torch.randn(1, HEADS, 1, HEAD_DIM, generator=g)
     rt = LayerRuntime(plan=plan, layer_idx=layer_idx, num_heads=HEADS, num_kv_heads=KV_HEADS, dense_fn=None,
                       dense_mask_is_float=False, backend="torch")
+    above = os.environ.get("DENSE_ABOVE", "auto")
+    rt.dense_above = above if above == "auto" else float(above)
     rt.decode_groups = group_heads(plan.decode, layer_idx, HEADS)
     module, scaling = _Layer(layer_idx), HEAD_DIM ** -0.5
 
