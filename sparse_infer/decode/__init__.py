@@ -165,36 +165,45 @@ def _parts_over_limit(layouts, num_heads: int, num_kv: int, n: int, limit: float
 def _attend_pending(out, pending, query, key, value, mask, scaling, softcap):
     """Attend the collected sparse parts of a layer (torch executor), writing into `out`.
 
-    Per cache head: when its query heads' selections add up to more than IN_PLACE_SHARE of the
-    cache, gathering them per query head (copy, then read the copy) would move more bytes than
-    reading the cache once, so those heads read it in place under a mask of exactly their
-    selections; the other heads share one gather call with an index list per query head."""
+    pending: [(query heads, cache head of each index row, (B, R, K) indices)]; index row r
+    serves query heads r*g .. r*g+g-1 of the list (g = 1 for per-head selections, the group
+    size for a selection shared by a GQA group, which is then gathered once for its g heads).
+
+    Per cache head: when its index rows add up to more than IN_PLACE_SHARE of the cache,
+    gathering them (copy, then read the copy) would move more bytes than reading the cache
+    once, so its query heads read it in place under a mask of exactly their selections; the
+    other rows share one gather call per g."""
     from sparse_infer.decode.common import pad_indices
     from sparse_infer.kernels.sparse_decode import sparse_decode_torch
 
     n = key.shape[2]
-    heads = [h for part in pending for h in part[0]]
-    kv_of = [kv for part in pending for kv in part[1]]
-    width = max(part[2].shape[-1] for part in pending)
-    indices = torch.cat([pad_indices(part[2], width) for part in pending], dim=1)     # (B, len(heads), K)
-    rows = (indices >= 0).sum(-1).amax(0).tolist()                                    # per head, worst batch row
-    per_kv: dict[int, list[int]] = {}
-    for i, kv in enumerate(kv_of):
-        per_kv.setdefault(kv, []).append(i)
-    gathered = []
-    for kv, members in per_kv.items():
-        if sum(rows[i] for i in members) <= IN_PLACE_SHARE * n:
-            gathered += members
-            continue
-        hs = [heads[i] for i in members]
-        keep = _selection_mask(indices[:, members], n, heads_of(mask, hs))
+    rows = []                                                  # (g, query heads, cache head, (B, K) indices)
+    for heads, row_kv, indices in pending:
+        g = len(heads) // indices.shape[1]
+        rows += [(g, heads[r * g:(r + 1) * g], kv, indices[:, r]) for r, kv in enumerate(row_kv)]
+    load: dict[int, int] = {}
+    for _, _, kv, idx in rows:
+        load[kv] = load.get(kv, 0) + int((idx >= 0).sum(-1).max())      # worst batch row
+    in_place = {kv for kv, count in load.items() if count > IN_PLACE_SHARE * n}
+    for kv in in_place:
+        mine = [(hs, idx) for _, hs, row_kv, idx in rows if row_kv == kv]
+        hs = [h for heads, _ in mine for h in heads]
+        width = max(idx.shape[-1] for _, idx in mine)
+        per_query = torch.stack([pad_indices(idx[:, None], width)[:, 0] for heads, idx in mine for _ in heads], 1)
+        keep = _selection_mask(per_query, n, heads_of(mask, hs))
         res = grouped_dense_decode(query[:, hs], key[:, kv: kv + 1], value[:, kv: kv + 1], keep, scaling, softcap)
         out[:, hs] = res.nan_to_num(0.0).to(out.dtype)               # a head with nothing selected reads 0
-    if gathered:
-        hs = [heads[i] for i in gathered]
-        res = sparse_decode_torch(query[:, hs], key, value, indices[:, gathered], scaling=scaling,
+    by_g: dict[int, list] = {}
+    for row in rows:
+        if row[2] not in in_place:
+            by_g.setdefault(row[0], []).append(row)
+    for g, mine in by_g.items():
+        hs = [h for _, heads, _, _ in mine for h in heads]
+        width = max(idx.shape[-1] for *_, idx in mine)
+        indices = torch.cat([pad_indices(idx[:, None], width) for *_, idx in mine], dim=1)   # (B, R, K)
+        res = sparse_decode_torch(query[:, hs], key, value, indices, scaling=scaling,
                                   attention_mask=heads_of(mask, hs), softcap=softcap,
-                                  kv_heads=torch.tensor([kv_of[i] for i in gathered], device=key.device))
+                                  kv_heads=torch.tensor([kv for _, _, kv, _ in mine], device=key.device))
         out[:, hs] = res.to(out.dtype)
 
 
@@ -254,7 +263,7 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
     # each on a CPU, and a layer of a profiled plan has up to ~8 parts.
     sparse_parts = sum(rule.kind != "dense" and pi not in run_dense for pi, (rule, *_) in enumerate(layouts))
     merge = resolve_backend(rt.backend, query) == "torch" and sparse_parts >= 2
-    pending = []                                   # (query heads, their cache heads, (B, h, K) indices)
+    pending = []                                   # (query heads, cache head per index row, (B, R, K))
     for pi, (rule, q_heads, kv_slice, per_head) in enumerate(layouts):
         whole_layer = q_heads is None
         q = query if whole_layer else query[:, q_heads]
@@ -273,8 +282,8 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
         indices = SELECTORS[rule.kind](inp, rule, group_states.setdefault(pi, {}))
         selected += float((indices >= 0).sum()) * (h // indices.shape[1])
         if merge:
-            per_query = indices.repeat_interleave(h // indices.shape[1], dim=1)
-            pending.append((*_part_heads(q_heads, kv_slice, Hq, h // k.shape[1]), per_query))
+            heads, kvs = _part_heads(q_heads, kv_slice, Hq, h // k.shape[1])
+            pending.append((heads, kvs[::h // indices.shape[1]], indices))   # a shared row stays one row
             continue
         res = sparse_decode(q, k, v, indices, scaling=scaling, attention_mask=m, softcap=softcap,
                             backend=rt.backend)

@@ -119,17 +119,20 @@ def sparse_decode_torch(query, key, value, indices, *, scaling, attention_mask=N
                         kv_heads=None):
     """Attention of one query token over the selected kv rows only (fp32 math).
 
-    kv_heads: optional int64 (Hq,), the cache head each query head reads, for an index per
-    query head over any subset of a layer's heads (then Hi must equal Hq). Lets the decode
-    dispatcher run all of a layer's sparse parts as one call without copying K/V per head.
+    kv_heads: optional int64 (Hi,), the cache head each index row reads, for index rows over
+    any subset of a layer's heads; row r serves query heads r*g .. r*g+g-1 (g = Hq / Hi: 1 for
+    per-head selections, the group size for shared ones). Lets the decode dispatcher run all
+    of a layer's sparse parts as one call without copying K/V per head.
     Inference only: runs without autograd."""
     if kv_heads is None:
         B, Hq, D, Hkv, n, Hi = _check(query, key, value, indices)
     else:
         B, Hq, D = query.shape[0], query.shape[1], query.shape[3]
-        Hkv, n, Hi = key.shape[1], key.shape[2], indices.shape[1]
-        if Hi != Hq or tuple(kv_heads.shape) != (Hq,) or indices.dim() != 3 or indices.shape[0] != B:
-            raise ValueError("with kv_heads, indices must be (B, Hq, K) and kv_heads (Hq,)")
+        Hkv, n = key.shape[1], key.shape[2]
+        Hi = indices.shape[1] if indices.dim() == 3 else 0
+        if (indices.dim() != 3 or indices.shape[0] != B or not Hi or Hq % Hi
+                or tuple(kv_heads.shape) != (Hi,)):
+            raise ValueError("with kv_heads, indices must be (B, Hi, K) with Hi dividing Hq, and kv_heads (Hi,)")
         if kv_heads.numel() and (int(kv_heads.min()) < 0 or int(kv_heads.max()) >= Hkv):
             raise ValueError(f"kv_heads must lie in [0, {Hkv})")
     attention_mask = _check_mask(attention_mask, B, Hq, n)

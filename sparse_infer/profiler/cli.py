@@ -44,10 +44,11 @@ def profile_command(
     group_slack: Annotated[float, typer.Option(
         "--group-slack", help="Keep one rule for a whole GQA group (K/V loaded once per group) when it costs at "
                               "most this much more than per-head rules; 'inf' = always one rule per kv group.")] = 0.1,
-    decode_gqa_cost: Annotated[bool, typer.Option(
-        "--decode-gqa-cost/--no-decode-gqa-cost",
-        help="Price a per-head decode selection at (query heads per kv head) x its own share of the cache, "
-             "as the executors gather it once per query head while dense reads each kv head once.")] = False,
+    decode_granularity: Annotated[str, typer.Option(
+        "--decode-granularity",
+        help="'group': one decode selection per GQA group (the group's soft vote), chosen so every head of the "
+             "group keeps the target recall; 'head': one per query head, priced at (query heads per kv head) x "
+             "its share of the cache, as it is gathered once per query head.")] = "group",
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the progress bar.")] = True,
 ) -> None:
     """Profile MODEL on generated calibration prompts and write a per-head plan to --out."""
@@ -58,7 +59,7 @@ def profile_command(
     config = ProfileConfig(seq_len=seq_len, samples=samples, target_recall=target_recall, min_seq_len=min_seq_len,
                            seed=seed, channels=channels, block_size=block_size,
                            retrieval_threshold=retrieval_threshold, group_slack=group_slack,
-                           decode_gqa_cost=decode_gqa_cost)
+                           decode_granularity=decode_granularity)
     try:
         config.validate()
     except ValueError as exc:

@@ -13,6 +13,13 @@ Every budgeted selector also keeps its `sink` first and `local` last tokens (the
 defaults), and ranks only the keys outside them; budget counts the ranked keys.
 Results are *curves* (mean recall after the b best keys, for every b), so a budget
 resolved at any length is evaluated exactly, not snapped to a grid.
+
+`shared=True` ranks as the runtime does when a whole GQA group shares one selection
+(sparse_infer.decode.common.vote): each head's scores go through its own softmax and are
+summed over the group, and every head of the group is scored on that one ranking. Then
+each head's curve is what it really keeps, and one selection per kv head is what decode
+reads (a per-head selection is gathered once per query head, so it costs G times its
+share of the traffic against dense, which reads each kv head once for the whole group).
 """
 from __future__ import annotations
 
@@ -70,19 +77,32 @@ def _extend(curve: torch.Tensor, size: int) -> torch.Tensor:
     return torch.cat([curve, curve[..., -1:].expand(*curve.shape[:-1], size - curve.shape[-1])], -1)
 
 
+def group_vote(scores: torch.Tensor, allowed: torch.Tensor, groups: int) -> torch.Tensor:
+    """(Hq, dq, m) per-head scores -> the group's soft vote, repeated for each of its heads:
+    softmax per head over the `allowed` (dq, m) items, summed over the `groups` heads of a kv head."""
+    hq, dq, m = scores.shape
+    probs = torch.softmax(scores.float().masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
+    return probs.view(hq // groups, groups, dq, m).sum(1).repeat_interleave(groups, 0)
+
+
 def decode_curves(probs: torch.Tensor, pos: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
-                  *, scaling: float, size: int | None = None) -> DecodeCurves:
+                  *, scaling: float, size: int | None = None, shared: bool = False) -> DecodeCurves:
     """probs (Hq, dq, n) exact attention of the queries at `pos`; query (Hq, dq, D); key (Hkv, n, D).
 
     Curves run up to `size` ranked keys (default n): budgets beyond it are not considered
-    (selecting more than that share of the cache is left to dense decode)."""
+    (selecting more than that share of the cache is left to dense decode). `shared`: one
+    selection per GQA group (see the module docstring)."""
     hq, dq, n = probs.shape
     size = size or n
     groups = hq // key.shape[0]
     base, visible = _base_mask(pos, n, SELECTOR_SINK, SELECTOR_LOCAL)
     rankable = visible & ~base
     base_mass = (probs * base).sum(-1).mean(-1)
-    token_select = _ranked_curve(probs, None, rankable, size) + base_mass[:, None]
+    # token_select's scores are exact, so its ranking is the true attention (summed per group)
+    oracle = None
+    if shared and groups > 1:
+        oracle = probs.view(hq // groups, groups, dq, n).sum(1).repeat_interleave(groups, 0)
+    token_select = _ranked_curve(probs, oracle, rankable, size) + base_mass[:, None]
 
     # Quest: page bounds from per-page channel min/max
     page = QUEST_PAGE
@@ -96,6 +116,8 @@ def decode_curves(probs: torch.Tensor, pos: torch.Tensor, query: torch.Tensor, k
     # as in sparse_infer.decode.quest: a page competes only if it holds a key that is neither
     # forced (sink/local) nor in the future
     page_ok = torch.nn.functional.pad(rankable, (0, npages * page - n)).view(dq, npages, page).any(-1)
+    if shared and groups > 1:
+        bound = group_vote(bound * scaling, page_ok, groups)
     page_mass = torch.nn.functional.pad(torch.where(rankable, probs, 0.0), (0, npages * page - n))
     page_mass = page_mass.view(hq, dq, npages, page).sum(-1)
     quest = _ranked_curve(page_mass, bound, page_ok.expand(hq, -1, -1), math.ceil(size / page)) + base_mass[:, None]
@@ -115,8 +137,12 @@ def decode_curves(probs: torch.Tensor, pos: torch.Tensor, query: torch.Tensor, k
 
 
 def double_sparsity_curve(probs: torch.Tensor, pos: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
-                          channels: torch.Tensor, size: int | None = None) -> torch.Tensor:
-    """(Hq, size) recall curve ranking keys by q.k over `channels` (Hq, r) only, plus sink/local."""
+                          channels: torch.Tensor, size: int | None = None, *, scaling: float = 1.0,
+                          shared: bool = False) -> torch.Tensor:
+    """(Hq, size) recall curve ranking keys by q.k over `channels` (Hq, r) only, plus sink/local.
+
+    `shared`: one selection per GQA group, from the group's soft vote (the heads of a group
+    must then have the same channels, as one label cache per kv head serves them)."""
     hq, dq, n = probs.shape
     groups = hq // key.shape[0]
     base, visible = _base_mask(pos, n, SELECTOR_SINK, SELECTOR_LOCAL)
@@ -125,6 +151,8 @@ def double_sparsity_curve(probs: torch.Tensor, pos: torch.Tensor, query: torch.T
     qc = query.float().gather(-1, channels[:, None, :].expand(hq, dq, -1))
     kc = k.gather(-1, channels[:, None, :].expand(hq, n, -1))
     approx = qc @ kc.transpose(-1, -2)
+    if shared and groups > 1:
+        approx = group_vote(approx * scaling, visible.expand(hq, -1, -1), groups)
     base_mass = (probs * base).sum(-1).mean(-1)
     return _ranked_curve(probs, approx, rankable, size or n) + base_mass[:, None]
 

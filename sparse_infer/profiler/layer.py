@@ -64,6 +64,8 @@ def analyze_layer(runs: list[LayerRun], settings: SearchSettings, *, block_size:
     hq, _, head_dim = runs[0].query.shape
     hkv = runs[0].key.shape[0]
     grans = ("head", "group") if hq > hkv else ("head",)
+    G = hq // hkv
+    shared = settings.decode_granularity == "group" and G > 1     # one decode selection per kv head
     prefill_tables: dict[int, MeanTable] = {}
     decode_tables: dict[int, MeanTable] = {}
     chan = torch.zeros(hq, head_dim)
@@ -79,7 +81,7 @@ def analyze_layer(runs: list[LayerRun], settings: SearchSettings, *, block_size:
         prefill_tables.setdefault(run.length, MeanTable()).add(entries)
         q_last = run.query[:, stats.last_pos]
         curves = decode_curves(stats.last_probs, stats.last_pos, q_last, run.key, scaling=run.scaling,
-                               size=curve_size(run.length))
+                               size=curve_size(run.length), shared=shared)
         decode_tables.setdefault(run.length, MeanTable()).add(_curve_entries(curves))
         chan += channel_scores(run.query, run.key)
         if run.needle_span is not None and run.answer_positions:
@@ -94,13 +96,16 @@ def analyze_layer(runs: list[LayerRun], settings: SearchSettings, *, block_size:
         if on_run:
             on_run(i)
 
-    # Double Sparsity: the r channels carrying the largest mean |q_d k_d| per head
+    # Double Sparsity: the r channels carrying the largest mean |q_d k_d| per head, or per
+    # group when the group shares one label cache and one selection
     r = min(settings.channels, head_dim)
+    if shared:
+        chan = chan.view(hkv, G, head_dim).sum(1).repeat_interleave(G, 0)
     channels = chan.topk(r, dim=-1).indices.sort(-1).values
     for run, stats in zip(runs, kept):
         q_last = run.query[:, stats.last_pos]
         ds = double_sparsity_curve(stats.last_probs, stats.last_pos, q_last, run.key, channels,
-                                   size=curve_size(run.length))
+                                   size=curve_size(run.length), scaling=run.scaling, shared=shared)
         decode_tables[run.length].add({("double_sparsity",): ds})
 
     # prefill: choose, then verify each head at the granularity it will really run with
@@ -130,13 +135,21 @@ def analyze_layer(runs: list[LayerRun], settings: SearchSettings, *, block_size:
 
     decode_at = {L: _curves_at(t) for L, t in decode_tables.items()}
     retrieval = hits / copies if copies else torch.zeros(hq)
+    factor = decode_cost_factor(settings, hq, hkv)
+    is_retrieval = [bool(copies) and float(retrieval[h]) >= settings.retrieval_threshold for h in range(hq)]
+    decisions = {}
+    for members in ([list(range(j * G, (j + 1) * G)) for j in range(hkv)] if shared else [[h] for h in range(hq)]):
+        if any(is_retrieval[h] for h in members):
+            # a retrieval head keeps the whole cache; in a shared group the others read it
+            # anyway, so selecting for them would only add work
+            dec = DENSE
+        else:
+            dec = choose_decode(decode_at, members, head_dim, settings, channels[members[0]].tolist(), factor)
+        decisions.update({h: dec for h in members})
     reports = []
     for h in range(hq):
         chans = channels[h].tolist()
-        if float(retrieval[h]) >= settings.retrieval_threshold and copies:
-            dec = DENSE                     # a retrieval head keeps the whole cache
-        else:
-            dec = choose_decode(decode_at, h, head_dim, settings, chans, decode_cost_factor(settings, hq, hkv))
+        dec = decisions[h]
         d_rec, d_cost = {}, {}
         for L, curves in decode_at.items():
             if dec.pattern == "dense":
@@ -144,7 +157,7 @@ def analyze_layer(runs: list[LayerRun], settings: SearchSettings, *, block_size:
             else:
                 d_rec[L] = float(decode_recall(curves, dec.pattern, dec.params, L)[h])
                 d_cost[L] = min(1.0, float(decode_costs(L, head_dim, settings.channels)[dec.pattern](dec.params))
-                                * decode_cost_factor(settings, hq, hkv))
+                                * factor)
         reports.append(HeadReport(
             prefill=choices[h], decode=dec,
             prefill_recall={L: float(v[h]) for L, v in rec.items()},

@@ -41,7 +41,7 @@ class ProfileConfig:
     # a rule shared by a whole GQA group is kept when it costs at most (1 + slack) x the
     # per-head rules; inf = always one rule per kv group (see SearchSettings.group_slack)
     group_slack: float = 0.1
-    decode_gqa_cost: bool = False           # see SearchSettings.decode_gqa_cost
+    decode_granularity: str = "group"       # see SearchSettings.decode_granularity
     lengths: tuple[int, ...] | None = None  # default: (seq_len // 2, seq_len)
     decode_queries: int = 32      # last queries standing in for decode steps (answer tokens included)
     # torch threads while profiling: per-block statistics are many small ops, and on a shared
@@ -70,13 +70,15 @@ class ProfileConfig:
             raise ValueError(f"--channels must be in [1, head_dim={head_dim}], got {self.channels}")
         if not self.group_slack >= 0:
             raise ValueError(f"--group-slack must be >= 0 (inf = one rule per kv group), got {self.group_slack}")
+        if self.decode_granularity not in ("group", "head"):
+            raise ValueError(f"--decode-granularity must be 'group' or 'head', got {self.decode_granularity!r}")
         if self.min_seq_len is not None and self.min_seq_len < 0:
             raise ValueError(f"--min-seq-len must be >= 0, got {self.min_seq_len}")
 
     def settings(self) -> SearchSettings:
         return SearchSettings(target_recall=self.target_recall, block_size=self.block_size,
                               retrieval_threshold=self.retrieval_threshold, channels=self.channels,
-                              group_slack=self.group_slack, decode_gqa_cost=self.decode_gqa_cost)
+                              group_slack=self.group_slack, decode_granularity=self.decode_granularity)
 
     def command(self, model_name: str, out: str | None) -> str:
         """The exact `sparse-infer profile` command line that reproduces this run."""
@@ -94,8 +96,8 @@ class ProfileConfig:
             parts += ["--retrieval-threshold", f"{self.retrieval_threshold:g}"]
         if self.group_slack != 0.1:
             parts += ["--group-slack", f"{self.group_slack:g}"]
-        if self.decode_gqa_cost:
-            parts += ["--decode-gqa-cost"]
+        if self.decode_granularity != "group":
+            parts += ["--decode-granularity", self.decode_granularity]
         return shlex.join(parts)
 
 
@@ -282,7 +284,7 @@ def build_plan(reports: list[list[HeadReport]], model, config: ProfileConfig, le
         "block_size": config.block_size,
         "retrieval_threshold": config.retrieval_threshold,
         "group_slack": config.group_slack,
-        **({"decode_gqa_cost": True} if config.decode_gqa_cost else {}),
+        "decode_granularity": config.decode_granularity,
         "measured": measured,
     }
     raw = {
@@ -291,8 +293,8 @@ def build_plan(reports: list[list[HeadReport]], model, config: ProfileConfig, le
         "profile": profile,
         "prefill": {"min_seq_len": min_len, "block_size": config.block_size, "granularity": "group",
                     "default": pdefault, "layers": players},
-        # decode selections were measured per head
-        "decode": {"min_kv_len": min_len, "granularity": "head", "default": ddefault, "layers": dlayers},
+        # the decode selections were measured at this granularity
+        "decode": {"min_kv_len": min_len, "granularity": config.decode_granularity, "default": ddefault, "layers": dlayers},
     }
     plan = plan_from_dict(raw, source="profiler")
     plan.check_model(model.config)

@@ -48,10 +48,10 @@ class SearchSettings:
     group_slack: float = 0.1
     retrieval_threshold: float = 0.1
     channels: int = 16
-    # price per-head decode selections against dense per query head of a GQA group: a
-    # selection is gathered once per query head, dense reads each kv head once for the group
-    # (--decode-gqa-cost; off keeps the earlier model, which the shipped plans were made with)
-    decode_gqa_cost: bool = False
+    # decode selections: one per GQA group ("group", soft vote of the group's heads, one
+    # rule for the group) or one per query head ("head", priced at G x its own share of the
+    # traffic: it is gathered once per query head, dense reads each kv head once)
+    decode_granularity: str = "group"
 
 
 def pow2_grid(lo: int, hi: int) -> list[int]:
@@ -451,12 +451,15 @@ def decode_grid(n: int) -> dict[str, list[dict]]:
 
 
 def decode_cost_factor(settings: SearchSettings, num_heads: int, num_kv_heads: int) -> int:
-    """How many times its own share of the traffic a per-head decode selection costs against dense."""
-    return num_heads // num_kv_heads if settings.decode_gqa_cost else 1
+    """How many times its own share of a kv head's traffic one decode selection costs against dense."""
+    return num_heads // num_kv_heads if settings.decode_granularity == "head" else 1
 
 
-def choose_decode(curves: dict[int, dict], head: int, head_dim: int, settings: SearchSettings,
+def choose_decode(curves: dict[int, dict], heads: int | list[int], head_dim: int, settings: SearchSettings,
                   channel_list: list[int] | None, cost_factor: int = 1) -> Choice:
+    """The cheapest decode rule under which every head of `heads` (one head, or a GQA group
+    sharing one selection, read from shared curves) keeps the target recall at every length."""
+    heads = [heads] if isinstance(heads, int) else list(heads)
     lengths = sorted(curves)
     longest = lengths[-1]
     best = DENSE
@@ -468,7 +471,7 @@ def choose_decode(curves: dict[int, dict], head: int, head_dim: int, settings: S
             cost_of = decode_costs(L, head_dim, settings.channels)[method]
             found = None
             for params in decode_grid(L)[method]:
-                if float(decode_recall(curves[L], method, params, L)[head]) >= settings.target_recall:
+                if float(decode_recall(curves[L], method, params, L)[heads].min()) >= settings.target_recall:
                     cost = cost_of(params)
                     if found is None or cost < found[1] - 1e-12:
                         found = (params, cost)

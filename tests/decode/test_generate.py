@@ -202,21 +202,36 @@ def test_reset_and_state_bytes():
 
 
 @pytest.mark.parametrize("in_place_share", [0.0, 100.0])
-def test_mixed_layer_parts_in_one_call_equal_separate_calls(monkeypatch, in_place_share):
-    # a layer mixing methods over partial GQA groups: the torch path attends all its sparse
-    # parts in one call, gathering per query head (share 100) or reading each cache head in
-    # place under a mask of the selections (share 0); per-part calls give the same result
+@pytest.mark.parametrize("granularity", ["head", "group"])
+def test_mixed_layer_parts_in_one_call_equal_separate_calls(monkeypatch, in_place_share, granularity):
+    # a layer mixing methods: the torch path attends all its sparse parts in one call,
+    # gathering (share 100) or reading each cache head in place under a mask of the
+    # selections (share 0); per-part calls give the same result. Per head: partial GQA groups,
+    # one index row per query head. Per group: whole groups, one shared row per cache head,
+    # gathered once for the group's query heads.
+    import importlib
+
     import sparse_infer.decode as decode
 
+    kernels = importlib.import_module("sparse_infer.kernels.sparse_decode")   # the package re-exports a function of that name
+
     model = tiny_model("llama")                     # 4 query heads, 2 kv heads
-    rules = {0: SPARSE["quest"], 1: SPARSE["token_select"], 2: SPARSE["double_sparsity"],
-             3: {"method": "dense"}}
+    if granularity == "head":
+        rules = {0: SPARSE["quest"], 1: SPARSE["token_select"], 2: SPARSE["double_sparsity"],
+                 3: {"method": "dense"}}
+    else:
+        rules = {0: SPARSE["quest"], 1: SPARSE["quest"], 2: SPARSE["token_select"], 3: SPARSE["token_select"]}
     monkeypatch.setattr(decode, "IN_PLACE_SHARE", in_place_share)
     in_place = []
     real_in_place = decode._selection_mask
     monkeypatch.setattr(decode, "_selection_mask", lambda *a: in_place.append(1) or real_in_place(*a))
+    gathered_rows = []
+    real_gather = kernels.sparse_decode_torch
+    monkeypatch.setattr(kernels, "sparse_decode_torch",
+                        lambda q, k, v, idx, **kw: gathered_rows.append((q.shape[1], idx.shape[1]))
+                        or real_gather(q, k, v, idx, **kw))
     plan = {"sparse_infer_plan": 1, "prefill": {"min_seq_len": 100000},
-            "decode": {"min_kv_len": 0, "granularity": "head", "default": SPARSE["streaming"],
+            "decode": {"min_kv_len": 0, "granularity": granularity, "default": SPARSE["streaming"],
                        "layers": {layer: copy.deepcopy(rules) for layer in range(2)}}}
     ids = ids_of(2, 90, seed=21)
     calls = []
@@ -227,6 +242,9 @@ def test_mixed_layer_parts_in_one_call_equal_separate_calls(monkeypatch, in_plac
     sparse_infer.unpatch(model)
     assert calls
     assert bool(in_place) == (in_place_share == 0.0)
+    assert bool(gathered_rows) == (in_place_share != 0.0)
+    # (query heads, index rows) of each gather: a shared selection is one row for two heads
+    assert set(gathered_rows) <= ({(3, 3)} if granularity == "head" else {(4, 2)})
     monkeypatch.setattr(decode, "resolve_backend", lambda *a: "triton")   # per-part calls (they run torch on CPU)
     sparse_infer.patch(model, plan)
     separate = generate(model, ids)

@@ -65,6 +65,18 @@ def test_torch_explicit_cache_head_per_query_head():
         sparse_decode_torch(q, k, v, idx[:, :2], scaling=0.2, kv_heads=kv_heads)
 
 
+def test_torch_explicit_cache_head_per_shared_index_row():
+    # index rows shared by g = 3 query heads each, rows reading cache heads 1, 0, 1
+    B, Hkv, n, K, g = 2, 2, 130, 30, 3
+    kv_heads = torch.tensor([1, 0, 1])
+    q, k, v, idx = make_case(B, g * kv_heads.numel(), Hkv, kv_heads.numel(), n, K, seed=11)
+    mask = torch.ones(B, g * kv_heads.numel(), 1, n, dtype=torch.bool)
+    mask[0, 4, ..., :50] = False
+    ref = dense_decode_reference(q, k[:, kv_heads], v[:, kv_heads], idx, scaling=0.2, attention_mask=mask)
+    out = sparse_decode_torch(q, k, v, idx, scaling=0.2, attention_mask=mask, kv_heads=kv_heads)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("per_head", [False, True])
 def test_torch_padding_mask(per_head):
     B, Hq, Hkv, n, K = 2, 8, 2, 120, 50

@@ -154,15 +154,32 @@ def test_group_slack_is_validated_and_recorded_in_the_command():
         ProfileConfig(seq_len=1024, group_slack=-1.0).validate()
 
 
-def test_decode_gqa_cost_is_recorded_in_the_command_and_the_plan(tiny_dir, tmp_path):
+def test_decode_rules_are_one_per_gqa_group_by_default(cli_plan):
+    """The default plan selects once per kv group: every query head of a group gets the same
+    decode rule, and the section says so, so the runtime shares one selection per group."""
+    config = tiny_model("llama").config
+    plan = load_plan(cli_plan, config)
+    G = config.num_attention_heads // config.num_key_value_heads
+    assert G > 1 and plan.decode.granularity == "group"
+    assert plan.profile["decode_granularity"] == "group"
+    assert "--decode-granularity" not in plan.profile["command"]
+    for layer in range(config.num_hidden_layers):
+        rules = [plan.decode.rule(layer, h) for h in range(config.num_attention_heads)]
+        for j in range(config.num_key_value_heads):
+            assert len({repr(r) for r in rules[j * G:(j + 1) * G]}) == 1
+
+
+def test_decode_granularity_head_is_recorded_in_the_command_and_the_plan(tiny_dir, tmp_path):
     from sparse_infer.profiler.profile import ProfileConfig
 
-    config = ProfileConfig(seq_len=1024, decode_gqa_cost=True)
-    assert config.command("m", "plan.yaml").endswith("--decode-gqa-cost")
-    assert config.settings().decode_gqa_cost
-    assert "--decode-gqa-cost" not in ProfileConfig(seq_len=1024).command("m", None)
-    out = tmp_path / "gqa.yaml"
+    config = ProfileConfig(seq_len=1024, decode_granularity="head")
+    assert config.command("m", "plan.yaml").endswith("--decode-granularity head")
+    assert config.settings().decode_granularity == "head"
+    with pytest.raises(ValueError, match="--decode-granularity must be 'group' or 'head'"):
+        ProfileConfig(seq_len=1024, decode_granularity="layer").validate()
+    out = tmp_path / "per_head.yaml"
     profile_command(str(tiny_dir), out, seq_len=1024, samples=1, target_recall=0.6, progress=False,
-                    decode_gqa_cost=True)
+                    decode_granularity="head")
     plan = load_plan(out, tiny_model("llama").config)
-    assert plan.profile["decode_gqa_cost"] is True and "--decode-gqa-cost" in plan.profile["command"]
+    assert plan.decode.granularity == "head" and plan.profile["decode_granularity"] == "head"
+    assert "--decode-granularity head" in plan.profile["command"]

@@ -103,26 +103,68 @@ def test_infinite_group_slack_gives_one_rule_per_kv_group():
     assert all(gran == "group" for _, _, gran in got)
 
 
-def test_decode_gqa_cost_prices_per_head_selections_per_query_head():
+def test_decode_cost_counts_per_head_selections_once_per_query_head():
     """A head whose attention sits in 1/16 of the cache takes quest alone; priced per query head
     of a 7-head GQA group the same selection costs more than dense reads, so it stays dense."""
     import torch
 
-    from sparse_infer.profiler.decode import QUEST_PAGE, STREAMING_SINKS
     from sparse_infer.profiler.search import DENSE, choose_decode, decode_cost_factor
 
-    def ramp(points, full_at):
-        return torch.clamp((torch.arange(points, dtype=torch.float64) + 1) / full_at, max=1.0)[None]
-
-    curves = {}
-    for n in LENGTHS:
-        half = n // 2
-        curves[n] = {"token_select": ramp(half, n // 16), "quest": ramp(half // QUEST_PAGE, n // 16 // QUEST_PAGE),
-                     "streaming": {s: torch.full((1, half), 0.5, dtype=torch.float64) for s in STREAMING_SINKS}}
+    curves = {n: _ramp_curves(n, [n // 16]) for n in LENGTHS}
     settings = SearchSettings(target_recall=0.95)
     alone = choose_decode(curves, 0, 64, settings, None, cost_factor=1)
     assert alone.pattern == "quest" and alone.cost < 0.3
     assert choose_decode(curves, 0, 64, settings, None, cost_factor=3).pattern == "quest"
     assert choose_decode(curves, 0, 64, settings, None, cost_factor=7) == DENSE
-    assert decode_cost_factor(SearchSettings(decode_gqa_cost=True), 14, 2) == 7
-    assert decode_cost_factor(SearchSettings(), 14, 2) == 1                 # off: the earlier model
+    assert decode_cost_factor(SearchSettings(decode_granularity="head"), 14, 2) == 7
+    assert decode_cost_factor(SearchSettings(), 14, 2) == 1                 # group: one selection per kv head
+
+
+def _ramp_curves(n, full_at_per_head):
+    """Curves where head i's recall grows linearly to 1 after full_at_per_head[i] ranked keys."""
+    import torch
+
+    from sparse_infer.profiler.decode import QUEST_PAGE, STREAMING_SINKS
+
+    def ramp(points, full_at):
+        return torch.clamp((torch.arange(points, dtype=torch.float64) + 1) / full_at, max=1.0)
+
+    half, heads = n // 2, len(full_at_per_head)
+    return {"token_select": torch.stack([ramp(half, f) for f in full_at_per_head]),
+            "quest": torch.stack([ramp(half // QUEST_PAGE, max(1, f // QUEST_PAGE)) for f in full_at_per_head]),
+            "streaming": {s: torch.full((heads, half), 0.5, dtype=torch.float64) for s in STREAMING_SINKS}}
+
+
+def test_a_shared_decode_rule_is_sized_for_the_neediest_head_of_its_group():
+    from sparse_infer.profiler.search import choose_decode, decode_recall, resolve
+
+    curves = {n: _ramp_curves(n, [n // 32, n // 8]) for n in LENGTHS}
+    settings = SearchSettings(target_recall=0.95)
+    small = choose_decode(curves, 0, 64, settings, None)
+    group = choose_decode(curves, [0, 1], 64, settings, None)
+    assert group == choose_decode(curves, 1, 64, settings, None)
+    n = max(LENGTHS)
+    assert resolve(group.params["budget"], n) > resolve(small.params["budget"], n)
+    for length, c in curves.items():
+        assert float(decode_recall(c, group.pattern, group.params, length).min()) >= 0.95
+
+def test_decode_is_decided_per_gqa_group_and_priced_per_selection():
+    """Default: one decode rule per kv group, every head of it at the target on the group's
+    shared selection, costed once per kv head. Per head, the same selections cost G times that."""
+    import torch
+
+    runs = []
+    for n in LENGTHS:
+        q, k = planted_heads(n)
+        # kv 0: a local head and a broader copy of it; kv 1: two slash heads
+        runs.append(LayerRun(n, torch.stack([q[0], 0.9 * q[0], q[2], q[2]]), torch.stack([k[0], k[2]]),
+                             scaling=1.0))
+    grouped = analyze_layer(runs, SearchSettings(block_size=BS), block_size=BS)
+    per_head = analyze_layer(runs, SearchSettings(block_size=BS, decode_granularity="head"), block_size=BS)
+    for pair in ((0, 1), (2, 3)):
+        a, b = (grouped[h] for h in pair)
+        assert a.decode == b.decode and a.decode.pattern != "dense"
+        assert all(r >= 0.95 for h in pair for r in grouped[h].decode_recall.values())
+    for g, p in zip(grouped, per_head):
+        if g.decode == p.decode:
+            assert all(abs(min(1.0, 2 * g.decode_cost[n]) - p.decode_cost[n]) < 1e-9 for n in LENGTHS)

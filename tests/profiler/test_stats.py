@@ -107,14 +107,17 @@ def test_channel_scores_are_mean_abs_products_over_causal_pairs():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def _selector_recall(kind, params, q, k, P, scaling):
-    """Recall of the project's own decode selector on the last query."""
+def _selector_recall(kind, params, q, k, P, scaling, per_head=True):
+    """Recall of the project's own decode selector on the last query (per_head=False: one
+    selection per kv head, shared by its query heads)."""
     from sparse_infer.decode import SELECTORS
     from sparse_infer.decode.common import GroupInputs
     rule = make_rule(kind, params, "decode")
-    inp = GroupInputs(query=q[None, :, -1], key=k[None], valid=None, per_head=True, scaling=scaling,
+    inp = GroupInputs(query=q[None, :, -1], key=k[None], valid=None, per_head=per_head, scaling=scaling,
                       softcap=None, fresh=True)
-    idx = SELECTORS[kind](inp, rule, {})[0]                            # (Hq, K)
+    idx = SELECTORS[kind](inp, rule, {})[0]                            # (Hi, K)
+    if not per_head:
+        idx = idx.repeat_interleave(q.shape[0] // k.shape[0], 0)
     sel = torch.zeros(q.shape[0], P.shape[-1], dtype=torch.bool)
     sel.scatter_(-1, idx.clamp(min=0), idx >= 0)
     return (P[:, -1] * sel).sum(-1)
@@ -143,6 +146,32 @@ def test_double_sparsity_curve_matches_the_selector():
     got = curve_at(curve, 48)
     want = _selector_recall("double_sparsity", {"channels": channels, "budget": 48}, q, k, P, 0.25)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind,params", [("token_select", {"budget": 40}), ("quest", {"page": 16, "budget": 64}),
+                                         ("double_sparsity", {"channels": [1, 4, 7, 9], "budget": 48})])
+def test_shared_decode_curves_match_one_selection_per_gqa_group(kind, params):
+    """With shared=True each head is scored on its group's soft-vote selection, as the runtime
+    selects for a whole GQA group; the per-head curves would overstate what a head keeps."""
+    from sparse_infer.profiler.decode import curve_at
+    from sparse_infer.profiler.search import decode_recall
+    q, k = _inputs(hq=6, hkv=2, n=400, seed=3)
+    P = _dense_probs(q, k, 0.25)
+    pos = torch.tensor([399])
+    want = _selector_recall(kind, params, q, k, P, 0.25, per_head=False)
+    if kind == "double_sparsity":
+        chans = torch.tensor([params["channels"]] * 6)
+        curve = double_sparsity_curve(P[:, -1:], pos, q[:, -1:], k, chans, scaling=0.25, shared=True)
+        got = curve_at(curve, params["budget"])
+        alone = curve_at(double_sparsity_curve(P[:, -1:], pos, q[:, -1:], k, chans), params["budget"])
+    else:
+        table = {}
+        for shared in (True, False):
+            c = decode_curves(P[:, -1:], pos, q[:, -1:], k, scaling=0.25, shared=shared)
+            table[shared] = decode_recall({"token_select": c.token_select, "quest": c.quest}, kind, params, 400)
+        got, alone = table[True], table[False]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert (got < alone - 1e-4).any()                  # sharing costs some heads recall here
 
 
 def test_retrieval_hits_count_copying_heads():
