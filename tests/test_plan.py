@@ -135,3 +135,9 @@ def test_shipped_plans_load_by_name_and_fit_their_model(name, shape):
     other = transformers.LlamaConfig(**{**shape, "num_hidden_layers": shape["num_hidden_layers"] + 1})
     with pytest.raises(PlanError, match="another model"):
         load_plan(name, other)
+    # decode was decided per GQA group: one shared selection per kv head
+    assert plan.decode.granularity == "group"
+    G = shape["num_attention_heads"] // shape["num_key_value_heads"]
+    for layer in range(shape["num_hidden_layers"]):
+        rules = [repr(plan.decode.rule(layer, h)) for h in range(shape["num_attention_heads"])]
+        assert all(len(set(rules[j:j + G])) == 1 for j in range(0, len(rules), G))
