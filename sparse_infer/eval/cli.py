@@ -4,6 +4,7 @@ sparse-infer eval ruler MODEL --plan PLAN [--compare dense] --lengths 4096,8192
     --tasks all|LIST --samples N --out DIR [--data FILE] [--seed 0] [--resume]
 sparse-infer eval needle [MODEL] --plan PLAN [--compare dense] --lengths ...
     --depths 0,10,...,100 --out DIR
+sparse-infer eval merge SRC_DIR... --out DIR
 """
 
 from __future__ import annotations
@@ -255,6 +256,22 @@ def needle_cmd(
         console.print(f"{name}: mean score {mean:.1f}" if mean is not None else f"{name}: no results")
     console.print(f"heatmap: {out / needle.NEEDLE_PNG}")
     console.print(f"grid: {out / needle.NEEDLE_JSON}")
+
+
+@eval_app.command("merge")
+def merge_cmd(
+    sources: Annotated[list[Path], typer.Argument(help="Result directories (each with a results.json).")],
+    out: Annotated[Path, typer.Option("--out", help="Directory for the merged results.json (may be a source).")],
+) -> None:
+    """Merge runs split over processes (by --tasks, or dense and plan apart) and print the table."""
+    from sparse_infer.eval import runner
+
+    try:
+        doc = runner.merge_results(sources, out)
+    except EvalError as e:
+        raise _fail(str(e)) from None
+    console.print(runner.render_table(doc["summary"], title="merged results"))
+    console.print(f"results: {out / runner.RESULTS_FILE}")
 
 
 def _main() -> None:  # pragma: no cover - convenience for `python -m sparse_infer.eval.cli`

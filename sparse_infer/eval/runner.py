@@ -274,6 +274,52 @@ def summarize(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def merge_results(sources: Sequence[str | Path], out_dir: str | Path) -> dict[str, Any]:
+    """Merge the results.json of runs split over processes or machines into OUT/results.json.
+
+    Runs may split the samples (e.g. by --tasks) or the plans (dense in one, the plan in
+    another). They must come from the same model; a plan name must mean the same plan in every
+    source, and a sample present in several sources must have the same prompt (its input_sha1).
+    A sample's first record is kept. OUT may be one of the sources; an existing OUT/results.json
+    that is not a source is refused rather than overwritten. Returns the merged document."""
+    out = Path(out_dir)
+    paths = [Path(s) for s in sources]
+    if not paths:
+        raise EvalError("nothing to merge: give at least one results directory")
+    target = out / RESULTS_FILE
+    if target.exists() and not any(target.resolve() == (p / RESULTS_FILE).resolve() for p in paths):
+        raise EvalError(f"{target} exists and is not one of the sources; use another --out or list it as a source")
+    docs = [(p, load_results(p)) for p in paths]
+    first_path, first = docs[0]
+    model = first.get("model") or {}
+    merged: dict[str, Any] = {"version": FORMAT_VERSION, "model": model, "plans": {}, "summary": []}
+    seen: dict[str, dict[str, tuple[Path, str | None]]] = {}
+    for path, doc in docs:
+        other = doc.get("model") or {}
+        for key in ("name_or_path", "model_type"):
+            if other.get(key) != model.get(key):
+                raise EvalError(f"{path} is for model {other.get(key)!r}, {first_path} for {model.get(key)!r}")
+        for name, entry in doc["plans"].items():
+            target_entry = merged["plans"].setdefault(name, {"plan": entry.get("plan"), "records": []})
+            if target_entry["plan"] != entry.get("plan"):
+                raise EvalError(f"plan {name!r} is {entry.get('plan')!r} in {path} but {target_entry['plan']!r} "
+                                "in an earlier source")
+            ids = seen.setdefault(name, {})
+            for rec in entry.get("records", []):
+                key = rec.get("id")
+                if key in ids:
+                    if ids[key][1] != rec.get("input_sha1"):
+                        raise EvalError(f"{key} has a different prompt in {path} than in {ids[key][0]} "
+                                        "(other seed, tokenizer or data)")
+                    continue
+                ids[key] = (path, rec.get("input_sha1"))
+                target_entry["records"].append(rec)
+    merged["summary"] = summarize(merged)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(target, merged)
+    return merged
+
+
 # ---------------------------------------------------------------------------
 # Main entry point
 # ---------------------------------------------------------------------------

@@ -181,3 +181,50 @@ def test_default_plan_falls_back_to_preset(monkeypatch):
 
     monkeypatch.setattr(plan_mod, "shipped_plan_path", lambda name: None)
     assert cli.default_plan_for("smollm2-135m") == "vertical_slash"
+
+
+def test_merge_split_runs_equals_one_run(tmp_path, fake_load, fast_generation):
+    """Dense and a plan run apart, the plan itself split by --tasks: merged, the records and the
+    table are those of one run that does it all."""
+    def records(doc):
+        return {name: sorted((r["id"], r["input_sha1"], r["prediction"], r["score"]) for r in e["records"])
+                for name, e in doc["plans"].items()}
+
+    base = ["--tasks", "niah_single_1,vt", "--samples", "2"]
+    whole = tmp_path / "whole"
+    res = cli_runner.invoke(eval_app, ruler_args("vertical_slash", whole, "--compare", "dense", *base))
+    assert res.exit_code == 0, res.output
+    parts = [("dense", "niah_single_1,vt"), ("vertical_slash", "niah_single_1"), ("vertical_slash", "vt")]
+    for i, (plan, tasks) in enumerate(parts):
+        res = cli_runner.invoke(eval_app, ruler_args(plan, tmp_path / f"part{i}", *base, "--tasks", tasks))
+        assert res.exit_code == 0, res.output
+    merged = tmp_path / "merged"
+    res = cli_runner.invoke(eval_app, ["merge", *(str(tmp_path / f"part{i}") for i in range(3)), "--out", str(merged)])
+    assert res.exit_code == 0, res.output
+    assert "vertical_slash" in res.output and "niah_single_1" in res.output
+    got, want = runner.load_results(merged), runner.load_results(whole)
+    assert records(got) == records(want)
+    strip = [{k: v for k, v in row.items() if "density" not in k} for row in got["summary"]]
+    assert sorted(map(repr, strip)) == sorted(repr({k: v for k, v in row.items() if "density" not in k})
+                                              for row in want["summary"])
+
+
+def test_merge_refuses_conflicts(tmp_path, fake_load, fast_generation):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out, seed in ((a, "0"), (b, "1")):
+        res = cli_runner.invoke(eval_app, ruler_args("dense", out, "--tasks", "vt", "--samples", "1", "--seed", seed))
+        assert res.exit_code == 0, res.output
+    res = cli_runner.invoke(eval_app, ["merge", str(a), str(b), "--out", str(tmp_path / "m")])
+    assert res.exit_code == 2 and "different prompt" in res.output
+    assert not (tmp_path / "m" / "results.json").exists()
+    before = (b / "results.json").read_text()
+    res = cli_runner.invoke(eval_app, ["merge", str(a), "--out", str(b)])          # b is not a source
+    assert res.exit_code == 2 and "not one of the sources" in res.output
+    assert (b / "results.json").read_text() == before
+    doc = json.loads(before)
+    doc["plans"]["dense"]["plan"] = "something else"
+    (b / "results.json").write_text(json.dumps(doc))
+    res = cli_runner.invoke(eval_app, ["merge", str(a), str(b), "--out", str(tmp_path / "m")])
+    assert res.exit_code == 2 and "plan 'dense'" in res.output
+    res = cli_runner.invoke(eval_app, ["merge", str(tmp_path / "missing"), "--out", str(tmp_path / "m")])
+    assert res.exit_code == 2 and "no results.json" in res.output
