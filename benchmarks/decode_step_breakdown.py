@@ -35,16 +35,21 @@ def zero_attention(module, query, key, value, attention_mask, **kwargs):
     return query.new_zeros(B, q, H, D), None
 
 
+def synthetic_cache(cfg, n: int, batch: int = 1, cache_cls=AppendCache):
+    """A cache of n random K/V rows per layer for the model config (seeded: every run the same)."""
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    g = torch.Generator().manual_seed(0)
+    cache = cache_cls(config=cfg)
+    shape = (batch, cfg.num_key_value_heads, n, head_dim)
+    for layer in range(cfg.num_hidden_layers):
+        cache.update(torch.randn(*shape, generator=g), torch.randn(*shape, generator=g), layer)
+    return cache
+
+
 def main(threads: str = "2"):
     torch.set_num_threads(int(threads))
     model, _ = load_model(os.environ.get("MODEL", "qwen2.5-0.5b"))
-    cfg = model.config
-    L, Hkv = cfg.num_hidden_layers, cfg.num_key_value_heads
-    D = cfg.hidden_size // cfg.num_attention_heads
-    g = torch.Generator().manual_seed(0)
-    base = (AppendCache if CACHE == "append" else DynamicCache)(config=cfg)
-    for layer in range(L):
-        base.update(torch.randn(BATCH, Hkv, N, D, generator=g), torch.randn(BATCH, Hkv, N, D, generator=g), layer)
+    base = synthetic_cache(model.config, N, BATCH, AppendCache if CACHE == "append" else DynamicCache)
     token = torch.full((BATCH, 1), 100)
 
     @torch.no_grad()

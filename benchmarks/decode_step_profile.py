@@ -5,7 +5,6 @@
 Synthetic cache (random K/V, timing only), 1 thread, 3 warm-up steps, then 6 profiled steps;
 prints the 25 functions with the most time of their own (torch ops appear as built-ins).
 """
-import copy
 import cProfile
 import os
 import pstats
@@ -14,24 +13,16 @@ import sys
 import torch
 
 import sparse_infer
-from sparse_infer.cache import AppendCache
+from decode_step_breakdown import synthetic_cache      # the sibling script (same folder on sys.path)
 from sparse_infer.models import load_model
 
 
 def main(plan: str) -> None:
     torch.set_num_threads(1)
-    n = int(os.environ.get("N", 8192))
     model, _ = load_model(os.environ.get("MODEL", "smollm2-135m"))
-    cfg = model.config
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
-    g = torch.Generator().manual_seed(0)
-    cache = AppendCache(config=cfg)
-    for layer in range(cfg.num_hidden_layers):
-        shape = (1, cfg.num_key_value_heads, n, head_dim)
-        cache.update(torch.randn(*shape, generator=g), torch.randn(*shape, generator=g), layer)
+    cache = synthetic_cache(model.config, int(os.environ.get("N", 8192)))
     token = torch.full((1, 1), 100)
     sparse_infer.patch(model, plan)
-    cache = copy.deepcopy(cache)
     with torch.no_grad():
         for _ in range(3):
             model(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1)

@@ -77,12 +77,16 @@ def _extend(curve: torch.Tensor, size: int) -> torch.Tensor:
     return torch.cat([curve, curve[..., -1:].expand(*curve.shape[:-1], size - curve.shape[-1])], -1)
 
 
+def group_sum(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(Hq, ...) per-head values -> their sum over the `groups` heads of each kv head, repeated for each head."""
+    return x.view(x.shape[0] // groups, groups, *x.shape[1:]).sum(1).repeat_interleave(groups, 0)
+
+
 def group_vote(scores: torch.Tensor, allowed: torch.Tensor, groups: int) -> torch.Tensor:
     """(Hq, dq, m) per-head scores -> the group's soft vote, repeated for each of its heads:
     softmax per head over the `allowed` (dq, m) items, summed over the `groups` heads of a kv head."""
-    hq, dq, m = scores.shape
     probs = torch.softmax(scores.float().masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
-    return probs.view(hq // groups, groups, dq, m).sum(1).repeat_interleave(groups, 0)
+    return group_sum(probs, groups)
 
 
 def decode_curves(probs: torch.Tensor, pos: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
@@ -99,9 +103,7 @@ def decode_curves(probs: torch.Tensor, pos: torch.Tensor, query: torch.Tensor, k
     rankable = visible & ~base
     base_mass = (probs * base).sum(-1).mean(-1)
     # token_select's scores are exact, so its ranking is the true attention (summed per group)
-    oracle = None
-    if shared and groups > 1:
-        oracle = probs.view(hq // groups, groups, dq, n).sum(1).repeat_interleave(groups, 0)
+    oracle = group_sum(probs, groups) if shared and groups > 1 else None
     token_select = _ranked_curve(probs, oracle, rankable, size) + base_mass[:, None]
 
     # Quest: page bounds from per-page channel min/max

@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from sparse_infer.profiler.decode import decode_curves, double_sparsity_curve, retrieval_hits
+from sparse_infer.profiler.decode import decode_curves, double_sparsity_curve, group_sum, retrieval_hits
 from sparse_infer.profiler.search import (
     DENSE, HeadReport, MeanTable, SearchSettings, choose_decode, decide_prefill, decode_cost_factor, decode_costs,
     decode_recall,
@@ -100,7 +100,7 @@ def analyze_layer(runs: list[LayerRun], settings: SearchSettings, *, block_size:
     # group when the group shares one label cache and one selection
     r = min(settings.channels, head_dim)
     if shared:
-        chan = chan.view(hkv, G, head_dim).sum(1).repeat_interleave(G, 0)
+        chan = group_sum(chan, G)
     channels = chan.topk(r, dim=-1).indices.sort(-1).values
     for run, stats in zip(runs, kept):
         q_last = run.query[:, stats.last_pos]
