@@ -4,10 +4,13 @@ decode method), and each method, over a synthetic cache (random K/V: timing only
     N=32768 BATCH=1 CACHE=append python benchmarks/decode_step_breakdown.py [THREADS]
     METHODS=quest,qwen2.5-0.5b N=16384 python benchmarks/decode_step_breakdown.py 1   # a shipped plan too
     MODEL=smollm2-135m METHODS=smollm2-135m N=4096 python benchmarks/decode_step_breakdown.py 1
+    METHODS=quest@torch,quest N=16384 python benchmarks/decode_step_breakdown.py 2    # NAME@BACKEND: patch's backend
 
 Each configuration starts from a copy of the same cache and runs warm-up steps, then 6 timed
 steps on a growing cache (the side state of each method is built once, then kept
-incrementally, as in generation). Prints median and min ms per step.
+incrementally, as in generation). Prints median and min ms per step. TIMED sets the number of
+timed steps (default 6). A method's backend defaults to "auto" (the C decode kernel on CPUs).
+DENSE_ABOVE sets patch's dense_above (default "auto").
 """
 import copy
 import os
@@ -53,7 +56,7 @@ def main(threads: str = "2"):
     token = torch.full((BATCH, 1), 100)
 
     @torch.no_grad()
-    def steps(name, warmup=3, timed=6):
+    def steps(name, warmup=3, timed=int(os.environ.get("TIMED", 6))):
         cache = copy.deepcopy(base)
         times = []
         for i in range(warmup + timed):
@@ -71,11 +74,13 @@ def main(threads: str = "2"):
     model.set_attn_implementation("sparse_infer_zero")
     steps("no attention")
     model.set_attn_implementation(previous)
-    for method in METHODS:
+    for spec in METHODS:
+        method, _, backend = spec.partition("@")
         plan = decode_method_plan(method, 2048) if method in KNOWN_METHODS else method
-        sparse_infer.patch(model, plan)
+        above = os.environ.get("DENSE_ABOVE", "auto")
+        sparse_infer.patch(model, plan, backend=backend or "auto", dense_above=above if above == "auto" else float(above))
         try:
-            steps(method, warmup=2)
+            steps(spec, warmup=2)
         finally:
             sparse_infer.unpatch(model)
 

@@ -1,6 +1,7 @@
 """cProfile of decode steps under a plan: where the time of a sparse decode step goes.
 
     MODEL=smollm2-135m N=8192 python benchmarks/decode_step_profile.py smollm2-135m
+    MODEL=qwen2.5-0.5b N=16384 python benchmarks/decode_step_profile.py quest     # a method, every head
 
 Synthetic cache (random K/V, timing only), 1 thread, 3 warm-up steps, then 6 profiled steps;
 prints the 25 functions with the most time of their own (torch ops appear as built-ins).
@@ -13,7 +14,8 @@ import sys
 import torch
 
 import sparse_infer
-from decode_step_breakdown import synthetic_cache      # the sibling script (same folder on sys.path)
+from decode_step_breakdown import KNOWN_METHODS, synthetic_cache      # the sibling script (same folder on sys.path)
+from sparse_infer.bench.decode import decode_method_plan
 from sparse_infer.models import load_model
 
 
@@ -22,6 +24,8 @@ def main(plan: str) -> None:
     model, _ = load_model(os.environ.get("MODEL", "smollm2-135m"))
     cache = synthetic_cache(model.config, int(os.environ.get("N", 8192)))
     token = torch.full((1, 1), 100)
+    if plan in KNOWN_METHODS:
+        plan = decode_method_plan(plan, 2048)              # one method for every head, budget 2048
     sparse_infer.patch(model, plan)
     with torch.no_grad():
         for _ in range(3):

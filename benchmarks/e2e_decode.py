@@ -2,7 +2,12 @@
 Sparsity and TokenSelect (budget 2048, layer 0 dense), per cache kind.
 
     python benchmarks/e2e_decode.py dynamic,append out/e2e_decode.json [PROMPT_LEN] [NEW_TOKENS]
+    METHODS=quest,quest@torch,streaming python benchmarks/e2e_decode.py append out/e2e.json 16384 32
+
+METHODS: decode methods (one for every layer but layer 0), NAME@BACKEND to pick patch's
+backend for one of them (default "auto": on CPUs the C decode kernel).
 """
+import os
 import json
 import sys
 
@@ -12,7 +17,11 @@ from sparse_infer.models import load_model
 
 def main(caches: str, out: str, prompt_len: str = "16384", new_tokens: str = "16"):
     pair = load_model("qwen2.5-0.5b")
-    plans = {m: decode_method_plan(m, 2048) for m in ("quest", "double_sparsity", "token_select")}
+    methods = os.environ.get("METHODS", "quest,double_sparsity,token_select").split(",")
+    plans = {}
+    for spec in methods:
+        method, _, backend = spec.partition("@")
+        plans[spec] = (decode_method_plan(method, 2048), backend or "auto")
     result = {}
     for cache in caches.split(","):
         result[cache] = bench_decode_end_to_end(pair, int(prompt_len), int(new_tokens), plans, cache=cache)

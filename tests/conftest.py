@@ -72,4 +72,5 @@ def _sparse_heads_stay_sparse(monkeypatch):
     heads dense instead; keep every head on its planned path unless a test says otherwise."""
     from sparse_infer.patches import attention
 
-    monkeypatch.setitem(attention.DENSE_ABOVE, "torch", {"head": 1.0, "group": 1.0, "decode": 1.0})
+    for executor in ("torch", "cpu"):
+        monkeypatch.setitem(attention.DENSE_ABOVE, executor, {"head": 1.0, "group": 1.0, "decode": 1.0})

@@ -252,9 +252,15 @@ def bench_decode_attention(kv_lens=(16384, 32768, 65536), budget=2048, heads=(32
     Hq, Hkv = heads
     scaling = 1.0 / math.sqrt(head_dim)
     elem = torch.empty((), dtype=dtype).element_size()
+    from sparse_infer.kernels.cpu_decode import cpu_kernel_available, sparse_decode_cpu
+
     backends = ["torch"]
     if torch.device(device).type == "cuda" and triton_available():
         backends.append("triton")
+    if torch.device(device).type == "cpu" and dtype in (torch.float32, torch.bfloat16, torch.float16) \
+            and cpu_kernel_available():
+        backends.append("cpu")                          # the C kernel: rows read in place
+    executors = {"torch": sparse_decode_torch, "triton": sparse_decode_triton, "cpu": sparse_decode_cpu}
     rows = []
     g = torch.Generator(device="cpu").manual_seed(seed)
     for n in kv_lens:
@@ -270,7 +276,7 @@ def bench_decode_attention(kv_lens=(16384, 32768, 65536), budget=2048, heads=(32
         fns = [lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
                lambda q=q, k=k, v=v: _dense_decode_grouped(q, k, v, scaling)]
         for backend in backends:
-            fn = sparse_decode_torch if backend == "torch" else sparse_decode_triton
+            fn = executors[backend]
             fns.append(lambda fn=fn, q=q, k=k, v=v, idx=idx: fn(q, k, v, idx, scaling=scaling))
         times = _time_interleaved(fns, repeats, warmup, device, stat)
         dense_ms, grouped_ms = times[0], times[1]

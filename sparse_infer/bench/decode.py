@@ -62,7 +62,8 @@ def decode_method_plan(method: str, budget: int = 2048) -> dict:
 
 def bench_decode_end_to_end(model_spec, prompt_len: int, new_tokens: int, plans: dict, backend: str = "auto",
                             cache: str = "dynamic"):
-    """Decode tokens/s for dense and each plan (name -> plan: dict, YAML path, Plan).
+    """Decode tokens/s for dense and each plan (name -> plan: dict, YAML path, Plan, or a
+    (plan, backend) pair to run that plan on another executor than `backend`).
 
     model_spec: a built-in model name / path for load_model, a (model, tokenizer) pair, or a
     model (random prompt). Returns {"prompt_len", "new_tokens", "rows": [...]}, one row per
@@ -93,7 +94,8 @@ def bench_decode_end_to_end(model_spec, prompt_len: int, new_tokens: int, plans:
     rows, dense_tokens, dense_rate = [], None, None
     for name, plan in [("dense", None), *plans.items()]:
         if plan is not None:
-            sparse_infer.patch(model, plan, backend=backend)
+            plan, plan_backend = plan if isinstance(plan, tuple) else (plan, backend)
+            sparse_infer.patch(model, plan, backend=plan_backend)
             sparse_infer.reset_stats(model)
         try:
             tokens, first_s, rest_s = _decode_loop(model, copy.deepcopy(kv), first_token, new_tokens)

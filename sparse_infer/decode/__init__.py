@@ -29,7 +29,6 @@ import torch
 
 from sparse_infer.decode import double_sparsity, quest, streaming, token_select
 from sparse_infer.decode.common import GroupInputs, GrowBuffer, grouped_dense_decode
-from sparse_infer.kernels.block_sparse_attn import resolve_backend
 from sparse_infer.patches.attention import heads_of, resolve_dense_above
 
 SELECTORS = {
@@ -129,6 +128,8 @@ def _valid_for(mask_h: torch.Tensor | None, B: int, hk: int, per_head: bool, h: 
 
 # a gathered row is copied and read again (~3 passes) where reading in place is one pass
 IN_PLACE_SHARE = 1 / 3
+# attend a mixed layer's sparse parts in one executor call on the CPU executors (see decode_attention)
+MERGE_PARTS = True
 
 
 def _expected_rows(rule, n: int) -> int:
@@ -162,8 +163,8 @@ def _parts_over_limit(layouts, num_heads: int, num_kv: int, n: int, limit: float
             if rule.kind != "dense" and any(kv in over for kv in touched[pi])}
 
 
-def _attend_pending(out, pending, query, key, value, mask, scaling, softcap):
-    """Attend the collected sparse parts of a layer (torch executor), writing into `out`.
+def _attend_pending(out, pending, query, key, value, mask, scaling, softcap, executor):
+    """Attend the collected sparse parts of a layer (torch or cpu executor), writing into `out`.
 
     pending: [(query heads, cache head of each index row, (B, R, K) indices)]; index row r
     serves query heads r*g .. r*g+g-1 of the list (g = 1 for per-head selections, the group
@@ -172,9 +173,10 @@ def _attend_pending(out, pending, query, key, value, mask, scaling, softcap):
     Per cache head: when its index rows add up to more than IN_PLACE_SHARE of the cache,
     gathering them (copy, then read the copy) would move more bytes than reading the cache
     once, so its query heads read it in place under a mask of exactly their selections; the
-    other rows share one gather call per g."""
+    other rows share one gather call per g. The cpu executor reads selected rows in place
+    (no copy), so it never needs the masked whole-cache read."""
     from sparse_infer.decode.common import pad_indices
-    from sparse_infer.kernels.sparse_decode import sparse_decode_torch
+    from sparse_infer.kernels.sparse_decode import sparse_decode
 
     n = key.shape[2]
     rows = []                                                  # (g, query heads, cache head, (B, K) indices)
@@ -184,7 +186,7 @@ def _attend_pending(out, pending, query, key, value, mask, scaling, softcap):
     load: dict[int, int] = {}
     for _, _, kv, idx in rows:
         load[kv] = load.get(kv, 0) + int((idx >= 0).sum(-1).max())      # worst batch row
-    in_place = {kv for kv, count in load.items() if count > IN_PLACE_SHARE * n}
+    in_place = {kv for kv, count in load.items() if count > IN_PLACE_SHARE * n} if executor == "torch" else set()
     for kv in in_place:
         mine = [(hs, idx) for _, hs, row_kv, idx in rows if row_kv == kv]
         hs = [h for heads, _ in mine for h in heads]
@@ -201,9 +203,9 @@ def _attend_pending(out, pending, query, key, value, mask, scaling, softcap):
         hs = [h for _, heads, _, _ in mine for h in heads]
         width = max(idx.shape[-1] for *_, idx in mine)
         indices = torch.cat([pad_indices(idx[:, None], width) for *_, idx in mine], dim=1)   # (B, R, K)
-        res = sparse_decode_torch(query[:, hs], key, value, indices, scaling=scaling,
-                                  attention_mask=heads_of(mask, hs), softcap=softcap,
-                                  kv_heads=torch.tensor([kv for _, _, kv, _ in mine], device=key.device))
+        res = sparse_decode(query[:, hs], key, value, indices, scaling=scaling,
+                            attention_mask=heads_of(mask, hs), softcap=softcap, backend=executor,
+                            kv_heads=torch.tensor([kv for _, _, kv, _ in mine], device=key.device))
         out[:, hs] = res.to(out.dtype)
 
 
@@ -221,7 +223,7 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
     """Return (B, Hq, 1, D) for a sparse decode step, or None to run the dense implementation.
 
     mask: None or bool (B, 1|Hq, 1, n), True = may attend (padding, sliding windows)."""
-    from sparse_infer.kernels.sparse_decode import sparse_decode
+    from sparse_infer.kernels.sparse_decode import resolve_decode_backend, sparse_decode
 
     section = rt.plan.decode
     B, Hq = query.shape[:2]
@@ -231,7 +233,8 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
         state.pop("sequence", None)           # the next sparse step must rebuild, whatever it sees
         return None
     layouts = _layer_layouts(rt, Hq, Hkv)
-    limit = resolve_dense_above(rt.dense_above, rt.backend, query)["decode"]
+    executor = resolve_decode_backend(rt.backend, query, key, value)
+    limit = resolve_dense_above(rt.dense_above, executor, query)["decode"]
     run_dense = _parts_over_limit(layouts, Hq, Hkv, n, limit) if limit < 1 else set()
     if all(rule.kind == "dense" or pi in run_dense for pi, (rule, *_) in enumerate(layouts)):
         # nothing left to select: the model's own attention runs the whole layer in one call
@@ -258,11 +261,11 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
     out = None
     selected = 0.0
     dense_on_kv: dict[int, list[int]] = {}        # cache head -> query heads that read it whole
-    # On the torch executor, the sparse parts of a mixed layer are attended in one call (one
+    # On the CPU executors, the sparse parts of a mixed layer are attended in one call (one
     # index list per query head, each reading its own cache head): per-part calls cost ~0.3 ms
     # each on a CPU, and a layer of a profiled plan has up to ~8 parts.
     sparse_parts = sum(rule.kind != "dense" and pi not in run_dense for pi, (rule, *_) in enumerate(layouts))
-    merge = resolve_backend(rt.backend, query) == "torch" and sparse_parts >= 2
+    merge = MERGE_PARTS and executor in ("torch", "cpu") and sparse_parts >= 2
     pending = []                                   # (query heads, cache head per index row, (B, R, K))
     for pi, (rule, q_heads, kv_slice, per_head) in enumerate(layouts):
         whole_layer = q_heads is None
@@ -279,6 +282,17 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
             continue
         inp = GroupInputs(query=q[:, :, 0], key=k, valid=_valid_for(m, B, k.shape[1], per_head, h, n),
                           per_head=per_head, scaling=scaling, softcap=softcap, fresh=fresh)
+        if executor == "cpu" and rule.kind == "quest" and inp.valid is None:
+            # selection and attention in one C call: no index tensors, no per-op overhead
+            res, counts = quest.select_and_attend_cpu(inp, rule, group_states.setdefault(pi, {}), v)
+            selected += float(counts.sum()) * (h // counts.shape[1])
+            if whole_layer:
+                out = res
+            else:
+                if out is None:
+                    out = query.new_empty(B, Hq, 1, value.shape[-1])
+                out[:, q_heads] = res.to(out.dtype)
+            continue
         indices = SELECTORS[rule.kind](inp, rule, group_states.setdefault(pi, {}))
         selected += float((indices >= 0).sum()) * (h // indices.shape[1])
         if merge:
@@ -286,7 +300,7 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
             pending.append((heads, kvs[::h // indices.shape[1]], indices))   # a shared row stays one row
             continue
         res = sparse_decode(q, k, v, indices, scaling=scaling, attention_mask=m, softcap=softcap,
-                            backend=rt.backend)
+                            backend=executor)
         if whole_layer:
             out = res
         else:
@@ -297,7 +311,7 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
     if out is None and (pending or dense_on_kv):
         out = query.new_empty(B, Hq, 1, value.shape[-1])
     if pending:
-        _attend_pending(out, pending, query, key, value, mask, scaling, softcap)
+        _attend_pending(out, pending, query, key, value, mask, scaling, softcap, executor)
     for kv, heads in dense_on_kv.items():
         out[:, heads] = grouped_dense_decode(query[:, heads], key[:, kv: kv + 1], value[:, kv: kv + 1],
                                              heads_of(mask, heads), scaling, softcap).to(out.dtype)

@@ -102,3 +102,15 @@ def select(inp: GroupInputs, rule, state: dict) -> torch.Tensor:
         keep &= (tokens < n) & padded.gather(-1, tokens.clamp(max=pages * page - 1))
     picked = tokens.masked_fill(~keep, -1)
     return torch.cat([forced.expand(B, Hi, -1), picked], dim=-1)
+
+
+def select_and_attend_cpu(inp: GroupInputs, rule, state: dict, value: torch.Tensor):
+    """select() and the attention over its choice in one C call (sparse_infer.kernels.cpu_decode),
+    for a step with no mask: no index tensors, one pass over the bounds, one over the chosen
+    rows. Returns (out (B, h, 1, D), keys read per index row (B, Hi))."""
+    from sparse_infer.kernels.cpu_decode import quest_decode_cpu
+
+    update_bounds(inp, rule, state)
+    return quest_decode_cpu(inp.query, inp.key, value, state["kmin"].view(), state["kmax"].view(),
+                            page=rule.page, sink=rule.sink, local=rule.local, budget=rule.budget.resolve(inp.n),
+                            scaling=inp.scaling, softcap=inp.softcap, index_heads=inp.index_heads)

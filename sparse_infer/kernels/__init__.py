@@ -13,12 +13,14 @@ from .block_sparse_attn import (
     release_workspaces,
     triton_available,
 )
+from .cpu_decode import cpu_kernel_available, sparse_decode_cpu
 from .sparse_decode import (
     dense_decode_reference,
     indices_to_mask,
     sparse_decode,
     sparse_decode_torch,
     sparse_decode_triton,
+    resolve_decode_backend,
 )
 
 __all__ = [
@@ -38,4 +40,7 @@ __all__ = [
     "sparse_decode",
     "sparse_decode_torch",
     "sparse_decode_triton",
+    "sparse_decode_cpu",
+    "cpu_kernel_available",
+    "resolve_decode_backend",
 ]

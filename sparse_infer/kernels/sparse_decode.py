@@ -28,6 +28,7 @@ __all__ = [
     "sparse_decode_torch",
     "sparse_decode_triton",
     "sparse_decode",
+    "resolve_decode_backend",
 ]
 
 _NEG_INF = float("-inf")
@@ -331,14 +332,32 @@ def sparse_decode_triton(query, key, value, indices, *, scaling, attention_mask=
     return out
 
 
+def resolve_decode_backend(backend: str, query, key, value) -> str:
+    """The decode executor `backend` means for these tensors. 'auto': Triton for CUDA tensors
+    when importable; on the CPU the C kernel (sparse_infer.kernels.cpu_decode) when it builds
+    and takes these dtypes and strides, else torch. 'torch', 'triton', 'cpu' name one."""
+    if backend == "auto":
+        if query.is_cuda:
+            return resolve_backend(backend, query)
+        from sparse_infer.kernels.cpu_decode import cpu_kernel_supports
+        return "cpu" if cpu_kernel_supports(query, key, value) else "torch"
+    if backend not in ("torch", "triton", "cpu"):
+        raise ValueError(f"unknown backend {backend!r}")
+    return backend
+
+
 def sparse_decode(query, key, value, indices, *, scaling, attention_mask=None, softcap=None,
-                  backend: str = "auto"):
-    """Dispatch: 'auto' = Triton for CUDA tensors when importable, else torch."""
-    backend = resolve_backend(backend, query)
-    if backend == "torch":
-        return sparse_decode_torch(query, key, value, indices, scaling=scaling,
-                                   attention_mask=attention_mask, softcap=softcap)
+                  backend: str = "auto", kv_heads=None):
+    """Dispatch to one executor (see resolve_decode_backend). kv_heads: see sparse_decode_torch
+    (torch and cpu executors only)."""
+    from sparse_infer.kernels.cpu_decode import sparse_decode_cpu
+
+    backend = resolve_decode_backend(backend, query, key, value)
     if backend == "triton":
+        if kv_heads is not None:
+            raise ValueError("the Triton decode executor reads index rows in kv-head order: no kv_heads")
         return sparse_decode_triton(query, key, value, indices, scaling=scaling,
                                     attention_mask=attention_mask, softcap=softcap)
-    raise ValueError(f"unknown backend {backend!r}")
+    run = sparse_decode_cpu if backend == "cpu" else sparse_decode_torch
+    return run(query, key, value, indices, scaling=scaling, attention_mask=attention_mask, softcap=softcap,
+               kv_heads=kv_heads)

@@ -192,8 +192,12 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout=
 # Decode: when the selections on one cache head add up to more than this share of the
 # cache, the torch path would read that head in place anyway (decode.IN_PLACE_SHARE),
 # i.e. as many bytes as dense attention, with the selection work on top: its heads run dense.
+# The C decode kernel ("cpu", the default on CPUs) reads selected rows in place, but the
+# selectors' own work (TokenSelect scores every key) keeps the same decode threshold: the
+# shipped Qwen plan's step at 16K got slower with 0.5 and 0.7 (docs/RESULTS.md, "Fifth session").
 # The Triton executors have not been timed against FlashAttention: they never switch.
 DENSE_ABOVE = {"torch": {"head": 0.4, "group": 0.7, "decode": 1 / 3},
+               "cpu": {"head": 0.4, "group": 0.7, "decode": 1 / 3},
                "triton": {"head": 1.0, "group": 1.0, "decode": 1.0}}
 
 

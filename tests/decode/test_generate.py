@@ -11,6 +11,7 @@ import sparse_infer
 from sparse_infer.decode import decode_counters, decode_state_bytes, reset_decode_state
 from sparse_infer.decode.double_sparsity import labels_of
 from sparse_infer.patches.attention import runtime_for
+from sparse_infer.kernels import cpu_kernel_available
 from tests.conftest import tiny_model
 
 FULL = {
@@ -201,19 +202,23 @@ def test_reset_and_state_bytes():
         sparse_infer.unpatch(model)
 
 
-@pytest.mark.parametrize("in_place_share", [0.0, 100.0])
+@pytest.mark.parametrize("executor,in_place_share", [("torch", 0.0), ("torch", 100.0), ("cpu", 0.0)])
 @pytest.mark.parametrize("granularity", ["head", "group"])
-def test_mixed_layer_parts_in_one_call_equal_separate_calls(monkeypatch, in_place_share, granularity):
-    # a layer mixing methods: the torch path attends all its sparse parts in one call,
-    # gathering (share 100) or reading each cache head in place under a mask of the
-    # selections (share 0); per-part calls give the same result. Per head: partial GQA groups,
+def test_mixed_layer_parts_in_one_call_equal_separate_calls(monkeypatch, executor, in_place_share, granularity):
+    # a layer mixing methods: the CPU executors attend all its sparse parts in one call. The
+    # torch one gathers (share 100) or reads each cache head in place under a mask of the
+    # selections (share 0); the C kernel always reads the selected rows in place, never the
+    # masked whole cache. Per-part calls give the same result. Per head: partial GQA groups,
     # one index row per query head. Per group: whole groups, one shared row per cache head,
-    # gathered once for the group's query heads.
+    # read once for the group's query heads.
     import importlib
 
     import sparse_infer.decode as decode
 
+    if executor == "cpu" and not cpu_kernel_available():
+        pytest.skip("no C compiler: the C decode kernel is not built here")
     kernels = importlib.import_module("sparse_infer.kernels.sparse_decode")   # the package re-exports a function of that name
+    cpu_kernel = importlib.import_module("sparse_infer.kernels.cpu_decode")
 
     model = tiny_model("llama")                     # 4 query heads, 2 kv heads
     if granularity == "head":
@@ -225,30 +230,38 @@ def test_mixed_layer_parts_in_one_call_equal_separate_calls(monkeypatch, in_plac
     in_place = []
     real_in_place = decode._selection_mask
     monkeypatch.setattr(decode, "_selection_mask", lambda *a: in_place.append(1) or real_in_place(*a))
-    gathered_rows = []
-    real_gather = kernels.sparse_decode_torch
-    monkeypatch.setattr(kernels, "sparse_decode_torch",
-                        lambda q, k, v, idx, **kw: gathered_rows.append((q.shape[1], idx.shape[1]))
-                        or real_gather(q, k, v, idx, **kw))
+    read_rows = []                                  # (query heads, index rows) of each executor call
+    module, name = (kernels, "sparse_decode_torch") if executor == "torch" else (cpu_kernel, "sparse_decode_cpu")
+    real_executor = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda q, k, v, idx, **kw: read_rows.append((q.shape[1], idx.shape[1]))
+                        or real_executor(q, k, v, idx, **kw))
     plan = {"sparse_infer_plan": 1, "prefill": {"min_seq_len": 100000},
             "decode": {"min_kv_len": 0, "granularity": granularity, "default": SPARSE["streaming"],
                        "layers": {layer: copy.deepcopy(rules) for layer in range(2)}}}
     ids = ids_of(2, 90, seed=21)
-    calls = []
-    real = decode.resolve_backend
-    monkeypatch.setattr(decode, "resolve_backend", lambda *a: calls.append(1) or real(*a))
-    sparse_infer.patch(model, plan)
+    backend = "torch" if executor == "torch" else "auto"
+    sparse_infer.patch(model, plan, backend=backend)
     merged = generate(model, ids)
     sparse_infer.unpatch(model)
-    assert calls
-    assert bool(in_place) == (in_place_share == 0.0)
-    assert bool(gathered_rows) == (in_place_share != 0.0)
-    # (query heads, index rows) of each gather: a shared selection is one row for two heads
-    assert set(gathered_rows) <= ({(3, 3)} if granularity == "head" else {(4, 2)})
-    monkeypatch.setattr(decode, "resolve_backend", lambda *a: "triton")   # per-part calls (they run torch on CPU)
-    sparse_infer.patch(model, plan)
+    assert bool(in_place) == (executor == "torch" and in_place_share == 0.0)
+    assert bool(read_rows) == (executor == "cpu" or in_place_share != 0.0)
+    # a shared selection is one row for two heads. The C path runs Quest's choice and its
+    # attention in a call of its own (quest_decode_cpu), so its heads are not in the merged call.
+    if executor == "torch":
+        expected = {(3, 3)} if granularity == "head" else {(4, 2)}
+    else:
+        expected = {(2, 2)} if granularity == "head" else {(2, 1)}
+    assert set(read_rows) <= expected
+    merged_calls = len(read_rows)
+    monkeypatch.setattr(decode, "MERGE_PARTS", False)                # one executor call per part
+    read_rows.clear()
+    sparse_infer.patch(model, plan, backend=backend)
     separate = generate(model, ids)
     sparse_infer.unpatch(model)
+    if executor == "cpu" and granularity == "group":
+        assert len(read_rows) == merged_calls          # one non-Quest part: nothing to merge
+    else:
+        assert len(read_rows) > merged_calls
     assert_same(merged, separate)
 
 
@@ -257,7 +270,8 @@ def test_auto_dense_above_runs_cache_heads_dense_when_selections_cover_too_much(
     # head: 104 rows > a third of the cache, so with "auto" every head decodes dense
     from sparse_infer.patches import attention
 
-    monkeypatch.setitem(attention.DENSE_ABOVE, "torch", {"head": 1.0, "group": 1.0, "decode": 1 / 3})
+    for executor in ("torch", "cpu"):
+        monkeypatch.setitem(attention.DENSE_ABOVE, executor, {"head": 1.0, "group": 1.0, "decode": 1 / 3})
     model = tiny_model("llama")
     ids = ids_of(1, 200, seed=31)
     heavy = dict(SPARSE["token_select"], budget=40)

@@ -356,3 +356,40 @@ def test_sliding_window_without_mask_is_respected(recorder):
     check_index_invariants(idx, N, window.expand(B, 1, 1, N), 300)
     sel = selection_mask(recorder, rt, N)
     torch.testing.assert_close(out, dense_masked_attention(q, k, v, sel & window, SCALING), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["group", "head", "softcap", "short", "bf16"])
+def test_quest_fused_c_path_equals_selector_and_executor(case, monkeypatch):
+    """On CPUs, a step with no mask runs Quest's choice and its attention in one C call; it
+    reads what quest.select + the torch executor read, step after step (bounds kept
+    incrementally), and counts the same selected keys."""
+    import sparse_infer.kernels.cpu_decode as cpu_decode
+
+    if not cpu_decode.cpu_kernel_available():
+        pytest.skip("no C compiler: the C decode kernel is not built here")
+    calls = []
+    real = cpu_decode.quest_decode_cpu
+    monkeypatch.setattr(cpu_decode, "quest_decode_cpu", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    rule = dict(RULES["quest"])
+    n = 60 if case == "short" else N                       # short: sinks + window cover most pages
+    if case == "short":
+        rule.update(budget=64, sink=8, local=24)
+    softcap = 30.0 if case == "softcap" else None
+    granularity = "head" if case == "head" else "group"
+    q, k, v, _ = tensors(11, n=n + 3, padded=False)
+    if case == "bf16":
+        # the C path ranks pages on the bf16 values in fp32; the torch path on the same
+        # values upcast to fp32 must choose the same pages
+        q, k, v = (t.bfloat16() for t in (q, k, v))
+    fused, reference = make_rt(rule, granularity=granularity), make_rt(rule, granularity=granularity)
+    fused.backend = "auto"
+    for step in range(3):                                   # the cache grows by one key per step
+        kk, vv = k[:, :, : n + step], v[:, :, : n + step]
+        out = decode_attention(fused, None, q, kk, vv, None, SCALING, {"softcap": softcap})
+        ref = decode_attention(reference, None, q.float(), kk.float(), vv.float(), None, SCALING,
+                               {"softcap": softcap})
+        atol = 1e-2 if case == "bf16" else 1e-5              # bf16: the output's own rounding
+        torch.testing.assert_close(out.float(), ref, atol=atol, rtol=0 if case == "bf16" else 1e-5)
+    assert len(calls) == 3
+    assert fused.stats.decode_selected == reference.stats.decode_selected
+    assert fused.stats.decode_total == reference.stats.decode_total

@@ -126,9 +126,13 @@ def test_indices_to_mask():
     assert m[0, 2, 0].nonzero().flatten().tolist() == [1, 5]
 
 
-def test_dispatch_auto_uses_torch_on_cpu():
+def test_dispatch_torch_backend_is_the_torch_executor():
+    # ('auto' on CPU tensors: the C kernel where it builds, see test_cpu_decode.py)
     q, k, v, idx = make_case(1, 4, 2, 2, 50, 10)
-    assert torch.equal(sparse_decode(q, k, v, idx, scaling=0.2), sparse_decode_torch(q, k, v, idx, scaling=0.2))
+    assert torch.equal(sparse_decode(q, k, v, idx, scaling=0.2, backend="torch"),
+                       sparse_decode_torch(q, k, v, idx, scaling=0.2))
+    with pytest.raises(ValueError, match="unknown backend"):
+        sparse_decode(q, k, v, idx, scaling=0.2, backend="numpy")
 
 
 TRITON_CASES = [

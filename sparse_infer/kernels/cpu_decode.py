@@ -1,0 +1,230 @@
+"""Sparse decode on the CPU without copying the selected rows (a small C kernel).
+
+The torch executor gathers the selected K/V rows into a buffer and then reads the buffer,
+which on a memory-bound CPU costs about three passes over the selected bytes plus a few
+dozen small ops. cpu_decode.c reads each selected row in place, once per GQA group, with
+OpenMP over (batch row, index row). It is compiled with the system C compiler at first use
+and cached (SPARSE_INFER_CACHE, else ~/.cache/sparse_infer); without a compiler the
+decode path stays on the torch executor. Same contract as sparse_decode_torch.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+__all__ = ["cpu_kernel_available", "cpu_kernel_supports", "sparse_decode_cpu", "quest_decode_cpu",
+           "CpuKernelUnavailable"]
+
+_SOURCE = Path(__file__).with_name("cpu_decode.c")
+_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math", "-march=native", "-fopenmp", "-fPIC", "-shared"]
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_LOCK = threading.Lock()
+_LIB: ctypes.CDLL | None = None
+_ERROR: str | None = None
+
+
+class CpuKernelUnavailable(RuntimeError):
+    """The C decode kernel could not be built or loaded here."""
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("SPARSE_INFER_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sparse_infer")
+    return Path(root) / "kernels"
+
+
+def _build() -> ctypes.CDLL:
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        raise CpuKernelUnavailable(f"no C compiler ({cc!r} not on PATH; set CC)")
+    source = _SOURCE.read_bytes()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    # -march=native: the library is only valid on this kind of CPU, so the host is in the key
+    key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), version.encode(),
+                                     platform.machine().encode(), platform.node().encode()])).hexdigest()[:16]
+    target = _cache_dir() / f"cpu_decode_{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            done = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SOURCE), "-lm"], capture_output=True, text=True)
+            if done.returncode:
+                raise CpuKernelUnavailable(f"compiling {_SOURCE.name} failed:\n{done.stderr.strip()}")
+            os.replace(tmp, target)          # atomic: a concurrent build never sees half a file
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(target))
+    fn = lib.sparse_decode_rows
+    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    fn.argtypes = [p, i64, i64,                  # query, strides b h
+                   p, i64, i64, i64,             # key, strides b h n
+                   p, i64, i64, i64,             # value
+                   p, i64, i64,                  # indices, strides b r
+                   p,                            # kv_heads
+                   p, i64, i64, i64,             # mask, strides b h n
+                   p, i64, i64,                  # out, strides b h
+                   i32, i32, i32, i32, i64, i32,  # B Hi G K n D
+                   f32, f32, i32, i32]           # scaling softcap dtype threads
+    fn.restype = i32
+    fn = lib.quest_decode_rows
+    fn.argtypes = [p, i64, i64,                  # query, strides b h
+                   p, i64, i64, i64,             # kmin, strides b h page
+                   p, i64, i64, i64,             # kmax
+                   p, i64, i64, i64,             # key, strides b h n
+                   p, i64, i64, i64,             # value
+                   p, i64, i64,                  # out, strides b h
+                   p,                            # selected (B * Hi) int64
+                   i32, i32, i32, i32, i64, i32,  # B Hi G Hkv n D
+                   i64, i64, i64, i64,           # page sink local budget_pages
+                   f32, f32, i32, i32]           # scaling softcap dtype threads
+    fn.restype = i32
+    return lib
+
+
+def _library() -> ctypes.CDLL:
+    global _LIB, _ERROR
+    if _LIB is None and _ERROR is None:
+        with _LOCK:
+            if _LIB is None and _ERROR is None:
+                try:
+                    _LIB = _build()
+                except (CpuKernelUnavailable, OSError) as err:
+                    _ERROR = str(err)
+    if _LIB is None:
+        raise CpuKernelUnavailable(_ERROR)
+    return _LIB
+
+
+def cpu_kernel_available() -> bool:
+    """True when the C decode kernel is built (building it on first call) and loadable.
+    SPARSE_INFER_CPU_KERNEL=0 turns it off (the torch executor then runs decode on CPUs)."""
+    if os.environ.get("SPARSE_INFER_CPU_KERNEL", "1") == "0":
+        return False
+    try:
+        _library()
+        return True
+    except CpuKernelUnavailable:
+        return False
+
+
+def cpu_kernel_supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether these tensors can go to the C kernel: CPU, one supported dtype, rows contiguous."""
+    return (query.device.type == "cpu" and key.device.type == "cpu" and value.device.type == "cpu"
+            and query.dtype in _DTYPES and key.dtype == query.dtype and value.dtype == query.dtype
+            and key.stride(-1) == 1 and value.stride(-1) == 1 and key.shape[-1] == value.shape[-1]
+            and cpu_kernel_available())
+
+
+@torch.no_grad()
+def sparse_decode_cpu(query, key, value, indices, *, scaling, attention_mask=None, softcap=None,
+                      kv_heads=None):
+    """Attention of one query token over the selected kv rows, read in place (C kernel).
+
+    Arguments as sparse_decode_torch (kv_heads included); query, key and value must share a
+    dtype (float32, bfloat16 or float16) and have unit stride in the last dim."""
+    from sparse_infer.kernels.sparse_decode import _check, _check_mask
+
+    if kv_heads is None:
+        B, Hq, D, Hkv, n, Hi = _check(query, key, value, indices)
+        kv_heads = torch.arange(Hi) * Hkv // Hi
+    else:
+        B, Hq, D = query.shape[0], query.shape[1], query.shape[3]
+        Hkv, n = key.shape[1], key.shape[2]
+        Hi = indices.shape[1] if indices.dim() == 3 else 0
+        if (indices.dim() != 3 or indices.shape[0] != B or not Hi or Hq % Hi
+                or tuple(kv_heads.shape) != (Hi,)):
+            raise ValueError("with kv_heads, indices must be (B, Hi, K) with Hi dividing Hq, and kv_heads (Hi,)")
+        if kv_heads.numel() and (int(kv_heads.min()) < 0 or int(kv_heads.max()) >= Hkv):
+            raise ValueError(f"kv_heads must lie in [0, {Hkv})")
+    if query.dtype not in _DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
+        raise TypeError(f"the CPU kernel takes one dtype of {sorted(map(str, _DTYPES))} for query, key "
+                        f"and value, got {query.dtype}, {key.dtype}, {value.dtype}")
+    if not (query.device.type == key.device.type == value.device.type == "cpu"):
+        raise ValueError("the CPU kernel takes CPU tensors")
+    if key.stride(-1) != 1 or value.stride(-1) != 1:
+        raise ValueError("key and value rows must be contiguous (last stride 1)")
+    attention_mask = _check_mask(attention_mask, B, Hq, n)
+    K = indices.shape[-1]
+    if K == 0:
+        return torch.zeros_like(query)
+    lib = _library()
+    q = query if query.stride(-1) == 1 else query.contiguous()
+    idx = indices.to(torch.int64)
+    idx = idx if idx.stride(-1) == 1 else idx.contiguous()
+    kvh = kv_heads.to(torch.int64).contiguous()
+    out = torch.empty(B, Hq, 1, D, dtype=query.dtype)
+    if attention_mask is None:
+        mask_ptr, msb, msh, msn = None, 0, 0, 0
+    else:
+        mask = attention_mask.view(torch.uint8)      # bool and uint8 share the byte layout
+        mask_ptr, msb, msn = mask.data_ptr(), mask.stride(0), mask.stride(3)
+        msh = 0 if mask.shape[1] == 1 else mask.stride(1)
+    status = lib.sparse_decode_rows(
+        q.data_ptr(), q.stride(0), q.stride(1),
+        key.data_ptr(), key.stride(0), key.stride(1), key.stride(2),
+        value.data_ptr(), value.stride(0), value.stride(1), value.stride(2),
+        idx.data_ptr(), idx.stride(0), idx.stride(1),
+        kvh.data_ptr(),
+        mask_ptr, msb, msh, msn,
+        out.data_ptr(), out.stride(0), out.stride(1),
+        B, Hi, Hq // Hi, K, n, D,
+        float(scaling), float(softcap or 0.0), _DTYPES[query.dtype], torch.get_num_threads())
+    if status == 1:
+        raise ValueError(f"the CPU kernel takes head dims up to 1024, got {D}")
+    if status:
+        raise MemoryError("the CPU kernel could not allocate its scratch")
+    return out
+
+
+def _strides3(x: torch.Tensor):
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+@torch.no_grad()
+def quest_decode_cpu(query, key, value, kmin, kmax, *, page: int, sink: int, local: int, budget: int,
+                     scaling: float, softcap=None, index_heads: int):
+    """Quest's page choice and the attention over it in one C call, for a step with no mask.
+
+    query (B, h, D); key/value (B, hk, n, D); kmin/kmax (B, hk, ceil(n / page), D) page bounds
+    in key's dtype (quest.update_bounds). index_heads: hk for one selection per GQA group, h
+    for one per query head. Chooses what quest.select chooses (the sinks, the local window, and
+    the best pages up to `budget` tokens by upper bound, or by the group's summed softmaxes of
+    it) and attends to exactly those keys. Returns (out (B, h, 1, D), keys read (B, index_heads))."""
+    B, h, D = query.shape
+    hk, n = key.shape[1], key.shape[2]
+    pages = -(-n // page)
+    if h % index_heads or index_heads % hk:
+        raise ValueError(f"index_heads={index_heads} must divide h={h} and be a multiple of hk={hk}")
+    if tuple(kmin.shape) != (B, hk, pages, D) or kmax.shape != kmin.shape:
+        raise ValueError(f"page bounds must be (B, hk, {pages}, D), got {tuple(kmin.shape)}")
+    dtypes = {query.dtype, key.dtype, value.dtype, kmin.dtype, kmax.dtype}
+    if len(dtypes) != 1 or query.dtype not in _DTYPES:
+        raise TypeError(f"query, key, value and the bounds must share one dtype of the C kernel, got {dtypes}")
+    if any(t.stride(-1) != 1 for t in (key, value, kmin, kmax)):
+        raise ValueError("key, value and bound rows must be contiguous (last stride 1)")
+    lib = _library()
+    q = query if query.stride(-1) == 1 else query.contiguous()
+    out = torch.empty(B, h, 1, D, dtype=query.dtype)
+    selected = torch.empty(B, index_heads, dtype=torch.int64)
+    status = lib.quest_decode_rows(
+        q.data_ptr(), q.stride(0), q.stride(1),
+        kmin.data_ptr(), *_strides3(kmin), kmax.data_ptr(), *_strides3(kmax),
+        key.data_ptr(), *_strides3(key), value.data_ptr(), *_strides3(value),
+        out.data_ptr(), out.stride(0), out.stride(1), selected.data_ptr(),
+        B, index_heads, h // index_heads, hk, n, D, page, sink, local, -(-budget // page),
+        float(scaling), float(softcap or 0.0), _DTYPES[query.dtype], torch.get_num_threads())
+    if status == 1:
+        raise ValueError(f"the CPU kernel takes head dims up to 1024, got {D}")
+    if status:
+        raise MemoryError("the CPU kernel could not allocate its scratch")
+    return out, selected

@@ -1,0 +1,166 @@
+"""The C decode kernel (sparse_infer/kernels/cpu_decode.c) vs the dense masked reference and
+the torch executor: same contract, rows read in place."""
+
+import math
+
+import pytest
+import torch
+
+import sparse_infer.kernels.cpu_decode as cpu_decode
+from sparse_infer.kernels import dense_decode_reference, sparse_decode, sparse_decode_torch
+from sparse_infer.kernels.cpu_decode import cpu_kernel_available, sparse_decode_cpu
+from tests.kernels.test_sparse_decode import CASES, make_case
+
+pytestmark = pytest.mark.skipif(not cpu_kernel_available(), reason="no C compiler: the kernel is not built here")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_matches_dense(case):
+    B, Hq, Hkv, which, n, K, softcap = case
+    Hi = Hkv if which == "kv" else Hq
+    q, k, v, idx = make_case(B, Hq, Hkv, Hi, n, K, seed=n)
+    scaling = 1 / math.sqrt(q.shape[-1])
+    ref = dense_decode_reference(q, k, v, idx, scaling=scaling, softcap=softcap)
+    out = sparse_decode_cpu(q, k, v, idx, scaling=scaling, softcap=softcap)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("D", [64, 128, 80])
+def test_real_head_dims_at_long_cache(D):
+    # Qwen2.5-0.5B's layout (14 query / 2 kv heads) at a 16K cache, a ~2K selection per group;
+    # 80 is not a multiple of the vector width
+    q, k, v, idx = make_case(1, 14, 2, 2, 16384, 2300, D=D, n_unused=100, seed=D)
+    ref = dense_decode_reference(q, k, v, idx, scaling=D ** -0.5)
+    out = sparse_decode_cpu(q, k, v, idx, scaling=D ** -0.5)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_padding_mask(per_head):
+    B, Hq, Hkv, n, K = 2, 8, 2, 120, 50
+    q, k, v, idx = make_case(B, Hq, Hkv, Hkv, n, K, seed=1)
+    mask = torch.ones(B, 1, 1, n, dtype=torch.bool)
+    mask[1, ..., :30] = False
+    if per_head:
+        mask = mask.expand(B, Hq, 1, n).clone()
+        mask[:, 3, 0, 60:90] = False
+    ref = dense_decode_reference(q, k, v, idx, scaling=0.2, attention_mask=mask)
+    torch.testing.assert_close(sparse_decode_cpu(q, k, v, idx, scaling=0.2, attention_mask=mask), ref,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_explicit_cache_heads_shared_and_per_head_rows():
+    B, Hkv, n, K = 2, 3, 150, 40
+    kv_heads = torch.tensor([2, 0, 0, 1, 2])
+    q, k, v, idx = make_case(B, kv_heads.numel(), Hkv, kv_heads.numel(), n, K, seed=7)
+    ref = dense_decode_reference(q, k[:, kv_heads], v[:, kv_heads], idx, scaling=0.2)
+    torch.testing.assert_close(sparse_decode_cpu(q, k, v, idx, scaling=0.2, kv_heads=kv_heads), ref,
+                               atol=1e-5, rtol=1e-5)
+    g, kv_heads = 3, torch.tensor([1, 0, 1])            # rows shared by 3 query heads each
+    q, k, v, idx = make_case(B, g * 3, 2, 3, n, K, seed=11)
+    mask = torch.ones(B, g * 3, 1, n, dtype=torch.bool)
+    mask[0, 4, ..., :50] = False
+    ref = dense_decode_reference(q, k[:, kv_heads], v[:, kv_heads], idx, scaling=0.2, attention_mask=mask)
+    out = sparse_decode_cpu(q, k, v, idx, scaling=0.2, attention_mask=mask, kv_heads=kv_heads)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="kv_heads"):
+        sparse_decode_cpu(q, k, v, idx, scaling=0.2, kv_heads=torch.tensor([0, 1, 2]))
+
+
+def test_strided_cache_views_empty_rows_and_out_of_range_slots():
+    B, Hq, Hkv, n, K = 2, 4, 2, 64, 16
+    q, k, v, idx = make_case(B, Hq, Hkv, Hkv, n, K, n_unused=0, seed=2)
+    idx[1, 0] = -1                                       # group 0 of batch 1 selects nothing -> zeros
+    idx[0, 1, :3] = torch.tensor([n, n + 5, -7])         # slots outside [0, n) are unused
+    big_k, big_v = torch.randn(B, Hkv, n + 20, 32), torch.randn(B, Hkv, n + 20, 32)
+    k_view, v_view = big_k[:, :, :n], big_v[:, :, :n]    # the prefix views AppendCache hands out
+    assert not k_view.is_contiguous()
+    ref = dense_decode_reference(q, k_view, v_view, idx, scaling=0.2)
+    out = sparse_decode_cpu(q, k_view, v_view, idx, scaling=0.2)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert out[1, :2].abs().max() == 0
+    assert torch.equal(sparse_decode_cpu(q, k, v, idx[..., :0], scaling=0.2), torch.zeros_like(q))
+
+
+def test_same_result_as_torch_executor_with_duplicate_slots():
+    # the contract does not forbid a position listed twice; both executors then count it twice
+    q, k, v, idx = make_case(1, 8, 2, 2, 100, 30, n_unused=0, seed=5)
+    idx[..., 10:20] = idx[..., :10]
+    torch.testing.assert_close(sparse_decode_cpu(q, k, v, idx, scaling=0.3),
+                               sparse_decode_torch(q, k, v, idx, scaling=0.3), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
+def test_half_dtypes(dtype, atol):
+    # fp32 math, output rounded once to the input dtype, as the torch executor does
+    q, k, v, idx = make_case(1, 8, 2, 2, 300, 90, dtype=dtype, seed=3)
+    ref = dense_decode_reference(q, k, v, idx, scaling=0.2)
+    out = sparse_decode_cpu(q, k, v, idx, scaling=0.2)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=0)
+
+
+def test_bad_input_is_refused():
+    q, k, v, idx = make_case(1, 4, 2, 2, 50, 10)
+    with pytest.raises(TypeError, match="dtype"):
+        sparse_decode_cpu(q, k.double(), v.double(), idx, scaling=0.2)
+    with pytest.raises(ValueError, match="contiguous"):
+        sparse_decode_cpu(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, idx, scaling=0.2)
+    with pytest.raises(ValueError, match="head dims"):
+        q2, k2, v2, idx2 = make_case(1, 2, 1, 1, 20, 5, D=1040)
+        sparse_decode_cpu(q2, k2, v2, idx2, scaling=0.2)
+
+
+def test_dispatch_auto_picks_the_c_kernel_on_cpu_and_falls_back(monkeypatch):
+    q, k, v, idx = make_case(1, 4, 2, 2, 50, 10)
+    calls = []
+    real = cpu_decode.sparse_decode_cpu
+    monkeypatch.setattr(cpu_decode, "sparse_decode_cpu", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    auto = sparse_decode(q, k, v, idx, scaling=0.2)
+    assert calls == [1]
+    torch.testing.assert_close(auto, sparse_decode_torch(q, k, v, idx, scaling=0.2), atol=1e-6, rtol=1e-5)
+    sparse_decode(q.double(), k.double(), v.double(), idx, scaling=0.2)     # float64: torch executor
+    sparse_decode(q, k, v, idx, scaling=0.2, backend="torch")
+    monkeypatch.setenv("SPARSE_INFER_CPU_KERNEL", "0")
+    sparse_decode(q, k, v, idx, scaling=0.2)
+    assert calls == [1]
+
+
+def test_build_failure_leaves_the_torch_executor(monkeypatch, tmp_path):
+    # no compiler: 'auto' keeps working on the torch executor, an explicit 'cpu' says why not
+    monkeypatch.setattr(cpu_decode, "_LIB", None)
+    monkeypatch.setattr(cpu_decode, "_ERROR", None)
+    monkeypatch.setenv("CC", "no-such-compiler-here")
+    monkeypatch.setenv("SPARSE_INFER_CACHE", str(tmp_path))
+    q, k, v, idx = make_case(1, 4, 2, 2, 50, 10)
+    assert not cpu_kernel_available()
+    torch.testing.assert_close(sparse_decode(q, k, v, idx, scaling=0.2),
+                               sparse_decode_torch(q, k, v, idx, scaling=0.2))
+    with pytest.raises(cpu_decode.CpuKernelUnavailable, match="no-such-compiler-here"):
+        sparse_decode(q, k, v, idx, scaling=0.2, backend="cpu")
+
+
+def test_fresh_build_into_an_empty_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_decode, "_LIB", None)
+    monkeypatch.setattr(cpu_decode, "_ERROR", None)
+    monkeypatch.setenv("SPARSE_INFER_CACHE", str(tmp_path))
+    assert cpu_kernel_available()
+    built = list((tmp_path / "kernels").iterdir())
+    assert len(built) == 1 and built[0].name.startswith("cpu_decode_")      # no temporary left behind
+    q, k, v, idx = make_case(1, 8, 2, 2, 200, 40, seed=9)
+    torch.testing.assert_close(sparse_decode_cpu(q, k, v, idx, scaling=0.2),
+                               dense_decode_reference(q, k, v, idx, scaling=0.2), atol=1e-5, rtol=1e-5)
+
+
+def test_quest_call_refuses_mismatched_bounds():
+    from sparse_infer.kernels.cpu_decode import quest_decode_cpu
+
+    q, k, v, _ = make_case(1, 4, 2, 2, 64, 10)
+    kmin = torch.zeros(1, 2, 3, 32)                       # 64 keys in pages of 16 need 4 pages
+    with pytest.raises(ValueError, match="page bounds"):
+        quest_decode_cpu(q[:, :, 0], k, v, kmin, kmin, page=16, sink=4, local=8, budget=32, scaling=0.2,
+                         index_heads=2)
+    kmin = torch.zeros(1, 2, 4, 32, dtype=torch.float64)
+    with pytest.raises(TypeError, match="dtype"):
+        quest_decode_cpu(q[:, :, 0], k, v, kmin, kmin, page=16, sink=4, local=8, budget=32, scaling=0.2,
+                         index_heads=2)
