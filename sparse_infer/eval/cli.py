@@ -260,7 +260,8 @@ def needle_cmd(
 
 @eval_app.command("merge")
 def merge_cmd(
-    sources: Annotated[list[Path], typer.Argument(help="Result directories (each with a results.json).")],
+    sources: Annotated[list[str], typer.Argument(
+        help="Result directories (each with a results.json); DIR:NAME[,NAME] takes only those plans of DIR.")],
     out: Annotated[Path, typer.Option("--out", help="Directory for the merged results.json (may be a source).")],
 ) -> None:
     """Merge runs split over processes (by --tasks, or dense and plan apart) and print the table."""

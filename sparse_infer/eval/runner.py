@@ -274,6 +274,15 @@ def summarize(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _source_and_plans(source) -> tuple[Path, list[str] | None]:
+    """'DIR' -> (DIR, None); 'DIR:a,b' -> (DIR, ['a', 'b']) when DIR is a directory."""
+    text = str(source)
+    head, sep, tail = text.rpartition(":")
+    if sep and tail and Path(head).is_dir():
+        return Path(head), [n for n in tail.split(",") if n]
+    return Path(text), None
+
+
 def merge_results(sources: Sequence[str | Path], out_dir: str | Path) -> dict[str, Any]:
     """Merge the results.json of runs split over processes or machines into OUT/results.json.
 
@@ -281,15 +290,28 @@ def merge_results(sources: Sequence[str | Path], out_dir: str | Path) -> dict[st
     another). They must come from the same model; a plan name must mean the same plan in every
     source, and a sample present in several sources must have the same prompt (its input_sha1).
     A sample's first record is kept. OUT may be one of the sources; an existing OUT/results.json
-    that is not a source is refused rather than overwritten. Returns the merged document."""
+    that is not a source is refused rather than overwritten. Returns the merged document.
+
+    A source written DIR:NAME[,NAME...] contributes only those plans (e.g. the dense records of
+    a run whose plan of the same name has since been replaced); a named plan it lacks is an error."""
     out = Path(out_dir)
-    paths = [Path(s) for s in sources]
+    picked = [_source_and_plans(s) for s in sources]
+    paths = [p for p, _ in picked]
     if not paths:
         raise EvalError("nothing to merge: give at least one results directory")
     target = out / RESULTS_FILE
     if target.exists() and not any(target.resolve() == (p / RESULTS_FILE).resolve() for p in paths):
         raise EvalError(f"{target} exists and is not one of the sources; use another --out or list it as a source")
-    docs = [(p, load_results(p)) for p in paths]
+    docs = []
+    for path, names in picked:
+        doc = load_results(path)
+        if names is not None:
+            missing = [n for n in names if n not in doc["plans"]]
+            if missing:
+                raise EvalError(f"{path} has no plan {', '.join(map(repr, missing))} "
+                                f"(it has {', '.join(map(repr, doc['plans']))})")
+            doc = {**doc, "plans": {n: doc["plans"][n] for n in names}}
+        docs.append((path, doc))
     first_path, first = docs[0]
     model = first.get("model") or {}
     merged: dict[str, Any] = {"version": FORMAT_VERSION, "model": model, "plans": {}, "summary": []}

@@ -228,3 +228,28 @@ def test_merge_refuses_conflicts(tmp_path, fake_load, fast_generation):
     assert res.exit_code == 2 and "plan 'dense'" in res.output
     res = cli_runner.invoke(eval_app, ["merge", str(tmp_path / "missing"), "--out", str(tmp_path / "m")])
     assert res.exit_code == 2 and "no results.json" in res.output
+
+
+def test_merge_takes_only_the_named_plans_of_a_source(tmp_path, fake_load, fast_generation):
+    """DIR:NAME keeps only that plan of DIR: the dense records of an old run beside a new run of
+    a plan whose name the old run used for another plan."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    res = cli_runner.invoke(eval_app, ruler_args("vertical_slash", old, "--compare", "dense", "--tasks", "vt",
+                                                 "--samples", "1"))
+    assert res.exit_code == 0, res.output
+    res = cli_runner.invoke(eval_app, ruler_args("vertical_slash", new, "--tasks", "vt", "--samples", "1"))
+    assert res.exit_code == 0, res.output
+    doc = json.loads((new / "results.json").read_text())
+    doc["plans"]["vertical_slash"]["plan"] = "a re-profiled plan"
+    (new / "results.json").write_text(json.dumps(doc))
+    merged = tmp_path / "m"
+    res = cli_runner.invoke(eval_app, ["merge", str(old), str(new), "--out", str(merged)])
+    assert res.exit_code == 2 and "plan 'vertical_slash'" in res.output      # the clash, without a filter
+    res = cli_runner.invoke(eval_app, ["merge", f"{old}:dense", str(new), "--out", str(merged)])
+    assert res.exit_code == 0, res.output
+    got = runner.load_results(merged)
+    assert set(got["plans"]) == {"dense", "vertical_slash"}
+    assert got["plans"]["vertical_slash"]["plan"] == "a re-profiled plan"
+    assert got["plans"]["dense"]["records"] == runner.load_results(old)["plans"]["dense"]["records"]
+    res = cli_runner.invoke(eval_app, ["merge", f"{old}:dense,a_shape", "--out", str(tmp_path / "m2")])
+    assert res.exit_code == 2 and "plan 'a_shape'" in " ".join(res.output.split())
