@@ -17,9 +17,9 @@ layer's sparse parts are attended in one call (see _attend_pending). Every selec
 Side state (label cache, page bounds, last selection for reuse) lives in rt.decode_state.
 The attention function never sees the cache object, so continuity is detected from the
 keys: a step continues the sequence held in the side state only if the kv length grew by
-exactly one since the previous step of this layer AND a fingerprint (full rows of K at the
-first, last-processed and 7 evenly spread positions, all batch rows and heads) still
-matches. Anything else (a new `generate` call, a new cache, beam reordering, a rolled
+exactly one since the previous step of this layer AND a fingerprint (full rows of K, all
+batch rows and heads, at the last-processed position and at the first, last and 7 evenly
+spread positions of the sequence when its side state was built) still matches. Anything else (a new `generate` call, a new cache, beam reordering, a rolled
 sliding-window cache, a crop) rebuilds the state from the full K. `reset_decode_state(model)`
 drops it explicitly.
 """
@@ -53,14 +53,21 @@ def _sequence_continues(state: dict, key: torch.Tensor) -> bool:
     if prev["n"] != n - 1 or prev["shape"] != (B, Hkv, D) or prev["rows"].dtype != key.dtype \
             or prev["rows"].device != key.device:
         return False
-    return torch.equal(key.index_select(2, prev["positions"]), prev["rows"])
+    return torch.equal(key[:, :, n - 2], prev["last"]) and \
+        torch.equal(key.index_select(2, prev["positions"]), prev["rows"])
 
 
-def _remember_sequence(state: dict, key: torch.Tensor) -> None:
+def _remember_sequence(state: dict, key: torch.Tensor, continued: bool) -> None:
+    """Keep the fingerprint: rows at positions spread over the sequence when its side state
+    was built (they stay put while it grows: no per-step re-sampling) and the last row."""
     B, Hkv, n, D = key.shape
-    positions = torch.tensor(_fingerprint_positions(n), device=key.device)
-    state["sequence"] = {"n": n, "shape": (B, Hkv, D), "positions": positions,
-                         "rows": key.index_select(2, positions)}
+    seq = state.get("sequence")
+    if not continued or seq is None:
+        positions = torch.tensor(_fingerprint_positions(n), device=key.device)
+        seq = state["sequence"] = {"shape": (B, Hkv, D), "positions": positions,
+                                   "rows": key.index_select(2, positions)}
+    seq["n"] = n
+    seq["last"] = key[:, :, n - 1].clone()
 
 
 # --------------------------------------------------------------------------- head layout
@@ -233,7 +240,12 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
         state.pop("sequence", None)           # the next sparse step must rebuild, whatever it sees
         return None
     layouts = _layer_layouts(rt, Hq, Hkv)
-    executor = resolve_decode_backend(rt.backend, query, key, value)
+    # the executor depends only on these; resolving it each step costs more than the lookup
+    signature = (rt.backend, query.device, query.dtype, key.dtype, value.dtype, key.stride(-1), value.stride(-1))
+    cached = state.get("executor")
+    if cached is None or cached[0] != signature:
+        cached = state["executor"] = (signature, resolve_decode_backend(rt.backend, query, key, value))
+    executor = cached[1]
     limit = resolve_dense_above(rt.dense_above, executor, query)["decode"]
     run_dense = _parts_over_limit(layouts, Hq, Hkv, n, limit) if limit < 1 else set()
     if all(rule.kind == "dense" or pi in run_dense for pi, (rule, *_) in enumerate(layouts)):
@@ -316,7 +328,7 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
         out[:, heads] = grouped_dense_decode(query[:, heads], key[:, kv: kv + 1], value[:, kv: kv + 1],
                                              heads_of(mask, heads), scaling, softcap).to(out.dtype)
 
-    _remember_sequence(state, key)
+    _remember_sequence(state, key, continued=not fresh)
     rt.stats.decode_selected += selected
     rt.stats.decode_total += float(B * Hq * n)
     return out
