@@ -19,9 +19,9 @@ The attention function never sees the cache object, so continuity is detected fr
 keys: a step continues the sequence held in the side state only if the kv length grew by
 exactly one since the previous step of this layer AND a fingerprint (full rows of K, all
 batch rows and heads, at the last-processed position and at the first, last and 7 evenly
-spread positions of the sequence when its side state was built) still matches. Anything else (a new `generate` call, a new cache, beam reordering, a rolled
-sliding-window cache, a crop) rebuilds the state from the full K. `reset_decode_state(model)`
-drops it explicitly.
+spread positions of the sequence when its side state was built) still matches. Anything
+else (a new `generate` call, a new cache, beam reordering, a rolled sliding-window cache, a
+crop) rebuilds the state from the full K. `reset_decode_state(model)` drops it explicitly.
 """
 from __future__ import annotations
 
@@ -225,6 +225,16 @@ def _selection_mask(indices, n: int, mask):
     return keep if mask is None else keep & mask
 
 
+def _place(out, res, q_heads, query, value):
+    """Put a part's output (its query heads, all of them when q_heads is None) into the layer's."""
+    if q_heads is None:
+        return res
+    if out is None:
+        out = query.new_empty(query.shape[0], query.shape[1], 1, value.shape[-1])
+    out[:, q_heads] = res.to(out.dtype)
+    return out
+
+
 # --------------------------------------------------------------------------- entry point
 def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
     """Return (B, Hq, 1, D) for a sparse decode step, or None to run the dense implementation.
@@ -298,12 +308,7 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
             # selection and attention in one C call: no index tensors, no per-op overhead
             res, counts = quest.select_and_attend_cpu(inp, rule, group_states.setdefault(pi, {}), v)
             selected += float(counts.sum()) * (h // counts.shape[1])
-            if whole_layer:
-                out = res
-            else:
-                if out is None:
-                    out = query.new_empty(B, Hq, 1, value.shape[-1])
-                out[:, q_heads] = res.to(out.dtype)
+            out = _place(out, res, q_heads, query, value)
             continue
         indices = SELECTORS[rule.kind](inp, rule, group_states.setdefault(pi, {}))
         selected += float((indices >= 0).sum()) * (h // indices.shape[1])
@@ -313,12 +318,7 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
             continue
         res = sparse_decode(q, k, v, indices, scaling=scaling, attention_mask=m, softcap=softcap,
                             backend=executor)
-        if whole_layer:
-            out = res
-        else:
-            if out is None:
-                out = query.new_empty(B, Hq, 1, value.shape[-1])
-            out[:, q_heads] = res.to(out.dtype)
+        out = _place(out, res, q_heads, query, value)
 
     if out is None and (pending or dense_on_kv):
         out = query.new_empty(B, Hq, 1, value.shape[-1])

@@ -132,20 +132,9 @@ def sparse_decode_cpu(query, key, value, indices, *, scaling, attention_mask=Non
 
     Arguments as sparse_decode_torch (kv_heads included); query, key and value must share a
     dtype (float32, bfloat16 or float16) and have unit stride in the last dim."""
-    from sparse_infer.kernels.sparse_decode import _check, _check_mask
+    from sparse_infer.kernels.sparse_decode import _check_mask, _check_rows
 
-    if kv_heads is None:
-        B, Hq, D, Hkv, n, Hi = _check(query, key, value, indices)
-        kv_heads = torch.arange(Hi) * Hkv // Hi
-    else:
-        B, Hq, D = query.shape[0], query.shape[1], query.shape[3]
-        Hkv, n = key.shape[1], key.shape[2]
-        Hi = indices.shape[1] if indices.dim() == 3 else 0
-        if (indices.dim() != 3 or indices.shape[0] != B or not Hi or Hq % Hi
-                or tuple(kv_heads.shape) != (Hi,)):
-            raise ValueError("with kv_heads, indices must be (B, Hi, K) with Hi dividing Hq, and kv_heads (Hi,)")
-        if kv_heads.numel() and (int(kv_heads.min()) < 0 or int(kv_heads.max()) >= Hkv):
-            raise ValueError(f"kv_heads must lie in [0, {Hkv})")
+    B, Hq, D, Hkv, n, Hi, kv_heads = _check_rows(query, key, value, indices, kv_heads)
     if query.dtype not in _DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
         raise TypeError(f"the CPU kernel takes one dtype of {sorted(map(str, _DTYPES))} for query, key "
                         f"and value, got {query.dtype}, {key.dtype}, {value.dtype}")

@@ -49,6 +49,22 @@ def _check(query, key, value, indices):
     return B, Hq, D, Hkv, n, Hi
 
 
+def _check_rows(query, key, value, indices, kv_heads):
+    """Shapes of an executor call, and the cache head each index row reads: kv_heads when
+    given (any subset of a layer's heads), else the rows' own kv group (r * Hkv // Hi)."""
+    if kv_heads is None:
+        B, Hq, D, Hkv, n, Hi = _check(query, key, value, indices)
+        return B, Hq, D, Hkv, n, Hi, torch.arange(Hi, device=query.device) * Hkv // Hi
+    B, Hq, D = query.shape[0], query.shape[1], query.shape[3]
+    Hkv, n = key.shape[1], key.shape[2]
+    Hi = indices.shape[1] if indices.dim() == 3 else 0
+    if indices.dim() != 3 or indices.shape[0] != B or not Hi or Hq % Hi or tuple(kv_heads.shape) != (Hi,):
+        raise ValueError("with kv_heads, indices must be (B, Hi, K) with Hi dividing Hq, and kv_heads (Hi,)")
+    if kv_heads.numel() and (int(kv_heads.min()) < 0 or int(kv_heads.max()) >= Hkv):
+        raise ValueError(f"kv_heads must lie in [0, {Hkv})")
+    return B, Hq, D, Hkv, n, Hi, kv_heads.to(query.device)
+
+
 def _check_mask(attention_mask, B, Hq, n):
     if attention_mask is None:
         return None
@@ -125,17 +141,7 @@ def sparse_decode_torch(query, key, value, indices, *, scaling, attention_mask=N
     per-head selections, the group size for shared ones). Lets the decode dispatcher run all
     of a layer's sparse parts as one call without copying K/V per head.
     Inference only: runs without autograd."""
-    if kv_heads is None:
-        B, Hq, D, Hkv, n, Hi = _check(query, key, value, indices)
-    else:
-        B, Hq, D = query.shape[0], query.shape[1], query.shape[3]
-        Hkv, n = key.shape[1], key.shape[2]
-        Hi = indices.shape[1] if indices.dim() == 3 else 0
-        if (indices.dim() != 3 or indices.shape[0] != B or not Hi or Hq % Hi
-                or tuple(kv_heads.shape) != (Hi,)):
-            raise ValueError("with kv_heads, indices must be (B, Hi, K) with Hi dividing Hq, and kv_heads (Hi,)")
-        if kv_heads.numel() and (int(kv_heads.min()) < 0 or int(kv_heads.max()) >= Hkv):
-            raise ValueError(f"kv_heads must lie in [0, {Hkv})")
+    B, Hq, D, Hkv, n, Hi, kv_head = _check_rows(query, key, value, indices, kv_heads)
     attention_mask = _check_mask(attention_mask, B, Hq, n)
     idx = indices.long()
     K = idx.shape[-1]
@@ -143,7 +149,6 @@ def sparse_decode_torch(query, key, value, indices, *, scaling, attention_mask=N
         return torch.zeros_like(query)
     ok = (idx >= 0) & (idx < n)
     pos = torch.where(ok, idx, torch.zeros_like(idx))
-    kv_head = torch.arange(Hi, device=query.device) * Hkv // Hi if kv_heads is None else kv_heads.to(query.device)
     numel = B * Hi * K * D
     ws = _ws_acquire({"dk": (numel, key.dtype), "dv": (numel, value.dtype)}, key.device)
     try:
