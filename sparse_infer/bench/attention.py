@@ -252,13 +252,13 @@ def bench_decode_attention(kv_lens=(16384, 32768, 65536), budget=2048, heads=(32
     Hq, Hkv = heads
     scaling = 1.0 / math.sqrt(head_dim)
     elem = torch.empty((), dtype=dtype).element_size()
-    from sparse_infer.kernels.cpu_decode import cpu_kernel_available, sparse_decode_cpu
+    from sparse_infer.kernels.cpu_decode import cpu_kernel_supports, sparse_decode_cpu
 
     backends = ["torch"]
     if torch.device(device).type == "cuda" and triton_available():
         backends.append("triton")
-    if torch.device(device).type == "cpu" and dtype in (torch.float32, torch.bfloat16, torch.float16) \
-            and cpu_kernel_available():
+    probe = torch.empty(1, 1, 1, head_dim, dtype=dtype, device=device)
+    if cpu_kernel_supports(probe, probe, probe):
         backends.append("cpu")                          # the C kernel: rows read in place
     executors = {"torch": sparse_decode_torch, "triton": sparse_decode_triton, "cpu": sparse_decode_cpu}
     rows = []

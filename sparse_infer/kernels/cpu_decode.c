@@ -30,8 +30,8 @@ static inline void prefetch_row(const char *p, int64_t bytes) {
 
 /* exp(x) for x <= 0 (softmax numerators after the max is taken out), written out so that the
  * loop over a score row vectorizes (libm's expf is a call per element). 2^k * p(r) with
- * r = x - k ln2 in [-ln2/2, ln2/2] and a degree-6 Taylor polynomial: relative error < 3e-7 (2.3e-7 measured over [-87, 0]).
- * Inputs below -87 (e^-87 ~ 1.6e-38, the float range) give 0. */
+ * r = x - k ln2 in [-ln2/2, ln2/2] and a degree-6 Taylor polynomial: relative error < 3e-7
+ * (2.3e-7 measured over [-87, 0]). Inputs below -87 (e^-87 ~ 1.6e-38, the float range) give 0. */
 static inline float exp_nonpositive(float x) {
     if (x < -87.f) return 0.f;
     float k = __builtin_roundf(x * 1.44269504088896341f);
@@ -80,6 +80,18 @@ static void store_row(void *base, int64_t offset, int dtype, int D, const float 
     }
 }
 
+/* The G query rows h0 .. h0+G-1 of batch row b as fp32, times `scale`, into qf (G * D). */
+static void load_queries(float *qf, const void *q, int b, int h0, int64_t q_sb, int64_t q_sh,
+                         int G, int D, int dtype, float scale) {
+    for (int g = 0; g < G; g++) {
+        float *qg = qf + (int64_t)g * D;
+        int64_t off = b * q_sb + (int64_t)(h0 + g) * q_sh;
+        if (dtype == 0) memcpy(qg, (const float *)q + off, (size_t)D * sizeof(float));
+        else load_row(q, off, dtype, D, qg);
+        for (int d = 0; d < D; d++) qg[d] *= scale;
+    }
+}
+
 /* Query heads h0 .. h0+G-1 of batch row b over the K slots `ids` of cache head kvh: scores,
  * softmax, weighted V sum, written to G output rows. scratch: G * (K + 2 * D + 1) floats. */
 static inline __attribute__((always_inline)) void attend_one(int b, int64_t kvh, int h0, const int64_t *ids,
@@ -96,13 +108,7 @@ static inline __attribute__((always_inline)) void attend_one(int b, int64_t kvh,
     float *acc = qf + (int64_t)G * D;                 /* head g at g * D */
     float *total = acc + (int64_t)G * D;              /* head g at g */
 
-    for (int g = 0; g < G; g++) {
-        float *qg = qf + (int64_t)g * D;
-        int64_t off = b * q_sb + (int64_t)(h0 + g) * q_sh;
-        if (dtype == 0) memcpy(qg, (const float *)q + off, (size_t)D * sizeof(float));
-        else load_row(q, off, dtype, D, qg);
-        for (int d = 0; d < D; d++) qg[d] *= scaling;
-    }
+    load_queries(qf, q, b, h0, q_sb, q_sh, G, D, dtype, scaling);
 
     /* pass 1: q.k for every slot, each K row read once for the G heads */
     const int64_t k_base = b * k_sb + kvh * k_sh;
@@ -332,16 +338,15 @@ int quest_decode_rows(const void *q, int64_t q_sb, int64_t q_sh,
             float *attend_scratch = qf + (size_t)G * D;
             int64_t *pages = ids, *keys = ids + eligible;
 
-            for (int g = 0; g < G; g++) {
-                float *qg = qf + (int64_t)g * D;
-                int64_t off = b * q_sb + (int64_t)(h0 + g) * q_sh;
-                if (dtype == 0) memcpy(qg, (const float *)q + off, (size_t)D * sizeof(float));
-                else load_row(q, off, dtype, D, qg);
-            }
-            /* bounds: one pass over the eligible pages' min/max rows */
-            if (D == 64) page_bounds(bounds, qf, kmin, kmax, b, kvh, a_sb, a_sh, a_sp, z_sb, z_sh, z_sp, first_page, eligible, G, 64, scaling, softcap, dtype);
-            else if (D == 128) page_bounds(bounds, qf, kmin, kmax, b, kvh, a_sb, a_sh, a_sp, z_sb, z_sh, z_sp, first_page, eligible, G, 128, scaling, softcap, dtype);
-            else page_bounds(bounds, qf, kmin, kmax, b, kvh, a_sb, a_sh, a_sp, z_sb, z_sh, z_sp, first_page, eligible, G, D, scaling, softcap, dtype);
+            /* unscaled: the bound is scaled after the sum, as quest.upper_bounds does */
+            load_queries(qf, q, b, h0, q_sb, q_sh, G, D, dtype, 1.f);
+            /* bounds: one pass over the eligible pages' min/max rows (head dim constant when common) */
+#define BOUNDS(DIM) page_bounds(bounds, qf, kmin, kmax, b, kvh, a_sb, a_sh, a_sp, z_sb, z_sh, z_sp, \
+                                first_page, eligible, G, DIM, scaling, softcap, dtype)
+            if (D == 64) BOUNDS(64);
+            else if (D == 128) BOUNDS(128);
+            else BOUNDS(D);
+#undef BOUNDS
             /* page scores: the raw bound for one head, else the group's summed softmaxes */
             if (G == 1) {
                 memcpy(score, bounds, (size_t)eligible * sizeof(float));

@@ -25,7 +25,10 @@ __all__ = ["cpu_kernel_available", "cpu_kernel_supports", "sparse_decode_cpu", "
            "CpuKernelUnavailable"]
 
 _SOURCE = Path(__file__).with_name("cpu_decode.c")
-_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math", "-march=native", "-fopenmp", "-fPIC", "-shared"]
+# reassociation lets the dot-product and softmax-sum loops vectorize; no -ffinite-math-only: the
+# kernel marks unused slots with -inf
+_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math",
+          "-march=native", "-fopenmp", "-fPIC", "-shared"]
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _LOCK = threading.Lock()
 _LIB: ctypes.CDLL | None = None
@@ -117,12 +120,33 @@ def cpu_kernel_available() -> bool:
         return False
 
 
+def _unsupported(query: torch.Tensor, *rows: torch.Tensor):
+    """Why the C kernel cannot take these tensors, as (exception type, message), or None.
+    rows: the tensors it reads row by row (K, V, page bounds): same dtype as the query, rows contiguous."""
+    if query.dtype not in _DTYPES or any(t.dtype != query.dtype for t in rows):
+        return TypeError, (f"the CPU kernel takes one dtype of {sorted(map(str, _DTYPES))} for all its "
+                           f"tensors, got {[str(t.dtype) for t in (query, *rows)]}")
+    if any(t.device.type != "cpu" for t in (query, *rows)):
+        return ValueError, "the CPU kernel takes CPU tensors"
+    if any(t.stride(-1) != 1 for t in rows):
+        return ValueError, "key, value (and page bound) rows must be contiguous (last stride 1)"
+    return None
+
+
+def _refuse_unsupported(query: torch.Tensor, *rows: torch.Tensor) -> None:
+    problem = _unsupported(query, *rows)
+    if problem is not None:
+        raise problem[0](problem[1])
+
+
 def cpu_kernel_supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
     """Whether these tensors can go to the C kernel: CPU, one supported dtype, rows contiguous."""
-    return (query.device.type == "cpu" and key.device.type == "cpu" and value.device.type == "cpu"
-            and query.dtype in _DTYPES and key.dtype == query.dtype and value.dtype == query.dtype
-            and key.stride(-1) == 1 and value.stride(-1) == 1 and key.shape[-1] == value.shape[-1]
+    return (_unsupported(query, key, value) is None and key.shape[-1] == value.shape[-1]
             and cpu_kernel_available())
+
+
+def _strides3(x: torch.Tensor):
+    return x.stride(0), x.stride(1), x.stride(2)
 
 
 @torch.no_grad()
@@ -135,13 +159,7 @@ def sparse_decode_cpu(query, key, value, indices, *, scaling, attention_mask=Non
     from sparse_infer.kernels.sparse_decode import _check_mask, _check_rows
 
     B, Hq, D, Hkv, n, Hi, kv_heads = _check_rows(query, key, value, indices, kv_heads)
-    if query.dtype not in _DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
-        raise TypeError(f"the CPU kernel takes one dtype of {sorted(map(str, _DTYPES))} for query, key "
-                        f"and value, got {query.dtype}, {key.dtype}, {value.dtype}")
-    if not (query.device.type == key.device.type == value.device.type == "cpu"):
-        raise ValueError("the CPU kernel takes CPU tensors")
-    if key.stride(-1) != 1 or value.stride(-1) != 1:
-        raise ValueError("key and value rows must be contiguous (last stride 1)")
+    _refuse_unsupported(query, key, value)
     attention_mask = _check_mask(attention_mask, B, Hq, n)
     K = indices.shape[-1]
     if K == 0:
@@ -160,8 +178,8 @@ def sparse_decode_cpu(query, key, value, indices, *, scaling, attention_mask=Non
         msh = 0 if mask.shape[1] == 1 else mask.stride(1)
     status = lib.sparse_decode_rows(
         q.data_ptr(), q.stride(0), q.stride(1),
-        key.data_ptr(), key.stride(0), key.stride(1), key.stride(2),
-        value.data_ptr(), value.stride(0), value.stride(1), value.stride(2),
+        key.data_ptr(), *_strides3(key),
+        value.data_ptr(), *_strides3(value),
         idx.data_ptr(), idx.stride(0), idx.stride(1),
         kvh.data_ptr(),
         mask_ptr, msb, msh, msn,
@@ -173,10 +191,6 @@ def sparse_decode_cpu(query, key, value, indices, *, scaling, attention_mask=Non
     if status:
         raise MemoryError("the CPU kernel could not allocate its scratch")
     return out
-
-
-def _strides3(x: torch.Tensor):
-    return x.stride(0), x.stride(1), x.stride(2)
 
 
 @torch.no_grad()
@@ -196,11 +210,7 @@ def quest_decode_cpu(query, key, value, kmin, kmax, *, page: int, sink: int, loc
         raise ValueError(f"index_heads={index_heads} must divide h={h} and be a multiple of hk={hk}")
     if tuple(kmin.shape) != (B, hk, pages, D) or kmax.shape != kmin.shape:
         raise ValueError(f"page bounds must be (B, hk, {pages}, D), got {tuple(kmin.shape)}")
-    dtypes = {query.dtype, key.dtype, value.dtype, kmin.dtype, kmax.dtype}
-    if len(dtypes) != 1 or query.dtype not in _DTYPES:
-        raise TypeError(f"query, key, value and the bounds must share one dtype of the C kernel, got {dtypes}")
-    if any(t.stride(-1) != 1 for t in (key, value, kmin, kmax)):
-        raise ValueError("key, value and bound rows must be contiguous (last stride 1)")
+    _refuse_unsupported(query, key, value, kmin, kmax)
     lib = _library()
     q = query if query.stride(-1) == 1 else query.contiguous()
     out = torch.empty(B, h, 1, D, dtype=query.dtype)
