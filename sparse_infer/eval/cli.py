@@ -4,7 +4,7 @@ sparse-infer eval ruler MODEL --plan PLAN [--compare dense] --lengths 4096,8192
     --tasks all|LIST --samples N --out DIR [--data FILE] [--seed 0] [--resume]
 sparse-infer eval needle [MODEL] --plan PLAN [--compare dense] --lengths ...
     --depths 0,10,...,100 --out DIR
-sparse-infer eval merge SRC_DIR... --out DIR
+sparse-infer eval merge SRC_DIR[:PLAN,...]... --out DIR
 """
 
 from __future__ import annotations
