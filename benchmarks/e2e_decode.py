@@ -5,7 +5,8 @@ Sparsity and TokenSelect (budget 2048, layer 0 dense), per cache kind.
     METHODS=quest,quest@torch,streaming python benchmarks/e2e_decode.py append out/e2e.json 16384 32
 
 METHODS: decode methods (one for every layer but layer 0), NAME@BACKEND to pick patch's
-backend for one of them (default "auto": on CPUs the C decode kernel).
+backend for one of them (default "auto": on CPUs the C decode kernel). ROUNDS (default 3):
+dense and every method decode once per round, in turn; tokens/s is the median over rounds.
 """
 import os
 import json
@@ -24,7 +25,8 @@ def main(caches: str, out: str, prompt_len: str = "16384", new_tokens: str = "16
         plans[spec] = (decode_method_plan(method, 2048), backend or "auto")
     result = {}
     for cache in caches.split(","):
-        result[cache] = bench_decode_end_to_end(pair, int(prompt_len), int(new_tokens), plans, cache=cache)
+        result[cache] = bench_decode_end_to_end(pair, int(prompt_len), int(new_tokens), plans, cache=cache,
+                                                rounds=int(os.environ.get("ROUNDS", 3)))
         for row in result[cache]["rows"]:
             print(cache, row, flush=True)
     with open(out, "w") as fh:

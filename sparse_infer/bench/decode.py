@@ -61,19 +61,25 @@ def decode_method_plan(method: str, budget: int = 2048) -> dict:
 
 
 def bench_decode_end_to_end(model_spec, prompt_len: int, new_tokens: int, plans: dict, backend: str = "auto",
-                            cache: str = "dynamic"):
+                            cache: str = "dynamic", rounds: int = 1):
     """Decode tokens/s for dense and each plan (name -> plan: dict, YAML path, Plan, or a
     (plan, backend) pair to run that plan on another executor than `backend`).
 
     model_spec: a built-in model name / path for load_model, a (model, tokenizer) pair, or a
-    model (random prompt). Returns {"prompt_len", "new_tokens", "rows": [...]}, one row per
-    plan, dense first: tokens_per_s (steady state, steps 2..new_tokens), first_step_s,
-    speedup (vs dense tokens_per_s), decode_density, state_bytes (side state after the run),
-    same_tokens (fraction of generated tokens equal to dense's).
+    model (random prompt). Returns {"prompt_len", "new_tokens", "rounds", "rows": [...]}, one
+    row per plan, dense first: tokens_per_s (steady state, steps 2..new_tokens; the median over
+    rounds), tokens_per_s_rounds, first_step_s (median), speedup (vs dense tokens_per_s),
+    decode_density, state_bytes (side state after the run), same_tokens (fraction of
+    generated tokens equal to dense's).
+
+    rounds: each round decodes dense and then every plan once, so a slow drift of the machine
+    (other load, clock) reaches dense and the plans alike instead of whichever ran first.
 
     cache: "dynamic" (transformers' DynamicCache: every step concatenates, i.e. copies the
     whole K/V once, for dense and sparse alike) or "append" (sparse_infer.AppendCache: rows
     written in place). Dense and every plan use the same kind."""
+    from statistics import median
+
     from transformers import DynamicCache
 
     import sparse_infer
@@ -84,6 +90,8 @@ def bench_decode_end_to_end(model_spec, prompt_len: int, new_tokens: int, plans:
         raise ValueError(f"cache must be 'dynamic' or 'append', got {cache!r}")
     if new_tokens < 2:
         raise ValueError("new_tokens must be >= 2 (the first step is timed apart)")
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
     model, tokenizer = _load(model_spec)
     ids = _prompt(model, tokenizer, prompt_len).to(next(model.parameters()).device)
     with torch.no_grad():
@@ -91,25 +99,36 @@ def bench_decode_end_to_end(model_spec, prompt_len: int, new_tokens: int, plans:
         logits = model(input_ids=ids, cache=kv, use_cache=True).logits[:, -1]
     first_token = logits.argmax(-1, keepdim=True)
 
-    rows, dense_tokens, dense_rate = [], None, None
-    for name, plan in [("dense", None), *plans.items()]:
-        if plan is not None:
-            plan, plan_backend = plan if isinstance(plan, tuple) else (plan, backend)
-            sparse_infer.patch(model, plan, backend=plan_backend)
-            sparse_infer.reset_stats(model)
-        try:
-            tokens, first_s, rest_s = _decode_loop(model, copy.deepcopy(kv), first_token, new_tokens)
-            density = sparse_infer.get_stats(model)["decode_density"] if plan is not None else 1.0
-            state = decode_state_bytes(model) if plan is not None else 0
-        finally:
+    configs = [("dense", None, None)]
+    for name, plan in plans.items():
+        plan, plan_backend = plan if isinstance(plan, tuple) else (plan, backend)
+        configs.append((name, plan, plan_backend))
+    runs: dict[str, list] = {name: [] for name, _, _ in configs}
+    for _ in range(rounds):
+        for name, plan, plan_backend in configs:
             if plan is not None:
-                sparse_infer.unpatch(model)
-        rate = (new_tokens - 1) / rest_s
-        if plan is None:
-            dense_tokens, dense_rate = tokens, rate
+                sparse_infer.patch(model, plan, backend=plan_backend)
+                sparse_infer.reset_stats(model)
+            try:
+                tokens, first_s, rest_s = _decode_loop(model, copy.deepcopy(kv), first_token, new_tokens)
+                density = sparse_infer.get_stats(model)["decode_density"] if plan is not None else 1.0
+                state = decode_state_bytes(model) if plan is not None else 0
+            finally:
+                if plan is not None:
+                    sparse_infer.unpatch(model)
+            runs[name].append({"tokens": tokens, "first_s": first_s, "rate": (new_tokens - 1) / rest_s,
+                               "density": density, "state": state})
+
+    dense_tokens = runs["dense"][0]["tokens"]
+    dense_rate = median(run["rate"] for run in runs["dense"])
+    rows = []
+    for name, _, _ in configs:
+        mine = runs[name]
+        rate = median(run["rate"] for run in mine)
         rows.append({
-            "plan": name, "cache": cache, "tokens_per_s": rate, "first_step_s": first_s, "speedup": rate / dense_rate,
-            "decode_density": density, "state_bytes": state,
-            "same_tokens": sum(a == b for a, b in zip(tokens, dense_tokens)) / len(tokens),
+            "plan": name, "cache": cache, "tokens_per_s": rate, "tokens_per_s_rounds": [run["rate"] for run in mine],
+            "first_step_s": median(run["first_s"] for run in mine), "speedup": rate / dense_rate,
+            "decode_density": mine[-1]["density"], "state_bytes": mine[-1]["state"],
+            "same_tokens": sum(a == b for a, b in zip(mine[0]["tokens"], dense_tokens)) / len(dense_tokens),
         })
-    return {"prompt_len": prompt_len, "new_tokens": new_tokens, "rows": rows}
+    return {"prompt_len": prompt_len, "new_tokens": new_tokens, "rounds": rounds, "rows": rows}

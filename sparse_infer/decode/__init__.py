@@ -53,21 +53,23 @@ def _sequence_continues(state: dict, key: torch.Tensor) -> bool:
     if prev["n"] != n - 1 or prev["shape"] != (B, Hkv, D) or prev["rows"].dtype != key.dtype \
             or prev["rows"].device != key.device:
         return False
-    return torch.equal(key[:, :, n - 2], prev["last"]) and \
-        torch.equal(key.index_select(2, prev["positions"]), prev["rows"])
+    # one gather and one compare: the spread rows and, in the last slot, the previous last row
+    return torch.equal(key.index_select(2, prev["positions"]), prev["rows"])
 
 
 def _remember_sequence(state: dict, key: torch.Tensor, continued: bool) -> None:
     """Keep the fingerprint: rows at positions spread over the sequence when its side state
-    was built (they stay put while it grows: no per-step re-sampling) and the last row."""
+    was built (they stay put while it grows: no per-step re-sampling), then the last row."""
     B, Hkv, n, D = key.shape
     seq = state.get("sequence")
     if not continued or seq is None:
-        positions = torch.tensor(_fingerprint_positions(n), device=key.device)
+        positions = torch.tensor([*_fingerprint_positions(n), n - 1], device=key.device)
         seq = state["sequence"] = {"shape": (B, Hkv, D), "positions": positions,
                                    "rows": key.index_select(2, positions)}
+    else:
+        seq["positions"][-1] = n - 1
+        seq["rows"][:, :, -1] = key[:, :, n - 1]
     seq["n"] = n
-    seq["last"] = key[:, :, n - 1].clone()
 
 
 # --------------------------------------------------------------------------- head layout
@@ -242,21 +244,25 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
     mask: None or bool (B, 1|Hq, 1, n), True = may attend (padding, sliding windows)."""
     from sparse_infer.kernels.sparse_decode import resolve_decode_backend, sparse_decode
 
-    section = rt.plan.decode
     B, Hq = query.shape[:2]
     Hkv, n = key.shape[1], key.shape[2]
     state = rt.decode_state
-    if n < section.min_len or all(rule.kind == "dense" for rule, _ in rt.decode_groups):
+    all_dense = state.get("all_dense")
+    if all_dense is None:
+        all_dense = state["all_dense"] = all(rule.kind == "dense" for rule, _ in rt.decode_groups)
+    if n < rt.plan.decode.min_len or all_dense:
         state.pop("sequence", None)           # the next sparse step must rebuild, whatever it sees
         return None
     layouts = _layer_layouts(rt, Hq, Hkv)
-    # the executor depends only on these; resolving it each step costs more than the lookup
-    signature = (rt.backend, query.device, query.dtype, key.dtype, value.dtype, key.stride(-1), value.stride(-1))
+    # the executor and its dense threshold depend only on these; resolving them each step
+    # costs more than the lookup (this function runs once per layer and token)
+    signature = (rt.backend, rt.dense_above, query.device, query.dtype, key.dtype, value.dtype,
+                 key.stride(-1), value.stride(-1))
     cached = state.get("executor")
     if cached is None or cached[0] != signature:
-        cached = state["executor"] = (signature, resolve_decode_backend(rt.backend, query, key, value))
-    executor = cached[1]
-    limit = resolve_dense_above(rt.dense_above, executor, query)["decode"]
+        executor = resolve_decode_backend(rt.backend, query, key, value)
+        cached = state["executor"] = (signature, executor, resolve_dense_above(rt.dense_above, executor, query)["decode"])
+    executor, limit = cached[1], cached[2]
     run_dense = _parts_over_limit(layouts, Hq, Hkv, n, limit) if limit < 1 else set()
     if all(rule.kind == "dense" or pi in run_dense for pi, (rule, *_) in enumerate(layouts)):
         # nothing left to select: the model's own attention runs the whole layer in one call
@@ -307,7 +313,7 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
         if executor == "cpu" and rule.kind == "quest" and inp.valid is None:
             # selection and attention in one C call: no index tensors, no per-op overhead
             res, counts = quest.select_and_attend_cpu(inp, rule, group_states.setdefault(pi, {}), v)
-            selected += float(counts.sum()) * (h // counts.shape[1])
+            selected += float(counts.numpy().sum()) * (h // counts.shape[1])     # numpy: no torch op
             out = _place(out, res, q_heads, query, value)
             continue
         indices = SELECTORS[rule.kind](inp, rule, group_states.setdefault(pi, {}))

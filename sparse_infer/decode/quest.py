@@ -110,7 +110,17 @@ def select_and_attend_cpu(inp: GroupInputs, rule, state: dict, value: torch.Tens
     rows. Returns (out (B, h, 1, D), keys read per index row (B, Hi))."""
     from sparse_infer.kernels.cpu_decode import quest_decode_cpu
 
-    update_bounds(inp, rule, state)
-    return quest_decode_cpu(inp.query, inp.key, value, state["kmin"].view(), state["kmax"].view(),
-                            page=rule.page, sink=rule.sink, local=rule.local, budget=rule.budget.resolve(inp.n),
-                            scaling=inp.scaling, softcap=inp.softcap, index_heads=inp.index_heads)
+    page, n = rule.page, inp.n
+    held = state.get("n")
+    if inp.fresh or held is None or held >= n:
+        update_bounds(inp, rule, state)          # a new sequence: bounds from the whole K
+        held = n
+    else:                                        # the C call folds keys [held, n) in
+        for bounds in (state["kmin"], state["kmax"]):
+            bounds.extend_to(-(-n // page))
+    result = quest_decode_cpu(inp.query, inp.key, value, state["kmin"].view(), state["kmax"].view(),
+                              page=page, sink=rule.sink, local=rule.local, budget=rule.budget.resolve(n),
+                              scaling=inp.scaling, softcap=inp.softcap, index_heads=inp.index_heads,
+                              fold_from=held)
+    state["n"] = n
+    return result

@@ -20,12 +20,26 @@
 #include <string.h>
 
 #define MAX_D 1024
-/* Selected rows are scattered, so the hardware prefetcher cannot follow them: ask for the
- * row this many slots ahead while computing on the current one. */
-#define PREFETCH_AHEAD 8
+/* Rows are processed in blocks of ROW_BLOCK slots that stay in L1 while each query head sweeps
+ * them with its query (or its output accumulator) held in registers. */
+#define ROW_BLOCK 32
+/* Selected rows are scattered, so the hardware prefetcher cannot follow them: while resolving a
+ * slot, ask for the row PREFETCH_AHEAD slots on, and (pass 1) for the V row of the slot itself,
+ * which pass 2 then finds in cache. Cold caches are the normal case in a model (each layer's
+ * weights evict the previous layer's K/V): 128 measured best of 32 / 64 / 128. */
+#define PREFETCH_AHEAD 128
+/* GCC/Clang vector extensions: 16 floats, lowered to whatever vector width the target has */
+typedef float vf16 __attribute__((vector_size(64)));
+typedef float vf16u __attribute__((vector_size(64), aligned(4)));      /* unaligned loads/stores */
+typedef int32_t vi16 __attribute__((vector_size(64)));
 
+/* locality 0: a row read once now; 2: a row read again later in this call */
 static inline void prefetch_row(const char *p, int64_t bytes) {
     for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 0);
+}
+
+static inline void prefetch_row_for_later(const char *p, int64_t bytes) {
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 2);
 }
 
 /* exp(x) for x <= 0 (softmax numerators after the max is taken out), written out so that the
@@ -80,6 +94,54 @@ static void store_row(void *base, int64_t offset, int dtype, int D, const float 
     }
 }
 
+/* Lane sums of 16 vectors: result lane r = sum of part[r]'s lanes. Pairs are folded in four
+ * rounds (two shuffles and an add per pair) instead of 16 separate horizontal sums. */
+#define LO16 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23
+#define HI16 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
+#define LO8 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27
+#define HI8 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31
+#define LO4 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29
+#define HI4 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31
+#define LO2 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30
+#define HI2 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31
+static inline __attribute__((always_inline)) vf16 sum16(vf16 *part) {
+    const vi16 lo16 = {LO16}, hi16 = {HI16}, lo8 = {LO8}, hi8 = {HI8}, lo4 = {LO4}, hi4 = {HI4},
+               lo2 = {LO2}, hi2 = {HI2};
+    vf16 x[8], y[4], z[2];
+    for (int r = 0; r < 8; r++)
+        x[r] = __builtin_shuffle(part[2 * r], part[2 * r + 1], lo16) + __builtin_shuffle(part[2 * r], part[2 * r + 1], hi16);
+    for (int r = 0; r < 4; r++)
+        y[r] = __builtin_shuffle(x[2 * r], x[2 * r + 1], lo8) + __builtin_shuffle(x[2 * r], x[2 * r + 1], hi8);
+    for (int r = 0; r < 2; r++)
+        z[r] = __builtin_shuffle(y[2 * r], y[2 * r + 1], lo4) + __builtin_shuffle(y[2 * r], y[2 * r + 1], hi4);
+    return __builtin_shuffle(z[0], z[1], lo2) + __builtin_shuffle(z[0], z[1], hi2);
+}
+
+/* rows[0..count) <- the slots j0.. of ids: in place for float32, converted into buf otherwise,
+ * a zero row for an unused slot (its score is set to -inf, its weight is 0). Prefetches the
+ * slot PREFETCH_AHEAD on, and the slot's own row of `later` (V, during pass 1) when given. */
+static inline __attribute__((always_inline)) void resolve_rows(
+        const float **rows, float *buf, const int64_t *ids, int j0, int count, int K,
+        const void *base, int64_t row_base, int64_t stride_n, int64_t n, int D, int dtype,
+        const float *zeros, int64_t elem, int64_t row_bytes,
+        const void *later, int64_t later_base, int64_t later_sn) {
+    for (int i = 0; i < count; i++) {
+        int j = j0 + i;
+        if (j + PREFETCH_AHEAD < K) {
+            int64_t ahead = ids[j + PREFETCH_AHEAD];
+            if (ahead >= 0 && ahead < n) prefetch_row((const char *)base + (row_base + ahead * stride_n) * elem, row_bytes);
+        }
+        int64_t t = ids[j];
+        if (t < 0 || t >= n) {
+            rows[i] = zeros;
+            continue;
+        }
+        if (later) prefetch_row_for_later((const char *)later + (later_base + t * later_sn) * elem, row_bytes);
+        if (dtype == 0) rows[i] = (const float *)base + row_base + t * stride_n;
+        else { load_row(base, row_base + t * stride_n, dtype, D, buf + (int64_t)i * D); rows[i] = buf + (int64_t)i * D; }
+    }
+}
+
 /* The G query rows h0 .. h0+G-1 of batch row b as fp32, times `scale`, into qf (G * D). */
 static void load_queries(float *qf, const void *q, int b, int h0, int64_t q_sb, int64_t q_sh,
                          int G, int D, int dtype, float scale) {
@@ -93,7 +155,8 @@ static void load_queries(float *qf, const void *q, int b, int h0, int64_t q_sb, 
 }
 
 /* Query heads h0 .. h0+G-1 of batch row b over the K slots `ids` of cache head kvh: scores,
- * softmax, weighted V sum, written to G output rows. scratch: G * (K + 2 * D + 1) floats. */
+ * softmax, weighted V sum, written to G output rows.
+ * scratch: G * (K + 2 * D + 1) + (ROW_BLOCK + 1) * D floats. */
 static inline __attribute__((always_inline)) void attend_one(int b, int64_t kvh, int h0, const int64_t *ids,
                        const void *q, int64_t q_sb, int64_t q_sh,
                        const void *k, int64_t k_sb, int64_t k_sh, int64_t k_sn,
@@ -102,38 +165,59 @@ static inline __attribute__((always_inline)) void attend_one(int b, int64_t kvh,
                        void *out, int64_t o_sb, int64_t o_sh,
                        int G, int K, int64_t n, int D, float scaling, float softcap, int dtype,
                        float *scratch) {
-    float row[MAX_D];
     float *scores = scratch;                          /* head g, slot j at g * K + j */
     float *qf = scores + (int64_t)G * K;              /* head g at g * D */
     float *acc = qf + (int64_t)G * D;                 /* head g at g * D */
     float *total = acc + (int64_t)G * D;              /* head g at g */
+    float *vbuf = total + G;                          /* ROW_BLOCK * D: converted 16-bit rows */
+    float *zeros = vbuf + (int64_t)ROW_BLOCK * D;     /* D */
+    memset(zeros, 0, (size_t)D * sizeof(float));
 
     load_queries(qf, q, b, h0, q_sb, q_sh, G, D, dtype, scaling);
 
-    /* pass 1: q.k for every slot, each K row read once for the G heads */
+    /* pass 1: q.k for every slot, per block of rows (kept in L1), per head with its query in
+     * registers; 16 rows' dot products are summed across lanes together (sum16) */
     const int64_t k_base = b * k_sb + kvh * k_sh;
     const int64_t elem = dtype == 0 ? 4 : 2, row_bytes = (int64_t)D * elem;
-    for (int j = 0; j < K; j++) {
-        if (j + PREFETCH_AHEAD < K) {
-            int64_t ahead = ids[j + PREFETCH_AHEAD];
-            if (ahead >= 0 && ahead < n) prefetch_row((const char *)k + (k_base + ahead * k_sn) * elem, row_bytes);
-        }
-        int64_t t = ids[j];
-        if (t < 0 || t >= n) {
-            for (int g = 0; g < G; g++) scores[(int64_t)g * K + j] = -INFINITY;
-            continue;
-        }
-        const float *kr;
-        if (dtype == 0) kr = (const float *)k + k_base + t * k_sn;
-        else { load_row(k, k_base + t * k_sn, dtype, D, row); kr = row; }
+    const float *rows[ROW_BLOCK];
+    for (int j0 = 0; j0 < K; j0 += ROW_BLOCK) {
+        int count = K - j0 < ROW_BLOCK ? K - j0 : ROW_BLOCK;
+        resolve_rows(rows, vbuf, ids, j0, count, K, k, k_base, k_sn, n, D, dtype, zeros, elem, row_bytes,
+                     v, b * v_sb + kvh * v_sh, v_sn);
         for (int g = 0; g < G; g++) {
             const float *qg = qf + (int64_t)g * D;
-            float dot = 0.f;
+            float *s = scores + (int64_t)g * K + j0;
+            int i = 0;
+            if (D % 16 == 0 && D <= 128) {
+                vf16 qv[8];
+                for (int c = 0; c < D / 16; c++) qv[c] = *(const vf16u *)(qg + 16 * c);
+                for (; i + 16 <= count; i += 16) {
+                    vf16 part[16];
+                    for (int r = 0; r < 16; r++) {
+                        const vf16u *kr = (const vf16u *)rows[i + r];
+                        vf16 x = qv[0] * kr[0];
+                        for (int c = 1; c < D / 16; c++) x += qv[c] * kr[c];
+                        part[r] = x;
+                    }
+                    *(vf16u *)(s + i) = sum16(part);
+                }
+            }
+            for (; i < count; i++) {
+                const float *kr = rows[i];
+                float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-            for (int d = 0; d < D; d++) dot += qg[d] * kr[d];
-            if (softcap > 0.f) dot = softcap * tanhf(dot / softcap);
-            if (mask && !mask[b * m_sb + (int64_t)(h0 + g) * m_sh + t * m_sn]) dot = -INFINITY;
-            scores[(int64_t)g * K + j] = dot;
+                for (int d = 0; d < D; d++) dot += qg[d] * kr[d];
+                s[i] = dot;
+            }
+        }
+        for (int i = 0; i < count; i++) {
+            int64_t t = ids[j0 + i];
+            int unused = t < 0 || t >= n;
+            for (int g = 0; g < G; g++) {
+                float *s = scores + (int64_t)g * K + j0 + i;
+                if (softcap > 0.f) *s = softcap * tanhf(*s / softcap);
+                if (unused || (mask && !mask[b * m_sb + (int64_t)(h0 + g) * m_sh + t * m_sn])) *s = -INFINITY;
+            }
         }
     }
 
@@ -156,24 +240,34 @@ static inline __attribute__((always_inline)) void attend_one(int b, int64_t kvh,
     }
     memset(acc, 0, (size_t)G * D * sizeof(float));
 
-    /* pass 2: weighted sum of V, each V row read once for the G heads */
+    /* pass 2: weighted sum of V. Per block of rows (kept in L1) and per head, the head's output
+     * accumulator stays in registers across the block's rows when D is a multiple of 16. */
     const int64_t v_base = b * v_sb + kvh * v_sh;
-    for (int j = 0; j < K; j++) {
-        if (j + PREFETCH_AHEAD < K) {
-            int64_t ahead = ids[j + PREFETCH_AHEAD];
-            if (ahead >= 0 && ahead < n) prefetch_row((const char *)v + (v_base + ahead * v_sn) * elem, row_bytes);
-        }
-        int64_t t = ids[j];
-        if (t < 0 || t >= n) continue;
-        const float *vr;
-        if (dtype == 0) vr = (const float *)v + v_base + t * v_sn;
-        else { load_row(v, v_base + t * v_sn, dtype, D, row); vr = row; }
-        for (int g = 0; g < G; g++) {
-            float p = scores[(int64_t)g * K + j];
-            if (p == 0.f) continue;
-            float *a = acc + (int64_t)g * D;
+    for (int j0 = 0; j0 < K; j0 += ROW_BLOCK) {
+        int count = K - j0 < ROW_BLOCK ? K - j0 : ROW_BLOCK;
+        resolve_rows(rows, vbuf, ids, j0, count, K, v, v_base, v_sn, n, D, dtype, zeros, elem, row_bytes, NULL, 0, 0);
+        if (D % 16 == 0 && D <= 128) {
+            for (int g = 0; g < G; g++) {
+                const float *p = scores + (int64_t)g * K + j0;
+                float *a = acc + (int64_t)g * D;
+                vf16 sum[8];
+                for (int c = 0; c < D / 16; c++) sum[c] = *(const vf16u *)(a + 16 * c);
+                for (int i = 0; i < count; i++) {
+                    const vf16u *vr = (const vf16u *)rows[i];
+                    float w = p[i];
+                    for (int c = 0; c < D / 16; c++) sum[c] += w * vr[c];
+                }
+                for (int c = 0; c < D / 16; c++) *(vf16u *)(a + 16 * c) = sum[c];
+            }
+        } else {
+            for (int g = 0; g < G; g++) {
+                const float *p = scores + (int64_t)g * K + j0;
+                float *a = acc + (int64_t)g * D;
+                for (int i = 0; i < count; i++) {
 #pragma omp simd
-            for (int d = 0; d < D; d++) a[d] += p * vr[d];
+                    for (int d = 0; d < D; d++) a[d] += p[i] * rows[i][d];
+                }
+            }
         }
     }
 
@@ -219,7 +313,7 @@ int sparse_decode_rows(const void *q, int64_t q_sb, int64_t q_sh,
     int tasks = B * Hi;
     if (num_threads > tasks) num_threads = tasks;
     if (num_threads < 1) num_threads = 1;
-    size_t scratch_floats = (size_t)G * ((size_t)K + 2 * (size_t)D + 1);
+    size_t scratch_floats = (size_t)G * ((size_t)K + 2 * (size_t)D + 1) + (ROW_BLOCK + 1) * (size_t)D;
 #pragma omp parallel num_threads(num_threads) reduction(| : failed)
     {
         /* every thread reaches the worksharing loop, even one whose allocation failed */
@@ -246,7 +340,9 @@ int sparse_decode_rows(const void *q, int64_t q_sb, int64_t q_sh,
  * Eligible pages hold a key in [lo, hi) = [min(sink, n), max(n - local, lo)); the best
  * min(budget_pages, eligible) of them (ties: either) are read, their keys within [lo, hi), plus
  * the keys [0, lo) and [hi, n). The same selection as quest.select + the executor, in one pass
- * over the bounds and one over the selected rows, without index tensors.
+ * over the bounds and one over the selected rows, without index tensors. The keys
+ * [fold_from, n) are first folded into kmin/kmax (quest.update_bounds' per-step update, without
+ * its two torch ops); fold_from = n folds nothing.
  */
 
 /* Reorder ids[0..m) so that its first k entries have the k largest scores (quickselect). */
@@ -272,44 +368,113 @@ static void top_k_first(const float *score, int64_t *ids, int64_t m, int64_t k) 
     }
 }
 
-/* Upper bounds of q.k over each eligible page, for the G heads: bounds[g * eligible + e]. */
+/* Upper bounds of q.k over each eligible page, for the G heads: bounds[g * eligible + e].
+ * max(q_d mn_d, q_d mx_d) = max(q_d, 0) mx_d + min(q_d, 0) mn_d (mn <= mx): two FMAs per
+ * element. Pages go in blocks (kept in L1) and per head, as the attention's rows do.
+ * buf: 2 * ROW_BLOCK * D floats (16-bit bounds converted). */
 static inline __attribute__((always_inline)) void page_bounds(
         float *bounds, const float *qf, const void *kmin, const void *kmax, int b, int64_t kvh,
         int64_t a_sb, int64_t a_sh, int64_t a_sp, int64_t z_sb, int64_t z_sh, int64_t z_sp,
-        int64_t first_page, int64_t eligible, int G, int D, float scaling, float softcap, int dtype) {
-    float mn_row[MAX_D], mx_row[MAX_D];
-    for (int64_t e = 0; e < eligible; e++) {
-        int64_t p = first_page + e;
-        const float *mn, *mx;
-        int64_t mo = b * a_sb + kvh * a_sh + p * a_sp, xo = b * z_sb + kvh * z_sh + p * z_sp;
-        if (dtype == 0) { mn = (const float *)kmin + mo; mx = (const float *)kmax + xo; }
-        else { load_row(kmin, mo, dtype, D, mn_row); load_row(kmax, xo, dtype, D, mx_row); mn = mn_row; mx = mx_row; }
+        int64_t first_page, int64_t eligible, int G, int D, float scaling, float softcap, int dtype,
+        float *buf) {
+    const float *mns[ROW_BLOCK], *mxs[ROW_BLOCK];
+    float qpos[MAX_D], qneg[MAX_D];
+    for (int64_t e0 = 0; e0 < eligible; e0 += ROW_BLOCK) {
+        int count = eligible - e0 < ROW_BLOCK ? (int)(eligible - e0) : ROW_BLOCK;
+        for (int i = 0; i < count; i++) {
+            int64_t p = first_page + e0 + i;
+            int64_t mo = b * a_sb + kvh * a_sh + p * a_sp, xo = b * z_sb + kvh * z_sh + p * z_sp;
+            if (dtype == 0) { mns[i] = (const float *)kmin + mo; mxs[i] = (const float *)kmax + xo; }
+            else {
+                float *mn = buf + (int64_t)i * D, *mx = buf + (int64_t)(ROW_BLOCK + i) * D;
+                load_row(kmin, mo, dtype, D, mn);
+                load_row(kmax, xo, dtype, D, mx);
+                mns[i] = mn;
+                mxs[i] = mx;
+            }
+        }
         for (int g = 0; g < G; g++) {
             const float *qg = qf + (int64_t)g * D;
-            float bound = 0.f;
-#pragma omp simd reduction(+ : bound)
+            float *out = bounds + (int64_t)g * eligible + e0;
             for (int d = 0; d < D; d++) {
-                float a = qg[d] * mn[d], c = qg[d] * mx[d];
-                bound += a > c ? a : c;
+                qpos[d] = qg[d] > 0.f ? qg[d] : 0.f;
+                qneg[d] = qg[d] < 0.f ? qg[d] : 0.f;
             }
-            bound *= scaling;
-            if (softcap > 0.f) bound = softcap * tanhf(bound / softcap);
-            bounds[(int64_t)g * eligible + e] = bound;
+            int i = 0;
+            if (D % 16 == 0 && D <= 128) {
+                vf16 pv[8], nv[8];
+                for (int c = 0; c < D / 16; c++) {
+                    pv[c] = *(const vf16u *)(qpos + 16 * c);
+                    nv[c] = *(const vf16u *)(qneg + 16 * c);
+                }
+                for (; i + 16 <= count; i += 16) {
+                    vf16 part[16];
+                    for (int r = 0; r < 16; r++) {
+                        const vf16u *mn = (const vf16u *)mns[i + r], *mx = (const vf16u *)mxs[i + r];
+                        vf16 x = pv[0] * mx[0] + nv[0] * mn[0];
+                        for (int c = 1; c < D / 16; c++) x += pv[c] * mx[c] + nv[c] * mn[c];
+                        part[r] = x;
+                    }
+                    *(vf16u *)(out + i) = sum16(part);
+                }
+            }
+            for (; i < count; i++) {
+                const float *mn = mns[i], *mx = mxs[i];
+                float bound = 0.f;
+#pragma omp simd reduction(+ : bound)
+                for (int d = 0; d < D; d++) bound += qpos[d] * mx[d] + qneg[d] * mn[d];
+                out[i] = bound;
+            }
+            for (i = 0; i < count; i++) {
+                float bound = out[i] * scaling;
+                out[i] = softcap > 0.f ? softcap * tanhf(bound / softcap) : bound;
+            }
         }
     }
 }
 
+/* Fold key row `key_off` into its page's bounds; the page's first key sets them. Min and max
+ * pick one of the values, so 16-bit bounds stay exact. */
+static void fold_key(void *kmin, int64_t min_off, void *kmax, int64_t max_off, const void *k, int64_t key_off,
+                     int first, int D, int dtype) {
+    if (dtype == 0) {
+        float *mn = (float *)kmin + min_off, *mx = (float *)kmax + max_off;
+        const float *kr = (const float *)k + key_off;
+        for (int d = 0; d < D; d++) {
+            mn[d] = first || kr[d] < mn[d] ? kr[d] : mn[d];
+            mx[d] = first || kr[d] > mx[d] ? kr[d] : mx[d];
+        }
+        return;
+    }
+    uint16_t *mn = (uint16_t *)kmin + min_off, *mx = (uint16_t *)kmax + max_off;
+    const uint16_t *kr = (const uint16_t *)k + key_off;
+    float x[MAX_D], lo[MAX_D], hi[MAX_D];
+    load_row(k, key_off, dtype, D, x);
+    load_row(kmin, min_off, dtype, D, lo);
+    load_row(kmax, max_off, dtype, D, hi);
+    for (int d = 0; d < D; d++) {
+        if (first || x[d] < lo[d]) mn[d] = kr[d];
+        if (first || x[d] > hi[d]) mx[d] = kr[d];
+    }
+}
+
 int quest_decode_rows(const void *q, int64_t q_sb, int64_t q_sh,
-                      const void *kmin, int64_t a_sb, int64_t a_sh, int64_t a_sp,
-                      const void *kmax, int64_t z_sb, int64_t z_sh, int64_t z_sp,
+                      void *kmin, int64_t a_sb, int64_t a_sh, int64_t a_sp,
+                      void *kmax, int64_t z_sb, int64_t z_sh, int64_t z_sp,
                       const void *k, int64_t k_sb, int64_t k_sh, int64_t k_sn,
                       const void *v, int64_t v_sb, int64_t v_sh, int64_t v_sn,
                       void *out, int64_t o_sb, int64_t o_sh,
                       int64_t *selected,                       /* (B * Hi) keys read per row */
                       int B, int Hi, int G, int Hkv, int64_t n, int D, int64_t page,
-                      int64_t sink, int64_t local, int64_t budget_pages,
+                      int64_t sink, int64_t local, int64_t budget_pages, int64_t fold_from,
                       float scaling, float softcap, int dtype, int num_threads) {
     if (D > MAX_D || D <= 0 || G <= 0 || page <= 0 || n <= 0 || dtype < 0 || dtype > 2) return 1;
+    /* the keys that arrived since the last step, into the bounds (a few rows: one thread) */
+    for (int b = 0; b < B; b++)
+        for (int64_t h = 0; h < Hkv; h++)
+            for (int64_t t = fold_from < 0 ? 0 : fold_from; t < n; t++)
+                fold_key(kmin, b * a_sb + h * a_sh + (t / page) * a_sp, kmax, b * z_sb + h * z_sh + (t / page) * z_sp,
+                         k, b * k_sb + h * k_sh + t * k_sn, t % page == 0, D, dtype);
     const int64_t lo = sink < n ? sink : n;
     const int64_t hi = n - local > lo ? n - local : lo;
     const int64_t first_page = lo / page, end_page = hi > lo ? (hi + page - 1) / page : first_page;
@@ -322,7 +487,7 @@ int quest_decode_rows(const void *q, int64_t q_sb, int64_t q_sh,
     if (num_threads < 1) num_threads = 1;
     /* bounds G * eligible, score eligible + 1, query G * D, attention G * (max_keys + 2D + 1) */
     size_t floats = (size_t)G * (size_t)eligible + (size_t)eligible + 1 + (size_t)G * (size_t)D
-                    + (size_t)G * ((size_t)max_keys + 2 * (size_t)D + 1);
+                    + (size_t)G * ((size_t)max_keys + 2 * (size_t)D + 1) + (2 * ROW_BLOCK + 1) * (size_t)D;
 #pragma omp parallel num_threads(num_threads) reduction(| : failed)
     {
         float *scratch = (float *)malloc(floats * sizeof(float));
@@ -342,7 +507,7 @@ int quest_decode_rows(const void *q, int64_t q_sb, int64_t q_sh,
             load_queries(qf, q, b, h0, q_sb, q_sh, G, D, dtype, 1.f);
             /* bounds: one pass over the eligible pages' min/max rows (head dim constant when common) */
 #define BOUNDS(DIM) page_bounds(bounds, qf, kmin, kmax, b, kvh, a_sb, a_sh, a_sp, z_sb, z_sh, z_sp, \
-                                first_page, eligible, G, DIM, scaling, softcap, dtype)
+                                first_page, eligible, G, DIM, scaling, softcap, dtype, attend_scratch)
             if (D == 64) BOUNDS(64);
             else if (D == 128) BOUNDS(128);
             else BOUNDS(D);

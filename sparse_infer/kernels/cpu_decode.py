@@ -5,7 +5,8 @@ which on a memory-bound CPU costs about three passes over the selected bytes plu
 dozen small ops. cpu_decode.c reads each selected row in place, once per GQA group, with
 OpenMP over (batch row, index row). It is compiled with the system C compiler at first use
 and cached (SPARSE_INFER_CACHE, else ~/.cache/sparse_infer); without a compiler the
-decode path stays on the torch executor. Same contract as sparse_decode_torch.
+decode path stays on the torch executor. Same contract as sparse_decode_torch. Inference only:
+the outputs carry no autograd history (the model's decode runs under no_grad anyway).
 """
 from __future__ import annotations
 
@@ -88,7 +89,7 @@ def _build() -> ctypes.CDLL:
                    p, i64, i64,                  # out, strides b h
                    p,                            # selected (B * Hi) int64
                    i32, i32, i32, i32, i64, i32,  # B Hi G Hkv n D
-                   i64, i64, i64, i64,           # page sink local budget_pages
+                   i64, i64, i64, i64, i64,      # page sink local budget_pages fold_from
                    f32, f32, i32, i32]           # scaling softcap dtype threads
     fn.restype = i32
     return lib
@@ -149,7 +150,6 @@ def _strides3(x: torch.Tensor):
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-@torch.no_grad()
 def sparse_decode_cpu(query, key, value, indices, *, scaling, attention_mask=None, softcap=None,
                       kv_heads=None):
     """Attention of one query token over the selected kv rows, read in place (C kernel).
@@ -193,16 +193,18 @@ def sparse_decode_cpu(query, key, value, indices, *, scaling, attention_mask=Non
     return out
 
 
-@torch.no_grad()
 def quest_decode_cpu(query, key, value, kmin, kmax, *, page: int, sink: int, local: int, budget: int,
-                     scaling: float, softcap=None, index_heads: int):
+                     scaling: float, softcap=None, index_heads: int, fold_from: int | None = None):
     """Quest's page choice and the attention over it in one C call, for a step with no mask.
 
     query (B, h, D); key/value (B, hk, n, D); kmin/kmax (B, hk, ceil(n / page), D) page bounds
     in key's dtype (quest.update_bounds). index_heads: hk for one selection per GQA group, h
     for one per query head. Chooses what quest.select chooses (the sinks, the local window, and
     the best pages up to `budget` tokens by upper bound, or by the group's summed softmaxes of
-    it) and attends to exactly those keys. Returns (out (B, h, 1, D), keys read (B, index_heads))."""
+    it) and attends to exactly those keys. Returns (out (B, h, 1, D), keys read (B, index_heads)).
+
+    fold_from: the bounds hold keys [0, fold_from) only; keys [fold_from, n) are folded into
+    them first, in place (a page that starts there is written whole). None: they hold all n."""
     B, h, D = query.shape
     hk, n = key.shape[1], key.shape[2]
     pages = -(-n // page)
@@ -210,6 +212,8 @@ def quest_decode_cpu(query, key, value, kmin, kmax, *, page: int, sink: int, loc
         raise ValueError(f"index_heads={index_heads} must divide h={h} and be a multiple of hk={hk}")
     if tuple(kmin.shape) != (B, hk, pages, D) or kmax.shape != kmin.shape:
         raise ValueError(f"page bounds must be (B, hk, {pages}, D), got {tuple(kmin.shape)}")
+    if fold_from is not None and not 0 <= fold_from <= n:
+        raise ValueError(f"fold_from must be in [0, n={n}], got {fold_from}")
     _refuse_unsupported(query, key, value, kmin, kmax)
     lib = _library()
     q = query if query.stride(-1) == 1 else query.contiguous()
@@ -221,6 +225,7 @@ def quest_decode_cpu(query, key, value, kmin, kmax, *, page: int, sink: int, loc
         key.data_ptr(), *_strides3(key), value.data_ptr(), *_strides3(value),
         out.data_ptr(), out.stride(0), out.stride(1), selected.data_ptr(),
         B, index_heads, h // index_heads, hk, n, D, page, sink, local, -(-budget // page),
+        n if fold_from is None else fold_from,
         float(scaling), float(softcap or 0.0), _DTYPES[query.dtype], torch.get_num_threads())
     if status == 1:
         raise ValueError(f"the CPU kernel takes head dims up to 1024, got {D}")

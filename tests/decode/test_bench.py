@@ -12,8 +12,10 @@ def test_bench_decode_end_to_end_rows(cache):
                          "decode": {"min_kv_len": 0, "default": {"method": "token_select", "budget": 100000}}},
         "quest": {"sparse_infer_plan": 1, "decode": {"min_kv_len": 0, "default": {"method": "quest", "budget": 32, "sink": 4, "local": 8}}},
     }
-    result = bench_decode_end_to_end(tiny_model("llama"), prompt_len=96, new_tokens=4, plans=plans, cache=cache)
+    result = bench_decode_end_to_end(tiny_model("llama"), prompt_len=96, new_tokens=4, plans=plans, cache=cache,
+                                     rounds=2)
     rows = result["rows"]
+    assert result["rounds"] == 2 and all(len(r["tokens_per_s_rounds"]) == 2 for r in rows)
     assert all(r["cache"] == cache for r in rows)
     assert [r["plan"] for r in rows] == ["dense", "token_select", "quest"]
     assert all(r["tokens_per_s"] > 0 for r in rows)
@@ -38,6 +40,8 @@ def test_bench_decode_methods_smoke():
 def test_bench_decode_end_to_end_rejects_unknown_cache():
     with pytest.raises(ValueError, match="cache must be"):
         bench_decode_end_to_end(tiny_model("llama"), prompt_len=16, new_tokens=2, plans={}, cache="static")
+    with pytest.raises(ValueError, match="rounds"):
+        bench_decode_end_to_end(tiny_model("llama"), prompt_len=16, new_tokens=2, plans={}, rounds=0)
 
 
 @pytest.mark.parametrize("method", ["quest", "double_sparsity", "token_select", "streaming"])

@@ -376,20 +376,21 @@ def test_quest_fused_c_path_equals_selector_and_executor(case, monkeypatch):
         rule.update(budget=64, sink=8, local=24)
     softcap = 30.0 if case == "softcap" else None
     granularity = "head" if case == "head" else "group"
-    q, k, v, _ = tensors(11, n=n + 3, padded=False)
+    steps = 20                                              # crosses page boundaries (page 16)
+    q, k, v, _ = tensors(11, n=n + steps, padded=False)
     if case == "bf16":
         # the C path ranks pages on the bf16 values in fp32; the torch path on the same
         # values upcast to fp32 must choose the same pages
         q, k, v = (t.bfloat16() for t in (q, k, v))
     fused, reference = make_rt(rule, granularity=granularity), make_rt(rule, granularity=granularity)
     fused.backend = "auto"
-    for step in range(3):                                   # the cache grows by one key per step
+    for step in range(steps):                               # the cache grows by one key per step
         kk, vv = k[:, :, : n + step], v[:, :, : n + step]
         out = decode_attention(fused, None, q, kk, vv, None, SCALING, {"softcap": softcap})
         ref = decode_attention(reference, None, q.float(), kk.float(), vv.float(), None, SCALING,
                                {"softcap": softcap})
         atol = 1e-2 if case == "bf16" else 1e-5              # bf16: the output's own rounding
         torch.testing.assert_close(out.float(), ref, atol=atol, rtol=0 if case == "bf16" else 1e-5)
-    assert len(calls) == 3
+    assert len(calls) == steps
     assert fused.stats.decode_selected == reference.stats.decode_selected
     assert fused.stats.decode_total == reference.stats.decode_total

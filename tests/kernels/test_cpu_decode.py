@@ -164,3 +164,29 @@ def test_quest_call_refuses_mismatched_bounds():
     with pytest.raises(TypeError, match="dtype"):
         quest_decode_cpu(q[:, :, 0], k, v, kmin, kmin, page=16, sink=4, local=8, budget=32, scaling=0.2,
                          index_heads=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_quest_call_folds_new_keys_into_the_bounds(dtype):
+    """fold_from: the bounds hold keys [0, fold_from); the call folds in the rest (across page
+    starts, several keys at once) and gives the bounds and output of bounds built from all keys."""
+    from sparse_infer.decode.quest import page_bounds_from_keys
+    from sparse_infer.kernels.cpu_decode import quest_decode_cpu
+
+    q, k, v, _ = make_case(2, 6, 2, 2, 70, 10, seed=4)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    held, page, n = 37, 16, 70
+    full_min, full_max = page_bounds_from_keys(k, page)
+    old_min, old_max = page_bounds_from_keys(k[:, :, :held], page)
+    pages = -(-n // page)
+    # rows past the held pages start as garbage: the fold must write them whole
+    kmin = torch.full((2, 2, pages, 32), 7.0, dtype=dtype)
+    kmax = torch.full((2, 2, pages, 32), -7.0, dtype=dtype)
+    kmin[:, :, : old_min.shape[2]], kmax[:, :, : old_max.shape[2]] = old_min, old_max
+    kw = dict(page=page, sink=4, local=8, budget=32, scaling=0.2, index_heads=2)
+    out, count = quest_decode_cpu(q[:, :, 0], k, v, kmin, kmax, fold_from=held, **kw)
+    assert torch.equal(kmin, full_min) and torch.equal(kmax, full_max)     # min/max pick values: exact
+    ref, ref_count = quest_decode_cpu(q[:, :, 0], k, v, full_min, full_max, **kw)
+    assert torch.equal(out, ref) and torch.equal(count, ref_count)
+    with pytest.raises(ValueError, match="fold_from"):
+        quest_decode_cpu(q[:, :, 0], k, v, kmin, kmax, fold_from=n + 1, **kw)
