@@ -313,7 +313,7 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
         if executor == "cpu" and rule.kind == "quest" and inp.valid is None:
             # selection and attention in one C call: no index tensors, no per-op overhead
             res, counts = quest.select_and_attend_cpu(inp, rule, group_states.setdefault(pi, {}), v)
-            selected += float(counts.numpy().sum()) * (h // counts.shape[1])     # numpy: no torch op
+            selected += float(sum(counts.view(-1).tolist())) * (h // counts.shape[1])   # no torch reduction op
             out = _place(out, res, q_heads, query, value)
             continue
         indices = SELECTORS[rule.kind](inp, rule, group_states.setdefault(pi, {}))

@@ -149,6 +149,19 @@ def _head_subsets(heads: list[int], num_heads: int, num_kv: int):
     return heads, kv_of                             # one key head per query head
 
 
+def _decode_attention():
+    # imported on first use (sparse_infer.decode imports this module); an import statement in
+    # the per-token path would cost a lookup on every layer of every step
+    global _DECODE_ATTENTION
+    if _DECODE_ATTENTION is None:
+        from sparse_infer.decode import decode_attention
+        _DECODE_ATTENTION = decode_attention
+    return _DECODE_ATTENTION
+
+
+_DECODE_ATTENTION = None
+
+
 def sparse_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     rt = runtime_for(module)
     if rt is None:
@@ -165,8 +178,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout=
         return _dense(rt, module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if q_len == 1:
         rt.stats.decode_calls += 1
-        from sparse_infer.decode import decode_attention
-        out = decode_attention(rt, module, query, key, value, _to_bool_mask(attention_mask), scaling, kwargs)
+        out = _decode_attention()(rt, module, query, key, value, _to_bool_mask(attention_mask), scaling, kwargs)
         if out is None:
             return _dense(rt, module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         rt.stats.sparse_decode_calls += 1
