@@ -35,11 +35,11 @@ def make_rt(default, layers=None, granularity="group"):
     return rt
 
 
-def tensors(seed, n=N, padded=True):
+def tensors(seed, n=N, padded=True, dim=D):
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, HQ, 1, D, generator=g)
-    k = torch.randn(B, HKV, n, D, generator=g)
-    v = torch.randn(B, HKV, n, D, generator=g)
+    q = torch.randn(B, HQ, 1, dim, generator=g)
+    k = torch.randn(B, HKV, n, dim, generator=g)
+    v = torch.randn(B, HKV, n, dim, generator=g)
     # a few strong keys so the selection is not arbitrary
     k[:, :, torch.randint(0, n, (20,), generator=g)] *= 3
     mask = None
@@ -358,7 +358,7 @@ def test_sliding_window_without_mask_is_respected(recorder):
     torch.testing.assert_close(out, dense_masked_attention(q, k, v, sel & window, SCALING), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["group", "head", "softcap", "short", "bf16"])
+@pytest.mark.parametrize("case", ["group", "head", "softcap", "short", "bf16", "dim40", "dim128"])
 def test_quest_fused_c_path_equals_selector_and_executor(case, monkeypatch):
     """On CPUs, a step with no mask runs Quest's choice and its attention in one C call; it
     reads what quest.select + the torch executor read, step after step (bounds kept
@@ -377,7 +377,9 @@ def test_quest_fused_c_path_equals_selector_and_executor(case, monkeypatch):
     softcap = 30.0 if case == "softcap" else None
     granularity = "head" if case == "head" else "group"
     steps = 20                                              # crosses page boundaries (page 16)
-    q, k, v, _ = tensors(11, n=n + steps, padded=False)
+    # dim40: head dims that are no multiple of 16 take the kernel's scalar loops; dim128 its widest vectors
+    dim = {"dim40": 40, "dim128": 128}.get(case, D)
+    q, k, v, _ = tensors(11, n=n + steps, padded=False, dim=dim)
     if case == "bf16":
         # the C path ranks pages on the bf16 values in fp32; the torch path on the same
         # values upcast to fp32 must choose the same pages
