@@ -19,7 +19,8 @@ The attention function never sees the cache object, so continuity is detected fr
 keys: a step continues the sequence held in the side state only if the kv length grew by
 exactly one since the previous step of this layer AND a fingerprint (full rows of K, all
 batch rows and heads, at the last-processed position and at the first, last and 7 evenly
-spread positions of the sequence when its side state was built) still matches. Anything
+spread positions of the sequence when its side state was built) still matches; on CPUs the
+rows are compared and kept by two small C helpers (sparse_infer.kernels.cpu_decode). Anything
 else (a new `generate` call, a new cache, beam reordering, a rolled sliding-window cache, a
 crop) rebuilds the state from the full K. `reset_decode_state(model)` drops it explicitly.
 """
@@ -28,7 +29,9 @@ from __future__ import annotations
 import torch
 
 from sparse_infer.decode import double_sparsity, quest, streaming, token_select
-from sparse_infer.decode.common import GroupInputs, GrowBuffer, grouped_dense_decode
+from sparse_infer.decode.common import GroupInputs, GrowBuffer, grouped_dense_decode, pad_indices
+from sparse_infer.kernels import cpu_decode
+from sparse_infer.kernels.sparse_decode import resolve_decode_backend, sparse_decode
 from sparse_infer.patches.attention import heads_of, resolve_dense_above
 
 SELECTORS = {
@@ -53,7 +56,10 @@ def _sequence_continues(state: dict, key: torch.Tensor) -> bool:
     if prev["n"] != n - 1 or prev["shape"] != (B, Hkv, D) or prev["rows"].dtype != key.dtype \
             or prev["rows"].device != key.device:
         return False
-    # one gather and one compare: the spread rows and, in the last slot, the previous last row
+    # the spread rows and, in the last slot, the previous last row: one C call on CPUs (a gather
+    # and a compare in torch cost ~30 us per layer and step), else one gather and one compare
+    if prev["in_c"] and key.stride(-1) == 1:
+        return cpu_decode.fingerprint_matches(key, prev["positions"], prev["rows"])
     return torch.equal(key.index_select(2, prev["positions"]), prev["rows"])
 
 
@@ -65,11 +71,17 @@ def _remember_sequence(state: dict, key: torch.Tensor, continued: bool) -> None:
     if not continued or seq is None:
         positions = torch.tensor([*_fingerprint_positions(n), n - 1], device=key.device)
         seq = state["sequence"] = {"shape": (B, Hkv, D), "positions": positions,
-                                   "rows": key.index_select(2, positions)}
+                                   "rows": key.index_select(2, positions), "in_c": _fingerprint_in_c(key)}
+    elif seq["in_c"] and key.stride(-1) == 1:
+        cpu_decode.fingerprint_keep(key, n - 1, seq["positions"], seq["rows"], len(seq["positions"]) - 1)
     else:
         seq["positions"][-1] = n - 1
         seq["rows"][:, :, -1] = key[:, :, n - 1]
     seq["n"] = n
+
+
+def _fingerprint_in_c(key: torch.Tensor) -> bool:
+    return key.device.type == "cpu" and cpu_decode.cpu_kernel_available()
 
 
 # --------------------------------------------------------------------------- head layout
@@ -184,9 +196,6 @@ def _attend_pending(out, pending, query, key, value, mask, scaling, softcap, exe
     once, so its query heads read it in place under a mask of exactly their selections; the
     other rows share one gather call per g. The cpu executor reads selected rows in place
     (no copy), so it never needs the masked whole-cache read."""
-    from sparse_infer.decode.common import pad_indices
-    from sparse_infer.kernels.sparse_decode import sparse_decode
-
     n = key.shape[2]
     rows = []                                                  # (g, query heads, cache head, (B, K) indices)
     for heads, row_kv, indices in pending:
@@ -242,8 +251,6 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
     """Return (B, Hq, 1, D) for a sparse decode step, or None to run the dense implementation.
 
     mask: None or bool (B, 1|Hq, 1, n), True = may attend (padding, sliding windows)."""
-    from sparse_infer.kernels.sparse_decode import resolve_decode_backend, sparse_decode
-
     B, Hq = query.shape[:2]
     Hkv, n = key.shape[1], key.shape[2]
     state = rt.decode_state

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["cpu_kernel_available", "cpu_kernel_supports", "sparse_decode_cpu", "quest_decode_cpu",
-           "CpuKernelUnavailable"]
+           "fingerprint_matches", "fingerprint_keep", "CpuKernelUnavailable"]
 
 _SOURCE = Path(__file__).with_name("cpu_decode.c")
 # reassociation lets the dot-product and softmax-sum loops vectorize; no -ffinite-math-only: the
@@ -92,6 +92,12 @@ def _build() -> ctypes.CDLL:
                    i64, i64, i64, i64, i64,      # page sink local budget_pages fold_from
                    f32, f32, i32, i32]           # scaling softcap dtype threads
     fn.restype = i32
+    fn = lib.fingerprint_matches
+    fn.argtypes = [p, i64, i64, i64, i32, i32, i32, i32, p, i32, p]   # key strides B H D elem positions P stored
+    fn.restype = i32
+    fn = lib.fingerprint_keep
+    fn.argtypes = [p, i64, i64, i64, i32, i32, i32, i32, i64, p, i32, i32, p]   # ... pos positions P slot stored
+    fn.restype = None
     return lib
 
 
@@ -232,3 +238,22 @@ def quest_decode_cpu(query, key, value, kmin, kmax, *, page: int, sink: int, loc
     if status:
         raise MemoryError("the CPU kernel could not allocate its scratch")
     return out, selected
+
+
+def _fingerprint_args(key: torch.Tensor):
+    B, H, _, D = key.shape
+    return (key.data_ptr(), *_strides3(key), B, H, D, key.element_size())
+
+
+def fingerprint_matches(key: torch.Tensor, positions: torch.Tensor, stored: torch.Tensor) -> bool:
+    """Whether key[:, :, positions] equals `stored` byte for byte (the decode continuity check
+    in one C call). key (B, H, n, D) on the CPU with unit last stride; positions int64 (P,),
+    contiguous, each in [0, n); stored (B, H, P, D) contiguous, key's dtype."""
+    P = positions.shape[0]
+    return bool(_library().fingerprint_matches(*_fingerprint_args(key), positions.data_ptr(), P, stored.data_ptr()))
+
+
+def fingerprint_keep(key: torch.Tensor, pos: int, positions: torch.Tensor, stored: torch.Tensor, slot: int) -> None:
+    """stored[:, :, slot] = key[:, :, pos] and positions[slot] = pos, in place (one C call)."""
+    _library().fingerprint_keep(*_fingerprint_args(key), pos, positions.data_ptr(), positions.shape[0], slot,
+                                stored.data_ptr())

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from sparse_infer.decode import SELECTORS, _layer_layouts, decode_attention, double_sparsity, quest
+from sparse_infer.decode import SELECTORS, _fingerprint_positions, _layer_layouts, decode_attention, double_sparsity, quest
 from sparse_infer.decode.common import GroupInputs
 from sparse_infer.kernels.block_sparse_attn import dense_masked_attention
 from sparse_infer.kernels.sparse_decode import indices_to_mask
@@ -329,21 +329,37 @@ def test_double_sparsity_label_cache_appends_one_row_per_step():
     assert torch.equal(state["labels"].view(), double_sparsity.labels_of(k, chans))
 
 
-def test_new_sequence_sharing_first_and_last_rows_rebuilds():
+@pytest.mark.parametrize("in_c", [True, False])
+def test_new_sequence_sharing_first_and_last_rows_rebuilds(in_c, monkeypatch):
     """Continuity needs more than length + first/last rows: a different cache that is one
-    longer and agrees on those rows must still rebuild the side state."""
+    longer and agrees on those rows must still rebuild the side state. Same with the
+    fingerprint kept by the C helpers (CPUs) and by torch ops."""
+    import sparse_infer.kernels.cpu_decode as cpu_decode
+
+    if in_c and not cpu_decode.cpu_kernel_available():
+        pytest.skip("no C compiler: the C decode kernel is not built here")
+    if not in_c:
+        monkeypatch.setattr(cpu_decode, "cpu_kernel_available", lambda: False)
     rt = make_rt(RULES["double_sparsity"])
-    q, k, v, _ = tensors(11, n=301, padded=False)
+    q, k, v, _ = tensors(11, n=305, padded=False)
     decode_attention(rt, None, q, k[:, :, :300], v[:, :, :300], None, SCALING, {})
-    decode_attention(rt, None, q, k, v, None, SCALING, {})                 # genuine next step
+    assert rt.decode_state["sequence"]["in_c"] is in_c
+    for n in range(301, 305):                                               # genuine next steps
+        decode_attention(rt, None, q, k[:, :, :n], v[:, :, :n], None, SCALING, {})
     assert rt.decode_state["rebuilds"] == 1
-    other = torch.randn_like(k)
-    other[:, :, 0], other[:, :, 300] = k[:, :, 0], k[:, :, 300]
+    other = torch.randn_like(k[:, :, :304])
+    other[:, :, 0], other[:, :, 303] = k[:, :, 0], k[:, :, 303]
     other = torch.cat([other, torch.randn(B, HKV, 1, D)], dim=2)
     decode_attention(rt, None, q, other, torch.randn_like(other), None, SCALING, {})
     assert rt.decode_state["rebuilds"] == 2
     labels = rt.decode_state["groups"][0]["labels"].view()
     assert torch.equal(labels, double_sparsity.labels_of(other, rt.decode_state["groups"][0]["channels"]))
+    # one changed element in one spread row of one head is enough
+    edited = torch.cat([other, torch.randn(B, HKV, 1, D)], dim=2)
+    spread = _fingerprint_positions(other.shape[2])[3]                    # kept since `other` was seen
+    edited[1, 1, spread, 3] += 1.0
+    decode_attention(rt, None, q, edited, torch.randn_like(edited), None, SCALING, {})
+    assert rt.decode_state["rebuilds"] == 3
 
 
 def test_sliding_window_without_mask_is_respected(recorder):

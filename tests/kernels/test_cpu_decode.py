@@ -190,3 +190,22 @@ def test_quest_call_folds_new_keys_into_the_bounds(dtype):
     assert torch.equal(out, ref) and torch.equal(count, ref_count)
     with pytest.raises(ValueError, match="fold_from"):
         quest_decode_cpu(q[:, :, 0], k, v, kmin, kmax, fold_from=n + 1, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fingerprint_rows_compare_and_keep_in_place(dtype):
+    from sparse_infer.kernels.cpu_decode import fingerprint_keep, fingerprint_matches
+
+    key = torch.randn(2, 3, 50, 16, generator=torch.Generator().manual_seed(3)).to(dtype)
+    view = key[:, :, :40]                                   # a cache prefix: strided view
+    positions = torch.tensor([0, 7, 39])
+    stored = view.index_select(2, positions)
+    assert fingerprint_matches(view, positions, stored)
+    for b, h, p in [(0, 0, 0), (1, 2, 7), (1, 1, 39)]:     # any batch row, head, position
+        changed = view.clone()
+        changed[b, h, p, 5] += 1
+        assert not fingerprint_matches(changed, positions, stored)
+    fingerprint_keep(key[:, :, :41], 40, positions, stored, 2)
+    assert positions.tolist() == [0, 7, 40] and torch.equal(stored[:, :, 2], key[:, :, 40])
+    assert torch.equal(stored[:, :, :2], view.index_select(2, positions[:2]))   # other slots untouched
+    assert fingerprint_matches(key[:, :, :41], positions, stored)
