@@ -4,7 +4,7 @@ sparse-infer eval ruler MODEL --plan PLAN [--compare dense] --lengths 4096,8192
     --tasks all|LIST --samples N --out DIR [--data FILE] [--seed 0] [--resume]
 sparse-infer eval needle [MODEL] --plan PLAN [--compare dense] --lengths ...
     --depths 0,10,...,100 --out DIR
-sparse-infer eval merge SRC_DIR[:PLAN,...]... --out DIR
+sparse-infer eval merge SRC_DIR[:PLAN,...]... --out DIR [--common]
 """
 
 from __future__ import annotations
@@ -263,12 +263,14 @@ def merge_cmd(
     sources: Annotated[list[str], typer.Argument(
         help="Result directories (each with a results.json); DIR:NAME[,NAME] takes only those plans of DIR.")],
     out: Annotated[Path, typer.Option("--out", help="Directory for the merged results.json (may be a source).")],
+    common: Annotated[bool, typer.Option(
+        "--common", help="Keep only the samples every plan has finished (runs still under way).")] = False,
 ) -> None:
     """Merge runs split over processes (by --tasks, or dense and plan apart) and print the table."""
     from sparse_infer.eval import runner
 
     try:
-        doc = runner.merge_results(sources, out)
+        doc = runner.merge_results(sources, out, common=common)
     except EvalError as e:
         raise _fail(str(e)) from None
     console.print(runner.render_table(doc["summary"], title="merged results"))

@@ -283,7 +283,7 @@ def _source_and_plans(source) -> tuple[Path, list[str] | None]:
     return Path(text), None
 
 
-def merge_results(sources: Sequence[str | Path], out_dir: str | Path) -> dict[str, Any]:
+def merge_results(sources: Sequence[str | Path], out_dir: str | Path, common: bool = False) -> dict[str, Any]:
     """Merge the results.json of runs split over processes or machines into OUT/results.json.
 
     Runs may split the samples (e.g. by --tasks) or the plans (dense in one, the plan in
@@ -293,7 +293,10 @@ def merge_results(sources: Sequence[str | Path], out_dir: str | Path) -> dict[st
     that is not a source is refused rather than overwritten. Returns the merged document.
 
     A source written DIR:NAME[,NAME...] contributes only those plans (e.g. the dense records of
-    a run whose plan of the same name has since been replaced); a named plan it lacks is an error."""
+    a run whose plan of the same name has since been replaced); a named plan it lacks is an error.
+
+    common=True keeps only the samples that every plan has finished, so that runs still under
+    way (dense ahead of the plan, say) compare on the same prompts; none in common is an error."""
     out = Path(out_dir)
     picked = [_source_and_plans(s) for s in sources]
     paths = [p for p, _ in picked]
@@ -336,6 +339,13 @@ def merge_results(sources: Sequence[str | Path], out_dir: str | Path) -> dict[st
                     continue
                 ids[key] = (path, rec.get("input_sha1"))
                 target_entry["records"].append(rec)
+    if common:
+        shared = set.intersection(*(set(ids) for ids in seen.values())) if seen else set()
+        if not shared:
+            raise EvalError("--common: no sample is finished under every plan "
+                            f"({', '.join(f'{name}: {len(ids)}' for name, ids in seen.items())} samples)")
+        for entry in merged["plans"].values():
+            entry["records"] = [rec for rec in entry["records"] if rec.get("id") in shared]
     merged["summary"] = summarize(merged)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(target, merged)

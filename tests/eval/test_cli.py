@@ -253,3 +253,29 @@ def test_merge_takes_only_the_named_plans_of_a_source(tmp_path, fake_load, fast_
     assert got["plans"]["dense"]["records"] == runner.load_results(old)["plans"]["dense"]["records"]
     res = cli_runner.invoke(eval_app, ["merge", f"{old}:dense,a_shape", "--out", str(tmp_path / "m2")])
     assert res.exit_code == 2 and "plan 'a_shape'" in " ".join(res.output.split())
+
+
+def test_merge_common_keeps_the_samples_every_plan_finished(tmp_path, fake_load, fast_generation):
+    """Runs still under way: dense has finished more samples than the plan. --common compares
+    them on the prompts both have; without it each plan keeps all of its own."""
+    dense, plan = tmp_path / "dense", tmp_path / "plan"
+    res = cli_runner.invoke(eval_app, ruler_args("dense", dense, "--tasks", "niah_single_1,vt", "--samples", "2"))
+    assert res.exit_code == 0, res.output
+    res = cli_runner.invoke(eval_app, ruler_args("vertical_slash", plan, "--tasks", "niah_single_1", "--samples", "1"))
+    assert res.exit_code == 0, res.output
+    res = cli_runner.invoke(eval_app, ["merge", str(dense), str(plan), "--out", str(tmp_path / "all")])
+    assert res.exit_code == 0, res.output
+    assert len(runner.load_results(tmp_path / "all")["plans"]["dense"]["records"]) == 4
+    res = cli_runner.invoke(eval_app, ["merge", str(dense), str(plan), "--common", "--out", str(tmp_path / "c")])
+    assert res.exit_code == 0, res.output
+    got = runner.load_results(tmp_path / "c")
+    ids = {name: [r["id"] for r in entry["records"]] for name, entry in got["plans"].items()}
+    assert ids["dense"] == ids["vertical_slash"] == [r["id"] for r in runner.load_results(plan)["plans"]["vertical_slash"]["records"]]
+    assert {(row["plan"], row["task"], row["n"]) for row in got["summary"]} == {
+        ("dense", "niah_single_1", 1), ("vertical_slash", "niah_single_1", 1)}
+    other = tmp_path / "other"
+    res = cli_runner.invoke(eval_app, ruler_args("a_shape", other, "--tasks", "vt", "--samples", "1"))
+    assert res.exit_code == 0, res.output
+    res = cli_runner.invoke(eval_app, ["merge", str(plan), str(other), "--common", "--out", str(tmp_path / "none")])
+    assert res.exit_code == 2 and "no sample is finished under every plan" in " ".join(res.output.split())
+    assert not (tmp_path / "none" / "results.json").exists()
