@@ -1,9 +1,9 @@
 """`sparse-infer eval ...` commands (mounted under the main CLI as `eval`).
 
 sparse-infer eval ruler MODEL --plan PLAN [--compare dense] --lengths 4096,8192
-    --tasks all|LIST --samples N --out DIR [--data FILE] [--seed 0] [--resume]
+    --tasks all|LIST --samples N --out DIR [--data FILE] [--seed 0] [--resume] [--dtype float32]
 sparse-infer eval needle [MODEL] --plan PLAN [--compare dense] --lengths ...
-    --depths 0,10,...,100 --out DIR
+    --depths 0,10,...,100 --out DIR [--dtype float32]
 sparse-infer eval merge SRC_DIR[:PLAN,...]... --out DIR [--common]
 """
 
@@ -114,13 +114,25 @@ def _fail(msg: str) -> typer.Exit:
     return typer.Exit(2)
 
 
-def _load(model: str) -> tuple[Any, Any]:
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def parse_dtype(name: str):
+    """--dtype NAME -> torch dtype; an unknown name is refused before any model work."""
+    import torch
+
+    if name not in DTYPES:
+        raise EvalError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return getattr(torch, name)
+
+
+def _load(model: str, dtype=None) -> tuple[Any, Any]:
     try:
         from sparse_infer import load_model
     except ImportError as e:
         raise _fail(f"sparse_infer.load_model is not available ({e})") from None
     with console.status(f"loading {model} ..."):
-        return load_model(model)
+        return load_model(model) if dtype is None else load_model(model, dtype=dtype)
 
 
 def _check_model(model: Any, lengths: list[int], plans: dict[str, Any]) -> None:
@@ -168,6 +180,8 @@ def ruler_cmd(
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for the synthetic prompts.")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Skip samples already in OUT/results.json.")] = False,
+    dtype: Annotated[str, typer.Option(
+        "--dtype", help="Weights and activations: float32, bfloat16 or float16 (dense and plan alike).")] = "float32",
 ) -> None:
     """Run RULER synthetic tasks (and optional QA data) under PLAN, optionally next to dense."""
     from sparse_infer.eval import ruler, runner
@@ -179,7 +193,8 @@ def ruler_cmd(
         if data is not None and not data.is_file():
             raise EvalError(f"data file not found: {data}")
         plans = build_plans(plan, compare)
-        m, tok = _load(model)
+        torch_dtype = parse_dtype(dtype)
+        m, tok = _load(model, torch_dtype)
         _check_model(m, length_list, plans)
         all_samples: list[dict] = []
         if task_list:
@@ -215,6 +230,8 @@ def needle_cmd(
     samples: Annotated[int, typer.Option("--samples", min=1, help="Prompts per grid cell.")] = 1,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Skip cells already in OUT/results.json.")] = False,
+    dtype: Annotated[str, typer.Option(
+        "--dtype", help="Weights and activations: float32, bfloat16 or float16 (dense and plan alike).")] = "float32",
 ) -> None:
     """Needle-in-a-haystack grid (length x depth) under PLAN and a heatmap PNG."""
     from sparse_infer.eval import needle, runner
@@ -231,7 +248,8 @@ def needle_cmd(
         # A shipped plan is shown under the model's name, as it is named in the docs.
         label = model if plan is None and chosen != FALLBACK_PLAN else None
         plans = build_plans(chosen, compare, label)
-        m, tok = _load(model)
+        torch_dtype = parse_dtype(dtype)
+        m, tok = _load(model, torch_dtype)
         _check_model(m, length_list, plans)
         result = needle.run_needle(
             m,

@@ -35,6 +35,7 @@ from sparse_infer.eval.ruler import (
 
 RESULTS_FILE = "results.json"
 FORMAT_VERSION = 1
+DEFAULT_DTYPE = "float32"
 DENSE = "dense"
 
 
@@ -239,12 +240,26 @@ def _write_json(path: Path, doc: Any) -> None:
     os.replace(tmp, path)
 
 
+def model_dtype(model: Any) -> str:
+    """The dtype of the model's weights, as results.json records it ("float32", "bfloat16", ...)."""
+    try:
+        return str(next(model.parameters()).dtype).removeprefix("torch.")
+    except (AttributeError, StopIteration):
+        return DEFAULT_DTYPE
+
+
+def _dtype_of(info: Mapping[str, Any]) -> str:
+    # files written before the dtype was recorded all come from float32 runs
+    return info.get("dtype") or DEFAULT_DTYPE
+
+
 def _model_info(model: Any) -> dict[str, Any]:
     cfg = model.config
     return {
         "name_or_path": getattr(cfg, "_name_or_path", None) or getattr(model, "name_or_path", None),
         "model_type": getattr(cfg, "model_type", None),
         "max_position_embeddings": max_positions(cfg),
+        "dtype": model_dtype(model),
     }
 
 
@@ -324,6 +339,9 @@ def merge_results(sources: Sequence[str | Path], out_dir: str | Path, common: bo
         for key in ("name_or_path", "model_type"):
             if other.get(key) != model.get(key):
                 raise EvalError(f"{path} is for model {other.get(key)!r}, {first_path} for {model.get(key)!r}")
+        if _dtype_of(other) != _dtype_of(model):
+            raise EvalError(f"{path} was run in {_dtype_of(other)}, {first_path} in {_dtype_of(model)}: "
+                            "scores of different dtypes do not go in one table")
         for name, entry in doc["plans"].items():
             target_entry = merged["plans"].setdefault(name, {"plan": entry.get("plan"), "records": []})
             if target_entry["plan"] != entry.get("plan"):
@@ -381,6 +399,9 @@ def run_eval(
     doc: dict[str, Any]
     if resume and path.exists():
         doc = load_results(out)
+        before, now = _dtype_of(doc.get("model") or {}), model_dtype(model)
+        if before != now:
+            raise EvalError(f"--resume: {path} was run in {before}, now {now}; use the same --dtype or another --out")
     else:
         doc = {"version": FORMAT_VERSION, "model": _model_info(model), "plans": {}, "summary": []}
 

@@ -23,7 +23,8 @@ def fake_load(monkeypatch, tokenizer):
 
     def load_model(spec, dtype=None):
         loaded.append(spec)
-        return make_tiny_llama(tokenizer), tokenizer
+        model = make_tiny_llama(tokenizer)
+        return (model if dtype is None else model.to(dtype)), tokenizer
 
     monkeypatch.setattr(sparse_infer, "load_model", load_model, raising=False)
     return loaded
@@ -279,3 +280,29 @@ def test_merge_common_keeps_the_samples_every_plan_finished(tmp_path, fake_load,
     res = cli_runner.invoke(eval_app, ["merge", str(plan), str(other), "--common", "--out", str(tmp_path / "none")])
     assert res.exit_code == 2 and "no sample is finished under every plan" in " ".join(res.output.split())
     assert not (tmp_path / "none" / "results.json").exists()
+
+
+def test_dtype_is_recorded_and_guards_resume_and_merge(tmp_path, fake_load, fast_generation):
+    """--dtype loads the model in that dtype and results.json says so; resuming or merging
+    across dtypes is refused (files from before the field count as float32)."""
+    bf16, fp32 = tmp_path / "bf16", tmp_path / "fp32"
+    res = cli_runner.invoke(eval_app, ruler_args("dense", bf16, "--tasks", "vt", "--samples", "1", "--dtype", "bfloat16"))
+    assert res.exit_code == 0, res.output
+    assert runner.load_results(bf16)["model"]["dtype"] == "bfloat16"
+    before = (bf16 / "results.json").read_text()
+    res = cli_runner.invoke(eval_app, ruler_args("dense", bf16, "--tasks", "vt", "--samples", "2", "--resume"))
+    assert res.exit_code == 2 and "was run in bfloat16, now float32" in " ".join(res.output.split())
+    assert (bf16 / "results.json").read_text() == before
+    res = cli_runner.invoke(eval_app, ruler_args("dense", fp32, "--tasks", "vt", "--samples", "1"))
+    assert res.exit_code == 0, res.output
+    res = cli_runner.invoke(eval_app, ["merge", str(fp32), str(bf16), "--out", str(tmp_path / "m")])
+    assert res.exit_code == 2 and "do not go in one table" in " ".join(res.output.split())
+    legacy = json.loads((fp32 / "results.json").read_text())
+    del legacy["model"]["dtype"]                                  # written before the field existed
+    (fp32 / "results.json").write_text(json.dumps(legacy))
+    res = cli_runner.invoke(eval_app, ruler_args("dense", fp32, "--tasks", "vt", "--samples", "2", "--resume"))
+    assert res.exit_code == 0, res.output
+    loads = len(fake_load)
+    res = cli_runner.invoke(eval_app, ruler_args("dense", tmp_path / "x", "--dtype", "float64"))
+    assert res.exit_code == 2 and "--dtype must be one of" in " ".join(res.output.split())
+    assert len(fake_load) == loads                                # refused before loading the model
