@@ -40,6 +40,8 @@ SELECTORS = {
     "double_sparsity": double_sparsity.select,
     "quest": quest.select,
 }
+# methods whose unmasked CPU step runs selection and attention in one C call
+FUSED_ON_CPU = {"quest": quest.select_and_attend_cpu, "double_sparsity": double_sparsity.select_and_attend_cpu}
 _FINGERPRINT_SPREAD = 8
 
 
@@ -317,9 +319,9 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
             continue
         inp = GroupInputs(query=q[:, :, 0], key=k, valid=_valid_for(m, B, k.shape[1], per_head, h, n),
                           per_head=per_head, scaling=scaling, softcap=softcap, fresh=fresh)
-        if executor == "cpu" and rule.kind == "quest" and inp.valid is None:
+        if executor == "cpu" and rule.kind in FUSED_ON_CPU and inp.valid is None:
             # selection and attention in one C call: no index tensors, no per-op overhead
-            res, counts = quest.select_and_attend_cpu(inp, rule, group_states.setdefault(pi, {}), v)
+            res, counts = FUSED_ON_CPU[rule.kind](inp, rule, group_states.setdefault(pi, {}), v)
             selected += float(sum(counts.view(-1).tolist())) * (h // counts.shape[1])   # no torch reduction op
             out = _place(out, res, q_heads, query, value)
             continue

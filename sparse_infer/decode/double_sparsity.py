@@ -77,3 +77,25 @@ def select(inp: GroupInputs, rule, state: dict) -> torch.Tensor:
                   inp.per_head)
     picked = top_tokens(scores, eligible, rule.budget.resolve(inp.n))
     return torch.cat([forced.expand(*picked.shape[:2], -1), picked], dim=-1)
+
+
+def select_and_attend_cpu(inp: GroupInputs, rule, state: dict, value: torch.Tensor):
+    """select() and the attention over its choice in one C call (sparse_infer.kernels.cpu_decode),
+    for a step with no mask; the C call also writes this step's label rows. Returns (out
+    (B, h, 1, D), keys read per index row (B, Hi))."""
+    from sparse_infer.kernels.cpu_decode import double_sparsity_decode_cpu
+
+    n = inp.n
+    cache: GrowBuffer | None = state.get("labels")
+    if inp.fresh or cache is None or cache.length >= n:
+        cache = update_label_cache(inp, rule, state)          # a new sequence: labels from the whole K
+        held = n
+    else:
+        held = cache.length
+        cache.ensure(n)                                       # rows [held, n) are written by the call
+    result = double_sparsity_decode_cpu(inp.query, inp.key, value, cache.data[:, :, :n], state["channels"],
+                                        sink=rule.sink, local=rule.local, budget=rule.budget.resolve(n),
+                                        scaling=inp.scaling, softcap=inp.softcap, index_heads=inp.index_heads,
+                                        fold_from=held)
+    cache.length = n
+    return result

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["cpu_kernel_available", "cpu_kernel_supports", "sparse_decode_cpu", "quest_decode_cpu",
-           "fingerprint_matches", "fingerprint_keep", "CpuKernelUnavailable"]
+           "double_sparsity_decode_cpu", "fingerprint_matches", "fingerprint_keep", "CpuKernelUnavailable"]
 
 _SOURCE = Path(__file__).with_name("cpu_decode.c")
 # reassociation lets the dot-product and softmax-sum loops vectorize; no -ffinite-math-only: the
@@ -90,6 +90,18 @@ def _build() -> ctypes.CDLL:
                    p,                            # selected (B * Hi) int64
                    i32, i32, i32, i32, i64, i32,  # B Hi G Hkv n D
                    i64, i64, i64, i64, i64,      # page sink local budget_pages fold_from
+                   f32, f32, i32, i32]           # scaling softcap dtype threads
+    fn.restype = i32
+    fn = lib.ds_decode_rows
+    fn.argtypes = [p, i64, i64,                  # query, strides b h
+                   p, i64, i64, i64,             # labels, strides b h n
+                   p, i64, i64,                  # channels, strides b h
+                   p, i64, i64, i64,             # key, strides b h n
+                   p, i64, i64, i64,             # value
+                   p, i64, i64,                  # out, strides b h
+                   p,                            # selected (B * Hi) int64
+                   i32, i32, i32, i32, i64, i32, i32,  # B Hi G Hkv n D r
+                   i64, i64, i64, i64,           # sink local budget fold_from
                    f32, f32, i32, i32]           # scaling softcap dtype threads
     fn.restype = i32
     fn = lib.fingerprint_matches
@@ -235,6 +247,48 @@ def quest_decode_cpu(query, key, value, kmin, kmax, *, page: int, sink: int, loc
         float(scaling), float(softcap or 0.0), _DTYPES[query.dtype], torch.get_num_threads())
     if status == 1:
         raise ValueError(f"the CPU kernel takes head dims up to 1024, got {D}")
+    if status:
+        raise MemoryError("the CPU kernel could not allocate its scratch")
+    return out, selected
+
+
+def double_sparsity_decode_cpu(query, key, value, labels, channels, *, sink: int, local: int, budget: int,
+                               scaling: float, softcap=None, index_heads: int, fold_from: int | None = None):
+    """Double Sparsity's key choice and the attention over it in one C call, for a step with no mask.
+
+    query (B, h, D); key/value (B, hk, n, D); labels (B, hk, n, r), the label cache in key's
+    dtype (its rows [fold_from, n) are written here: label[t][c] = key[t][channels[c]]);
+    channels int64 (B, hk, r). index_heads: hk for one selection per GQA group, h for one per
+    query head. Chooses what double_sparsity.select chooses (the sinks, the local window and the
+    `budget` best keys by approximate score, or by the group's summed softmaxes of it) and
+    attends to exactly those keys. Returns (out (B, h, 1, D), keys read (B, index_heads))."""
+    B, h, D = query.shape
+    hk, n = key.shape[1], key.shape[2]
+    if h % index_heads or index_heads % hk:
+        raise ValueError(f"index_heads={index_heads} must divide h={h} and be a multiple of hk={hk}")
+    r = channels.shape[-1]
+    if tuple(labels.shape) != (B, hk, n, r) or tuple(channels.shape) != (B, hk, r):
+        raise ValueError(f"labels must be (B, hk, n, r) = {(B, hk, n, r)} and channels (B, hk, r), "
+                         f"got {tuple(labels.shape)} and {tuple(channels.shape)}")
+    if channels.dtype != torch.int64 or channels.stride(-1) != 1:
+        raise ValueError("channels must be int64 with unit last stride")
+    if fold_from is not None and not 0 <= fold_from <= n:
+        raise ValueError(f"fold_from must be in [0, n={n}], got {fold_from}")
+    _refuse_unsupported(query, key, value, labels)
+    lib = _library()
+    q = query if query.stride(-1) == 1 else query.contiguous()
+    out = torch.empty(B, h, 1, D, dtype=query.dtype)
+    selected = torch.empty(B, index_heads, dtype=torch.int64)
+    status = lib.ds_decode_rows(
+        q.data_ptr(), q.stride(0), q.stride(1),
+        labels.data_ptr(), *_strides3(labels), channels.data_ptr(), channels.stride(0), channels.stride(1),
+        key.data_ptr(), *_strides3(key), value.data_ptr(), *_strides3(value),
+        out.data_ptr(), out.stride(0), out.stride(1), selected.data_ptr(),
+        B, index_heads, h // index_heads, hk, n, D, r, sink, local, budget,
+        n if fold_from is None else fold_from,
+        float(scaling), float(softcap or 0.0), _DTYPES[query.dtype], torch.get_num_threads())
+    if status == 1:
+        raise ValueError(f"the CPU kernel takes head dims up to 1024 and 1 <= r <= D, got D={D}, r={r}")
     if status:
         raise MemoryError("the CPU kernel could not allocate its scratch")
     return out, selected

@@ -222,7 +222,7 @@ def test_mixed_layer_parts_in_one_call_equal_separate_calls(monkeypatch, executo
 
     model = tiny_model("llama")                     # 4 query heads, 2 kv heads
     if granularity == "head":
-        rules = {0: SPARSE["quest"], 1: SPARSE["token_select"], 2: SPARSE["double_sparsity"],
+        rules = {0: SPARSE["quest"], 1: SPARSE["token_select"], 2: SPARSE["streaming"],
                  3: {"method": "dense"}}
     else:
         rules = {0: SPARSE["quest"], 1: SPARSE["quest"], 2: SPARSE["token_select"], 3: SPARSE["token_select"]}
@@ -245,8 +245,9 @@ def test_mixed_layer_parts_in_one_call_equal_separate_calls(monkeypatch, executo
     sparse_infer.unpatch(model)
     assert bool(in_place) == (executor == "torch" and in_place_share == 0.0)
     assert bool(read_rows) == (executor == "cpu" or in_place_share != 0.0)
-    # a shared selection is one row for two heads. The C path runs Quest's choice and its
-    # attention in a call of its own (quest_decode_cpu), so its heads are not in the merged call.
+    # a shared selection is one row for two heads. The C path runs Quest's (and Double
+    # Sparsity's) choice and attention in a call of its own (quest_decode_cpu), so its heads are
+    # not in the merged call.
     if executor == "torch":
         expected = {(3, 3)} if granularity == "head" else {(4, 2)}
     else:

@@ -374,20 +374,29 @@ def test_sliding_window_without_mask_is_respected(recorder):
     torch.testing.assert_close(out, dense_masked_attention(q, k, v, sel & window, SCALING), atol=1e-5, rtol=1e-5)
 
 
+FUSED = {"quest": ("quest_decode_cpu", {}), "double_sparsity": ("double_sparsity_decode_cpu", {"channels": 16}),
+         "double_sparsity_r8": ("double_sparsity_decode_cpu", {"channels": 8}),
+         "double_sparsity_list": ("double_sparsity_decode_cpu", {"channels": [0, 5, 9, 33]})}
+
+
+@pytest.mark.parametrize("method", list(FUSED))
 @pytest.mark.parametrize("case", ["group", "head", "softcap", "short", "bf16", "dim40", "dim128"])
-def test_quest_fused_c_path_equals_selector_and_executor(case, monkeypatch):
-    """On CPUs, a step with no mask runs Quest's choice and its attention in one C call; it
-    reads what quest.select + the torch executor read, step after step (bounds kept
-    incrementally), and counts the same selected keys."""
+def test_fused_c_path_equals_selector_and_executor(method, case, monkeypatch):
+    """On CPUs, a Quest or Double Sparsity step with no mask runs the method's choice and its
+    attention in one C call; it reads what the selector + the torch executor read, step after
+    step (page bounds / label cache kept incrementally), and counts the same selected keys.
+    Double Sparsity with 16 label channels takes the kernel's vector loops, with 8 or a list
+    of 4 its scalar ones."""
     import sparse_infer.kernels.cpu_decode as cpu_decode
 
     if not cpu_decode.cpu_kernel_available():
         pytest.skip("no C compiler: the C decode kernel is not built here")
     calls = []
-    real = cpu_decode.quest_decode_cpu
-    monkeypatch.setattr(cpu_decode, "quest_decode_cpu", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    rule = dict(RULES["quest"])
-    n = 60 if case == "short" else N                       # short: sinks + window cover most pages
+    entry, extra = FUSED[method]
+    real = getattr(cpu_decode, entry)
+    monkeypatch.setattr(cpu_decode, entry, lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    rule = {**RULES["quest" if method == "quest" else "double_sparsity"], **extra}
+    n = 60 if case == "short" else N                       # short: sinks + window cover most keys
     if case == "short":
         rule.update(budget=64, sink=8, local=24)
     softcap = 30.0 if case == "softcap" else None
@@ -397,8 +406,8 @@ def test_quest_fused_c_path_equals_selector_and_executor(case, monkeypatch):
     dim = {"dim40": 40, "dim128": 128}.get(case, D)
     q, k, v, _ = tensors(11, n=n + steps, padded=False, dim=dim)
     if case == "bf16":
-        # the C path ranks pages on the bf16 values in fp32; the torch path on the same
-        # values upcast to fp32 must choose the same pages
+        # the C path ranks on the bf16 values in fp32; the torch path on the same values
+        # upcast to fp32 must choose the same keys
         q, k, v = (t.bfloat16() for t in (q, k, v))
     fused, reference = make_rt(rule, granularity=granularity), make_rt(rule, granularity=granularity)
     fused.backend = "auto"
