@@ -142,6 +142,56 @@ static inline __attribute__((always_inline)) void resolve_rows(
     }
 }
 
+/* s[i] = q . rows[i] for the count rows of a block (D floats each): with D a multiple of 16, the
+ * query stays in registers and 16 rows' lane sums are taken at once (sum16). */
+static inline __attribute__((always_inline)) void dot_rows(float *s, const float *q, const float *const *rows,
+                                                           int count, int D) {
+    int i = 0;
+    if (D % 16 == 0 && D <= 128) {
+        vf16 qv[8];
+        for (int c = 0; c < D / 16; c++) qv[c] = *(const vf16u *)(q + 16 * c);
+        for (; i + 16 <= count; i += 16) {
+            vf16 part[16];
+            for (int r = 0; r < 16; r++) {
+                const vf16u *row = (const vf16u *)rows[i + r];
+                vf16 x = qv[0] * row[0];
+                for (int c = 1; c < D / 16; c++) x += qv[c] * row[c];
+                part[r] = x;
+            }
+            *(vf16u *)(s + i) = sum16(part);
+        }
+    }
+    for (; i < count; i++) {
+        const float *row = rows[i];
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int d = 0; d < D; d++) dot += q[d] * row[d];
+        s[i] = dot;
+    }
+}
+
+/* score[0..m) <- per_head[0..m) for one head, else the sum over the G heads of each head's
+ * softmax of its row of per_head (G * m, overwritten): the group's soft vote. */
+static void group_vote(float *score, float *per_head, int G, int64_t m) {
+    if (G == 1) {
+        memcpy(score, per_head, (size_t)m * sizeof(float));
+        return;
+    }
+    for (int64_t e = 0; e < m; e++) score[e] = 0.f;
+    for (int g = 0; g < G; g++) {
+        float *row = per_head + (int64_t)g * m, top = -INFINITY, sum = 0.f;
+        for (int64_t e = 0; e < m; e++) top = row[e] > top ? row[e] : top;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t e = 0; e < m; e++) {
+            float x = exp_nonpositive(row[e] - top);
+            row[e] = x;
+            sum += x;
+        }
+        float inv = 1.f / sum;
+        for (int64_t e = 0; e < m; e++) score[e] += row[e] * inv;
+    }
+}
+
 /* The G query rows h0 .. h0+G-1 of batch row b as fp32, times `scale`, into qf (G * D). */
 static void load_queries(float *qf, const void *q, int b, int h0, int64_t q_sb, int64_t q_sh,
                          int G, int D, int dtype, float scale) {
@@ -184,32 +234,7 @@ static inline __attribute__((always_inline)) void attend_one(int b, int64_t kvh,
         int count = K - j0 < ROW_BLOCK ? K - j0 : ROW_BLOCK;
         resolve_rows(rows, vbuf, ids, j0, count, K, k, k_base, k_sn, n, D, dtype, zeros, elem, row_bytes,
                      v, b * v_sb + kvh * v_sh, v_sn);
-        for (int g = 0; g < G; g++) {
-            const float *qg = qf + (int64_t)g * D;
-            float *s = scores + (int64_t)g * K + j0;
-            int i = 0;
-            if (D % 16 == 0 && D <= 128) {
-                vf16 qv[8];
-                for (int c = 0; c < D / 16; c++) qv[c] = *(const vf16u *)(qg + 16 * c);
-                for (; i + 16 <= count; i += 16) {
-                    vf16 part[16];
-                    for (int r = 0; r < 16; r++) {
-                        const vf16u *kr = (const vf16u *)rows[i + r];
-                        vf16 x = qv[0] * kr[0];
-                        for (int c = 1; c < D / 16; c++) x += qv[c] * kr[c];
-                        part[r] = x;
-                    }
-                    *(vf16u *)(s + i) = sum16(part);
-                }
-            }
-            for (; i < count; i++) {
-                const float *kr = rows[i];
-                float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-                for (int d = 0; d < D; d++) dot += qg[d] * kr[d];
-                s[i] = dot;
-            }
-        }
+        for (int g = 0; g < G; g++) dot_rows(scores + (int64_t)g * K + j0, qf + (int64_t)g * D, rows, count, D);
         for (int i = 0; i < count; i++) {
             int64_t t = ids[j0 + i];
             int unused = t < 0 || t >= n;
@@ -344,6 +369,23 @@ int sparse_decode_rows(const void *q, int64_t q_sb, int64_t q_sh,
  * [fold_from, n) are first folded into kmin/kmax (quest.update_bounds' per-step update, without
  * its two torch ops); fold_from = n folds nothing.
  */
+
+/* The attention of query heads h0 .. h0+G-1 over the chosen keys (no mask); nothing chosen
+ * gives zeros, as the executors do. */
+static void attend_chosen(int b, int64_t kvh, int h0, const int64_t *keys, int64_t count,
+                          const void *q, int64_t q_sb, int64_t q_sh,
+                          const void *k, int64_t k_sb, int64_t k_sh, int64_t k_sn,
+                          const void *v, int64_t v_sb, int64_t v_sh, int64_t v_sn,
+                          void *out, int64_t o_sb, int64_t o_sh, int G, int64_t n, int D,
+                          float scaling, float softcap, int dtype, float *scratch) {
+    if (count == 0) {
+        float zeros[MAX_D] = {0};
+        for (int g = 0; g < G; g++) store_row(out, b * o_sb + (int64_t)(h0 + g) * o_sh, dtype, D, zeros);
+        return;
+    }
+    attend(b, kvh, h0, keys, q, q_sb, q_sh, k, k_sb, k_sh, k_sn, v, v_sb, v_sh, v_sn,
+           NULL, 0, 0, 0, out, o_sb, o_sh, G, (int)count, n, D, scaling, softcap, dtype, scratch);
+}
 
 /* Reorder ids[0..m) so that its first k entries have the k largest scores (quickselect). */
 static void top_k_first(const float *score, int64_t *ids, int64_t m, int64_t k) {
@@ -513,23 +555,7 @@ int quest_decode_rows(const void *q, int64_t q_sb, int64_t q_sh,
             else BOUNDS(D);
 #undef BOUNDS
             /* page scores: the raw bound for one head, else the group's summed softmaxes */
-            if (G == 1) {
-                memcpy(score, bounds, (size_t)eligible * sizeof(float));
-            } else {
-                for (int64_t e = 0; e < eligible; e++) score[e] = 0.f;
-                for (int g = 0; g < G; g++) {
-                    float *bg = bounds + (int64_t)g * eligible, m = -INFINITY, sum = 0.f;
-                    for (int64_t e = 0; e < eligible; e++) m = bg[e] > m ? bg[e] : m;
-#pragma omp simd reduction(+ : sum)
-                    for (int64_t e = 0; e < eligible; e++) {
-                        float x = exp_nonpositive(bg[e] - m);
-                        bg[e] = x;
-                        sum += x;
-                    }
-                    float inv = 1.f / sum;
-                    for (int64_t e = 0; e < eligible; e++) score[e] += bg[e] * inv;
-                }
-            }
+            group_vote(score, bounds, G, eligible);
             for (int64_t e = 0; e < eligible; e++) pages[e] = e;
             if (take < eligible) top_k_first(score, pages, eligible, take);
             /* the keys: sinks, the chosen pages' keys inside [lo, hi), the local window */
@@ -542,14 +568,8 @@ int quest_decode_rows(const void *q, int64_t q_sb, int64_t q_sh,
             }
             for (int64_t t = hi; t < n; t++) keys[count++] = t;
             selected[task] = count;
-            if (count == 0) {
-                float zeros[MAX_D] = {0};
-                for (int g = 0; g < G; g++) store_row(out, b * o_sb + (int64_t)(h0 + g) * o_sh, dtype, D, zeros);
-                continue;
-            }
-            attend(b, kvh, h0, keys, q, q_sb, q_sh, k, k_sb, k_sh, k_sn, v, v_sb, v_sh, v_sn,
-                       NULL, 0, 0, 0, out, o_sb, o_sh, G, (int)count, n, D, scaling, softcap, dtype,
-                       attend_scratch);
+            attend_chosen(b, kvh, h0, keys, count, q, q_sb, q_sh, k, k_sb, k_sh, k_sn, v, v_sb, v_sh, v_sn,
+                          out, o_sb, o_sh, G, n, D, scaling, softcap, dtype, attend_scratch);
         }
         free(scratch);
         free(ids);
@@ -666,51 +686,10 @@ int ds_decode_rows(const void *q, int64_t q_sb, int64_t q_sh,
                     if (dtype == 0) rows[i] = (const float *)labels + off;
                     else { load_row(labels, off, dtype, R, lbuf + (int64_t)i * R); rows[i] = lbuf + (int64_t)i * R; }
                 }
-                for (int g = 0; g < G; g++) {
-                    const float *qg = qlab + (int64_t)g * R;
-                    float *s = approx + (int64_t)g * n + t0;
-                    int i = 0;
-                    if (R % 16 == 0 && R <= 128) {
-                        vf16 qv[8];
-                        for (int c = 0; c < R / 16; c++) qv[c] = *(const vf16u *)(qg + 16 * c);
-                        for (; i + 16 <= count; i += 16) {
-                            vf16 part[16];
-                            for (int j = 0; j < 16; j++) {
-                                const vf16u *lr = (const vf16u *)rows[i + j];
-                                vf16 x = qv[0] * lr[0];
-                                for (int c = 1; c < R / 16; c++) x += qv[c] * lr[c];
-                                part[j] = x;
-                            }
-                            *(vf16u *)(s + i) = sum16(part);
-                        }
-                    }
-                    for (; i < count; i++) {
-                        const float *lr = rows[i];
-                        float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-                        for (int c = 0; c < R; c++) dot += qg[c] * lr[c];
-                        s[i] = dot;
-                    }
-                }
+                for (int g = 0; g < G; g++) dot_rows(approx + (int64_t)g * n + t0, qlab + (int64_t)g * R, rows, count, R);
             }
             /* key scores: the raw approximation for one head, else the group's summed softmaxes */
-            if (G == 1) {
-                memcpy(score, approx, (size_t)n * sizeof(float));
-            } else {
-                for (int64_t t = 0; t < n; t++) score[t] = 0.f;
-                for (int g = 0; g < G; g++) {
-                    float *ag = approx + (int64_t)g * n, m = -INFINITY, sum = 0.f;
-                    for (int64_t t = 0; t < n; t++) m = ag[t] > m ? ag[t] : m;
-#pragma omp simd reduction(+ : sum)
-                    for (int64_t t = 0; t < n; t++) {
-                        float x = exp_nonpositive(ag[t] - m);
-                        ag[t] = x;
-                        sum += x;
-                    }
-                    float inv = 1.f / sum;
-                    for (int64_t t = 0; t < n; t++) score[t] += ag[t] * inv;
-                }
-            }
+            group_vote(score, approx, G, n);
             for (int64_t e = 0; e < eligible; e++) cand[e] = lo + e;
             if (take > 0 && take < eligible) top_k_first(score, cand, eligible, take);
             int64_t count = 0;
@@ -718,14 +697,8 @@ int ds_decode_rows(const void *q, int64_t q_sb, int64_t q_sh,
             for (int64_t i = 0; i < take; i++) keys[count++] = cand[i];
             for (int64_t t = hi; t < n; t++) keys[count++] = t;
             selected[task] = count;
-            if (count == 0) {
-                float zeros[MAX_D] = {0};
-                for (int g = 0; g < G; g++) store_row(out, b * o_sb + (int64_t)(h0 + g) * o_sh, dtype, D, zeros);
-                continue;
-            }
-            attend(b, kvh, h0, keys, q, q_sb, q_sh, k, k_sb, k_sh, k_sn, v, v_sb, v_sh, v_sn,
-                   NULL, 0, 0, 0, out, o_sb, o_sh, G, (int)count, n, D, scaling, softcap, dtype,
-                   attend_scratch);
+            attend_chosen(b, kvh, h0, keys, count, q, q_sb, q_sh, k, k_sb, k_sh, k_sn, v, v_sb, v_sh, v_sn,
+                          out, o_sb, o_sh, G, n, D, scaling, softcap, dtype, attend_scratch);
         }
         free(scratch);
         free(ids);

@@ -164,6 +164,14 @@ def cpu_kernel_supports(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
             and cpu_kernel_available())
 
 
+def _raise_for(status: int, bad_sizes: str) -> None:
+    """The C entry points return 0, 1 for sizes they do not take, 2 when scratch allocation failed."""
+    if status == 1:
+        raise ValueError(bad_sizes)
+    if status:
+        raise MemoryError("the CPU kernel could not allocate its scratch")
+
+
 def _strides3(x: torch.Tensor):
     return x.stride(0), x.stride(1), x.stride(2)
 
@@ -204,10 +212,7 @@ def sparse_decode_cpu(query, key, value, indices, *, scaling, attention_mask=Non
         out.data_ptr(), out.stride(0), out.stride(1),
         B, Hi, Hq // Hi, K, n, D,
         float(scaling), float(softcap or 0.0), _DTYPES[query.dtype], torch.get_num_threads())
-    if status == 1:
-        raise ValueError(f"the CPU kernel takes head dims up to 1024, got {D}")
-    if status:
-        raise MemoryError("the CPU kernel could not allocate its scratch")
+    _raise_for(status, f"the CPU kernel takes head dims up to 1024, got {D}")
     return out
 
 
@@ -245,10 +250,7 @@ def quest_decode_cpu(query, key, value, kmin, kmax, *, page: int, sink: int, loc
         B, index_heads, h // index_heads, hk, n, D, page, sink, local, -(-budget // page),
         n if fold_from is None else fold_from,
         float(scaling), float(softcap or 0.0), _DTYPES[query.dtype], torch.get_num_threads())
-    if status == 1:
-        raise ValueError(f"the CPU kernel takes head dims up to 1024, got {D}")
-    if status:
-        raise MemoryError("the CPU kernel could not allocate its scratch")
+    _raise_for(status, f"the CPU kernel takes head dims up to 1024, got {D}")
     return out, selected
 
 
@@ -287,10 +289,7 @@ def double_sparsity_decode_cpu(query, key, value, labels, channels, *, sink: int
         B, index_heads, h // index_heads, hk, n, D, r, sink, local, budget,
         n if fold_from is None else fold_from,
         float(scaling), float(softcap or 0.0), _DTYPES[query.dtype], torch.get_num_threads())
-    if status == 1:
-        raise ValueError(f"the CPU kernel takes head dims up to 1024 and 1 <= r <= D, got D={D}, r={r}")
-    if status:
-        raise MemoryError("the CPU kernel could not allocate its scratch")
+    _raise_for(status, f"the CPU kernel takes head dims up to 1024 and 1 <= r <= D, got D={D}, r={r}")
     return out, selected
 
 
