@@ -155,11 +155,6 @@ class GrowBuffer:
             grown[:, :, : self.length] = self.data[:, :, : self.length]
             self.data = grown
 
-    def extend_to(self, length: int) -> None:
-        """Hold `length` rows; rows past the old length are uninitialised until the caller writes them."""
-        self.ensure(length)
-        self.length = max(self.length, length)
-
     def append(self, rows: torch.Tensor) -> None:
         self.ensure(self.length + rows.shape[2])
         self.data[:, :, self.length: self.length + rows.shape[2]] = rows

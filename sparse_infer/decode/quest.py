@@ -111,16 +111,18 @@ def select_and_attend_cpu(inp: GroupInputs, rule, state: dict, value: torch.Tens
     from sparse_infer.kernels.cpu_decode import quest_decode_cpu
 
     page, n = rule.page, inp.n
+    pages = -(-n // page)
     held = state.get("n")
     if inp.fresh or held is None or held >= n:
         update_bounds(inp, rule, state)          # a new sequence: bounds from the whole K
         held = n
-    else:                                        # the C call folds keys [held, n) in
-        for bounds in (state["kmin"], state["kmax"]):
-            bounds.extend_to(-(-n // page))
-    result = quest_decode_cpu(inp.query, inp.key, value, state["kmin"].view(), state["kmax"].view(),
+    kmin, kmax = state["kmin"], state["kmax"]
+    for bounds in (kmin, kmax):                  # the C call folds keys [held, n) in, new pages too
+        bounds.ensure(pages)
+    result = quest_decode_cpu(inp.query, inp.key, value, kmin.data[:, :, :pages], kmax.data[:, :, :pages],
                               page=page, sink=rule.sink, local=rule.local, budget=rule.budget.resolve(n),
                               scaling=inp.scaling, softcap=inp.softcap, index_heads=inp.index_heads,
                               fold_from=held)
+    kmin.length = kmax.length = pages            # only once the new rows are written
     state["n"] = n
     return result

@@ -323,6 +323,12 @@ static void attend(int b, int64_t kvh, int h0, const int64_t *ids,
 #undef ATTEND
 }
 
+/* Threads for `tasks` independent (batch row, index row) tasks: no more than there are tasks. */
+static inline int team_size(int num_threads, int tasks) {
+    if (num_threads > tasks) num_threads = tasks;
+    return num_threads < 1 ? 1 : num_threads;
+}
+
 /* Returns 0 on success, 1 on bad sizes, 2 when scratch could not be allocated. */
 int sparse_decode_rows(const void *q, int64_t q_sb, int64_t q_sh,
                        const void *k, int64_t k_sb, int64_t k_sh, int64_t k_sn,
@@ -336,8 +342,7 @@ int sparse_decode_rows(const void *q, int64_t q_sb, int64_t q_sh,
     if (D > MAX_D || D <= 0 || G <= 0 || K <= 0 || dtype < 0 || dtype > 2) return 1;
     int failed = 0;
     int tasks = B * Hi;
-    if (num_threads > tasks) num_threads = tasks;
-    if (num_threads < 1) num_threads = 1;
+    num_threads = team_size(num_threads, tasks);
     size_t scratch_floats = (size_t)G * ((size_t)K + 2 * (size_t)D + 1) + (ROW_BLOCK + 1) * (size_t)D;
 #pragma omp parallel num_threads(num_threads) reduction(| : failed)
     {
@@ -525,8 +530,7 @@ int quest_decode_rows(const void *q, int64_t q_sb, int64_t q_sh,
     const int64_t max_keys = lo + (n - hi) + take * page;
     int failed = 0;
     int tasks = B * Hi;
-    if (num_threads > tasks) num_threads = tasks;
-    if (num_threads < 1) num_threads = 1;
+    num_threads = team_size(num_threads, tasks);
     /* bounds G * eligible, score eligible + 1, query G * D, attention G * (max_keys + 2D + 1) */
     size_t floats = (size_t)G * (size_t)eligible + (size_t)eligible + 1 + (size_t)G * (size_t)D
                     + (size_t)G * ((size_t)max_keys + 2 * (size_t)D + 1) + (2 * ROW_BLOCK + 1) * (size_t)D;
@@ -647,8 +651,7 @@ int ds_decode_rows(const void *q, int64_t q_sb, int64_t q_sh,
     const int64_t max_keys = lo + (n - hi) + take;
     int failed = 0;
     int tasks = B * Hi;
-    if (num_threads > tasks) num_threads = tasks;
-    if (num_threads < 1) num_threads = 1;
+    num_threads = team_size(num_threads, tasks);
     /* approx G * n, score n, query G * D, label query G * R, label rows ROW_BLOCK * R,
      * attention G * (max_keys + 2D + 1) + (ROW_BLOCK + 1) * D */
     size_t floats = (size_t)G * (size_t)n + (size_t)n + (size_t)G * (size_t)D + (size_t)G * (size_t)R

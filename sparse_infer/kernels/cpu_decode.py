@@ -216,6 +216,36 @@ def sparse_decode_cpu(query, key, value, indices, *, scaling, attention_mask=Non
     return out
 
 
+def _check_fused_step(query, key, index_heads: int, fold_from) -> None:
+    """The checks every fused method step shares: the index rows' layout and fold_from's range."""
+    h, hk, n = query.shape[1], key.shape[1], key.shape[2]
+    if h % index_heads or index_heads % hk:
+        raise ValueError(f"index_heads={index_heads} must divide h={h} and be a multiple of hk={hk}")
+    if fold_from is not None and not 0 <= fold_from <= n:
+        raise ValueError(f"fold_from must be in [0, n={n}], got {fold_from}")
+
+
+def _fused_step(entry, query, key, value, side_args: tuple, method_args: tuple, *, index_heads: int, fold_from,
+                scaling: float, softcap, bad_sizes: str):
+    """Call a fused method's C entry point, whose arguments are: the query, the method's side
+    state (`side_args`), K, V, the output, the per-row key counts, B Hi G Hkv n D, the method's
+    sizes (`method_args`), fold_from, scaling, softcap, dtype and threads.
+    Returns (out (B, h, 1, D), keys read (B, index_heads))."""
+    B, h, D = query.shape
+    hk, n = key.shape[1], key.shape[2]
+    q = query if query.stride(-1) == 1 else query.contiguous()
+    out = torch.empty(B, h, 1, D, dtype=query.dtype)
+    selected = torch.empty(B, index_heads, dtype=torch.int64)
+    status = entry(
+        q.data_ptr(), q.stride(0), q.stride(1), *side_args,
+        key.data_ptr(), *_strides3(key), value.data_ptr(), *_strides3(value),
+        out.data_ptr(), out.stride(0), out.stride(1), selected.data_ptr(),
+        B, index_heads, h // index_heads, hk, n, D, *method_args, n if fold_from is None else fold_from,
+        float(scaling), float(softcap or 0.0), _DTYPES[query.dtype], torch.get_num_threads())
+    _raise_for(status, bad_sizes)
+    return out, selected
+
+
 def quest_decode_cpu(query, key, value, kmin, kmax, *, page: int, sink: int, local: int, budget: int,
                      scaling: float, softcap=None, index_heads: int, fold_from: int | None = None):
     """Quest's page choice and the attention over it in one C call, for a step with no mask.
@@ -228,30 +258,18 @@ def quest_decode_cpu(query, key, value, kmin, kmax, *, page: int, sink: int, loc
 
     fold_from: the bounds hold keys [0, fold_from) only; keys [fold_from, n) are folded into
     them first, in place (a page that starts there is written whole). None: they hold all n."""
-    B, h, D = query.shape
+    B, _, D = query.shape
     hk, n = key.shape[1], key.shape[2]
     pages = -(-n // page)
-    if h % index_heads or index_heads % hk:
-        raise ValueError(f"index_heads={index_heads} must divide h={h} and be a multiple of hk={hk}")
+    _check_fused_step(query, key, index_heads, fold_from)
     if tuple(kmin.shape) != (B, hk, pages, D) or kmax.shape != kmin.shape:
         raise ValueError(f"page bounds must be (B, hk, {pages}, D), got {tuple(kmin.shape)}")
-    if fold_from is not None and not 0 <= fold_from <= n:
-        raise ValueError(f"fold_from must be in [0, n={n}], got {fold_from}")
     _refuse_unsupported(query, key, value, kmin, kmax)
-    lib = _library()
-    q = query if query.stride(-1) == 1 else query.contiguous()
-    out = torch.empty(B, h, 1, D, dtype=query.dtype)
-    selected = torch.empty(B, index_heads, dtype=torch.int64)
-    status = lib.quest_decode_rows(
-        q.data_ptr(), q.stride(0), q.stride(1),
-        kmin.data_ptr(), *_strides3(kmin), kmax.data_ptr(), *_strides3(kmax),
-        key.data_ptr(), *_strides3(key), value.data_ptr(), *_strides3(value),
-        out.data_ptr(), out.stride(0), out.stride(1), selected.data_ptr(),
-        B, index_heads, h // index_heads, hk, n, D, page, sink, local, -(-budget // page),
-        n if fold_from is None else fold_from,
-        float(scaling), float(softcap or 0.0), _DTYPES[query.dtype], torch.get_num_threads())
-    _raise_for(status, f"the CPU kernel takes head dims up to 1024, got {D}")
-    return out, selected
+    return _fused_step(_library().quest_decode_rows, query, key, value,
+                       (kmin.data_ptr(), *_strides3(kmin), kmax.data_ptr(), *_strides3(kmax)),
+                       (page, sink, local, -(-budget // page)), index_heads=index_heads, fold_from=fold_from,
+                       scaling=scaling, softcap=softcap,
+                       bad_sizes=f"the CPU kernel takes head dims up to 1024, got {D}")
 
 
 def double_sparsity_decode_cpu(query, key, value, labels, channels, *, sink: int, local: int, budget: int,
@@ -264,33 +282,22 @@ def double_sparsity_decode_cpu(query, key, value, labels, channels, *, sink: int
     query head. Chooses what double_sparsity.select chooses (the sinks, the local window and the
     `budget` best keys by approximate score, or by the group's summed softmaxes of it) and
     attends to exactly those keys. Returns (out (B, h, 1, D), keys read (B, index_heads))."""
-    B, h, D = query.shape
+    B, _, D = query.shape
     hk, n = key.shape[1], key.shape[2]
-    if h % index_heads or index_heads % hk:
-        raise ValueError(f"index_heads={index_heads} must divide h={h} and be a multiple of hk={hk}")
+    _check_fused_step(query, key, index_heads, fold_from)
     r = channels.shape[-1]
     if tuple(labels.shape) != (B, hk, n, r) or tuple(channels.shape) != (B, hk, r):
         raise ValueError(f"labels must be (B, hk, n, r) = {(B, hk, n, r)} and channels (B, hk, r), "
                          f"got {tuple(labels.shape)} and {tuple(channels.shape)}")
     if channels.dtype != torch.int64 or channels.stride(-1) != 1:
         raise ValueError("channels must be int64 with unit last stride")
-    if fold_from is not None and not 0 <= fold_from <= n:
-        raise ValueError(f"fold_from must be in [0, n={n}], got {fold_from}")
     _refuse_unsupported(query, key, value, labels)
-    lib = _library()
-    q = query if query.stride(-1) == 1 else query.contiguous()
-    out = torch.empty(B, h, 1, D, dtype=query.dtype)
-    selected = torch.empty(B, index_heads, dtype=torch.int64)
-    status = lib.ds_decode_rows(
-        q.data_ptr(), q.stride(0), q.stride(1),
-        labels.data_ptr(), *_strides3(labels), channels.data_ptr(), channels.stride(0), channels.stride(1),
-        key.data_ptr(), *_strides3(key), value.data_ptr(), *_strides3(value),
-        out.data_ptr(), out.stride(0), out.stride(1), selected.data_ptr(),
-        B, index_heads, h // index_heads, hk, n, D, r, sink, local, budget,
-        n if fold_from is None else fold_from,
-        float(scaling), float(softcap or 0.0), _DTYPES[query.dtype], torch.get_num_threads())
-    _raise_for(status, f"the CPU kernel takes head dims up to 1024 and 1 <= r <= D, got D={D}, r={r}")
-    return out, selected
+    return _fused_step(_library().ds_decode_rows, query, key, value,
+                       (labels.data_ptr(), *_strides3(labels), channels.data_ptr(), channels.stride(0),
+                        channels.stride(1)),
+                       (r, sink, local, budget), index_heads=index_heads, fold_from=fold_from,
+                       scaling=scaling, softcap=softcap,
+                       bad_sizes=f"the CPU kernel takes head dims up to 1024 and 1 <= r <= D, got D={D}, r={r}")
 
 
 def _fingerprint_args(key: torch.Tensor):
