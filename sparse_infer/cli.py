@@ -44,24 +44,51 @@ def _table(rows, columns, title):
     console.print(table)
 
 
+def _model_config(model: str):
+    from transformers import AutoConfig
+
+    from sparse_infer.models import resolve_spec
+    directory, gguf = resolve_spec(model)
+    return AutoConfig.from_pretrained(directory, **({"gguf_file": gguf} if gguf else {}))
+
+
 @plan_app.command("check")
 def plan_check(plan: str, model: Optional[str] = typer.Option(None, help="check against this model's config")):
     """Validate a plan (optionally against a model); exits 1 with the bad field's path."""
     from sparse_infer.plan import PlanError, load_plan
 
-    config = None
-    if model:
-        from transformers import AutoConfig
-
-        from sparse_infer.models import resolve_spec
-        directory, gguf = resolve_spec(model)
-        config = AutoConfig.from_pretrained(directory, **({"gguf_file": gguf} if gguf else {}))
+    config = _model_config(model) if model else None
     try:
         load_plan(plan, config)
     except PlanError as exc:
         console.print(f"[red]invalid plan[/red] {exc}")
         raise typer.Exit(1)
     console.print(f"[green]ok[/green] {plan}")
+
+
+@plan_app.command("preset")
+def plan_preset(
+    name: str = typer.Argument(..., help="dense, a_shape, vertical_slash or block"),
+    model: str = typer.Option(..., help="model whose shape the plan is written for"),
+    out: str = typer.Option(..., help="YAML file to write (refused if it exists)"),
+    min_seq_len: int = typer.Option(4096, help="shorter prompts prefill densely"),
+    min_kv_len: int = typer.Option(4096, help="shorter caches decode densely"),
+):
+    """Write a preset as an editable plan file, e.g. with a lower dense threshold."""
+    from pathlib import Path
+
+    from sparse_infer.plan import PlanError, preset
+
+    if Path(out).exists():
+        console.print(f"[red]refused[/red] {out} exists")
+        raise typer.Exit(1)
+    try:
+        plan = preset(name, _model_config(model), min_seq_len=min_seq_len, min_kv_len=min_kv_len)
+    except PlanError as exc:
+        console.print(f"[red]invalid[/red] {exc}")
+        raise typer.Exit(1)
+    plan.save(out)
+    console.print(f"[green]wrote[/green] {out}")
 
 
 @bench_app.command("prefill")

@@ -135,7 +135,8 @@ def _estimator(value, path):
 REQUIRED = object()
 PREFILL_PATTERNS: dict[str, dict[str, tuple]] = {
     "dense": {},
-    "a_shape": {"sink": (_pos_int, 128), "local": (_pos_int, 1024)},
+    "a_shape": {"sink": (_pos_int, 128), "local": (_pos_int, 1024),
+                "dense_tail": (_nonneg_int, 0)},  # last rows of the call see every key
     "vertical_slash": {
         "vertical": (parse_budget, REQUIRED),
         "slash": (parse_budget, REQUIRED),
@@ -471,7 +472,9 @@ def preset(name: str, model_config, min_seq_len: int = 4096, min_kv_len: int = 4
     spec = model_spec_from_config(model_config)
     defaults = {
         "dense": {"pattern": "dense"},
-        "a_shape": {"pattern": "a_shape", "sink": 128, "local": 1024},
+        # the dense tail lets the prompt's last rows (the question) reach the middle; without
+        # it this preset lost 10.5 points to dense on RULER at SmolLM2 8K (docs/RESULTS.md)
+        "a_shape": {"pattern": "a_shape", "sink": 128, "local": 1024, "dense_tail": 128},
         # slash lines become whole kv blocks in the executor, so their budget is kept small
         "vertical_slash": {"pattern": "vertical_slash", "vertical": {"frac": 0.03, "min": 256, "max": 2048},
                            "slash": {"frac": 0.02, "min": 256, "max": 2048}},

@@ -61,6 +61,7 @@ def _bad(mutate):
     (lambda r: r["prefill"]["layers"][1].update({2: {"pattern": "vertical_slash", "vertical": 0, "slash": 5}}),
      "prefill.layers.1.2.vertical", "positive"),
     (lambda r: r["prefill"]["layers"][1][0].update(window=5), "prefill.layers.1.0.window", "unknown key"),
+    (lambda r: r["prefill"]["layers"][1][0].update(dense_tail=-1), "prefill.layers.1.0.dense_tail", "non-negative"),
     (lambda r: r["decode"]["default"].update(budget=-3), "decode.default.budget", "positive"),
     (lambda r: r["decode"]["layers"][1][3]["budget"].update(frac=1.5), "decode.layers.1.3.budget.frac", "(0, 1]"),
     (lambda r: r["decode"]["default"].pop("budget"), "decode.default.budget", "missing"),
@@ -112,6 +113,8 @@ def test_presets_validate_against_config(name):
     assert plan_from_dict(plan.to_dict()).to_dict() == plan.to_dict()
     if name != "dense":
         assert plan.prefill.rule(0, 0).kind == "dense"
+    if name == "a_shape":
+        assert plan.prefill.default.params["dense_tail"] == 128
 
 
 def test_preset_unknown():
@@ -141,3 +144,25 @@ def test_shipped_plans_load_by_name_and_fit_their_model(name, shape):
     for layer in range(shape["num_hidden_layers"]):
         rules = [repr(plan.decode.rule(layer, h)) for h in range(shape["num_attention_heads"])]
         assert all(len(set(rules[j:j + G])) == 1 for j in range(0, len(rules), G))
+
+
+def test_plan_preset_cli_writes_an_editable_plan_and_refuses_bad_input(tmp_path):
+    from typer.testing import CliRunner
+
+    from sparse_infer.cli import app
+    tiny_config("qwen2").save_pretrained(tmp_path / "m")
+    out = tmp_path / "a.yaml"
+    args = ["plan", "preset", "a_shape", "--model", str(tmp_path / "m"), "--out", str(out)]
+    res = CliRunner().invoke(app, [*args, "--min-seq-len", "1024"])
+    assert res.exit_code == 0, res.output
+    plan = load_plan(out, tiny_config("qwen2"))
+    assert plan.prefill.min_len == 1024 and plan.decode.min_len == 4096
+    assert plan.to_dict()["prefill"] == preset("a_shape", tiny_config("qwen2"), min_seq_len=1024).to_dict()["prefill"]
+    written = out.read_text()
+    res = CliRunner().invoke(app, args)                          # an existing file is never overwritten
+    assert res.exit_code == 1 and "exists" in res.output and out.read_text() == written
+    res = CliRunner().invoke(app, ["plan", "preset", "hexagon", "--model", str(tmp_path / "m"),
+                                   "--out", str(tmp_path / "b.yaml")])
+    assert res.exit_code == 1 and "unknown preset" in res.output and not (tmp_path / "b.yaml").exists()
+    res = CliRunner().invoke(app, [*args[:-1], str(tmp_path / "c.yaml"), "--min-seq-len", "-5"])
+    assert res.exit_code == 1 and "prefill.min_seq_len" in res.output and not (tmp_path / "c.yaml").exists()

@@ -12,6 +12,7 @@ from sparse_infer.prefill.common import Geometry
 
 RULES = {
     "a_shape": {"pattern": "a_shape", "sink": 40, "local": 100},
+    "a_shape_tail": {"pattern": "a_shape", "sink": 40, "local": 100, "dense_tail": 40},
     "vertical_slash": {"pattern": "vertical_slash", "vertical": 30, "slash": 20, "last_q": 32, "sink": 8, "local": 8},
     "block_topk": {"pattern": "block", "top_k": 3},
     "block_coverage": {"pattern": "block", "coverage": 0.7},
@@ -82,6 +83,23 @@ def test_a_shape_covers_token_level_a_shape():
     token_a_shape = (cols <= rows) & ((cols < 40) | (rows - cols < 100))
     assert bool((sel[0, 0] | ~token_a_shape).all())
     assert index_density(index, n, n) < 0.5      # and it really is sparse (about 7 of 32 blocks)
+
+
+def test_a_shape_dense_tail_rows_see_every_key_and_others_keep_the_window():
+    n, bs = 1000, 32
+    q, k, v = _inputs(1, 2, 2, n, n)
+    plain = build_index(parse_rule(RULES["a_shape"], "t", "prefill"), q, k, block_size=bs, scaling=0.25)
+    tailed = build_index(parse_rule(RULES["a_shape_tail"], "t", "prefill"), q, k, block_size=bs, scaling=0.25)
+    sel_plain, sel_tail = index_to_mask(plain, n, n, 2)[0, 0], index_to_mask(tailed, n, n, 2)[0, 0]
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    assert bool((sel_tail[n - 40:] == causal[n - 40:]).all())       # the last 40 rows are dense causal
+    first_tail_block_row = (n - 40) // bs * bs
+    assert bool((sel_tail[:first_tail_block_row] == sel_plain[:first_tail_block_row]).all())
+    assert not bool(sel_plain[n - 1, 200:700].any())                  # without the tail the middle is out of reach
+    # the tail rows' outputs are dense attention's
+    out = block_sparse_attention_torch(q, k, v, tailed, scaling=0.25)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.25)
+    torch.testing.assert_close(out[:, :, n - 40:], ref[:, :, n - 40:], atol=1e-5, rtol=1e-5)
 
 
 def test_vertical_slash_finds_planted_column_and_diagonal():
