@@ -149,6 +149,7 @@ PREFILL_PATTERNS: dict[str, dict[str, tuple]] = {
         "coverage": (_fraction, None),     # or: smallest set reaching this estimated mass
         "estimator": (_estimator, "pooled"),
         "stride": (_pos_int, 8),           # antidiagonal stride
+        "dense_tail": (_nonneg_int, 0),    # last rows of the call see every key
     },
 }
 DECODE_METHODS: dict[str, dict[str, tuple]] = {
@@ -473,12 +474,13 @@ def preset(name: str, model_config, min_seq_len: int = 4096, min_kv_len: int = 4
     defaults = {
         "dense": {"pattern": "dense"},
         # the dense tail lets the prompt's last rows (the question) reach the middle; without
-        # it this preset lost 10.5 points to dense on RULER at SmolLM2 8K (docs/RESULTS.md)
+        # it these presets lost 10.5 (a_shape) and 7.9 (block) points to dense on RULER at
+        # SmolLM2 8K (docs/RESULTS.md)
         "a_shape": {"pattern": "a_shape", "sink": 128, "local": 1024, "dense_tail": 128},
         # slash lines become whole kv blocks in the executor, so their budget is kept small
         "vertical_slash": {"pattern": "vertical_slash", "vertical": {"frac": 0.03, "min": 256, "max": 2048},
                            "slash": {"frac": 0.02, "min": 256, "max": 2048}},
-        "block": {"pattern": "block", "coverage": 0.95},
+        "block": {"pattern": "block", "coverage": 0.95, "dense_tail": 128},
     }
     raw = {
         "sparse_infer_plan": PLAN_VERSION,

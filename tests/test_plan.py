@@ -113,7 +113,7 @@ def test_presets_validate_against_config(name):
     assert plan_from_dict(plan.to_dict()).to_dict() == plan.to_dict()
     if name != "dense":
         assert plan.prefill.rule(0, 0).kind == "dense"
-    if name == "a_shape":
+    if name in ("a_shape", "block"):
         assert plan.prefill.default.params["dense_tail"] == 128
 
 

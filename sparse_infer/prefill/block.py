@@ -4,7 +4,9 @@ carry the estimated attention mass of each query block.
 Block scores come from mean-pooled q/k ("pooled") or from strided antidiagonal
 sums ("antidiagonal", XAttention), then either the top `top_k` blocks or the
 smallest set reaching `coverage` of the estimated mass are kept, always with the
-sink and diagonal blocks.
+sink and diagonal blocks. `dense_tail` > 0 makes the query blocks holding the last
+`dense_tail` rows dense (common.dense_tail_blocks): a pooled estimate of the question's
+block can miss the one kv block holding a needle.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from sparse_infer.prefill.common import (
-    Geometry, block_mask_to_index, group_mean, key_start, repeat_kv, sink_and_diagonal_blocks,
+    Geometry, block_mask_to_index, dense_tail_blocks, group_mean, key_start, repeat_kv, sink_and_diagonal_blocks,
 )
 
 
@@ -95,5 +97,6 @@ def block_index(query, key, rule, *, block_size, scaling, attention_mask=None, g
     mass = group_mean(mass, num_kv, granularity)
     keep = select_blocks(mass, top_k=p["top_k"], coverage=p["coverage"], nkb=geo.nkb)
     keep |= sink_and_diagonal_blocks(geo, start, 1)
+    keep |= dense_tail_blocks(geo, p["dense_tail"], device)
     keep &= geo.causal_blocks(device)[None, None]
     return block_mask_to_index(keep, block_size)

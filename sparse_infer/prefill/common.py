@@ -98,3 +98,14 @@ def sink_and_diagonal_blocks(geo: Geometry, start: torch.Tensor, sink_tokens: in
     diag = torch.arange(geo.first, geo.first + geo.nqb, device=device)
     diag_mask = kb[None, :] == diag[:, None]
     return (sink[:, None, :] | diag_mask[None]) [:, None] & geo.causal_blocks(device)[None, None]
+
+
+def dense_tail_blocks(geo: Geometry, tail: int, device) -> torch.Tensor:
+    """bool (NQB, NKB): every causal block for the query blocks holding the call's last `tail` rows.
+
+    Those rows carry the question of a long prompt. A pattern that keeps only local or
+    estimated blocks can leave them unable to reach a fact in the middle of the context.
+    """
+    _, qend = geo.query_block_ranges(device)
+    return (qend > geo.n - tail)[:, None] & geo.causal_blocks(device) if tail > 0 else \
+        torch.zeros(geo.nqb, geo.nkb, dtype=torch.bool, device=device)
