@@ -14,6 +14,9 @@ FULL_RULES = {
     "a_shape": {"pattern": "a_shape", "sink": 64, "local": 100000},
     "vertical_slash": {"pattern": "vertical_slash", "vertical": 100000, "slash": 100000, "last_q": 16},
     "block": {"pattern": "block", "top_k": 100000},
+    # narrow patterns whose dense tail covers every row
+    "a_shape_tail": {"pattern": "a_shape", "sink": 32, "local": 32, "dense_tail": 100000},
+    "block_tail": {"pattern": "block", "top_k": 1, "dense_tail": 100000},
 }
 
 
