@@ -126,13 +126,19 @@ def parse_dtype(name: str):
     return getattr(torch, name)
 
 
-def _load(model: str, dtype=None) -> tuple[Any, Any]:
+# one --dtype option for every command that loads a model
+DtypeOption = Annotated[str, typer.Option(
+    "--dtype", help="Weights and activations: float32, bfloat16 or float16 (dense and plan alike).")]
+
+
+def _load(model: str, dtype_name: str) -> tuple[Any, Any]:
+    dtype = parse_dtype(dtype_name)     # refused before any model work
     try:
         from sparse_infer import load_model
     except ImportError as e:
         raise _fail(f"sparse_infer.load_model is not available ({e})") from None
     with console.status(f"loading {model} ..."):
-        return load_model(model) if dtype is None else load_model(model, dtype=dtype)
+        return load_model(model, dtype=dtype)
 
 
 def _check_model(model: Any, lengths: list[int], plans: dict[str, Any]) -> None:
@@ -180,8 +186,7 @@ def ruler_cmd(
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for the synthetic prompts.")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Skip samples already in OUT/results.json.")] = False,
-    dtype: Annotated[str, typer.Option(
-        "--dtype", help="Weights and activations: float32, bfloat16 or float16 (dense and plan alike).")] = "float32",
+    dtype: DtypeOption = "float32",
 ) -> None:
     """Run RULER synthetic tasks (and optional QA data) under PLAN, optionally next to dense."""
     from sparse_infer.eval import ruler, runner
@@ -193,8 +198,7 @@ def ruler_cmd(
         if data is not None and not data.is_file():
             raise EvalError(f"data file not found: {data}")
         plans = build_plans(plan, compare)
-        torch_dtype = parse_dtype(dtype)
-        m, tok = _load(model, torch_dtype)
+        m, tok = _load(model, dtype)
         _check_model(m, length_list, plans)
         all_samples: list[dict] = []
         if task_list:
@@ -230,8 +234,7 @@ def needle_cmd(
     samples: Annotated[int, typer.Option("--samples", min=1, help="Prompts per grid cell.")] = 1,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Skip cells already in OUT/results.json.")] = False,
-    dtype: Annotated[str, typer.Option(
-        "--dtype", help="Weights and activations: float32, bfloat16 or float16 (dense and plan alike).")] = "float32",
+    dtype: DtypeOption = "float32",
 ) -> None:
     """Needle-in-a-haystack grid (length x depth) under PLAN and a heatmap PNG."""
     from sparse_infer.eval import needle, runner
@@ -248,8 +251,7 @@ def needle_cmd(
         # A shipped plan is shown under the model's name, as it is named in the docs.
         label = model if plan is None and chosen != FALLBACK_PLAN else None
         plans = build_plans(chosen, compare, label)
-        torch_dtype = parse_dtype(dtype)
-        m, tok = _load(model, torch_dtype)
+        m, tok = _load(model, dtype)
         _check_model(m, length_list, plans)
         result = needle.run_needle(
             m,
