@@ -463,7 +463,7 @@ def run_eval(
                 doc["plans"][name]["records"].append(rec)
                 doc["summary"] = summarize(doc)
                 _write_json(path, doc)
-                bar.advance(_weight(sample))
+                bar.advance(_weight(sample), f"score {rec['score']:.1f}, {seconds:.0f} s")
     finally:
         if patched:
             _apply_plan(model, None)
@@ -480,12 +480,17 @@ def _weight(sample: Mapping[str, Any]) -> int:
 
 
 class _Progress:
-    """rich progress bar (weighted by prompt tokens) or nothing."""
+    """rich progress bar (weighted by prompt tokens), a line per sample where the
+    console is not a terminal (logs of long runs under nohup), or nothing."""
 
     def __init__(self, enabled: bool, total: int, count: int):
         self.enabled = enabled and count > 0
         self.count = count
         self.done = 0
+        self.total = total
+        self.done_weight = 0
+        self.description = ""
+        self.started = time.perf_counter()
         if self.enabled:
             from rich.progress import (
                 BarColumn,
@@ -515,13 +520,32 @@ class _Progress:
             self._p.__exit__(*exc)
 
     def describe(self, text: str) -> None:
+        self.description = text
         if self.enabled:
             self._p.update(self._task, description=text)
 
-    def advance(self, weight: int) -> None:
+    def advance(self, weight: int, result: str = "") -> None:
         self.done += 1
-        if self.enabled:
-            self._p.update(self._task, advance=weight, samples=f"{self.done}/{self.count}")
+        self.done_weight += weight
+        if not self.enabled:
+            return
+        self._p.update(self._task, advance=weight, samples=f"{self.done}/{self.count}")
+        if not self._p.console.is_terminal:
+            # rich draws no live bar into a file or pipe: print one line per sample instead
+            elapsed = time.perf_counter() - self.started
+            eta = elapsed * (self.total - self.done_weight) / max(self.done_weight, 1)
+            self._p.console.print(
+                f"{self.done}/{self.count} {self.description}: {result}; "
+                f"elapsed {_clock(elapsed)}, ETA {_clock(eta)}",
+                highlight=False,
+                soft_wrap=True,
+            )
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
 
 
 # ---------------------------------------------------------------------------

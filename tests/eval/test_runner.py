@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from rich.console import Console
@@ -58,9 +59,17 @@ def test_run_eval_dense_and_sparse(tmp_path, tokenizer, tiny_llama, samples, spa
     assert "dense" in text and "Δ sparse" in text and "average" in text and "niah_single_1" in text
 
 
-def test_dense_only_needs_no_patch_layer(tmp_path, tokenizer, tiny_llama, samples):
+def test_dense_only_needs_no_patch_layer(tmp_path, tokenizer, tiny_llama, samples, capsys):
     rows = runner.run_eval(tiny_llama, tokenizer, samples[:2], {"dense": None}, tmp_path, progress=True)
     assert [r["plan"] for r in rows] == ["dense", "dense"]
+    # captured output is not a terminal: one progress line per finished sample, for logs
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if re.match(r"\d+/2 ", ln)]
+    records = json.loads((tmp_path / runner.RESULTS_FILE).read_text())["plans"]["dense"]["records"]
+    assert len(lines) == 2
+    for i, (line, rec) in enumerate(zip(lines, records), 1):
+        assert line.startswith(f"{i}/2 dense {rec['task']} @{rec['length']}: score {rec['score']:.1f}, ")
+        assert re.search(r"elapsed \d+:\d\d:\d\d, ETA \d+:\d\d:\d\d$", line)
+    assert lines[-1].endswith("ETA 0:00:00")
 
 
 def test_resume_skips_done_samples(tmp_path, tokenizer, tiny_llama, samples, monkeypatch):
