@@ -487,10 +487,6 @@ class _Progress:
         self.enabled = enabled and count > 0
         self.count = count
         self.done = 0
-        self.total = total
-        self.done_weight = 0
-        self.description = ""
-        self.started = time.perf_counter()
         if self.enabled:
             from rich.progress import (
                 BarColumn,
@@ -520,22 +516,23 @@ class _Progress:
             self._p.__exit__(*exc)
 
     def describe(self, text: str) -> None:
-        self.description = text
         if self.enabled:
             self._p.update(self._task, description=text)
 
     def advance(self, weight: int, result: str = "") -> None:
         self.done += 1
-        self.done_weight += weight
         if not self.enabled:
             return
         self._p.update(self._task, advance=weight, samples=f"{self.done}/{self.count}")
         if not self._p.console.is_terminal:
-            # rich draws no live bar into a file or pipe: print one line per sample instead
-            elapsed = time.perf_counter() - self.started
-            eta = elapsed * (self.total - self.done_weight) / max(self.done_weight, 1)
+            # rich draws no live bar into a file or pipe: print one line per sample instead.
+            # The ETA is the mean rate so far; rich's own estimate looks at the last 30 s
+            # only, and one long sample takes minutes.
+            task = self._p.tasks[0]  # the only task
+            elapsed = task.elapsed or 0.0
+            eta = elapsed * task.remaining / max(task.completed, 1)
             self._p.console.print(
-                f"{self.done}/{self.count} {self.description}: {result}; "
+                f"{self.done}/{self.count} {task.description}: {result}; "
                 f"elapsed {_clock(elapsed)}, ETA {_clock(eta)}",
                 highlight=False,
                 soft_wrap=True,
