@@ -26,7 +26,7 @@ def _pad_to_blocks(x, geo: Geometry, queries: bool):
     back = total - rows - front
     valid = torch.zeros(total, dtype=torch.bool, device=x.device)
     valid[front:front + rows] = True
-    return F.pad(x, (0, 0, front, back)), valid
+    return (F.pad(x, (0, 0, front, back)) if front or back else x), valid
 
 
 def pooled_block_scores(query, key, geo: Geometry, scaling, key_valid_blocks):
@@ -43,29 +43,54 @@ def pooled_block_scores(query, key, geo: Geometry, scaling, key_valid_blocks):
     return torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
 
 
+# score elements per chunk of the antidiagonal estimate: bounds its memory at long contexts
+# (unchunked it is (N/stride)^2 floats per head: 15 GB for 14 heads at 128K, stride 8)
+ANTIDIAGONAL_CHUNK_ELEMENTS = 1 << 24
+
+
 def antidiagonal_block_scores(query, key, geo: Geometry, scaling, key_valid_blocks, stride):
     """(B, Hq, NQB, NKB) block mass from strided antidiagonal sums (XAttention).
 
     Reshaping q with reversed strides against k with forward strides makes each
     reduced score the sum of `stride` entries along one antidiagonal, a cheap
-    probe that sees both vertical and slash structure inside a block.
+    probe that sees both vertical and slash structure inside a block. The reduced
+    rows go in chunks of query blocks, each scored only against the keys it can see:
+    that skips the masked upper half and bounds memory.
     """
     if geo.bs % stride:
         raise ValueError(f"block_size {geo.bs} must be a multiple of the antidiagonal stride {stride}")
     b, h, _, d = query.shape
+    hk = key.shape[1]
+    groups, per, sd = h // hk, geo.bs // stride, stride * d
     qp, qvalid = _pad_to_blocks(query.float(), geo, True)
     kp, kvalid = _pad_to_blocks(key.float(), geo, False)
-    qr = torch.cat([qp[:, :, stride - 1 - i::stride] for i in range(stride)], dim=-1)
-    kr = torch.cat([kp[:, :, i::stride] for i in range(stride)], dim=-1)
-    scores = qr @ repeat_kv(kr, h // key.shape[1]).transpose(-1, -2) * (scaling / stride)
-    per = geo.bs // stride
-    qrow = (geo.first * geo.bs) // stride + torch.arange(qr.shape[2], device=query.device)
-    kcol = torch.arange(kr.shape[2], device=query.device)
-    allowed = kcol[None, :] <= qrow[:, None]
-    allowed &= qvalid.view(-1, stride).any(-1)[:, None] & kvalid.view(-1, stride).any(-1)[None, :]
-    allowed = allowed[None, None] & key_valid_blocks.repeat_interleave(per, -1)[:, None, None, :]
-    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
-    mass = probs.view(b, h, geo.nqb, per, geo.nkb, per).sum((3, 5))
+    # sum_i q[r*s + s-1-i] . k[c*s + i] = sum_j q[r*s + j] . k[c*s + s-1-j]: reversing k (the
+    # smaller tensor under GQA) leaves q a plain view. Heads of one kv group go side by side,
+    # so that a chunk of rows is one contiguous (rows * groups, sd) matrix against its kv head.
+    # (splitting dims is a view for any strides: models hand q over as a transposed (b, n, h, d))
+    q_view = qp.unflatten(1, (hk, groups)).unflatten(3, (-1, stride)).permute(0, 1, 3, 2, 4, 5)
+    qr = torch.mul(q_view, scaling / stride, out=torch.empty(q_view.shape, device=query.device, dtype=torch.float32))
+    qr = qr.view(b, hk, -1, groups, sd)                                  # (b, hk, NQr, groups, sd)
+    kr = kp.view(b, hk, -1, stride, d).flip(3).reshape(b, hk, -1, sd)   # (b, hk, NKr, sd)
+    q_row_valid = qvalid.view(-1, stride).any(-1)
+    k_col_valid = kvalid.view(-1, stride).any(-1)[None, :] & key_valid_blocks.repeat_interleave(per, -1)
+    mass = torch.zeros(b, h, geo.nqb, geo.nkb, device=query.device)
+    chunk = min(max(1, -(-geo.nqb // 8)), max(1, ANTIDIAGONAL_CHUNK_ELEMENTS // (b * h * per * geo.nkb * per)))
+    lowest = torch.finfo(torch.float32).min
+    for qb0 in range(0, geo.nqb, chunk):
+        qb1 = min(qb0 + chunk, geo.nqb)
+        kb = geo.first + qb1                    # kv blocks this chunk can see (causal)
+        r0, r1, kc = qb0 * per, qb1 * per, kb * per
+        rows = r1 - r0
+        scores = qr[:, :, r0:r1].reshape(b, hk, rows * groups, sd) @ kr[:, :, :kc].transpose(-1, -2)
+        qrow = geo.first * per + torch.arange(r0, r1, device=query.device)
+        allowed = (torch.arange(kc, device=query.device)[None, :] <= qrow[:, None]) & q_row_valid[r0:r1, None]
+        allowed = allowed[None] & k_col_valid[:, None, :kc]                       # (b, rows, kc)
+        # lowest instead of -inf: a fully masked row (padding) gets finite values, zeroed below
+        scores.view(b, hk, rows, groups, kc).masked_fill_(~allowed[:, None, :, None, :], lowest)
+        probs = torch.softmax(scores, -1).view(b, hk, qb1 - qb0, per, groups, kb, per).sum(-1)
+        probs *= allowed.any(-1).view(b, 1, qb1 - qb0, per, 1, 1)
+        mass[:, :, qb0:qb1, :kb] = probs.sum(3).permute(0, 1, 3, 2, 4).reshape(b, h, qb1 - qb0, kb)
     return mass / mass.sum(-1, keepdim=True).clamp(min=1e-12)
 
 

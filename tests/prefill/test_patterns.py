@@ -8,6 +8,7 @@ from sparse_infer.kernels.block_sparse_attn import (
 )
 from sparse_infer.plan import parse_rule
 from sparse_infer.prefill import build_index
+from sparse_infer.prefill.block import antidiagonal_block_scores
 from sparse_infer.prefill.common import Geometry
 
 RULES = {
@@ -133,6 +134,58 @@ def test_block_coverage_keeps_mass_and_topk_counts():
     full = parse_rule({"pattern": "block", "coverage": 1.0}, "t", "prefill")
     index = build_index(full, q, k, block_size=32, scaling=0.25)
     assert index_density(index, 256, 256) == pytest.approx(1.0)
+
+
+def _antidiagonal_mass_by_definition(q, k, bs, stride, scaling, key_start):
+    """XAttention's block estimate written out from the full score matrix, one antidiagonal
+    offset at a time: reduced score (r, c) = sum_i S[r*stride + stride-1-i, c*stride + i]."""
+    b, hq, q_len, _ = q.shape
+    n = k.shape[2]
+    q0, nkb = n - q_len, -(-n // bs)
+    first = q0 // bs
+    qpos = torch.arange(first * bs, nkb * bs)                    # absolute rows of whole query blocks
+    s = torch.zeros(b, hq, len(qpos), nkb * bs)
+    full = q @ k.repeat_interleave(hq // k.shape[1], 1).transpose(-1, -2)
+    s[:, :, q0 - first * bs:q0 - first * bs + q_len, :n] = full
+    nr, nc = len(qpos) // stride, nkb * bs // stride
+    red = torch.zeros(b, hq, nr, nc)
+    for i in range(stride):
+        red += s[:, :, stride - 1 - i::stride, i::stride]
+    red *= scaling / stride
+    row_abs = qpos[::stride] // stride
+    row_real = ((qpos >= q0) & (qpos < n)).view(nr, stride).any(-1)
+    mass = torch.zeros(b, hq, len(qpos) // bs, nkb)
+    per = bs // stride
+    for bi in range(b):
+        col_ok = (torch.arange(nc) * stride < n) & (torch.arange(nc) // per * bs + bs > key_start[bi])
+        for r in range(nr):
+            ok = col_ok & (torch.arange(nc) <= row_abs[r])
+            if not (row_real[r] and ok.any()):
+                continue
+            p = torch.softmax(red[bi, :, r].masked_fill(~ok, float("-inf")), -1)
+            mass[bi, :, r // per] += p.view(hq, nkb, per).sum(-1)
+    return mass / mass.sum(-1, keepdim=True).clamp(min=1e-12)
+
+
+@pytest.mark.parametrize("b,hq,hkv,q_len,n,stride,key_start", [
+    (1, 4, 2, 200, 200, 4, [0]),          # n not a multiple of the block
+    (1, 8, 2, 70, 230, 8, [0]),           # chunked prefill: queries are the last 70 of 230 keys
+    (2, 4, 4, 190, 190, 4, [0, 37]),      # left padding in the second row
+    (1, 6, 1, 333, 333, 2, [0]),          # several chunks of query blocks
+    (1, 4, 2, 256, 256, 8, [0]),          # whole blocks: no padding copy
+])
+@pytest.mark.parametrize("layout", ["contiguous", "model"])
+def test_antidiagonal_estimate_matches_its_definition(b, hq, hkv, q_len, n, stride, key_start, layout):
+    q, k, _ = _inputs(b, hq, hkv, q_len, n)
+    if layout == "model":                 # attention modules pass (b, n, h, d) tensors transposed
+        q, k = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k))
+    bs = 32
+    geo = Geometry(q_len, n, bs)
+    start = torch.tensor(key_start)
+    key_valid_blocks = (torch.arange(geo.nkb) + 1)[None, :] * bs > start[:, None]
+    got = antidiagonal_block_scores(q, k, geo, 0.25, key_valid_blocks, stride)
+    want = _antidiagonal_mass_by_definition(q, k, bs, stride, 0.25, key_start)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name,rule", [
