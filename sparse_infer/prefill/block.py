@@ -10,6 +10,8 @@ block can miss the one kv block holding a needle.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -51,7 +53,7 @@ ANTIDIAGONAL_CHUNK_ELEMENTS = 1 << 24
 def antidiagonal_block_scores(query, key, geo: Geometry, scaling, key_valid_blocks, stride):
     """(B, Hq, NQB, NKB) block mass from strided antidiagonal sums (XAttention).
 
-    Reshaping q with reversed strides against k with forward strides makes each
+    Reshaping q with forward strides against k with reversed strides makes each
     reduced score the sum of `stride` entries along one antidiagonal, a cheap
     probe that sees both vertical and slash structure inside a block. The reduced
     rows go in chunks of query blocks, each scored only against the keys it can see:
@@ -75,12 +77,14 @@ def antidiagonal_block_scores(query, key, geo: Geometry, scaling, key_valid_bloc
     q_row_valid = qvalid.view(-1, stride).any(-1)
     k_col_valid = kvalid.view(-1, stride).any(-1)[None, :] & key_valid_blocks.repeat_interleave(per, -1)
     mass = torch.zeros(b, h, geo.nqb, geo.nkb, device=query.device)
-    chunk = min(max(1, -(-geo.nqb // 8)), max(1, ANTIDIAGONAL_CHUNK_ELEMENTS // (b * h * per * geo.nkb * per)))
+    # about 8 chunks already skip ~44% of the score matrix (the upper half, less the diagonal
+    # chunks); more only adds per-chunk overhead unless memory asks for smaller ones
+    chunk = min(math.ceil(geo.nqb / 8), max(1, ANTIDIAGONAL_CHUNK_ELEMENTS // (b * h * per * geo.nkb * per)))
     lowest = torch.finfo(torch.float32).min
     for qb0 in range(0, geo.nqb, chunk):
         qb1 = min(qb0 + chunk, geo.nqb)
         kb = geo.first + qb1                    # kv blocks this chunk can see (causal)
-        r0, r1, kc = qb0 * per, qb1 * per, kb * per
+        nq, r0, r1, kc = qb1 - qb0, qb0 * per, qb1 * per, kb * per
         rows = r1 - r0
         scores = qr[:, :, r0:r1].reshape(b, hk, rows * groups, sd) @ kr[:, :, :kc].transpose(-1, -2)
         qrow = geo.first * per + torch.arange(r0, r1, device=query.device)
@@ -88,9 +92,9 @@ def antidiagonal_block_scores(query, key, geo: Geometry, scaling, key_valid_bloc
         allowed = allowed[None] & k_col_valid[:, None, :kc]                       # (b, rows, kc)
         # lowest instead of -inf: a fully masked row (padding) gets finite values, zeroed below
         scores.view(b, hk, rows, groups, kc).masked_fill_(~allowed[:, None, :, None, :], lowest)
-        probs = torch.softmax(scores, -1).view(b, hk, qb1 - qb0, per, groups, kb, per).sum(-1)
-        probs *= allowed.any(-1).view(b, 1, qb1 - qb0, per, 1, 1)
-        mass[:, :, qb0:qb1, :kb] = probs.sum(3).permute(0, 1, 3, 2, 4).reshape(b, h, qb1 - qb0, kb)
+        probs = torch.softmax(scores, -1).view(b, hk, nq, per, groups, kb, per).sum(-1)
+        probs *= allowed.any(-1).view(b, 1, nq, per, 1, 1)
+        mass[:, :, qb0:qb1, :kb] = probs.sum(3).permute(0, 1, 3, 2, 4).reshape(b, h, nq, kb)
     return mass / mass.sum(-1, keepdim=True).clamp(min=1e-12)
 
 
