@@ -212,6 +212,8 @@ def ruler_cmd(
     except KeyboardInterrupt:
         raise _interrupted(out) from None
     console.print(runner.render_table(rows, title=f"RULER {model}"))
+    if len(plans) > 1:
+        _print_changes(runner.load_results(out))
     console.print(f"results: {out / runner.RESULTS_FILE}")
 
 
@@ -294,7 +296,15 @@ def merge_cmd(
     except EvalError as e:
         raise _fail(str(e)) from None
     console.print(runner.render_table(doc["summary"], title="merged results"))
+    _print_changes(doc)
     console.print(f"results: {out / runner.RESULTS_FILE}")
+
+
+def _print_changes(doc: dict) -> None:
+    from sparse_infer.eval import runner
+
+    for line in runner.describe_changes(*runner.changed_answers(doc)):
+        console.print(line, markup=False, highlight=False)
 
 
 def _main() -> None:  # pragma: no cover - convenience for `python -m sparse_infer.eval.cli`

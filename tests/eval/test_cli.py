@@ -272,6 +272,7 @@ def test_merge_common_keeps_the_samples_every_plan_finished(tmp_path, fake_load,
     got = runner.load_results(tmp_path / "c")
     ids = {name: [r["id"] for r in entry["records"]] for name, entry in got["plans"].items()}
     assert ids["dense"] == ids["vertical_slash"] == [r["id"] for r in runner.load_results(plan)["plans"]["vertical_slash"]["records"]]
+    assert "vertical_slash: every answer scores as dense's (1 sample in common)" in " ".join(res.output.split())
     assert {(row["plan"], row["task"], row["n"]) for row in got["summary"]} == {
         ("dense", "niah_single_1", 1), ("vertical_slash", "niah_single_1", 1)}
     other = tmp_path / "other"

@@ -172,6 +172,32 @@ def test_render_table_diff_and_order():
     assert "8192" in lines[3] and "-20.0" in lines[3] and "25%" in lines[3]
 
 
+def test_changed_answers_pairs_samples_by_prompt():
+    """Swaps that leave the average unchanged are listed; a sample whose prompt differs (same id,
+    other input_sha1) or that only one plan finished is not compared."""
+    def rec(sid, score, sha="s"):
+        return {"id": sid, "score": score, "input_sha1": sha + sid}
+
+    doc = {"plans": {
+        "vs": {"records": [rec("vt/8192/0", 0.0), rec("vt/8192/1", 100.0), rec("vt/8192/2", 40.0, sha="x"),
+                           rec("cwe/8192/0", 50.0)]},
+        "dense": {"records": [rec("vt/8192/0", 100.0), rec("vt/8192/1", 0.0), rec("vt/8192/2", 40.0),
+                              rec("cwe/8192/0", 50.0), rec("cwe/8192/1", 10.0)]},
+        "same": {"records": [rec("cwe/8192/0", 50.0)]},
+    }}
+    base, changes = runner.changed_answers(doc)
+    assert base == "dense"
+    assert changes["vs"] == {"common": 3, "lower": [("vt/8192/0", 100.0, 0.0)],
+                             "higher": [("vt/8192/1", 0.0, 100.0)], "other_prompt": 1}
+    assert changes["same"] == {"common": 1, "lower": [], "higher": [], "other_prompt": 0}
+    lines = runner.describe_changes(base, changes)
+    assert lines[0].startswith("vs: 2 of 3 samples score differently from dense: 1 lower, 1 higher")
+    assert "vt/8192/0 100→0" in lines[0] and "vt/8192/1 0→100" in lines[0] and "1 sample with the same id but another prompt" in lines[0]
+    assert lines[1] == "same: every answer scores as dense's (1 sample in common)"
+    base, changes = runner.changed_answers(doc, baseline="vs")
+    assert base == "vs" and changes["dense"]["lower"] == [("vt/8192/1", 100.0, 0.0)]
+
+
 def test_eval_runs_the_plan_as_written(tmp_path, tokenizer, tiny_llama, samples, sparse_plan, monkeypatch):
     # even where patch's "auto" would run every head dense on this machine, the eval measures the plan
     from sparse_infer.patches import attention
