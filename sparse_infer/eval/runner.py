@@ -592,7 +592,7 @@ def describe_changes(base: str | None, changes: Mapping[str, Mapping[str, Any]])
     """One line per plan: how many answers differ from the baseline's, and which."""
 
     def listing(items: Sequence[tuple]) -> str:
-        return ", ".join(f"{sid} {a:g}→{b:g}" for sid, a, b in items)
+        return ", ".join(f"{sid} {a:.4g}→{b:.4g}" for sid, a, b in items)
 
     def samples(n: int) -> str:
         return f"{n} sample" + ("" if n == 1 else "s")
