@@ -1,3 +1,7 @@
+"""Count the finished samples of RULER runs still under way: python runs/s11/progress.py runs/ruler_*
+
+Per plan: samples done, mean seconds per sample, each score in run order (tables come from eval merge).
+"""
 import json, sys
 for d in sys.argv[1:]:
     try:
