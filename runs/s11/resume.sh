@@ -21,7 +21,7 @@ CHAINS=${CHAINS:-0 1}   # CHAINS=1 restarts only core 1's chain
   ruler dense 16384 runs/ruler_qwen_16k_dense
   ruler vertical_slash 16384 runs/ruler_qwen_16k_vertical_slash
   ruler block 16384 runs/ruler_qwen_16k_block
-' >> runs/s11/core0.log 2>' > runs/s11/core0.log 2>&1 &1 &
+' >> runs/s11/core0.log 2>&1 &
 [[ " $CHAINS " == *" 1 "* ]] && taskset -c 1 bash -c '
   [ -f '"$PLAN16"' ] || si profile qwen2.5-0.5b --out '"$PLAN16"' --seq-len 16384 --min-seq-len 4096 \
       --samples 4 --target-recall 0.97 --seed 0 --channels 16 --no-progress
