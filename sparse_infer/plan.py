@@ -143,6 +143,7 @@ PREFILL_PATTERNS: dict[str, dict[str, tuple]] = {
         "last_q": (_pos_int, 64),
         "sink": (_nonneg_int, 64),    # first columns always kept
         "local": (_nonneg_int, 64),   # nearest diagonals always kept
+        "dense_tail": (_nonneg_int, 0),    # last rows of the call see every key
     },
     "block": {
         "top_k": (parse_budget, None),     # number of kv blocks per query block

@@ -4,13 +4,16 @@ The last `last_q` queries are scored against every key; their attention,
 summed per column, ranks the vertical lines, and summed per diagonal offset,
 ranks the slash lines. Columns are executed as a column list, diagonals are
 converted to the (at most two) kv blocks each one crosses per query block.
+`dense_tail` > 0 makes the query blocks holding the last `dense_tail` rows dense
+(common.dense_tail_blocks): the budgets are ranked by those rows' own attention, but a
+small budget can still leave the question unable to reach the fact it asks for.
 """
 from __future__ import annotations
 
 import torch
 
 from sparse_infer.prefill.common import (
-    Geometry, block_mask_to_index, group_mean, key_start, repeat_kv, sink_and_diagonal_blocks,
+    Geometry, block_mask_to_index, dense_tail_blocks, group_mean, key_start, repeat_kv, sink_and_diagonal_blocks,
 )
 
 
@@ -75,5 +78,6 @@ def vertical_slash_index(query, key, rule, *, block_size, scaling, attention_mas
     blocks.scatter_(-1, torch.where(valid, lo_blk, dump), ones)
     blocks.scatter_(-1, torch.where(valid, hi_blk, dump), ones)
     blocks = blocks[..., :dump] | sink_and_diagonal_blocks(geo, start, 0)
+    blocks |= dense_tail_blocks(geo, p["dense_tail"], device)
     blocks &= geo.causal_blocks(device)[None, None]
     return block_mask_to_index(blocks, block_size, columns=columns.long().contiguous())

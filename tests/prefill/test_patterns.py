@@ -15,6 +15,8 @@ RULES = {
     "a_shape": {"pattern": "a_shape", "sink": 40, "local": 100},
     "a_shape_tail": {"pattern": "a_shape", "sink": 40, "local": 100, "dense_tail": 40},
     "vertical_slash": {"pattern": "vertical_slash", "vertical": 30, "slash": 20, "last_q": 32, "sink": 8, "local": 8},
+    "vertical_slash_tail": {"pattern": "vertical_slash", "vertical": 30, "slash": 20, "last_q": 32, "sink": 8,
+                            "local": 8, "dense_tail": 40},
     "block_topk": {"pattern": "block", "top_k": 3},
     "block_coverage": {"pattern": "block", "coverage": 0.7},
     "block_antidiagonal": {"pattern": "block", "coverage": 0.8, "estimator": "antidiagonal", "stride": 4},
@@ -87,7 +89,8 @@ def test_a_shape_covers_token_level_a_shape():
     assert index_density(index, n, n) < 0.5      # and it really is sparse (about 7 of 32 blocks)
 
 
-@pytest.mark.parametrize("plain,tailed", [("a_shape", "a_shape_tail"), ("block_topk", "block_tail")])
+@pytest.mark.parametrize("plain,tailed", [("a_shape", "a_shape_tail"), ("block_topk", "block_tail"),
+                                          ("vertical_slash", "vertical_slash_tail")])
 def test_dense_tail_rows_see_every_key_and_other_rows_are_unchanged(plain, tailed):
     n, bs = 1000, 32
     q, k, v = _inputs(1, 2, 2, n, n)
