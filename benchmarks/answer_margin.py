@@ -1,13 +1,15 @@
-"""How close is a RULER answer's first token to a tie, dense and under each plan?
+"""How close is a RULER answer to a tie, dense and under each plan?
 
     python benchmarks/answer_margin.py SAMPLE_ID PLAN[,PLAN...] [OUT_JSON [MODEL]]
     python benchmarks/answer_margin.py niah_multikey_3/16384/0 dense,runs/s11/qwen_profile_16k.yaml
 
-One forward of the sample's prompt per plan (logits of the last position only). For each plan:
-the log-probability of the expected answer's first token, of the plan's own greedy first token,
-and the top 5. A sample whose dense margin is a fraction of a logit can flip under any
-approximation (or a different kernel); one lost by a wide margin points at the plan.
-The sample is regenerated as `eval ruler --samples 5` does (seed 0).
+One forward per plan of the sample's prompt followed by the expected answer (teacher forcing;
+logits of the answer's positions only). For each plan and each answer token: its
+log-probability and the best other token's. The first token where another token wins is where
+greedy decoding leaves the answer; its margin says whether that was a near-tie (a fraction of a
+logit: any approximation, or another kernel, can flip it) or a clear preference.
+The sample is regenerated as `eval ruler --samples 5` does (seed 0); plans run their prefill on
+the whole sequence, so only the prefill half of a plan is exercised.
 """
 import json
 import sys
@@ -18,18 +20,27 @@ import sparse_infer
 from sparse_infer.eval import ruler
 
 
-def first_token_report(model, tok, ids: list[int], answer: str) -> dict:
+def answer_report(model, tok, prompt_ids: list[int], answer_ids: list[int]) -> dict:
+    ids = torch.tensor([prompt_ids + answer_ids])
     with torch.inference_mode():
-        logits = model(input_ids=torch.tensor([ids]), logits_to_keep=1).logits[0, -1].float()
+        # position i predicts token i + 1: keep the last prompt position and the answer's but its last
+        logits = model(input_ids=ids, logits_to_keep=len(answer_ids) + 1).logits[0, :-1].float()
     logp = torch.log_softmax(logits, -1)
-    # the answer's first token as the model would write it right after the prompt, with or
-    # without a leading space (whichever dense-style tokenization the prompt's end calls for)
-    want = max({ruler.encode(tok, answer)[0], ruler.encode(tok, " " + answer)[0]}, key=lambda i: float(logp[i]))
-    top = logp.topk(5)
+    want = torch.tensor(answer_ids)
+    want_logp = logp.gather(-1, want[:, None])[:, 0]
+    other = logp.scatter(-1, want[:, None], float("-inf"))
+    best_other_logp, best_other = other.max(-1)
+    margins = want_logp - best_other_logp
+    lost = [i for i, m in enumerate(margins.tolist()) if m < 0]
+    first_lost = lost[0] if lost else None
     return {
-        "expected_token": tok.decode([want]), "expected_logp": float(logp[want]),
-        "top5": [(tok.decode([int(i)]), round(float(v), 4)) for v, i in zip(top.values, top.indices)],
-        "margin_expected_vs_best_other": float(logp[want] - logp[[i for i in top.indices.tolist() if i != want][0]]),
+        "answer_logp": float(want_logp.sum()),
+        "min_margin": float(margins.min()), "min_margin_at": int(margins.argmin()),
+        "first_lost_at": first_lost,
+        "first_lost": None if first_lost is None else {
+            "expected": tok.decode([answer_ids[first_lost]]), "winner": tok.decode([int(best_other[first_lost])]),
+            "margin": float(margins[first_lost])},
+        "margins": [round(m, 3) for m in margins.tolist()],
     }
 
 
@@ -37,17 +48,20 @@ def main(sample_id: str, plans: str, out: str | None = None, model_name: str = "
     task, length, index = sample_id.split("/")
     model, tok = sparse_infer.load_model(model_name)
     sample = ruler.generate_samples(tok, [task], [int(length)], int(index) + 1, 0)[int(index)]
-    ids = ruler.encode(tok, sample["input"])
-    report = {"sample": sample_id, "tokens": len(ids), "answer": sample["answers"][0], "plans": {}}
+    prompt_ids = ruler.encode(tok, sample["input"])
+    # the answer as greedy decoding writes it after the answer prefix: a space, then the value
+    answer_ids = ruler.encode(tok, " " + sample["answers"][0])
+    report = {"sample": sample_id, "tokens": len(prompt_ids), "answer": sample["answers"][0],
+              "answer_tokens": [tok.decode([i]) for i in answer_ids], "plans": {}}
     for name in plans.split(","):
         if name != "dense":
             sparse_infer.patch(model, name)
         try:
-            report["plans"][name] = first_token_report(model, tok, ids, sample["answers"][0])
+            report["plans"][name] = answer_report(model, tok, prompt_ids, answer_ids)
         finally:
             if name != "dense":
                 sparse_infer.unpatch(model)
-        print(name, json.dumps(report["plans"][name]), flush=True)
+        print(name, json.dumps({k: v for k, v in report["plans"][name].items() if k != "margins"}), flush=True)
     if out:
         with open(out, "w") as f:
             json.dump(report, f, indent=1)
