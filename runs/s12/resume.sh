@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Restarts the Qwen2.5-0.5B RULER matrix left for issue 3 after the twelfth session: two chains,
+# one pinned core each, from a snapshot worktree of HEAD (edits in the checkout do not reach
+# running jobs). Outputs live under runs/ and are committed as they grow; --resume skips finished
+# samples, so a finished run costs only a model load. Logs: runs/s12/core{0,1}.log (not committed).
+#   core 0: the three presets at 16K: vertical_slash -> block -> a_shape
+#   core 1: the recall-0.98 profile at 16K (skipped once its YAML exists) -> the 0.97 16K-profiled
+#           plan at 16K (its last samples) -> the 0.98 plan at 16K -> dense 8K
+# CHAINS=1 (or 0) restarts only that core's chain. Progress: python runs/s11/progress.py runs/ruler_*
+set -u
+cd "$(dirname "$0")/../.."
+SNAP=${SNAP:-/work/snap12}
+[ -d "$SNAP/sparse_infer" ] || git worktree add -f --detach "$SNAP" HEAD
+PLAN097=runs/s11/qwen_profile_16k.yaml
+PLAN098=runs/s12/qwen_profile_16k_r098.yaml
+si() { OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONPATH="$SNAP" python -P -c \
+  "import sys; sys.argv=['sparse-infer']+sys.argv[1:]; from sparse_infer.cli import main; main()" "$@"; }
+ruler() { si eval ruler qwen2.5-0.5b --plan "$1" --lengths "$2" --tasks all --samples 5 --out "$3" --resume; }
+export SNAP
+export -f si ruler
+CHAINS=${CHAINS:-0 1}
+[[ " $CHAINS " == *" 0 "* ]] && taskset -c 0 bash -c '
+  ruler vertical_slash 16384 runs/ruler_qwen_16k_vertical_slash
+  ruler block 16384 runs/ruler_qwen_16k_block
+  ruler a_shape 16384 runs/ruler_qwen_16k_a_shape
+' >> runs/s12/core0.log 2>&1 &
+[[ " $CHAINS " == *" 1 "* ]] && taskset -c 1 bash -c '
+  [ -f '"$PLAN098"' ] || si profile qwen2.5-0.5b --out '"$PLAN098"' --seq-len 16384 --min-seq-len 4096 \
+      --samples 4 --target-recall 0.98 --seed 0 --channels 16 --no-progress
+  ruler '"$PLAN097"' 16384 runs/ruler_qwen_16k_profile16k
+  ruler '"$PLAN098"' 16384 runs/ruler_qwen_16k_profile16k_r098
+  ruler dense 8192 runs/ruler_qwen_8k_dense
+' >> runs/s12/core1.log 2>&1 &
+echo "started; progress: python runs/s11/progress.py runs/ruler_*"
