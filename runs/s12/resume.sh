@@ -4,8 +4,9 @@
 # running jobs). Outputs live under runs/ and are committed as they grow; --resume skips finished
 # samples, so a finished run costs only a model load. Logs: runs/s12/core{0,1}.log (not committed).
 #   core 0: the three presets at 16K: vertical_slash -> block -> a_shape
-#   core 1: the recall-0.98 profile at 16K (skipped once its YAML exists) -> the 0.97 16K-profiled
-#           plan at 16K (its last samples) -> the 0.98 plan at 16K -> dense 8K
+#   core 1: dense 8K -> the 16K-profiled plan (recall 0.97) at 8K -> the recall-0.98 profile at 16K
+#           (runs/s12/qwen_profile_16k_r098.yaml; its teacher-forced margin probe says it too loses
+#           niah_multikey_3/16384/0, so it comes last)
 # CHAINS=1 (or 0) restarts only that core's chain. Progress: python runs/s11/progress.py runs/ruler_*
 set -u
 cd "$(dirname "$0")/../.."
@@ -25,10 +26,8 @@ CHAINS=${CHAINS:-0 1}
   ruler a_shape 16384 runs/ruler_qwen_16k_a_shape
 ' >> runs/s12/core0.log 2>&1 &
 [[ " $CHAINS " == *" 1 "* ]] && taskset -c 1 bash -c '
-  [ -f '"$PLAN098"' ] || si profile qwen2.5-0.5b --out '"$PLAN098"' --seq-len 16384 --min-seq-len 4096 \
-      --samples 4 --target-recall 0.98 --seed 0 --channels 16 --no-progress
-  ruler '"$PLAN097"' 16384 runs/ruler_qwen_16k_profile16k
-  ruler '"$PLAN098"' 16384 runs/ruler_qwen_16k_profile16k_r098
   ruler dense 8192 runs/ruler_qwen_8k_dense
+  ruler '"$PLAN097"' 8192 runs/ruler_qwen_8k_profile16k
+  ruler '"$PLAN098"' 16384 runs/ruler_qwen_16k_profile16k_r098
 ' >> runs/s12/core1.log 2>&1 &
 echo "started; progress: python runs/s11/progress.py runs/ruler_*"
