@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Restarts the Qwen2.5-0.5B RULER matrix left for issue 3 after the thirteenth session: two chains,
+# Restarts the Qwen2.5-0.5B RULER matrix left for issue 3 after the thirteenth session (replaces
+# runs/s12/resume.sh, which ran a_shape 16K after block on core 0): two chains,
 # one pinned core each, from a snapshot worktree (edits in the checkout do not reach running jobs).
 # Outputs live under runs/ and are committed as they grow; --resume skips finished samples, so a
 # finished run costs only a model load. Logs: runs/s13/core{0,1}.log (not committed).
