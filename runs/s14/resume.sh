@@ -9,8 +9,8 @@
 #   core 1: the a_shape preset at 16K, then the block preset at 16K on cwe
 #           (runs/ruler_qwen_16k_block_cwe)
 # Each block job has a directory of its own, so two jobs never write one results.json;
-# eval merge joins the three. The split balances the two cores (cwe and fwe are the slowest tasks). The recall-0.98 profile
-# at 16K, neither shipped nor a preset, is dropped from the queue.
+# eval merge joins the three. The split balances the two cores (cwe and fwe are the slowest
+# tasks). The recall-0.98 profile at 16K, neither shipped nor a preset, is dropped from the queue.
 # CHAINS=1 (or 0) restarts only that core's chain; WAIT0 / WAIT1 = a pid the chain waits for
 # first (a job of the previous chain still running).
 # Progress: python runs/s11/progress.py runs/ruler_*
