@@ -1,6 +1,6 @@
 """How close is a RULER answer to a tie, dense and under each plan?
 
-    python benchmarks/answer_margin.py SAMPLE_ID PLAN[,PLAN...] [OUT_JSON [MODEL]]
+    python benchmarks/answer_margin.py SAMPLE_ID PLAN[,PLAN...] [OUT_JSON [MODEL [TEXT]]]
     python benchmarks/answer_margin.py niah_multikey_3/16384/0 dense,runs/s11/qwen_profile_16k.yaml
 
 One forward per plan of the sample's prompt followed by the expected answer (teacher forcing;
@@ -10,6 +10,12 @@ greedy decoding leaves the answer; its margin says whether that was a near-tie (
 logit: any approximation, or another kernel, can flip it) or a clear preference.
 The sample is regenerated as `eval ruler --samples 5` does (seed 0); plans run their prefill on
 the whole sequence, so only the prefill half of a plan is exercised.
+TEXT, when given, is forced instead of the first expected answer: for tasks whose answer is a
+list (vt, multi-value), pass dense's greedy prediction from results.json. It is encoded as it
+stands, without the leading space added to an expected answer (vt's prediction starts with a
+digit, which Qwen's tokenizer keeps apart from a space). Dense then keeps every token (a check
+that TEXT tokenizes as generated), and a plan's first lost token shows where it leaves dense's
+answer.
 """
 import json
 import sys
@@ -44,14 +50,16 @@ def answer_report(model, tok, prompt_ids: list[int], answer_ids: list[int]) -> d
     }
 
 
-def main(sample_id: str, plans: str, out: str | None = None, model_name: str = "qwen2.5-0.5b"):
+def main(sample_id: str, plans: str, out: str | None = None, model_name: str = "qwen2.5-0.5b",
+         text: str | None = None):
     task, length, index = sample_id.split("/")
     model, tok = sparse_infer.load_model(model_name)
     sample = ruler.generate_samples(tok, [task], [int(length)], int(index) + 1, 0)[int(index)]
     prompt_ids = ruler.encode(tok, sample["input"])
     # the answer as greedy decoding writes it after the answer prefix: a space, then the value
-    answer_ids = ruler.encode(tok, " " + sample["answers"][0])
-    report = {"sample": sample_id, "tokens": len(prompt_ids), "answer": sample["answers"][0],
+    forced = sample["answers"][0] if text is None else text
+    answer_ids = ruler.encode(tok, " " + forced if text is None else forced)
+    report = {"sample": sample_id, "tokens": len(prompt_ids), "answer": forced,
               "answer_tokens": [tok.decode([i]) for i in answer_ids], "plans": {}}
     for name in plans.split(","):
         if name != "dense":
