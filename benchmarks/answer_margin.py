@@ -57,9 +57,10 @@ def main(sample_id: str, plans: str, out: str | None = None, model_name: str = "
     sample = ruler.generate_samples(tok, [task], [int(length)], int(index) + 1, 0)[int(index)]
     prompt_ids = ruler.encode(tok, sample["input"])
     # the answer as greedy decoding writes it after the answer prefix: a space, then the value
-    forced = sample["answers"][0] if text is None else text
-    answer_ids = ruler.encode(tok, " " + forced if text is None else forced)
-    report = {"sample": sample_id, "tokens": len(prompt_ids), "answer": forced,
+    # (TEXT is taken as generated)
+    forced = " " + sample["answers"][0] if text is None else text
+    answer_ids = ruler.encode(tok, forced)
+    report = {"sample": sample_id, "tokens": len(prompt_ids), "answer": forced.strip(),
               "answer_tokens": [tok.decode([i]) for i in answer_ids], "plans": {}}
     for name in plans.split(","):
         if name != "dense":
