@@ -5,17 +5,23 @@
         niah_multikey_2/16384/4,niah_multikey_3/16384/0 prefill_only,decode_only
 
 VARIANTS (default prefill_only,decode_only):
+  whole           the plan as it is (to rerun a few samples of a candidate plan)
+  dense           both sections dense: with DTYPE=bfloat16, how many answers a change of precision
+                  alone moves against the float32 dense run
   prefill_only    the plan's prefill, dense decode
   decode_only     dense prefill, the plan's decode
   prefill_scaled  prefill_only with each fixed vertical/slash token budget b turned into
                   {frac: b / profile.seq_len, min: b}: the share of the prompt it had at the
                   profiled length
+DTYPE (environment, default float32): the model's weights and activations for every variant.
 The samples are regenerated (seed 0, 5 per task, as `eval ruler --samples 5`) and must have the
 same prompt as in DENSE_DIR/results.json, which gives the dense answers to compare with.
 """
 import copy
+import os
 import sys
 
+import torch
 import yaml
 
 import sparse_infer
@@ -24,6 +30,13 @@ from sparse_infer.eval import ruler, runner
 
 def plan_half(plan: dict, variant: str) -> dict:
     half = copy.deepcopy(plan)
+    if variant == "whole":
+        return half
+    if variant == "dense":
+        half["prefill"] = {k: v for k, v in plan["prefill"].items() if k != "layers"}
+        half["prefill"]["default"] = {"pattern": "dense"}
+        half["decode"] = {"min_kv_len": plan["decode"]["min_kv_len"], "default": {"method": "dense"}}
+        return half
     if variant in ("prefill_only", "prefill_scaled"):
         half["decode"] = {"min_kv_len": plan["decode"]["min_kv_len"], "default": {"method": "dense"}}
     elif variant == "decode_only":
@@ -47,7 +60,7 @@ def main(plan_path: str, dense_dir: str, out: str, ids: str, variants: str = "pr
     wanted = ids.split(",")
     plan = yaml.safe_load(open(plan_path))
     model_name = plan["profile"]["model"]["name"]
-    model, tok = sparse_infer.load_model(model_name)
+    model, tok = sparse_infer.load_model(model_name, dtype=getattr(torch, os.environ.get("DTYPE", "float32")))
     lengths = sorted({int(i.split("/")[1]) for i in wanted})
     tasks = sorted({i.split("/")[0] for i in wanted})
     samples = [s for s in ruler.generate_samples(tok, tasks, lengths, 5, 0) if runner.sample_key(s) in wanted]
