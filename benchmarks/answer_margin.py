@@ -16,8 +16,11 @@ stands, without the leading space added to an expected answer (vt's prediction s
 digit, which Qwen's tokenizer keeps apart from a space). Dense then keeps every token (a check
 that TEXT tokenizes as generated), and a plan's first lost token shows where it leaves dense's
 answer.
+DTYPE (environment, default float32) loads the model in another precision, e.g. bfloat16 with
+PLAN dense: how far a change of precision alone moves the same margins.
 """
 import json
+import os
 import sys
 
 import torch
@@ -53,7 +56,7 @@ def answer_report(model, tok, prompt_ids: list[int], answer_ids: list[int]) -> d
 def main(sample_id: str, plans: str, out: str | None = None, model_name: str = "qwen2.5-0.5b",
          text: str | None = None):
     task, length, index = sample_id.split("/")
-    model, tok = sparse_infer.load_model(model_name)
+    model, tok = sparse_infer.load_model(model_name, dtype=getattr(torch, os.environ.get("DTYPE", "float32")))
     sample = ruler.generate_samples(tok, [task], [int(length)], int(index) + 1, 0)[int(index)]
     prompt_ids = ruler.encode(tok, sample["input"])
     # the answer as greedy decoding writes it after the answer prefix: a space, then the value

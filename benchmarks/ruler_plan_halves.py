@@ -72,8 +72,10 @@ def main(plan_path: str, dense_dir: str, out: str, ids: str, variants: str = "pr
     plans = {v: plan_half(plan, v) for v in variants.split(",")}
     runner.run_eval(model, tok, samples, plans, out, resume=True)
     doc = runner.load_results(out)
-    doc["plans"] = {"dense": {"records": [dense[runner.sample_key(s)] for s in samples]}, **doc["plans"]}
-    for line in runner.describe_changes(*runner.changed_answers(doc)):
+    # named apart from the variants: the `dense` variant's records must not replace the reference
+    reference = f"dense in {dense_dir}"
+    doc["plans"] = {reference: {"records": [dense[runner.sample_key(s)] for s in samples]}, **doc["plans"]}
+    for line in runner.describe_changes(*runner.changed_answers(doc, baseline=reference)):
         print(line)
 
 
