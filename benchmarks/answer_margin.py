@@ -27,6 +27,7 @@ import torch
 
 import sparse_infer
 from sparse_infer.eval import ruler
+from sparse_infer.eval.cli import parse_dtype
 
 
 def answer_report(model, tok, prompt_ids: list[int], answer_ids: list[int]) -> dict:
@@ -56,7 +57,7 @@ def answer_report(model, tok, prompt_ids: list[int], answer_ids: list[int]) -> d
 def main(sample_id: str, plans: str, out: str | None = None, model_name: str = "qwen2.5-0.5b",
          text: str | None = None):
     task, length, index = sample_id.split("/")
-    model, tok = sparse_infer.load_model(model_name, dtype=getattr(torch, os.environ.get("DTYPE", "float32")))
+    model, tok = sparse_infer.load_model(model_name, dtype=parse_dtype(os.environ.get("DTYPE", "float32")))
     sample = ruler.generate_samples(tok, [task], [int(length)], int(index) + 1, 0)[int(index)]
     prompt_ids = ruler.encode(tok, sample["input"])
     # the answer as greedy decoding writes it after the answer prefix: a space, then the value

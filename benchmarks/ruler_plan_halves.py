@@ -21,29 +21,22 @@ import copy
 import os
 import sys
 
-import torch
 import yaml
 
 import sparse_infer
 from sparse_infer.eval import ruler, runner
+from sparse_infer.eval.cli import parse_dtype
 
 
 def plan_half(plan: dict, variant: str) -> dict:
-    half = copy.deepcopy(plan)
-    if variant == "whole":
-        return half
-    if variant == "dense":
-        half["prefill"] = {k: v for k, v in plan["prefill"].items() if k != "layers"}
-        half["prefill"]["default"] = {"pattern": "dense"}
-        half["decode"] = {"min_kv_len": plan["decode"]["min_kv_len"], "default": {"method": "dense"}}
-        return half
-    if variant in ("prefill_only", "prefill_scaled"):
-        half["decode"] = {"min_kv_len": plan["decode"]["min_kv_len"], "default": {"method": "dense"}}
-    elif variant == "decode_only":
-        half["prefill"] = {k: v for k, v in plan["prefill"].items() if k != "layers"}
-        half["prefill"]["default"] = {"pattern": "dense"}
-    else:
+    if variant not in ("whole", "dense", "prefill_only", "decode_only", "prefill_scaled"):
         raise SystemExit(f"unknown variant {variant!r}")
+    half = copy.deepcopy(plan)
+    if variant in ("dense", "prefill_only", "prefill_scaled"):
+        half["decode"] = {"min_kv_len": plan["decode"]["min_kv_len"], "default": {"method": "dense"}}
+    if variant in ("dense", "decode_only"):
+        half["prefill"] = {k: v for k, v in plan["prefill"].items() if k != "layers"}
+        half["prefill"]["default"] = {"pattern": "dense"}
     if variant == "prefill_scaled":
         profiled = int(plan["profile"]["seq_len"])
         rules = [half["prefill"]["default"]] + [r for heads in half["prefill"].get("layers", {}).values()
@@ -60,7 +53,7 @@ def main(plan_path: str, dense_dir: str, out: str, ids: str, variants: str = "pr
     wanted = ids.split(",")
     plan = yaml.safe_load(open(plan_path))
     model_name = plan["profile"]["model"]["name"]
-    model, tok = sparse_infer.load_model(model_name, dtype=getattr(torch, os.environ.get("DTYPE", "float32")))
+    model, tok = sparse_infer.load_model(model_name, dtype=parse_dtype(os.environ.get("DTYPE", "float32")))
     lengths = sorted({int(i.split("/")[1]) for i in wanted})
     tasks = sorted({i.split("/")[0] for i in wanted})
     samples = [s for s in ruler.generate_samples(tok, tasks, lengths, 5, 0) if runner.sample_key(s) in wanted]
