@@ -38,15 +38,18 @@ def plan_half(plan: dict, variant: str) -> dict:
         half["prefill"] = {k: v for k, v in plan["prefill"].items() if k != "layers"}
         half["prefill"]["default"] = {"pattern": "dense"}
     if variant == "prefill_scaled":
-        profiled = int(plan["profile"]["seq_len"])
-        rules = [half["prefill"]["default"]] + [r for heads in half["prefill"].get("layers", {}).values()
-                                                for r in heads.values()]
-        for rule in rules:
-            if rule.get("pattern") == "vertical_slash":
-                for key in ("vertical", "slash"):
-                    if isinstance(rule[key], int):
-                        rule[key] = {"frac": rule[key] / profiled, "min": rule[key]}
+        scale_fixed_budgets(half["prefill"], int(plan["profile"]["seq_len"]))
     return half
+
+
+def scale_fixed_budgets(prefill: dict, profiled: int) -> None:
+    """Turn each fixed vertical/slash token budget b into {frac: b / profiled, min: b}, in place."""
+    rules = [prefill["default"]] + [r for heads in prefill.get("layers", {}).values() for r in heads.values()]
+    for rule in rules:
+        if rule.get("pattern") == "vertical_slash":
+            for key in ("vertical", "slash"):
+                if isinstance(rule[key], int):
+                    rule[key] = {"frac": rule[key] / profiled, "min": rule[key]}
 
 
 def main(plan_path: str, dense_dir: str, out: str, ids: str, variants: str = "prefill_only,decode_only"):

@@ -14,6 +14,9 @@ import sys
 
 import yaml
 
+sys.path.insert(0, "benchmarks")
+from ruler_plan_halves import scale_fixed_budgets  # noqa: E402  (the tenth session's prefill_scaled)
+
 
 def variant(out_dir, name, sparse_layers=None, dense_layers=(), scaled=False):
     plan = yaml.safe_load(open("configs/qwen2.5-0.5b.yaml"))
@@ -22,12 +25,7 @@ def variant(out_dir, name, sparse_layers=None, dense_layers=(), scaled=False):
         layer: heads for layer, heads in layers.items()
         if int(layer) not in dense_layers and (sparse_layers is None or int(layer) in sparse_layers)}
     if scaled:
-        for heads in plan["prefill"]["layers"].values():
-            for rule in heads.values():
-                if rule.get("pattern") == "vertical_slash":
-                    for key in ("vertical", "slash"):
-                        if isinstance(rule[key], int):
-                            rule[key] = {"frac": rule[key] / 8192, "min": rule[key]}
+        scale_fixed_budgets(plan["prefill"], int(plan["profile"]["seq_len"]))
     yaml.safe_dump(plan, open(f"{out_dir}/{name}.yaml", "w"), sort_keys=False)
 
 
