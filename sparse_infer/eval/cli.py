@@ -130,6 +130,10 @@ def parse_dtype(name: str):
 DtypeOption = Annotated[str, typer.Option(
     "--dtype", help="Weights and activations: float32, bfloat16 or float16 (dense and plan alike).")]
 
+# the margin the printed verdicts test each plan against (issue 3's goal: 1 point below dense)
+ToleranceOption = Annotated[float, typer.Option(
+    "--tolerance", min=0, help="Points below the baseline a plan may score; the verdicts test against it.")]
+
 
 def _load(model: str, dtype_name: str) -> tuple[Any, Any]:
     dtype = parse_dtype(dtype_name)     # refused before any model work
@@ -187,6 +191,7 @@ def ruler_cmd(
     seed: Annotated[int, typer.Option("--seed", help="Seed for the synthetic prompts.")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Skip samples already in OUT/results.json.")] = False,
     dtype: DtypeOption = "float32",
+    tolerance: ToleranceOption = 1.0,
 ) -> None:
     """Run RULER synthetic tasks (and optional QA data) under PLAN, optionally next to dense."""
     from sparse_infer.eval import ruler, runner
@@ -213,7 +218,7 @@ def ruler_cmd(
         raise _interrupted(out) from None
     console.print(runner.render_table(rows, title=f"RULER {model}"))
     if len(plans) > 1:
-        _print_changes(runner.load_results(out))
+        _print_changes(runner.load_results(out), tolerance)
     console.print(f"results: {out / runner.RESULTS_FILE}")
 
 
@@ -287,6 +292,7 @@ def merge_cmd(
     out: Annotated[Path, typer.Option("--out", help="Directory for the merged results.json (may be a source).")],
     common: Annotated[bool, typer.Option(
         "--common", help="Keep only the samples every plan has finished (runs still under way).")] = False,
+    tolerance: ToleranceOption = 1.0,
 ) -> None:
     """Merge runs split over processes (by --tasks, or dense and plan apart) and print the table."""
     from sparse_infer.eval import runner
@@ -296,14 +302,17 @@ def merge_cmd(
     except EvalError as e:
         raise _fail(str(e)) from None
     console.print(runner.render_table(doc["summary"], title="merged results"))
-    _print_changes(doc)
+    _print_changes(doc, tolerance)
     console.print(f"results: {out / runner.RESULTS_FILE}")
 
 
-def _print_changes(doc: dict) -> None:
-    from sparse_infer.eval import runner
+def _print_changes(doc: dict, tolerance: float) -> None:
+    """Which samples each plan changes, then whether its Δ is known well enough to meet the goal."""
+    from sparse_infer.eval import paired, runner
 
-    for line in runner.describe_changes(*runner.changed_answers(doc)):
+    lines = runner.describe_changes(*runner.changed_answers(doc))
+    lines += paired.describe_paired(*paired.paired_deltas(doc), tolerance=tolerance)
+    for line in lines:
         console.print(line, markup=False, highlight=False)
 
 

@@ -550,7 +550,7 @@ def _clock(seconds: float) -> str:
 # ---------------------------------------------------------------------------
 
 
-def _pick_baseline(plans: Sequence[str], baseline: str | None) -> str | None:
+def pick_baseline(plans: Sequence[str], baseline: str | None) -> str | None:
     """`baseline` if it is among the plans, else "dense" if present, else the first plan."""
     if baseline in plans:
         return baseline
@@ -564,28 +564,37 @@ def changed_answers(doc: Mapping[str, Any], baseline: str | None = None) -> tupl
     samples both finished on the same prompt (same id and input_sha1) are compared; the rest are
     counted as "other_prompt". Returns (baseline name, {plan: {"common", "lower", "higher",
     "other_prompt"}}), where lower/higher list (id, baseline score, plan score) in run order."""
-    base = _pick_baseline(list(doc["plans"]), baseline)
+    base = pick_baseline(list(doc["plans"]), baseline)
     if base is None:
         return None, {}
-    ref = {r.get("id"): r for r in doc["plans"][base].get("records", [])}
     changes: dict[str, dict] = {}
     for name, entry in doc["plans"].items():
         if name == base:
             continue
-        found = {"common": 0, "lower": [], "higher": [], "other_prompt": 0}
-        for rec in entry.get("records", []):
-            ref_rec = ref.get(rec.get("id"))
-            if ref_rec is None:
-                continue
-            if ref_rec.get("input_sha1") != rec.get("input_sha1"):
-                found["other_prompt"] += 1
-                continue
-            found["common"] += 1
+        pairs, other_prompt = pair_records(doc["plans"][base], entry)
+        found = {"common": len(pairs), "lower": [], "higher": [], "other_prompt": other_prompt}
+        for ref_rec, rec in pairs:
             before, after = float(ref_rec["score"]), float(rec["score"])
             if after != before:
                 found["lower" if after < before else "higher"].append((rec.get("id"), before, after))
         changes[name] = found
     return base, changes
+
+
+def pair_records(base_entry: Mapping[str, Any], entry: Mapping[str, Any]) -> tuple[list[tuple[dict, dict]], int]:
+    """(baseline record, record) for each sample both plans finished on the same prompt, in the
+    plan's run order, and how many share an id but not the prompt (not comparable)."""
+    ref = {r.get("id"): r for r in base_entry.get("records", [])}
+    pairs, other_prompt = [], 0
+    for rec in entry.get("records", []):
+        ref_rec = ref.get(rec.get("id"))
+        if ref_rec is None:
+            continue
+        if ref_rec.get("input_sha1") != rec.get("input_sha1"):
+            other_prompt += 1
+            continue
+        pairs.append((ref_rec, rec))
+    return pairs, other_prompt
 
 
 def describe_changes(base: str | None, changes: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -626,7 +635,7 @@ def render_table(rows: Sequence[Mapping[str, Any]], baseline: str | None = None,
     from rich.table import Table
 
     plans = list(dict.fromkeys(r["plan"] for r in rows))
-    base = _pick_baseline(plans, baseline)
+    base = pick_baseline(plans, baseline)
     others = [p for p in plans if p != base]
     scores = {(r["plan"], int(r["length"]), r["task"]): float(r["score"]) for r in rows}
     density = {

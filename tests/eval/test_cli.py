@@ -202,9 +202,13 @@ def test_merge_split_runs_equals_one_run(tmp_path, fake_load, fast_generation):
         res = cli_runner.invoke(eval_app, ruler_args(plan, tmp_path / f"part{i}", *base, "--tasks", tasks))
         assert res.exit_code == 0, res.output
     merged = tmp_path / "merged"
-    res = cli_runner.invoke(eval_app, ["merge", *(str(tmp_path / f"part{i}") for i in range(3)), "--out", str(merged)])
+    res = cli_runner.invoke(eval_app, ["merge", *(str(tmp_path / f"part{i}") for i in range(3)), "--out", str(merged),
+                                       "--tolerance", "0"])
     assert res.exit_code == 0, res.output
     assert "vertical_slash" in res.output and "niah_single_1" in res.output
+    # no answer differs, so the interval is a point and even a zero tolerance is met
+    assert ("(95% interval +0.0 … +0.0; 4 samples, 0 lower, 0 higher, sign test p=1): within 0 of dense"
+            in " ".join(res.output.split()))
     got, want = runner.load_results(merged), runner.load_results(whole)
     assert records(got) == records(want)
     strip = [{k: v for k, v in row.items() if "density" not in k} for row in got["summary"]]
