@@ -1,0 +1,58 @@
+"""Sixteenth session: the paired Δ, its 95% bootstrap interval and sign test for every RULER run
+whose per-sample results are committed, as markdown rows for docs/RESULTS.md, plus how many samples
+per task the interval's width says it would take to decide the 1-point goal.
+
+The estimate assumes the measured Δ is the true one and the per-sample spread stays as measured:
+the interval shrinks as 1/sqrt(samples), and the run decides once the side facing -1 no longer
+crosses it. The last row compares dense in bfloat16 (fifteenth session, runs/s15/bf16_*) with
+dense in float32 on whatever samples bf16 has finished: how far precision alone moves the table.
+Usage: python runs/s16/paired_table.py"""
+import math
+
+from sparse_infer.eval import paired, runner
+
+TABLES = [
+    ("Qwen2.5-0.5B", "8K", "runs/ruler_qwen_8k_profile16k_table"),
+    ("Qwen2.5-0.5B", "16K", "runs/ruler_qwen_16k_profile16k_table"),
+    ("Qwen2.5-0.5B", "16K", "runs/ruler_qwen_16k_vertical_slash_table"),
+    ("Qwen2.5-0.5B", "16K", "runs/ruler_qwen_16k_block_table"),
+    ("Qwen2.5-0.5B", "16K", "runs/ruler_qwen_16k_a_shape_table"),
+]
+
+
+def samples_to_decide(row, per_task, tolerance=paired.GOAL_POINTS):
+    """Samples per task at which the interval's side towards -tolerance stops crossing it."""
+    gap = abs(row.delta + tolerance)
+    half = (row.delta - row.low) if row.delta > -tolerance else (row.high - row.delta)
+    if half <= gap:
+        return per_task
+    if gap == 0:
+        return math.inf
+    return math.ceil(per_task * (half / gap) ** 2)
+
+
+BF16_DIRS = [f"runs/s15/bf16_{part}_{core}" for part in ("fragile", "rest") for core in "ab"]
+
+
+def bf16_doc():
+    records = [r for d in BF16_DIRS for r in runner.load_results(d)["plans"]["dense"]["records"]]
+    fp32 = runner.load_results("runs/ruler_qwen_16k_dense")["plans"]["dense"]["records"]
+    return {"plans": {"dense fp32": {"records": fp32}, "dense bf16": {"records": records}}}
+
+
+def main():
+    print("| model | length | plan | Δ | 95% interval | lower / higher | sign test p | verdict | samples per task to decide |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    docs = [(m, L, runner.load_results(d)) for m, L, d in TABLES] + [("Qwen2.5-0.5B", "16K", bf16_doc())]
+    for model, length, doc in docs:
+        base, deltas = paired.paired_deltas(doc, "dense" if "dense" in doc["plans"] else "dense fp32")
+        for name, found in deltas.items():
+            for r in found:
+                tasks = len({rec["task"] for rec in doc["plans"][name]["records"]})
+                need = samples_to_decide(r, r.pairs / tasks)
+                print(f"| {model} | {length} | {name} vs {base} | {r.delta:+.1f} | {r.low:+.1f} … {r.high:+.1f} "
+                      f"| {r.lower} / {r.higher} | {r.sign_p:.2g} | {r.verdict(base)} | {need:g} |")
+
+
+if __name__ == "__main__":
+    main()
