@@ -21,11 +21,12 @@ TABLES = [
 
 
 def samples_to_decide(row, per_task, tolerance=paired.GOAL_POINTS):
-    """Samples per task at which the interval's side towards -tolerance stops crossing it."""
+    """Samples per task at which the interval's side towards -tolerance stops crossing it; None
+    when it does not cross it now."""
     gap = abs(row.delta + tolerance)
     half = (row.delta - row.low) if row.delta > -tolerance else (row.high - row.delta)
     if half <= gap:
-        return per_task
+        return None
     if gap == 0:
         return math.inf
     return math.ceil(per_task * (half / gap) ** 2)
@@ -50,8 +51,9 @@ def main():
             for r in found:
                 tasks = len({rec["task"] for rec in doc["plans"][name]["records"]})
                 need = samples_to_decide(r, r.pairs / tasks)
+                need = "decided" if need is None else f"{need:g}"
                 print(f"| {model} | {length} | {name} vs {base} | {r.delta:+.1f} | {r.low:+.1f} … {r.high:+.1f} "
-                      f"| {r.lower} / {r.higher} | {r.sign_p:.2g} | {r.verdict(base)} | {need:g} |")
+                      f"| {r.lower} / {r.higher} | {r.sign_p:.2g} | {r.verdict(base)} | {need} |")
 
 
 if __name__ == "__main__":
