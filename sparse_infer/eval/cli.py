@@ -242,6 +242,7 @@ def needle_cmd(
     seed: Annotated[int, typer.Option("--seed")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Skip cells already in OUT/results.json.")] = False,
     dtype: DtypeOption = "float32",
+    tolerance: ToleranceOption = 1.0,
 ) -> None:
     """Needle-in-a-haystack grid (length x depth) under PLAN and a heatmap PNG."""
     from sparse_infer.eval import needle, runner
@@ -272,7 +273,9 @@ def needle_cmd(
             resume=resume,
             title=f"needle in a haystack: {model}",
         )
-        rows = [r for r in runner.summarize(runner.load_results(out)) if r["plan"] in plans]
+        doc = runner.load_results(out)
+        doc["plans"] = {name: entry for name, entry in doc["plans"].items() if name in plans}
+        rows = runner.summarize(doc)
     except errors as e:
         raise _fail(str(e)) from None
     except KeyboardInterrupt:
@@ -281,6 +284,8 @@ def needle_cmd(
     for name, entry in result["plans"].items():
         mean = entry["mean"]
         console.print(f"{name}: mean score {mean:.1f}" if mean is not None else f"{name}: no results")
+    if len(plans) > 1:
+        _print_changes(doc, tolerance)  # the depths of a length are its samples
     console.print(f"heatmap: {out / needle.NEEDLE_PNG}")
     console.print(f"grid: {out / needle.NEEDLE_JSON}")
 

@@ -151,6 +151,10 @@ def test_needle_defaults(tmp_path, fake_load, fast_generation, monkeypatch):
     assert len(fast_generation) == 2 * 3 * 3
     assert (tmp_path / "nd" / "needle.png").is_file()
     assert "needle.png" in res.output.replace("\n", "")
+    # the canned answer is the same under both plans: no cell changes, so every length is within
+    out = " ".join(res.output.split())
+    for length in (1024, 2048, 4096):
+        assert f"at {length}: Δ +0.0 points (95% interval +0.0 … +0.0; 3 samples, 0 lower, 0 higher" in out
 
 
 def test_needle_explicit_grid(tmp_path, fake_load, fast_generation):
