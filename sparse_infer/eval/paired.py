@@ -91,17 +91,17 @@ def paired_deltas(
             by_task.setdefault(rec["task"], []).append(float(rec["score"]) - float(ref_rec["score"]))
         # One generator per plan, so a plan's interval does not depend on which plans precede it.
         rng = np.random.default_rng(seed)
-        rows, draws_per_length = [], []
+        rows, draws_per_length, diffs_per_length = [], [], []
         for length in sorted(strata):
             diffs = [np.asarray(d) for d in strata[length].values()]
             point = float(np.mean([d.mean() for d in diffs]))
             draws = np.mean([d[rng.integers(0, d.size, size=(resamples, d.size))].mean(axis=1) for d in diffs], axis=0)
             draws_per_length.append(draws)
-            rows.append(_row(length, np.concatenate(diffs), point, draws, level))
+            diffs_per_length.append(np.concatenate(diffs))
+            rows.append(_row(length, diffs_per_length[-1], point, draws, level))
         if len(rows) > 1:
-            every = np.concatenate([np.concatenate([np.asarray(d) for d in strata[L].values()]) for L in sorted(strata)])
             point = float(np.mean([r.delta for r in rows]))
-            rows.append(_row(None, every, point, np.mean(draws_per_length, axis=0), level))
+            rows.append(_row(None, np.concatenate(diffs_per_length), point, np.mean(draws_per_length, axis=0), level))
         result[name] = rows
     return base, result
 
