@@ -14,6 +14,7 @@ from sparse_infer.eval import paired, runner
 TABLES = [
     ("SmolLM2-135M", "8K", "runs/ruler_smol_8k_vertical_slash_table"),
     ("SmolLM2-135M", "8K", "runs/ruler_smol_8k_a_shape_table"),
+    ("SmolLM2-135M", "8K", "runs/ruler_smol_8k_block_table"),
     ("Qwen2.5-0.5B", "8K", "runs/ruler_qwen_8k_profile16k_table"),
     ("Qwen2.5-0.5B", "16K", "runs/ruler_qwen_16k_shipped_table"),
     ("Qwen2.5-0.5B", "16K", "runs/ruler_qwen_16k_profile16k_table"),
