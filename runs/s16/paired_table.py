@@ -12,6 +12,7 @@ import math
 from sparse_infer.eval import paired, runner
 
 TABLES = [
+    ("SmolLM2-135M", "4K", "runs/ruler_smol_4k_shipped_table"),
     ("SmolLM2-135M", "8K", "runs/ruler_smol_8k_vertical_slash_table"),
     ("SmolLM2-135M", "8K", "runs/ruler_smol_8k_a_shape_table"),
     ("SmolLM2-135M", "8K", "runs/ruler_smol_8k_block_table"),
