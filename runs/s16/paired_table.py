@@ -16,6 +16,9 @@ TABLES = [
     ("SmolLM2-135M", "8K", "runs/ruler_smol_8k_vertical_slash_table"),
     ("SmolLM2-135M", "8K", "runs/ruler_smol_8k_a_shape_table"),
     ("SmolLM2-135M", "8K", "runs/ruler_smol_8k_block_table"),
+    # eighteenth session: the same runs extended to 20 samples per task (block only part-way)
+    ("SmolLM2-135M", "8K ×20", "runs/ruler_smol_8k_vertical_slash_table20"),
+    ("SmolLM2-135M", "8K ×20", "runs/ruler_smol_8k_block_table20"),
     ("Qwen2.5-0.5B", "8K", "runs/ruler_qwen_8k_profile16k_table"),
     ("Qwen2.5-0.5B", "16K", "runs/ruler_qwen_16k_shipped_table"),
     ("Qwen2.5-0.5B", "16K", "runs/ruler_qwen_16k_profile16k_table"),
