@@ -16,9 +16,11 @@ TABLES = [
     ("SmolLM2-135M", "8K", "runs/ruler_smol_8k_vertical_slash_table"),
     ("SmolLM2-135M", "8K", "runs/ruler_smol_8k_a_shape_table"),
     ("SmolLM2-135M", "8K", "runs/ruler_smol_8k_block_table"),
-    # eighteenth session: the same runs extended to 20 samples per task (block only part-way)
+    # eighteenth and nineteenth sessions: the same runs extended to 20 samples per task
     ("SmolLM2-135M", "8K ×20", "runs/ruler_smol_8k_vertical_slash_table20"),
     ("SmolLM2-135M", "8K ×20", "runs/ruler_smol_8k_block_table20"),
+    # nineteenth session: vertical_slash at 25 per task
+    ("SmolLM2-135M", "8K ×25", "runs/ruler_smol_8k_vertical_slash_table25"),
     ("Qwen2.5-0.5B", "8K", "runs/ruler_qwen_8k_profile16k_table"),
     ("Qwen2.5-0.5B", "16K", "runs/ruler_qwen_16k_shipped_table"),
     ("Qwen2.5-0.5B", "16K", "runs/ruler_qwen_16k_profile16k_table"),
