@@ -21,6 +21,8 @@ TABLES = [
     ("SmolLM2-135M", "8K ×20", "runs/ruler_smol_8k_block_table20"),
     # nineteenth session: vertical_slash at 25 per task
     ("SmolLM2-135M", "8K ×25", "runs/ruler_smol_8k_vertical_slash_table25"),
+    # nineteenth session: the shipped plan at 8K, rerun at 15 per task (its first run was lost)
+    ("SmolLM2-135M", "8K ×15", "runs/ruler_smol_8k_shipped_table"),
     ("Qwen2.5-0.5B", "8K", "runs/ruler_qwen_8k_profile16k_table"),
     ("Qwen2.5-0.5B", "16K", "runs/ruler_qwen_16k_shipped_table"),
     ("Qwen2.5-0.5B", "16K", "runs/ruler_qwen_16k_profile16k_table"),
