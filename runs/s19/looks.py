@@ -4,8 +4,8 @@ corrected for the number of looks.
 The SmolLM2 8K runs were extended 5 -> 20 -> 25 samples per task, and each extension was chosen
 after seeing the previous interval. Checking a 95% interval at k looks and stopping at the first
 one that decides raises the chance of a wrong "decided" above 5%. The Bonferroni level
-1 - 0.05 / k keeps it at most 5% over all k looks, so a verdict that holds at that level is not
-an artefact of having looked until it passed.
+1 - 0.05 / k keeps it at most 5% over k looks (strictly, when k is fixed before the first look),
+so a verdict that holds at that level is not an artefact of having looked until it passed.
 
 Usage: python runs/s19/looks.py TABLE_DIR [PER_TASK_COUNTS]   (default counts: 5,20,25)
 Prints markdown rows: samples per task, pairs, Δ, the 95% interval and verdict, the corrected
