@@ -21,7 +21,7 @@ TABLES = [
     ("SmolLM2-135M", "8K ×20", "runs/ruler_smol_8k_block_table20"),
     # nineteenth session: vertical_slash at 25 per task
     ("SmolLM2-135M", "8K ×25", "runs/ruler_smol_8k_vertical_slash_table25"),
-    # nineteenth session: the shipped plan at 8K, rerun at 15 per task (its first run was lost)
+    # nineteenth session: the shipped plan at 8K, rerun at 15 per task (its first run was lost), and at 4K to 10
     ("SmolLM2-135M", "8K ×15", "runs/ruler_smol_8k_shipped_table"),
     ("SmolLM2-135M", "4K ×10", "runs/ruler_smol_4k_shipped_table10"),
     ("Qwen2.5-0.5B", "8K", "runs/ruler_qwen_8k_profile16k_table"),
