@@ -24,6 +24,8 @@ TABLES = [
     # nineteenth session: the shipped plan at 8K, rerun at 15 per task (its first run was lost), and at 4K to 10
     ("SmolLM2-135M", "8K ×15", "runs/ruler_smol_8k_shipped_table"),
     ("SmolLM2-135M", "4K ×10", "runs/ruler_smol_4k_shipped_table10"),
+    # twentieth session: the shipped plan at 4K to 20 per task
+    ("SmolLM2-135M", "4K ×20", "runs/ruler_smol_4k_shipped_table20"),
     ("Qwen2.5-0.5B", "8K", "runs/ruler_qwen_8k_profile16k_table"),
     ("Qwen2.5-0.5B", "16K", "runs/ruler_qwen_16k_shipped_table"),
     ("Qwen2.5-0.5B", "16K", "runs/ruler_qwen_16k_profile16k_table"),
