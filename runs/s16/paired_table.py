@@ -27,8 +27,9 @@ TABLES = [
     # twentieth session: the shipped plan at 4K to 20 per task
     ("SmolLM2-135M", "4K ×20", "runs/ruler_smol_4k_shipped_table20"),
     ("Qwen2.5-0.5B", "8K", "runs/ruler_qwen_8k_profile16k_table"),
-    # twentieth session: the shipped Qwen plan at 8K, rerun (its first run was lost)
+    # twentieth session: the shipped Qwen plan and the presets at 8K, rerun (their first runs were lost)
     ("Qwen2.5-0.5B", "8K", "runs/ruler_qwen_8k_shipped_table"),
+    ("Qwen2.5-0.5B", "8K", "runs/ruler_qwen_8k_vertical_slash_table"),
     ("Qwen2.5-0.5B", "16K", "runs/ruler_qwen_16k_shipped_table"),
     ("Qwen2.5-0.5B", "16K", "runs/ruler_qwen_16k_profile16k_table"),
     ("Qwen2.5-0.5B", "16K", "runs/ruler_qwen_16k_vertical_slash_table"),
