@@ -30,6 +30,7 @@ TABLES = [
     # twentieth session: the shipped Qwen plan and the presets at 8K, rerun (their first runs were lost)
     ("Qwen2.5-0.5B", "8K", "runs/ruler_qwen_8k_shipped_table"),
     ("Qwen2.5-0.5B", "8K", "runs/ruler_qwen_8k_vertical_slash_table"),
+    ("Qwen2.5-0.5B", "8K", "runs/ruler_qwen_8k_block_table"),
     ("Qwen2.5-0.5B", "16K", "runs/ruler_qwen_16k_shipped_table"),
     ("Qwen2.5-0.5B", "16K", "runs/ruler_qwen_16k_profile16k_table"),
     ("Qwen2.5-0.5B", "16K", "runs/ruler_qwen_16k_vertical_slash_table"),
