@@ -2,7 +2,8 @@
 # Twentieth session: rerun a Qwen2.5-0.5B plan at 8K on RULER (5 samples per task) so that its row
 # has per-sample results for the paired table: the shipped plan's and the presets' 8K runs were
 # written under the lost out/ and only their printed tables survive. Two parts split by task, one
-# pinned core each (runs/s16/resume.sh); each part first waits for the job on its core.
+# pinned core each (runs/s16/resume.sh); each part first waits for the job on its core. WAIT_A and
+# WAIT_B take that job's python PID: a resume.sh launcher exits at once, so its PID would not wait.
 # Usage: PLAN=qwen2.5-0.5b NAME=shipped WAIT_A=PID WAIT_B=PID bash runs/s20/qwen8k.sh; rerunning resumes.
 # Merge: sparse-infer eval merge runs/ruler_qwen_8k_dense:dense runs/ruler_qwen_8k_NAME_a \
 #          runs/ruler_qwen_8k_NAME_b --common --out runs/ruler_qwen_8k_NAME_table
