@@ -26,11 +26,19 @@ TABLES = [
     ("SmolLM2-135M", "4K ×10", "runs/ruler_smol_4k_shipped_table10"),
     # twentieth session: the shipped plan at 4K to 20 per task
     ("SmolLM2-135M", "4K ×20", "runs/ruler_smol_4k_shipped_table20"),
+    # twenty-first session: the SmolLM2 4K presets written from 1K, rerun (their first runs were lost)
+    ("SmolLM2-135M", "4K", "runs/ruler_smol_4k_vertical_slash_1k_table"),
+    ("SmolLM2-135M", "4K", "runs/ruler_smol_4k_a_shape_1k_table"),
+    ("SmolLM2-135M", "4K", "runs/ruler_smol_4k_block_1k_table"),
+    ("SmolLM2-135M", "4K", "runs/ruler_smol_4k_block_pooled_1k_table"),
     ("Qwen2.5-0.5B", "8K", "runs/ruler_qwen_8k_profile16k_table"),
     # twentieth session: the shipped Qwen plan and the presets at 8K, rerun (their first runs were lost)
     ("Qwen2.5-0.5B", "8K", "runs/ruler_qwen_8k_shipped_table"),
     ("Qwen2.5-0.5B", "8K", "runs/ruler_qwen_8k_vertical_slash_table"),
     ("Qwen2.5-0.5B", "8K", "runs/ruler_qwen_8k_block_table"),
+    # twenty-first session: the a_shape and pooled block presets at Qwen 8K, rerun (their first runs were lost)
+    ("Qwen2.5-0.5B", "8K", "runs/ruler_qwen_8k_a_shape_table"),
+    ("Qwen2.5-0.5B", "8K", "runs/ruler_qwen_8k_block_pooled_table"),
     ("Qwen2.5-0.5B", "16K", "runs/ruler_qwen_16k_shipped_table"),
     ("Qwen2.5-0.5B", "16K", "runs/ruler_qwen_16k_profile16k_table"),
     ("Qwen2.5-0.5B", "16K", "runs/ruler_qwen_16k_vertical_slash_table"),
