@@ -39,6 +39,13 @@ TABLES = [
     # twenty-first session: the a_shape and pooled block presets at Qwen 8K, rerun (their first runs were lost)
     ("Qwen2.5-0.5B", "8K", "runs/ruler_qwen_8k_a_shape_table"),
     ("Qwen2.5-0.5B", "8K", "runs/ruler_qwen_8k_block_pooled_table"),
+    # twenty-second session: the SmolLM2 8K preset runs that were only printed (pooled block with the
+    # tail; a_shape and pooled block without it), rerun
+    ("SmolLM2-135M", "8K", "runs/ruler_smol_8k_block_pooled_table"),
+    ("SmolLM2-135M", "8K", "runs/ruler_smol_8k_a_shape_notail_table"),
+    ("SmolLM2-135M", "8K", "runs/ruler_smol_8k_block_pooled_notail_table"),
+    # twenty-second session: the SmolLM2 4K vertical_slash preset from 1K taken to 20 per task
+    ("SmolLM2-135M", "4K ×20", "runs/ruler_smol_4k_vertical_slash_1k_table20"),
     ("Qwen2.5-0.5B", "16K", "runs/ruler_qwen_16k_shipped_table"),
     ("Qwen2.5-0.5B", "16K", "runs/ruler_qwen_16k_profile16k_table"),
     ("Qwen2.5-0.5B", "16K", "runs/ruler_qwen_16k_vertical_slash_table"),
