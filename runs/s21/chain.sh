@@ -13,17 +13,19 @@ SNAP=${SNAP:-/work/snap16}
 [ -d "$SNAP/sparse_infer" ] || git worktree add -f --detach "$SNAP" HEAD
 TASKS_a=niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multikey_2,niah_multikey_3
 TASKS_b=niah_multivalue,niah_multiquery,vt,cwe,fwe
-# model plan length out [samples per task, default 5]; JOBS_FILE (lines of the same fields) replaces this list, and its
-# runs log beside it
+# model plan length out [samples per task, default 5]
 LOGDIR=runs/s21
-[ -n "${JOBS_FILE:-}" ] && LOGDIR=$(dirname "$JOBS_FILE")
 JOBS="qwen2.5-0.5b a_shape 8192 runs/ruler_qwen_8k_a_shape
 smollm2-135m runs/s21/smol_vertical_slash_1k.yaml 4096 runs/ruler_smol_4k_vertical_slash_1k
 smollm2-135m runs/s21/smol_a_shape_1k.yaml 4096 runs/ruler_smol_4k_a_shape_1k
 smollm2-135m runs/s21/smol_block_1k.yaml 4096 runs/ruler_smol_4k_block_1k
 smollm2-135m runs/s21/smol_block_pooled_1k.yaml 4096 runs/ruler_smol_4k_block_pooled_1k
 qwen2.5-0.5b runs/s21/qwen_block_pooled.yaml 8192 runs/ruler_qwen_8k_block_pooled"
-[ -n "${JOBS_FILE:-}" ] && JOBS=$(grep -v '^#' "$JOBS_FILE")
+# JOBS_FILE (lines of the same fields, # comments) replaces the list; its runs log beside it
+if [ -n "${JOBS_FILE:-}" ]; then
+  JOBS=$(grep -v '^#' "$JOBS_FILE")
+  LOGDIR=$(dirname "$JOBS_FILE")
+fi
 for part in ${*:-a b}; do
   core=$([ "$part" = a ] && echo 0 || echo 1)
   tasks_var=TASKS_$part
