@@ -48,6 +48,8 @@ TABLES = [
     ("SmolLM2-135M", "4K ×20", "runs/ruler_smol_4k_vertical_slash_1k_table20"),
     # twenty-third session: the SmolLM2 8K pooled block preset with its tail taken to 15 per task
     ("SmolLM2-135M", "8K ×15", "runs/ruler_smol_8k_block_pooled_table15"),
+    # twenty-fourth session: the SmolLM2 8K a_shape preset with its tail taken to 15 per task
+    ("SmolLM2-135M", "8K ×15", "runs/ruler_smol_8k_a_shape_table15"),
     ("Qwen2.5-0.5B", "16K", "runs/ruler_qwen_16k_shipped_table"),
     ("Qwen2.5-0.5B", "16K", "runs/ruler_qwen_16k_profile16k_table"),
     ("Qwen2.5-0.5B", "16K", "runs/ruler_qwen_16k_vertical_slash_table"),
