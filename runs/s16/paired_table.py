@@ -26,6 +26,7 @@ TABLES = [
     ("SmolLM2-135M", "4K ×10", "runs/ruler_smol_4k_shipped_table10"),
     # twentieth session: the shipped plan at 4K to 20 per task
     ("SmolLM2-135M", "4K ×20", "runs/ruler_smol_4k_shipped_table20"),
+    # twenty-fifth session: the same run to 29 per task
     ("SmolLM2-135M", "4K ×29", "runs/ruler_smol_4k_shipped_table29"),
     # twenty-first session: the SmolLM2 4K presets written from 1K, rerun (their first runs were lost)
     ("SmolLM2-135M", "4K", "runs/ruler_smol_4k_vertical_slash_1k_table"),
