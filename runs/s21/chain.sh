@@ -7,6 +7,8 @@
 # resume.sh uses; --resume makes a rerun of this script pick up where it stopped.
 # Usage: [JOBS_FILE=runs/sNN/jobs.txt] bash runs/s21/chain.sh [a b]   Progress: python runs/s11/progress.py runs/ruler_*_{a,b}
 # Merge, per job: sparse-infer eval merge DENSE:dense OUT_a OUT_b --common --out OUT_table
+# Stop: pkill -f runs/s21/chain.sh; pkill -f 'sparse_infer.cli import main'   (the loop shells first:
+# killing only the Python process lets its loop start the next job)
 set -u
 cd "$(dirname "$0")/../.."
 SNAP=${SNAP:-/work/snap16}
