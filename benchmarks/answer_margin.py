@@ -1,7 +1,7 @@
 """How close is a RULER answer to a tie, dense and under each plan?
 
     python benchmarks/answer_margin.py SAMPLE_ID PLAN[,PLAN...] [OUT_JSON [MODEL [TEXT]]]
-    python benchmarks/answer_margin.py niah_multikey_3/16384/0 dense,runs/s11/qwen_profile_16k.yaml
+    python benchmarks/answer_margin.py niah_multikey_3/16384/0 dense,docs/data/plans/qwen_profile_16k.yaml
 
 One forward per plan of the sample's prompt followed by the expected answer (teacher forcing;
 logits of the answer's positions only). For each plan and each answer token: its
