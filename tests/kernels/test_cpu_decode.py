@@ -132,9 +132,7 @@ def test_dispatch_auto_picks_the_c_kernel_on_cpu_and_falls_back(monkeypatch):
 @pytest.fixture
 def fresh_kernel(monkeypatch, tmp_path):
     """Forget the loaded library and build into an empty cache of this test's own."""
-    monkeypatch.setattr(cpu_decode, "_LIB", None)
-    monkeypatch.setattr(cpu_decode, "_ERROR", None)
-    monkeypatch.setattr(cpu_decode, "_WARNED", False, raising=False)
+    _forget_library(monkeypatch)
     monkeypatch.setenv("SPARSE_INFER_CACHE", str(tmp_path))
     return tmp_path
 
@@ -142,7 +140,7 @@ def fresh_kernel(monkeypatch, tmp_path):
 def _forget_library(monkeypatch):
     monkeypatch.setattr(cpu_decode, "_LIB", None)
     monkeypatch.setattr(cpu_decode, "_ERROR", None)
-    monkeypatch.setattr(cpu_decode, "_WARNED", False, raising=False)
+    monkeypatch.setattr(cpu_decode, "_WARNED", False)
 
 
 def _planted_library(tmp_path, marker):
