@@ -4,8 +4,11 @@ The torch executor gathers the selected K/V rows into a buffer and then reads th
 which on a memory-bound CPU costs about three passes over the selected bytes plus a few
 dozen small ops. cpu_decode.c reads each selected row in place, once per GQA group, with
 OpenMP over (batch row, index row). It is compiled with the system C compiler at first use
-and cached (SPARSE_INFER_CACHE, else ~/.cache/sparse_infer); without a compiler the
-decode path stays on the torch executor. Same contract as sparse_decode_torch. Inference only:
+and cached in a directory of this user's only (SPARSE_INFER_CACHE, else ~/.cache/sparse_infer,
+then kernels-<uid>, mode 0700) with the library's sha256 recorded beside it; it is loaded only
+when the directory and file belong to this user, nobody else can write them, and the hash
+matches. Without a compiler, or when that check fails, the decode path stays on the torch
+executor (with one warning). Same contract as sparse_decode_torch. Inference only:
 the outputs carry no autograd history (the model's decode runs under no_grad anyway).
 """
 from __future__ import annotations
@@ -15,9 +18,11 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -34,17 +39,138 @@ _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _LOCK = threading.Lock()
 _LIB: ctypes.CDLL | None = None
 _ERROR: str | None = None
+_WARNED = False
 
 
 class CpuKernelUnavailable(RuntimeError):
     """The C decode kernel could not be built or loaded here."""
 
 
-def _cache_dir() -> Path:
+def _kernel_dir() -> Path:
+    """The per-user build dir: a library found here is loaded into the process, so it must be
+    this user's alone (the uid in the name keeps users sharing SPARSE_INFER_CACHE apart)."""
     root = os.environ.get("SPARSE_INFER_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sparse_infer")
-    return Path(root) / "kernels"
+    return Path(root) / f"kernels-{os.getuid()}"
 
 
+def _check_private(st: os.stat_result, path: Path, directory: bool) -> None:
+    """Refuse a path another user could have planted or could still change."""
+    kind_ok = stat.S_ISDIR(st.st_mode) if directory else stat.S_ISREG(st.st_mode)
+    if not kind_ok:
+        raise CpuKernelUnavailable(f"{path} is not a {'directory' if directory else 'regular file'}: "
+                                   "not loading the CPU kernel from it")
+    if st.st_uid != os.getuid():
+        raise CpuKernelUnavailable(f"{path} is owned by uid {st.st_uid}, not by this user (uid {os.getuid()}): "
+                                   "not loading the CPU kernel from it")
+    if st.st_mode & 0o022:
+        raise CpuKernelUnavailable(f"{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}): "
+                                   "not loading the CPU kernel from it (remove it to rebuild)")
+
+
+def _private_dir() -> Path:
+    directory = _kernel_dir()
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(directory, 0o700)
+        os.chmod(directory, 0o700)       # mkdir's mode is masked by the umask; make it exact
+    except FileExistsError:
+        pass
+    _check_private(os.lstat(directory), directory, directory=True)
+    return directory
+
+
+def _record_name(key: str) -> str:
+    return f"cpu_decode_{key}.sha256"
+
+
+def _library_name(key: str, digest: str) -> str:
+    # named by its own hash: two processes building at once each rename a complete library and
+    # then its record into place, so a record never names a library that is not yet there
+    return f"cpu_decode_{key}-{digest[:16]}.so"
+
+
+def _sha256_fd(fd: int) -> str:
+    digest = hashlib.sha256()
+    os.lseek(fd, 0, os.SEEK_SET)
+    while chunk := os.read(fd, 1 << 20):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _load_recorded(directory: Path, key: str) -> ctypes.CDLL | None:
+    """dlopen the library this key's record names, after checking the directory's and the file's
+    owner and mode and the file's sha256 against the record. None when nothing is built yet, or
+    (with a warning, the bad file removed) when the library fails its hash: the caller rebuilds.
+    Everything is checked through open descriptors and the library is loaded through its own
+    descriptor, so the bytes that were hashed are the bytes that get loaded."""
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        _check_private(os.fstat(dfd), directory, directory=True)
+        try:
+            rfd = os.open(_record_name(key), os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dfd)
+        except FileNotFoundError:
+            return None
+        with os.fdopen(rfd, "rb") as record:
+            _check_private(os.fstat(record.fileno()), directory / _record_name(key), directory=False)
+            expected = record.read(200).decode("ascii", "replace").strip()
+        if len(expected) != 64 or any(c not in "0123456789abcdef" for c in expected):
+            warnings.warn(f"{directory / _record_name(key)} is not a sha256 record: rebuilding the CPU kernel",
+                          RuntimeWarning, stacklevel=4)
+            return None
+        name = _library_name(key, expected)
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dfd)
+        except FileNotFoundError:
+            return None
+        try:
+            _check_private(os.fstat(fd), directory / name, directory=False)
+            actual = _sha256_fd(fd)
+            if actual != expected:
+                warnings.warn(f"{directory / name} has sha256 {actual[:16]}..., not the {expected[:16]}... "
+                              "recorded when it was built: not loading it; rebuilding the CPU kernel",
+                              RuntimeWarning, stacklevel=4)
+                os.unlink(name, dir_fd=dfd)
+                return None
+            # /proc/self/fd/N opens the very file checked above; where there is none (not Linux)
+            # the path is the best there is, in a directory only this user can write
+            through = f"/proc/self/fd/{fd}"
+            return ctypes.CDLL(through if os.path.exists(through) else str(directory / name))
+        finally:
+            os.close(fd)
+    finally:
+        os.close(dfd)
+
+
+def _compile(cc: str, directory: Path, key: str) -> None:
+    """Build into a temporary name of this process's own, then rename the library and its hash
+    record into place (atomic: a concurrent build or load never sees half a file)."""
+    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=directory)
+    os.close(fd)
+    record_tmp = None
+    try:
+        done = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SOURCE), "-lm"], capture_output=True, text=True)
+        if done.returncode:
+            raise CpuKernelUnavailable(f"compiling {_SOURCE.name} failed:\n{done.stderr.strip()}")
+        os.chmod(tmp, 0o700)                       # the linker's mode follows the umask
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            digest = _sha256_fd(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, directory / _library_name(key, digest))
+        fd, record_tmp = tempfile.mkstemp(prefix=".record-", dir=directory)
+        with os.fdopen(fd, "w") as record:
+            record.write(digest + "\n")
+        os.replace(record_tmp, directory / _record_name(key))
+    finally:
+        for leftover in (tmp, record_tmp):
+            if leftover is not None and os.path.exists(leftover):
+                os.unlink(leftover)
+
+
+# torch.utils.cpp_extension.load is not used: it needs ninja and the torch headers (a much slower
+# build of a Python extension where a plain shared library does), and it neither checks the build
+# dir's owner and mode nor verifies the built file before loading it, which this module must do.
 def _build() -> ctypes.CDLL:
     cc = os.environ.get("CC", "cc")
     if shutil.which(cc) is None:
@@ -54,20 +180,13 @@ def _build() -> ctypes.CDLL:
     # -march=native: the library is only valid on this kind of CPU, so the host is in the key
     key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), version.encode(),
                                      platform.machine().encode(), platform.node().encode()])).hexdigest()[:16]
-    target = _cache_dir() / f"cpu_decode_{key}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-        try:
-            done = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SOURCE), "-lm"], capture_output=True, text=True)
-            if done.returncode:
-                raise CpuKernelUnavailable(f"compiling {_SOURCE.name} failed:\n{done.stderr.strip()}")
-            os.replace(tmp, target)          # atomic: a concurrent build never sees half a file
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    lib = ctypes.CDLL(str(target))
+    directory = _private_dir()
+    lib = _load_recorded(directory, key)
+    if lib is None:
+        _compile(cc, directory, key)
+        lib = _load_recorded(directory, key)
+        if lib is None:
+            raise CpuKernelUnavailable(f"the CPU kernel built in {directory} failed its own hash check")
     fn = lib.sparse_decode_rows
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     fn.argtypes = [p, i64, i64,                  # query, strides b h
@@ -132,10 +251,15 @@ def cpu_kernel_available() -> bool:
     SPARSE_INFER_CPU_KERNEL=0 turns it off (the torch executor then runs decode on CPUs)."""
     if os.environ.get("SPARSE_INFER_CPU_KERNEL", "1") == "0":
         return False
+    global _WARNED
     try:
         _library()
         return True
-    except CpuKernelUnavailable:
+    except CpuKernelUnavailable as err:
+        if not _WARNED:
+            _WARNED = True
+            warnings.warn(f"sparse_infer: the C decode kernel is unavailable ({err}); "
+                          "decode runs on the torch executor", RuntimeWarning, stacklevel=2)
         return False
 
 

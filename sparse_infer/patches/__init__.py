@@ -1,6 +1,8 @@
 """patch / unpatch: route a loaded model's attention through sparse_infer via AttentionInterface."""
 from __future__ import annotations
 
+import weakref
+
 from sparse_infer.patches.attention import (
     IMPLEMENTATION, LayerRuntime, eager_fallback, get_stats, group_heads, reset_stats, runtime_for,
     set_runtime, sparse_attention_forward,
@@ -8,8 +10,9 @@ from sparse_infer.patches.attention import (
 from sparse_infer.plan import Plan, PlanError, load_plan
 
 _registered = False
-# model -> the attn implementation it had before patching (restored by unpatch)
-_PREVIOUS: dict[int, object] = {}
+# model -> the attn implementation it had before patching (restored by unpatch). Keyed by the
+# model itself, weakly: an id() can be reused by a new model once the patched one is gone.
+_PREVIOUS: "weakref.WeakKeyDictionary[object, object]" = weakref.WeakKeyDictionary()
 
 
 def _register() -> None:
@@ -46,7 +49,7 @@ def _dense_function(implementation, module):
 
 
 def is_patched(model) -> bool:
-    return id(model) in _PREVIOUS
+    return model in _PREVIOUS
 
 
 def patch(model, plan, backend: str = "auto", dense_above: float | str = "auto"):
@@ -92,7 +95,7 @@ def patch(model, plan, backend: str = "auto", dense_above: float | str = "auto")
         for module, _ in runtimes:
             set_runtime(module, None)
         raise PlanError("", f"transformers refused to switch {type(model).__name__} to the sparse attention")
-    _PREVIOUS[id(model)] = previous
+    _PREVIOUS[model] = previous
     return resolved
 
 
@@ -100,7 +103,7 @@ def unpatch(model) -> None:
     """Restore exactly the attention implementation the model had before patch(); no-op if not patched."""
     if not is_patched(model):
         return
-    previous = _PREVIOUS.pop(id(model))
+    previous = _PREVIOUS.pop(model)
     model.set_attn_implementation(previous)
     for _, module in attention_modules(model):
         set_runtime(module, None)

@@ -1,7 +1,10 @@
 """The C decode kernel (sparse_infer/kernels/cpu_decode.c) vs the dense masked reference and
 the torch executor: same contract, rows read in place."""
 
+import hashlib
 import math
+import os
+import stat
 
 import pytest
 import torch
@@ -126,30 +129,136 @@ def test_dispatch_auto_picks_the_c_kernel_on_cpu_and_falls_back(monkeypatch):
     assert calls == [1]
 
 
-def test_build_failure_leaves_the_torch_executor(monkeypatch, tmp_path):
-    # no compiler: 'auto' keeps working on the torch executor, an explicit 'cpu' says why not
+@pytest.fixture
+def fresh_kernel(monkeypatch, tmp_path):
+    """Forget the loaded library and build into an empty cache of this test's own."""
+    _forget_library(monkeypatch)
+    monkeypatch.setenv("SPARSE_INFER_CACHE", str(tmp_path))
+    return tmp_path
+
+
+def _forget_library(monkeypatch):
     monkeypatch.setattr(cpu_decode, "_LIB", None)
     monkeypatch.setattr(cpu_decode, "_ERROR", None)
+    monkeypatch.setattr(cpu_decode, "_WARNED", False)
+
+
+def _planted_library(tmp_path, marker):
+    """A shared library that, once loaded, creates `marker`: proof that it ran in this process."""
+    import subprocess
+
+    source = tmp_path / "planted.c"
+    source.write_text('#include <stdio.h>\n'
+                      f'__attribute__((constructor)) static void ran(void) {{ fclose(fopen("{marker}", "w")); }}\n'
+                      'int sparse_decode_rows(void) { return 0; }\n')
+    built = tmp_path / "planted.so"
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(built), str(source)], check=True)
+    return built.read_bytes()
+
+
+def _swap_in(path, data):
+    """Replace a file by a new one (a loaded library's own pages must not change under it)."""
+    staged = path.with_name(path.name + ".staged")
+    staged.write_bytes(data)
+    os.replace(staged, path)
+
+
+def _copy_of_the_build(monkeypatch, built_cache, tmp_path_factory):
+    """A copy of a built cache at a path this process has not loaded from (dlopen would hand back
+    the library already loaded from a path, whatever is there now), made the cache in use."""
+    import shutil
+
+    copy = tmp_path_factory.mktemp("copied") / "cache"
+    shutil.copytree(built_cache, copy)
+    monkeypatch.setenv("SPARSE_INFER_CACHE", str(copy))
+    _forget_library(monkeypatch)
+    return copy
+
+
+def _check_still_correct():
+    q, k, v, idx = make_case(1, 8, 2, 2, 200, 40, seed=9)
+    torch.testing.assert_close(sparse_decode_cpu(q, k, v, idx, scaling=0.2),
+                               dense_decode_reference(q, k, v, idx, scaling=0.2), atol=1e-5, rtol=1e-5)
+
+
+def test_build_failure_leaves_the_torch_executor_and_warns_once(fresh_kernel, monkeypatch):
+    # no compiler: 'auto' keeps working on the torch executor, an explicit 'cpu' says why not
     monkeypatch.setenv("CC", "no-such-compiler-here")
-    monkeypatch.setenv("SPARSE_INFER_CACHE", str(tmp_path))
     q, k, v, idx = make_case(1, 4, 2, 2, 50, 10)
-    assert not cpu_kernel_available()
-    torch.testing.assert_close(sparse_decode(q, k, v, idx, scaling=0.2),
-                               sparse_decode_torch(q, k, v, idx, scaling=0.2))
+    with pytest.warns(RuntimeWarning, match="no-such-compiler-here.*torch executor") as caught:
+        assert not cpu_kernel_available()
+        torch.testing.assert_close(sparse_decode(q, k, v, idx, scaling=0.2),
+                                   sparse_decode_torch(q, k, v, idx, scaling=0.2))
+        assert not cpu_kernel_available()
+    assert len([w for w in caught if "C decode kernel" in str(w.message)]) == 1
     with pytest.raises(cpu_decode.CpuKernelUnavailable, match="no-such-compiler-here"):
         sparse_decode(q, k, v, idx, scaling=0.2, backend="cpu")
 
 
-def test_fresh_build_into_an_empty_cache_dir(monkeypatch, tmp_path):
-    monkeypatch.setattr(cpu_decode, "_LIB", None)
-    monkeypatch.setattr(cpu_decode, "_ERROR", None)
-    monkeypatch.setenv("SPARSE_INFER_CACHE", str(tmp_path))
+def test_fresh_build_into_an_empty_cache_dir(fresh_kernel, monkeypatch):
     assert cpu_kernel_available()
-    built = list((tmp_path / "kernels").iterdir())
-    assert len(built) == 1 and built[0].name.startswith("cpu_decode_")      # no temporary left behind
-    q, k, v, idx = make_case(1, 8, 2, 2, 200, 40, seed=9)
-    torch.testing.assert_close(sparse_decode_cpu(q, k, v, idx, scaling=0.2),
-                               dense_decode_reference(q, k, v, idx, scaling=0.2), atol=1e-5, rtol=1e-5)
+    directory = fresh_kernel / f"kernels-{os.getuid()}"
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    built = sorted(p.name for p in directory.iterdir())
+    # the library and its hash record, no temporary left behind
+    assert len(built) == 2 and built[0].endswith(".so") and built[1].endswith(".sha256")
+    library = directory / built[0]
+    assert (directory / built[1]).read_text().strip() == hashlib.sha256(library.read_bytes()).hexdigest()
+    _check_still_correct()
+    # a second process loads the verified library without compiling again
+    _forget_library(monkeypatch)
+    monkeypatch.setattr(cpu_decode, "_compile", lambda *a: pytest.fail("rebuilt a library that verifies"))
+    assert cpu_kernel_available()
+    _check_still_correct()
+
+
+def test_planted_library_with_a_wrong_hash_is_not_loaded(fresh_kernel, monkeypatch, tmp_path_factory):
+    assert cpu_kernel_available()                     # a good build, its hash recorded
+    cache = _copy_of_the_build(monkeypatch, fresh_kernel, tmp_path_factory)
+    elsewhere = tmp_path_factory.mktemp("planted")
+    marker = elsewhere / "ran"
+    planted = _planted_library(elsewhere, marker)
+    libraries = list(cache.rglob("cpu_decode_*.so"))
+    assert libraries
+    for library in libraries:                         # swapped in under the name that is loaded
+        _swap_in(library, planted)
+    with pytest.warns(RuntimeWarning, match="sha256.*not loading it"):
+        assert cpu_kernel_available()                 # rebuilt
+    assert not marker.exists(), "the planted library ran"
+    _check_still_correct()
+
+
+def _plant_with_matching_record(directory, planted):
+    """Put the planted library where the build was, under a hash record that matches it: only the
+    directory's owner and mode can then keep it out."""
+    digest = hashlib.sha256(planted).hexdigest()
+    for library in directory.glob("cpu_decode_*.so"):
+        _swap_in(library, planted)
+    for record in directory.glob("cpu_decode_*.sha256"):
+        _swap_in(record, (digest + "\n").encode())
+        key = record.name.removeprefix("cpu_decode_").removesuffix(".sha256")
+        _swap_in(directory / cpu_decode._library_name(key, digest), planted)
+
+
+@pytest.mark.parametrize("problem", ["group-writable", "another user's"])
+def test_kernel_dir_others_could_write_is_refused(fresh_kernel, monkeypatch, tmp_path_factory, problem):
+    assert cpu_kernel_available()
+    cache = _copy_of_the_build(monkeypatch, fresh_kernel, tmp_path_factory)
+    [directory] = cache.glob("kernels*")
+    elsewhere = tmp_path_factory.mktemp("planted")
+    marker = elsewhere / "ran"
+    _plant_with_matching_record(directory, _planted_library(elsewhere, marker))
+    if problem == "group-writable":
+        os.chmod(directory, 0o770)
+        expected = "writable by group or others"
+    else:
+        other_uid = os.getuid() + 1                   # as if another user had made this user's dir
+        directory.rename(cache / f"kernels-{other_uid}")
+        monkeypatch.setattr(os, "getuid", lambda: other_uid)
+        expected = "owned by uid"
+    with pytest.warns(RuntimeWarning, match=expected):
+        assert not cpu_kernel_available()
+    assert not marker.exists(), "the planted library ran"
 
 
 def test_quest_call_refuses_mismatched_bounds():

@@ -215,6 +215,38 @@ def test_patch_is_idempotent_and_unpatch_restores_implementation():
     assert model.config._attn_implementation == "eager" and not is_patched(model)
 
 
+def _new_object_at(address, cls):
+    """A new, uninitialised `cls` object at a given (freed) address: CPython hands a freed block
+    back to a later allocation of the same size, so allocate until it does."""
+    held = []
+    for _ in range(200_000):
+        obj = cls.__new__(cls)
+        if id(obj) == address:
+            return obj
+        held.append(obj)       # kept until the end so that each try takes a different block
+    pytest.skip("the allocator did not hand the freed address back")
+
+
+def test_a_new_model_reusing_a_dead_models_id_is_not_patched():
+    import gc
+
+    template = tiny_model("llama")                       # built first: its allocations are done
+    patched = tiny_model("gemma2")                        # eager before patching
+    sparse_infer.patch(patched, full_plan(patched, FULL_RULES["a_shape"]))
+    address = id(patched)
+    del patched
+    gc.collect()
+    model = _new_object_at(address, type(template))       # same id as the dead patched model
+    model.__dict__.update(template.__dict__)              # ... and a working sdpa model
+    assert model.config._attn_implementation == "sdpa"
+    assert not is_patched(model)
+    sparse_infer.unpatch(model)                           # not patched: a no-op, as for any model
+    assert model.config._attn_implementation == "sdpa" and not is_patched(model)
+    sparse_infer.patch(model, full_plan(model, FULL_RULES["a_shape"]))
+    sparse_infer.unpatch(model)
+    assert model.config._attn_implementation == "sdpa"    # its own previous implementation, not eager
+
+
 @pytest.mark.parametrize("mutate, message", [
     (lambda p: p["prefill"]["default"].update(pattern="zigzag"), "prefill.default.pattern: unknown pattern"),
     (lambda p: p["model"].update(num_hidden_layers=30), "model.num_hidden_layers: plan is for 30"),
