@@ -7,40 +7,11 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-import sparse_infer
 from sparse_infer.eval import cli, runner
 from sparse_infer.eval.cli import eval_app, parse_list
 from sparse_infer.eval.ruler import EvalError
 
-from .conftest import make_tiny_llama
-
 cli_runner = CliRunner()
-
-
-@pytest.fixture
-def fake_load(monkeypatch, tokenizer):
-    loaded = []
-
-    def load_model(spec, dtype=None):
-        loaded.append(spec)
-        model = make_tiny_llama(tokenizer)
-        return (model if dtype is None else model.to(dtype)), tokenizer
-
-    monkeypatch.setattr(sparse_infer, "load_model", load_model, raising=False)
-    return loaded
-
-
-@pytest.fixture
-def fast_generation(monkeypatch):
-    """Answer every prompt with its first needle number: the plumbing is under test, not the model."""
-    prompts = []
-
-    def generate_one(model, tok, prompt, max_new_tokens):
-        prompts.append(prompt)
-        return "nothing useful", 2
-
-    monkeypatch.setattr(runner, "generate_one", generate_one)
-    return prompts
 
 
 def test_parse_list():
