@@ -99,23 +99,38 @@ def locked_dir(out: Path) -> Iterator[None]:
         yield
         return
     lock_path = out / LOCK_FILE
+    fd = _lock(fcntl, lock_path, out)
+    _held[key] = 1
+    try:
+        yield
+    finally:
+        del _held[key]
+        # removed while still held, so no stray file is left in a results directory (runs/ are
+        # committed); a run that opened the old file meanwhile sees it gone and refuses (_lock)
+        lock_path.unlink(missing_ok=True)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _lock(fcntl, lock_path: Path, out: Path) -> int:
+    """Open and lock `lock_path` without waiting; the descriptor, or EvalError when it is held."""
+    busy = EvalError(f"another run is writing to {out} (it holds {lock_path}); wait for it to finish "
+                     "or choose another --out")
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as err:
         raise EvalError(f"cannot write --out {out}: {_reason(err)}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        # the holder deletes the file as it lets go: a lock on a file no longer at that path
+        # guards nothing, since the next run creates and locks a new one
+        mine, there = os.fstat(fd), os.stat(lock_path)
+        if (mine.st_dev, mine.st_ino) != (there.st_dev, there.st_ino):
+            raise BlockingIOError
+    except (BlockingIOError, FileNotFoundError):
         os.close(fd)
-        raise EvalError(f"another run is writing to {out} (it holds {lock_path}); wait for it to finish "
-                        "or choose another --out") from None
+        raise busy from None
     # who holds it, for a person looking at a stuck directory
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
-    _held[key] = 1
-    try:
-        yield
-    finally:
-        del _held[key]
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+    return fd

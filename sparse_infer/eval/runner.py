@@ -37,7 +37,7 @@ from sparse_infer.eval.ruler import (
     score_sample,
     task_metric,
 )
-from sparse_infer.eval.outputs import LOCK_FILE, check_writable_dir, locked_dir, write_json
+from sparse_infer.eval.outputs import check_writable_dir, locked_dir, write_json
 
 RESULTS_FILE = "results.json"
 FORMAT_VERSION = 1
@@ -347,11 +347,7 @@ def _holding(out_dir: str | Path) -> Iterator[Path]:
     created = check_writable_dir(out)
     try:
         with locked_dir(out):
-            try:
-                yield out
-            finally:
-                if created and not (out / RESULTS_FILE).exists():
-                    (out / LOCK_FILE).unlink(missing_ok=True)
+            yield out
     finally:
         if created and not (out / RESULTS_FILE).exists():
             try:

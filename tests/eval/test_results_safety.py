@@ -233,6 +233,7 @@ def test_lock_is_held_for_the_whole_run_against_another_process(tmp_path, tokeni
     samples = ruler_mod.generate_samples(tokenizer, ["vt"], [512], 2, seed=0)
     runner.run_eval(tiny_llama, tokenizer, samples, {"dense": None}, tmp_path, progress=False)
     assert seen == [3, 3]
+    assert not (tmp_path / LOCK_FILE).exists()             # let go and removed: nothing stray in runs/
 
 
 def test_temporary_files_have_names_of_their_own(tmp_path, tokenizer, tiny_llama, fast_generation):
@@ -244,7 +245,7 @@ def test_temporary_files_have_names_of_their_own(tmp_path, tokenizer, tiny_llama
     samples = ruler_mod.generate_samples(tokenizer, ["vt"], [512], 1, seed=0)
     runner.run_eval(tiny_llama, tokenizer, samples, {"dense": None}, tmp_path, progress=False)
     assert len(runner.load_results(tmp_path)["plans"]["dense"]["records"]) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_FILE, "results.json", "results.json.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.json.tmp"]
 
 
 # --------------------------------------------------------------------------- unwritable outputs
