@@ -1,7 +1,6 @@
 """`sparse-infer`: eval, bench, profile and plan commands."""
 from __future__ import annotations
 
-import json
 from typing import Optional
 
 import typer

@@ -290,3 +290,12 @@ def test_plan_fingerprint_is_the_content(tiny_llama):
     three = preset("vertical_slash", tiny_llama.config, min_seq_len=1024)
     assert runner.plan_fingerprint(three) != runner.plan_fingerprint(one)
     assert runner.plan_fingerprint(None) != runner.plan_fingerprint(preset("dense", tiny_llama.config))
+
+
+def test_a_refused_run_leaves_no_directory_behind(tmp_path, fake_load, fast_generation):
+    """--out is made before the model loads; when the run is then refused (a length the model
+    cannot take), the empty directory it made is removed again."""
+    out = tmp_path / "new" / "run"
+    res = cli_runner.invoke(eval_app, ruler("dense", out, "--lengths", "8192"))
+    assert res.exit_code == 2 and "max_position_embeddings" in text(res)
+    assert fake_load == ["tiny"] and not out.exists()
