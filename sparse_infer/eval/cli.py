@@ -112,12 +112,13 @@ def default_plan_for(model: str) -> str:
 
     No preset is put in its place: the needle grid of some preset, shown as if it were the
     model's plan, would answer a question nobody asked. The message names the choices."""
-    from sparse_infer.plan import PRESETS, shipped_plan_path
+    from sparse_infer.plan import CONFIGS_DIR, PRESETS
 
     # only a bare name can be a shipped plan's; a path is a model of the user's own
-    path = shipped_plan_path(model) if model and "/" not in model and "\\" not in model and ":" not in model else None
-    if path is not None and Path(path).is_file():
-        return str(path)
+    if model and not any(c in model for c in "/\\:"):
+        path = Path(CONFIGS_DIR) / f"{model}.yaml"
+        if path.is_file():
+            return str(path)
     presets = ", ".join(p for p in PRESETS if p != DENSE)
     raise EvalError(
         f"no plan ships for model {model!r} (plans ship for: {', '.join(shipped_plans()) or 'none'}); "

@@ -179,11 +179,11 @@ def test_needle_explicit_grid(tmp_path, fake_load, fast_generation):
     assert len(saved["plans"]["a_shape"]["scores"]) == 5
 
 
-def test_no_shipped_plan_is_an_error_not_a_preset(monkeypatch):
+def test_no_shipped_plan_is_an_error_not_a_preset(monkeypatch, tmp_path):
     import sparse_infer.plan as plan_mod
 
-    monkeypatch.setattr(plan_mod, "shipped_plan_path", lambda name: None)
-    with pytest.raises(EvalError, match="no plan ships for model 'smollm2-135m'"):
+    monkeypatch.setattr(plan_mod, "CONFIGS_DIR", tmp_path)          # a package that ships no plan
+    with pytest.raises(EvalError, match="no plan ships for model 'smollm2-135m' \\(plans ship for: none\\)"):
         cli.default_plan_for("smollm2-135m")
     # a model given by path is never taken for a shipped plan's name
     monkeypatch.undo()
