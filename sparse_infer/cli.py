@@ -1,7 +1,6 @@
 """`sparse-infer`: eval, bench, profile and plan commands."""
 from __future__ import annotations
 
-import json
 from typing import Optional
 
 import typer
@@ -91,6 +90,48 @@ def plan_preset(
     console.print(f"[green]wrote[/green] {out}")
 
 
+def _json_target(json_out: Optional[str]):
+    """--json checked before any benchmark runs or model loads: a file that exists is not
+    replaced, and one that cannot be created is refused now rather than after minutes of timing."""
+    if not json_out:
+        return None
+    from pathlib import Path
+
+    from sparse_infer.eval.outputs import check_new_file
+    from sparse_infer.eval.ruler import EvalError
+
+    target = Path(json_out)
+    try:
+        check_new_file(target, "--json")
+    except EvalError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2)
+    return target
+
+
+def _write_bench_json(target, doc) -> None:
+    if target is not None:
+        from sparse_infer.eval.outputs import write_json
+
+        write_json(target, doc, indent=2)
+        console.print(f"wrote {target}")
+
+
+def _check_bench_plans(names) -> None:
+    """A plan named for the end-to-end run must be found before any timing: presets are built
+    from the model's config later, anything else must load as a plan now."""
+    from sparse_infer.plan import PRESETS, PlanError, load_plan
+
+    for name in names:
+        if name in PRESETS:
+            continue
+        try:
+            load_plan(name)
+        except PlanError as exc:
+            console.print(f"[red]error:[/red] --plans {name}: {exc}")
+            raise typer.Exit(2)
+
+
 @bench_app.command("prefill")
 def bench_prefill(
     lengths: str = typer.Option("4096,8192,16384", help="sequence lengths for the attention micro-benchmark"),
@@ -99,13 +140,17 @@ def bench_prefill(
     model: Optional[str] = typer.Option(None, help="also time end-to-end prefill of this model"),
     model_lengths: str = typer.Option("4096,8192,16384"),
     plans: str = typer.Option("a_shape,vertical_slash,block", help="plans for the end-to-end run"),
-    json_out: Optional[str] = typer.Option(None, "--json", help="write all rows to this JSON file"),
+    json_out: Optional[str] = typer.Option(None, "--json", help="write all rows to this new JSON file"),
 ):
     """Dense SDPA vs each pattern: attention time, ratio, density; then end-to-end prefill."""
     import torch
 
     from sparse_infer.bench.attention import bench_prefill_attention
 
+    target = _json_target(json_out)
+    plan_names = [p for p in plans.split(",") if p.strip()]
+    if model:
+        _check_bench_plans(plan_names)
     hq, hkv = _ints(heads)
     console.print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     rows = bench_prefill_attention(lengths=_ints(lengths), heads=(hq, hkv), head_dim=head_dim)
@@ -115,11 +160,9 @@ def bench_prefill(
     if model:
         import sparse_infer
         m, tok = sparse_infer.load_model(model)
-        e2e = bench_prefill_end_to_end_rows(m, tok, _ints(model_lengths), plans.split(","))
+        e2e = bench_prefill_end_to_end_rows(m, tok, _ints(model_lengths), plan_names)
         _table(e2e, ["n", "plan", "seconds", "ratio", "density"], f"end-to-end prefill, {model}")
-    if json_out:
-        with open(json_out, "w") as fh:
-            json.dump({"attention": rows, "end_to_end": e2e}, fh, indent=2)
+    _write_bench_json(target, {"attention": rows, "end_to_end": e2e})
 
 
 def bench_prefill_end_to_end_rows(model, tok, lengths, plan_names):
@@ -139,11 +182,12 @@ def bench_decode(
     new_tokens: int = 32,
     cache: str = typer.Option("dynamic", help="end-to-end KV cache for dense and sparse alike: 'dynamic' "
                                                "(DynamicCache, copies K/V every step) or 'append' (AppendCache)"),
-    json_out: Optional[str] = typer.Option(None, "--json"),
+    json_out: Optional[str] = typer.Option(None, "--json", help="write all rows to this new JSON file"),
 ):
     """Dense vs each decode method: per-step attention time, bytes read; then tokens/s."""
     from sparse_infer.bench.attention import bench_decode_attention, bench_decode_methods
 
+    target = _json_target(json_out)
     hq, hkv = _ints(heads)
     rows = bench_decode_attention(kv_lens=_ints(kv_lens), budget=budget, heads=(hq, hkv), head_dim=head_dim)
     _table(rows, [c for c in ("kv_len", "budget", "dense_ms", "dense_grouped_ms", "sparse_ms", "ratio", "ratio_grouped",
@@ -160,9 +204,7 @@ def bench_decode(
         plans = {m: decode_method_plan(m, budget) for m in ("token_select", "double_sparsity", "quest")}
         e2e = bench_decode_end_to_end(model, prompt_len, new_tokens, plans, cache=cache)["rows"]
         _table(e2e, list(e2e[0].keys()), f"end-to-end decode, {model}")
-    if json_out:
-        with open(json_out, "w") as fh:
-            json.dump({"attention": rows, "methods": methods, "end_to_end": e2e}, fh, indent=2)
+    _write_bench_json(target, {"attention": rows, "methods": methods, "end_to_end": e2e})
 
 
 _mount_optional()

@@ -30,7 +30,6 @@ DEFAULT_NEEDLE_MODEL = "smollm2-135m"
 # Small enough for a laptop CPU in a few minutes (9 prompts per plan, up to 4K tokens).
 DEFAULT_NEEDLE_LENGTHS = "1024,2048,4096"
 DEFAULT_NEEDLE_DEPTHS = "0,50,100"
-FALLBACK_PLAN = "vertical_slash"
 DENSE = "dense"
 
 
@@ -81,23 +80,61 @@ def _plan_label(plan: str) -> str:
 
 
 def build_plans(plan: str, compare: str | None, label: str | None = None) -> dict[str, Any]:
-    """Display name -> plan (None = dense). The baseline comes first so it runs first."""
-    plans: dict[str, Any] = {}
+    """Display name -> plan (None = dense). The baseline comes first so it runs first.
+
+    A plan is stored under its name (a file's stem) in results.json, so two different plans
+    that would share a name are refused: one would be stored as the other, and a baseline
+    under the sparse plan's name would be skipped."""
+    entries: list[tuple[str, str, str]] = []   # (name, spec, option)
     if compare and compare.lower() != "none":
-        plans[DENSE if compare == DENSE else _plan_label(compare)] = None if compare == DENSE else compare
-    plans[label or (DENSE if plan == DENSE else _plan_label(plan))] = None if plan == DENSE else plan
-    return plans
+        entries.append((DENSE if compare == DENSE else _plan_label(compare), compare, "--compare"))
+    entries.append((label or (DENSE if plan == DENSE else _plan_label(plan)), plan, "--plan"))
+    if len(entries) == 2 and entries[0][0] == entries[1][0]:
+        (name, first, _), (_, second, _) = entries
+        if first != second:
+            raise EvalError(
+                f"--plan {second!r} and --compare {first!r} would both be stored under the name {name!r}; "
+                "copy or rename one plan file so their names differ"
+            )
+        entries.pop(0)   # the same plan asked for twice runs once
+    return {name: None if spec == DENSE else spec for name, spec, _ in entries}
+
+
+def shipped_plans() -> list[str]:
+    """Names of the plans that ship with the package (for messages)."""
+    from sparse_infer.plan import CONFIGS_DIR
+
+    return sorted(p.stem for p in Path(CONFIGS_DIR).glob("*.yaml"))
 
 
 def default_plan_for(model: str) -> str:
-    """The plan shipped for `model`, else the generic vertical_slash preset."""
-    try:
-        from sparse_infer.plan import shipped_plan_path
+    """The plan shipped for `model`; EvalError when none ships for it.
 
-        path = shipped_plan_path(model)
-    except (ImportError, AttributeError, LookupError, OSError, ValueError):
-        return FALLBACK_PLAN
-    return str(path) if path and Path(path).exists() else FALLBACK_PLAN
+    No preset is put in its place: the needle grid of some preset, shown as if it were the
+    model's plan, would answer a question nobody asked. The message names the choices."""
+    from sparse_infer.plan import CONFIGS_DIR, PRESETS
+
+    # only a bare name can be a shipped plan's; a path is a model of the user's own
+    if model and not any(c in model for c in "/\\:"):
+        path = Path(CONFIGS_DIR) / f"{model}.yaml"
+        if path.is_file():
+            return str(path)
+    presets = ", ".join(p for p in PRESETS if p != DENSE)
+    raise EvalError(
+        f"no plan ships for model {model!r} (plans ship for: {', '.join(shipped_plans()) or 'none'}); "
+        f"give --plan: a plan file (e.g. from `sparse-infer profile`), a shipped plan name, or a preset ({presets})"
+    )
+
+
+def check_plans_exist(plans: dict[str, Any]) -> None:
+    """Every named plan must be found (and parse) before any model work: a preset name, a
+    shipped plan name or a plan file. Nothing is substituted for a plan that is not found."""
+    from sparse_infer.plan import PRESETS, load_plan
+
+    for spec in plans.values():
+        if spec is None or (spec in PRESETS and not Path(spec).exists()):
+            continue   # presets are built from the model's config, once it is loaded
+        load_plan(spec)   # PlanError: not found, not YAML, or not a valid plan
 
 
 def _plan_errors() -> tuple[type[BaseException], ...]:
@@ -189,7 +226,8 @@ def ruler_cmd(
         Path | None, typer.Option("--data", help="QA file (jsonl/json/parquet) with 'input' and 'answers' fields.")
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for the synthetic prompts.")] = 0,
-    resume: Annotated[bool, typer.Option("--resume", help="Skip samples already in OUT/results.json.")] = False,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue OUT/results.json: skip samples already there (same weights, plans, dtype).")] = False,
     dtype: DtypeOption = "float32",
     tolerance: ToleranceOption = 1.0,
 ) -> None:
@@ -203,22 +241,28 @@ def ruler_cmd(
         if data is not None and not data.is_file():
             raise EvalError(f"data file not found: {data}")
         plans = build_plans(plan, compare)
-        m, tok = _load(model, dtype)
-        _check_model(m, length_list, plans)
-        all_samples: list[dict] = []
-        if task_list:
-            with console.status(f"building prompts ({len(task_list)} tasks x {len(length_list)} lengths x {samples})"):
-                all_samples += ruler.generate_samples(tok, task_list, length_list, samples, seed)
-        if data is not None:
-            all_samples += ruler.load_user_tasks(data, tok, lengths=length_list, limit=samples)
-        rows = runner.run_eval(m, tok, all_samples, plans, out, resume=resume)
+        check_plans_exist(plans)
+        parse_dtype(dtype)
+        # OUT is checked and locked before the model loads, and held to the end
+        with runner.claim_out_dir(out, resume):
+            m, tok = _load(model, dtype)
+            _check_model(m, length_list, plans)
+            all_samples: list[dict] = []
+            if task_list:
+                with console.status(
+                        f"building prompts ({len(task_list)} tasks x {len(length_list)} lengths x {samples})"):
+                    all_samples += ruler.generate_samples(tok, task_list, length_list, samples, seed)
+            if data is not None:
+                all_samples += ruler.load_user_tasks(data, tok, lengths=length_list, limit=samples)
+            rows = runner.run_eval(m, tok, all_samples, plans, out, resume=resume)
+            doc = runner.load_results(out)
     except errors as e:
         raise _fail(str(e)) from None
     except KeyboardInterrupt:
         raise _interrupted(out) from None
     console.print(runner.render_table(rows, title=f"RULER {model}"))
     if len(plans) > 1:
-        _print_changes(runner.load_results(out), tolerance)
+        _print_changes(doc, tolerance)
     console.print(f"results: {out / runner.RESULTS_FILE}")
 
 
@@ -228,7 +272,7 @@ def needle_cmd(
         str | None, typer.Argument(help=f"Model spec (default {DEFAULT_NEEDLE_MODEL}).", show_default=False)
     ] = None,
     plan: Annotated[
-        str | None, typer.Option("--plan", help="Plan (default: the plan shipped for MODEL, else vertical_slash).")
+        str | None, typer.Option("--plan", help="Plan (default: the plan shipped for MODEL; an error if none ships).")
     ] = None,
     compare: Annotated[str, typer.Option("--compare", help="Baseline to run too; 'none' for the plan alone.")] = DENSE,
     lengths: Annotated[str, typer.Option("--lengths", help="Context lengths in tokens.")] = DEFAULT_NEEDLE_LENGTHS,
@@ -240,7 +284,8 @@ def needle_cmd(
     ] = Path("eval_results/needle"),
     samples: Annotated[int, typer.Option("--samples", min=1, help="Prompts per grid cell.")] = 1,
     seed: Annotated[int, typer.Option("--seed")] = 0,
-    resume: Annotated[bool, typer.Option("--resume", help="Skip cells already in OUT/results.json.")] = False,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue OUT/results.json: skip cells already there (same weights, plans, dtype).")] = False,
     dtype: DtypeOption = "float32",
     tolerance: ToleranceOption = 1.0,
 ) -> None:
@@ -257,23 +302,26 @@ def needle_cmd(
             raise EvalError(f"depths must be within 0..100, got {bad}")
         chosen = plan or default_plan_for(model)
         # A shipped plan is shown under the model's name, as it is named in the docs.
-        label = model if plan is None and chosen != FALLBACK_PLAN else None
+        label = model if plan is None else None
         plans = build_plans(chosen, compare, label)
-        m, tok = _load(model, dtype)
-        _check_model(m, length_list, plans)
-        result = needle.run_needle(
-            m,
-            tok,
-            plans,
-            out,
-            length_list,
-            depth_list,
-            seed=seed,
-            samples_per_cell=samples,
-            resume=resume,
-            title=f"needle in a haystack: {model}",
-        )
-        doc = runner.load_results(out)
+        check_plans_exist(plans)
+        parse_dtype(dtype)
+        with runner.claim_out_dir(out, resume):
+            m, tok = _load(model, dtype)
+            _check_model(m, length_list, plans)
+            result = needle.run_needle(
+                m,
+                tok,
+                plans,
+                out,
+                length_list,
+                depth_list,
+                seed=seed,
+                samples_per_cell=samples,
+                resume=resume,
+                title=f"needle in a haystack: {model}",
+            )
+            doc = runner.load_results(out)
         doc["plans"] = {name: entry for name, entry in doc["plans"].items() if name in plans}
         rows = runner.summarize(doc)
     except errors as e:

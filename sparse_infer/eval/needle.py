@@ -171,16 +171,26 @@ def run_needle(
     title: str | None = None,
 ) -> dict[str, Any]:
     """Run the grid under each plan; write results.json, needle.json and needle.png; return needle.json's content."""
-    from sparse_infer.eval.runner import _write_json, load_results, run_eval, validate
+    from sparse_infer.eval.runner import claim_out_dir, validate
 
     lengths = [int(L) for L in lengths]
     depths = [float(d) for d in depths]
     # Validate lengths and plans before spending time on prompts.
     validate(model, [{"id": "probe", "task": NEEDLE_TASK, "metric": STRING_MATCH_ALL, "length": max(lengths)}], plans)
-    samples = make_needle_samples(tokenizer, lengths, depths, seed, samples_per_cell, chat_template=chat_template)
-    run_eval(model, tokenizer, samples, plans, out_dir, resume=resume, progress=progress)
-    doc = load_results(out_dir)
-    out = Path(out_dir)
+    # held until needle.json and needle.png are written too: they are drawn from results.json
+    with claim_out_dir(out_dir, resume) as out:
+        samples = make_needle_samples(tokenizer, lengths, depths, seed, samples_per_cell, chat_template=chat_template)
+        return _run_and_draw(model, tokenizer, plans, out, samples, lengths, depths, seed, samples_per_cell,
+                             resume, progress, title)
+
+
+def _run_and_draw(model, tokenizer, plans, out: Path, samples, lengths, depths, seed, samples_per_cell, resume,
+                  progress, title) -> dict[str, Any]:
+    from sparse_infer.eval.outputs import write_atomic
+    from sparse_infer.eval.runner import _write_json, load_results, run_eval
+
+    run_eval(model, tokenizer, samples, plans, out, resume=resume, progress=progress)
+    doc = load_results(out)
     grids = {name: needle_grid(doc["plans"][name]["records"], lengths, depths) for name in plans}
     result = {
         "lengths": lengths,
@@ -200,7 +210,8 @@ def run_needle(
     if title is None:
         name = (doc.get("model") or {}).get("name_or_path") or ""
         title = f"needle in a haystack: {Path(name).name}" if name else "needle in a haystack"
-    plot_heatmap(grids, lengths, depths, out / NEEDLE_PNG, title=title)
+    figure = plot_heatmap(grids, lengths, depths, title=title)
+    write_atomic(out / NEEDLE_PNG, lambda fh: figure.savefig(fh, format="png", dpi=120), binary=True)
     return result
 
 

@@ -3,9 +3,13 @@
 results.json layout (rewritten atomically after every sample, so Ctrl-C
 loses at most the sample in flight)::
 
-    {"version": 1, "model": {...},
-     "plans": {NAME: {"plan": <description>, "records": [RECORD, ...]}},
+    {"version": 1, "model": {..., "dtype", "weights_sha256"},
+     "plans": {NAME: {"plan": <description>, "plan_sha256": <hex>, "records": [RECORD, ...]}},
      "summary": [{"plan", "length", "task", "score", "n"[, "prefill_density", "decode_density"]}, ...]}
+
+`weights_sha256` (see `weights_fingerprint`) and `plan_sha256` (see `plan_fingerprint`) let
+--resume and `eval merge` check that stored records come from the same weights and the same
+plan content; files written before they existed lack them.
 
 A RECORD is the sample without its (possibly 128K-token) `input`, plus
 `input_sha1`, `prediction`, `score`, `new_tokens`, `seconds` and, when the
@@ -19,7 +23,8 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +37,14 @@ from sparse_infer.eval.ruler import (
     score_sample,
     task_metric,
 )
+from sparse_infer.eval.outputs import check_writable_dir, locked_dir, write_json
 
 RESULTS_FILE = "results.json"
 FORMAT_VERSION = 1
 DEFAULT_DTYPE = "float32"
 DENSE = "dense"
+WEIGHTS_KEY = "weights_sha256"
+PLAN_KEY = "plan_sha256"
 
 
 # ---------------------------------------------------------------------------
@@ -234,10 +242,46 @@ def load_results(out_dir: str | Path) -> dict[str, Any]:
 
 
 def _write_json(path: Path, doc: Any) -> None:
-    # Write-then-rename so an interrupt never leaves a half-written file.
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    # a temporary file of this writer's own, then a rename: an interrupt never leaves half a file
+    write_json(Path(path), doc)
+
+
+def weights_fingerprint(model: Any) -> str:
+    """sha256 over every parameter's name, dtype, shape and bytes, in the model's own order.
+
+    The identity of the weights themselves, whatever they were loaded from (built-in GGUF, HF
+    directory, a model built in-process): a name says nothing about a re-downloaded, re-quantized
+    or fine-tuned file. All bytes rather than a sample, so that a change confined to one tensor
+    (a fine-tuned head) still shows; at ~1 GB/s this costs seconds even for a 0.5B model in
+    float32, next to minutes of loading and hours of generation. Parameters only: buffers are
+    derived from the config (rotary tables) or are run state. Tied weights count once, as
+    named_parameters lists them once."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        tensor = param.detach()
+        digest.update(f"{name}|{str(tensor.dtype).removeprefix('torch.')}|{tuple(tensor.shape)}\n".encode())
+        if tensor.numel():
+            raw = tensor.contiguous().reshape(-1).view(torch.uint8).cpu()
+            digest.update(memoryview(raw.numpy()))
+    return digest.hexdigest()
+
+
+def plan_fingerprint(plan: Any) -> str:
+    """sha256 of what a loaded plan makes the model do: its model shape and its prefill and
+    decode sections, as canonical JSON (sorted keys). Dense (None) has a fingerprint too.
+
+    The plan's `profile` block is left out: it records how the plan was made (a preset stamps
+    the date it was built), which does not change a single attention score. A plan file that is
+    moved or renamed keeps its fingerprint; one edited in place does not."""
+    if plan is None:
+        content: Any = None
+    else:
+        content = plan.to_dict() if hasattr(plan, "to_dict") else dict(plan)
+        content = {k: v for k, v in content.items() if k != "profile"}
+    canonical = json.dumps(_jsonable(content), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def model_dtype(model: Any) -> str:
@@ -253,14 +297,63 @@ def _dtype_of(info: Mapping[str, Any]) -> str:
     return info.get("dtype") or DEFAULT_DTYPE
 
 
-def _model_info(model: Any) -> dict[str, Any]:
+def _model_info(model: Any, fingerprint: str) -> dict[str, Any]:
     cfg = model.config
     return {
         "name_or_path": getattr(cfg, "_name_or_path", None) or getattr(model, "name_or_path", None),
         "model_type": getattr(cfg, "model_type", None),
         "max_position_embeddings": max_positions(cfg),
         "dtype": model_dtype(model),
+        WEIGHTS_KEY: fingerprint,
     }
+
+
+def _check_resumable(doc: Mapping[str, Any], path: Path) -> None:
+    """A stored results file --resume can add to: one that records its weights and plans."""
+    lacking = [] if (doc.get("model") or {}).get(WEIGHTS_KEY) else ["the model's weights"]
+    lacking += [f"plan {name!r}" for name, entry in doc["plans"].items() if not entry.get(PLAN_KEY)]
+    if lacking:
+        raise EvalError(
+            f"--resume: {path} does not record the fingerprint of {', '.join(lacking)} (it was written by an "
+            "older sparse_infer or merged from such files), so it cannot be checked that new samples run the "
+            "same weights and plans; run into another --out and combine the two with `sparse-infer eval merge`"
+        )
+
+
+@contextmanager
+def claim_out_dir(out_dir: str | Path, resume: bool) -> Iterator[Path]:
+    """Check OUT before any model work and keep it to this run until the block ends.
+
+    Refuses, with the way out in the message: an OUT that cannot be written; one another run
+    is writing (a lock held for the whole run); results.json already there without `resume`
+    (it would be replaced); with `resume`, a results.json that cannot be checked (no
+    fingerprints). Claims nest, so run_eval can claim what its caller already holds. A
+    directory made here that ends up without results is removed again."""
+    with _holding(out_dir) as out:
+        path = out / RESULTS_FILE
+        if path.exists() and not resume:
+            raise EvalError(f"{path} already holds results; add --resume to continue them (same model "
+                            "weights, plans and --dtype), or choose another --out")
+        if resume and path.exists():
+            _check_resumable(load_results(out), path)
+        yield out
+
+
+@contextmanager
+def _holding(out_dir: str | Path) -> Iterator[Path]:
+    """OUT made if needed, proved writable and locked for the block; removed again if made
+    here and left without results."""
+    out = Path(out_dir)
+    created = check_writable_dir(out)
+    try:
+        with locked_dir(out):
+            yield out
+    finally:
+        if created and not (out / RESULTS_FILE).exists():
+            try:
+                out.rmdir()
+            except OSError:
+                pass  # something else was put there: leave it
 
 
 def summarize(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -320,6 +413,12 @@ def merge_results(sources: Sequence[str | Path], out_dir: str | Path, common: bo
     target = out / RESULTS_FILE
     if target.exists() and not any(target.resolve() == (p / RESULTS_FILE).resolve() for p in paths):
         raise EvalError(f"{target} exists and is not one of the sources; use another --out or list it as a source")
+    # locked: an eval still writing into OUT would otherwise replace the merge, or the merge its records
+    with _holding(out):
+        return _merge(picked, out, target, common)
+
+
+def _merge(picked: list[tuple[Path, list[str] | None]], out: Path, target: Path, common: bool) -> dict[str, Any]:
     docs = []
     for path, names in picked:
         doc = load_results(path)
@@ -332,8 +431,10 @@ def merge_results(sources: Sequence[str | Path], out_dir: str | Path, common: bo
         docs.append((path, doc))
     first_path, first = docs[0]
     model = first.get("model") or {}
-    merged: dict[str, Any] = {"version": FORMAT_VERSION, "model": model, "plans": {}, "summary": []}
+    merged: dict[str, Any] = {"version": FORMAT_VERSION, "model": dict(model), "plans": {}, "summary": []}
     seen: dict[str, dict[str, tuple[Path, str | None]]] = {}
+    weights = {path: (doc.get("model") or {}).get(WEIGHTS_KEY) for path, doc in docs}
+    known_weights = next(((path, sha) for path, sha in weights.items() if sha), (None, None))
     for path, doc in docs:
         other = doc.get("model") or {}
         for key in ("name_or_path", "model_type"):
@@ -342,11 +443,24 @@ def merge_results(sources: Sequence[str | Path], out_dir: str | Path, common: bo
         if _dtype_of(other) != _dtype_of(model):
             raise EvalError(f"{path} was run in {_dtype_of(other)}, {first_path} in {_dtype_of(model)}: "
                             "scores of different dtypes do not go in one table")
+        if weights[path] and weights[path] != known_weights[1]:
+            raise EvalError(f"{path} and {known_weights[0]} were run with different weights of model "
+                            f"{model.get('name_or_path')!r} (weights sha256 {weights[path][:12]}… and "
+                            f"{known_weights[1][:12]}…): their scores do not go in one table")
         for name, entry in doc["plans"].items():
-            target_entry = merged["plans"].setdefault(name, {"plan": entry.get("plan"), "records": []})
-            if target_entry["plan"] != entry.get("plan"):
+            target_entry = merged["plans"].setdefault(
+                name, {"plan": entry.get("plan"), PLAN_KEY: entry.get(PLAN_KEY), "records": []})
+            # the fingerprints decide where both sources have one (a plan file may have moved);
+            # older sources are compared by the plan as they describe it
+            ours, theirs = target_entry[PLAN_KEY], entry.get(PLAN_KEY)
+            same = ours == theirs if ours and theirs else target_entry["plan"] == entry.get("plan")
+            if not same:
                 raise EvalError(f"plan {name!r} is {entry.get('plan')!r} in {path} but {target_entry['plan']!r} "
-                                "in an earlier source")
+                                "in an earlier source" + (" (other content)" if ours and theirs else ""))
+            if not theirs:
+                target_entry["unchecked"] = True
+            elif not ours:
+                target_entry[PLAN_KEY] = theirs
             ids = seen.setdefault(name, {})
             for rec in entry.get("records", []):
                 key = rec.get("id")
@@ -357,6 +471,13 @@ def merge_results(sources: Sequence[str | Path], out_dir: str | Path, common: bo
                     continue
                 ids[key] = (path, rec.get("input_sha1"))
                 target_entry["records"].append(rec)
+    # a fingerprint is kept only where every source had it, so that a --resume into the merged
+    # directory is refused rather than checked against part of its records
+    if not all(weights.values()):
+        merged["model"].pop(WEIGHTS_KEY, None)
+    for entry in merged["plans"].values():
+        if entry.pop("unchecked", False) or not entry.get(PLAN_KEY):
+            entry.pop(PLAN_KEY, None)
     if common:
         shared = set.intersection(*(set(ids) for ids in seen.values())) if seen else set()
         if not shared:
@@ -365,7 +486,6 @@ def merge_results(sources: Sequence[str | Path], out_dir: str | Path, common: bo
         for entry in merged["plans"].values():
             entry["records"] = [rec for rec in entry["records"] if rec.get("id") in shared]
     merged["summary"] = summarize(merged)
-    out.mkdir(parents=True, exist_ok=True)
     _write_json(target, merged)
     return merged
 
@@ -388,36 +508,57 @@ def run_eval(
 
     `plans` maps a display name to a plan (path, preset name, dict or Plan) or
     None for dense attention. With `resume`, samples already in results.json
-    for a plan are skipped. Returns the summary rows (see `summarize`). The
+    for a plan are skipped, once the stored weights, dtype and plan fingerprints
+    are checked to be this run's; without it an existing results.json is refused
+    (see `claim_out_dir`). Returns the summary rows (see `summarize`). The
     model is left dense (unpatched) afterwards.
     """
     loaded = validate(model, samples, plans)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with claim_out_dir(out_dir, resume) as out:
+        return _run_claimed(model, tokenizer, samples, plans, loaded, out, resume, progress)
+
+
+def _run_claimed(
+    model: Any,
+    tokenizer: Any,
+    samples: Sequence[Mapping[str, Any]],
+    plans: Mapping[str, Any],
+    loaded: Mapping[str, Any],
+    out: Path,
+    resume: bool,
+    progress: bool,
+) -> list[dict[str, Any]]:
     path = out / RESULTS_FILE
+    fingerprint = weights_fingerprint(model)
+    plan_sha = {name: plan_fingerprint(plan) for name, plan in loaded.items()}
 
     doc: dict[str, Any]
     if resume and path.exists():
         doc = load_results(out)
+        _check_resumable(doc, path)
         before, now = _dtype_of(doc.get("model") or {}), model_dtype(model)
         if before != now:
             raise EvalError(f"--resume: {path} was run in {before}, now {now}; use the same --dtype or another --out")
+        if doc["model"][WEIGHTS_KEY] != fingerprint:
+            stored = doc["model"].get("name_or_path")
+            raise EvalError(f"--resume: {path} was run with other weights (model {stored!r}, weights sha256 "
+                            f"{doc['model'][WEIGHTS_KEY][:12]}…, now {fingerprint[:12]}…); use the same model or "
+                            "another --out")
     else:
-        doc = {"version": FORMAT_VERSION, "model": _model_info(model), "plans": {}, "summary": []}
+        doc = {"version": FORMAT_VERSION, "model": _model_info(model, fingerprint), "plans": {}, "summary": []}
 
     by_key = {sample_key(s): s for s in samples}
     shas = {k: _sha1(s["input"]) for k, s in by_key.items()}
     pending: list[tuple[str, Mapping[str, Any]]] = []
     for name in plans:
-        entry = doc["plans"].setdefault(name, {"plan": describe_plan(plans[name]), "records": []})
-        if (
-            resume
-            and entry.get("plan") != describe_plan(plans[name])
-            and isinstance(plans[name], (str, dict, type(None)))
-        ):
+        entry = doc["plans"].setdefault(
+            name, {"plan": describe_plan(plans[name]), PLAN_KEY: plan_sha[name], "records": []})
+        if entry[PLAN_KEY] != plan_sha[name]:
+            # one name, one plan: records of two plans under one name would be averaged together
             raise EvalError(
-                f"--resume: plan {name!r} in {path} was {entry.get('plan')!r}, now {describe_plan(plans[name])!r}; "
-                "use another --out"
+                f"--resume: {path} holds another plan under the name {name!r} ({entry.get('plan')!r}, "
+                f"sha256 {entry[PLAN_KEY][:12]}…; now {describe_plan(plans[name])!r}, sha256 {plan_sha[name][:12]}…); "
+                "use another --out, or give this plan another name"
             )
         done = set()
         for rec in entry["records"]:

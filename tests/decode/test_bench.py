@@ -57,3 +57,51 @@ def test_decode_method_plan_validates_and_keeps_layer_0_dense(method):
     assert rule.kind == method and heads == [0, 1, 2, 3]
     if method != "streaming":
         assert rule.budget.resolve(100000) == 512
+
+
+@pytest.fixture
+def fake_benches(monkeypatch):
+    """The micro-benchmarks replaced by canned rows, recording that they ran."""
+    from sparse_infer.bench import attention
+
+    ran = []
+    prefill_row = {"n": 256, "pattern": "a_shape", "density": 0.5, "backend": "torch", "dense_ms": 1.0,
+                   "sparse_ms": 0.5, "ratio": 2.0}
+    decode_row = {"kv_len": 512, "budget": 64, "dense_ms": 1.0, "sparse_ms": 0.5, "ratio": 2.0}
+    monkeypatch.setattr(attention, "bench_prefill_attention", lambda **k: ran.append("prefill") or [prefill_row])
+    monkeypatch.setattr(attention, "bench_decode_attention", lambda **k: ran.append("decode") or [decode_row])
+    monkeypatch.setattr(attention, "bench_decode_methods", lambda **k: ran.append("methods") or [])
+    return ran
+
+
+@pytest.mark.parametrize("command", ["prefill", "decode"])
+def test_bench_json_is_checked_before_any_benchmark(tmp_path, fake_benches, command):
+    """An unwritable or existing --json is refused before minutes of timing; a good one is written."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from sparse_infer.cli import app
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    res = CliRunner().invoke(app, ["bench", command, "--json", str(blocker / "rows.json")])
+    assert res.exit_code == 2 and "--json" in res.output and fake_benches == []
+    res = CliRunner().invoke(app, ["bench", command, "--json", str(blocker)])
+    assert res.exit_code == 2 and "exists" in res.output and blocker.read_text() == "x" and fake_benches == []
+    target = tmp_path / "new" / "rows.json"
+    res = CliRunner().invoke(app, ["bench", command, "--json", str(target)])
+    assert res.exit_code == 0, res.output
+    assert json.loads(target.read_text())["attention"][0]["ratio"] == 2.0
+    assert sorted(p.name for p in target.parent.iterdir()) == ["rows.json"]        # no temporary file left
+
+
+def test_bench_prefill_refuses_a_plan_it_cannot_find_before_timing(fake_benches, monkeypatch):
+    from typer.testing import CliRunner
+
+    import sparse_infer
+    from sparse_infer.cli import app
+
+    monkeypatch.setattr(sparse_infer, "load_model", lambda *a, **k: pytest.fail("model loaded"), raising=False)
+    res = CliRunner().invoke(app, ["bench", "prefill", "--model", "tiny", "--plans", "a_shape,no/such.yaml"])
+    assert res.exit_code == 2 and "plan file not found" in res.output and fake_benches == []

@@ -94,3 +94,40 @@ def sparse_plan(tiny_llama):
     plan["prefill"]["default"]["local"] = 16
     plan["prefill"]["block_size"] = 16     # 64-token blocks would cover most of a 512-token prompt
     return plan
+
+
+class Loads(list):
+    """The model specs the faked load_model was asked for; `seed` picks the weights it returns."""
+
+    seed = 0
+
+
+@pytest.fixture
+def fake_load(monkeypatch, tokenizer):
+    """sparse_infer.load_model answering every spec with a tiny Llama (seeded by `.seed`)."""
+    import sparse_infer
+
+    loaded = Loads()
+
+    def load_model(spec, dtype=None):
+        loaded.append(spec)
+        model = make_tiny_llama(tokenizer, seed=loaded.seed)
+        return (model if dtype is None else model.to(dtype)), tokenizer
+
+    monkeypatch.setattr(sparse_infer, "load_model", load_model, raising=False)
+    return loaded
+
+
+@pytest.fixture
+def fast_generation(monkeypatch):
+    """A canned answer for every prompt: the plumbing is under test, not the model."""
+    from sparse_infer.eval import runner
+
+    prompts = []
+
+    def generate_one(model, tok, prompt, max_new_tokens):
+        prompts.append(prompt)
+        return "nothing useful", 2
+
+    monkeypatch.setattr(runner, "generate_one", generate_one)
+    return prompts

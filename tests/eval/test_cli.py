@@ -7,40 +7,11 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-import sparse_infer
 from sparse_infer.eval import cli, runner
 from sparse_infer.eval.cli import eval_app, parse_list
 from sparse_infer.eval.ruler import EvalError
 
-from .conftest import make_tiny_llama
-
 cli_runner = CliRunner()
-
-
-@pytest.fixture
-def fake_load(monkeypatch, tokenizer):
-    loaded = []
-
-    def load_model(spec, dtype=None):
-        loaded.append(spec)
-        model = make_tiny_llama(tokenizer)
-        return (model if dtype is None else model.to(dtype)), tokenizer
-
-    monkeypatch.setattr(sparse_infer, "load_model", load_model, raising=False)
-    return loaded
-
-
-@pytest.fixture
-def fast_generation(monkeypatch):
-    """Answer every prompt with its first needle number: the plumbing is under test, not the model."""
-    prompts = []
-
-    def generate_one(model, tok, prompt, max_new_tokens):
-        prompts.append(prompt)
-        return "nothing useful", 2
-
-    monkeypatch.setattr(runner, "generate_one", generate_one)
-    return prompts
 
 
 def test_parse_list():
@@ -134,20 +105,24 @@ def test_ruler_interrupt_message(tmp_path, fake_load, monkeypatch):
 
 
 def test_needle_default_plan_is_the_shipped_one():
-    assert cli.default_plan_for("smollm2-135m").endswith("configs/smollm2-135m.yaml")
-    assert cli.default_plan_for("no-such-model") == cli.FALLBACK_PLAN
+    from sparse_infer.plan import CONFIGS_DIR
+
+    assert cli.default_plan_for("smollm2-135m") == str(CONFIGS_DIR / "smollm2-135m.yaml")
+    with pytest.raises(EvalError, match="no plan ships for model 'no-such-model'.*give --plan"):
+        cli.default_plan_for("no-such-model")
 
 
 def test_needle_defaults(tmp_path, fake_load, fast_generation, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    # the fake loader returns a tiny model, which the shipped 30-layer SmolLM2 plan rightly rejects
-    monkeypatch.setattr(cli, "default_plan_for", lambda model: cli.FALLBACK_PLAN)
+    # the fake loader returns a tiny model, which the shipped 30-layer SmolLM2 plan rightly
+    # rejects: stand a preset in for the shipped plan (it is stored under the model's name)
+    monkeypatch.setattr(cli, "default_plan_for", lambda model: "vertical_slash")
     res = cli_runner.invoke(eval_app, ["needle", "--out", "nd"])
     assert res.exit_code == 0, res.output
     assert fake_load == [cli.DEFAULT_NEEDLE_MODEL]
     saved = json.loads((tmp_path / "nd" / "needle.json").read_text())
     assert saved["lengths"] == [1024, 2048, 4096] and saved["depths"] == [0.0, 50.0, 100.0]
-    assert list(saved["plans"])[0] == "dense" and len(saved["plans"]) == 2
+    assert list(saved["plans"]) == ["dense", cli.DEFAULT_NEEDLE_MODEL]
     assert len(fast_generation) == 2 * 3 * 3
     assert (tmp_path / "nd" / "needle.png").is_file()
     assert "needle.png" in res.output.replace("\n", "")
@@ -155,6 +130,29 @@ def test_needle_defaults(tmp_path, fake_load, fast_generation, monkeypatch):
     out = " ".join(res.output.split())
     for length in (1024, 2048, 4096):
         assert f"at {length}: Δ +0.0 points (95% interval +0.0 … +0.0; 3 samples, 0 lower, 0 higher" in out
+
+
+def test_needle_without_a_shipped_plan_fails_before_loading(tmp_path, fake_load, fast_generation):
+    """No plan named and none ships for the model: an error naming the choices, not a preset
+    run in its place (and stored under the model's name)."""
+    res = cli_runner.invoke(eval_app, ["needle", str(tmp_path), "--out", str(tmp_path / "nd")])
+    assert res.exit_code == 2, res.output
+    text = " ".join(res.output.split())
+    assert "no plan ships for model" in text and "give --plan" in text and "vertical_slash" in text
+    assert "smollm2-135m" in text                                  # the shipped plans are listed
+    assert fake_load == [] and not fast_generation and not (tmp_path / "nd").exists()
+
+
+@pytest.mark.parametrize("command", ["ruler", "needle"])
+def test_a_named_plan_that_is_not_found_fails_before_loading(tmp_path, fake_load, fast_generation, command):
+    args = ruler_args("missing/plan.yaml", tmp_path / "o", "--tasks", "vt") if command == "ruler" else [
+        "needle", "tiny", "--plan", "missing/plan.yaml", "--lengths", "512", "--out", str(tmp_path / "o")]
+    res = cli_runner.invoke(eval_app, args)
+    assert res.exit_code == 2 and "plan file not found: 'missing/plan.yaml'" in " ".join(res.output.split())
+    assert fake_load == [] and not (tmp_path / "o").exists()
+    res = cli_runner.invoke(eval_app, [*args, "--compare", "missing/base.yaml"])
+    assert res.exit_code == 2 and "missing/base.yaml" in " ".join(res.output.split())
+    assert fake_load == []
 
 
 def test_needle_explicit_grid(tmp_path, fake_load, fast_generation):
@@ -181,11 +179,16 @@ def test_needle_explicit_grid(tmp_path, fake_load, fast_generation):
     assert len(saved["plans"]["a_shape"]["scores"]) == 5
 
 
-def test_default_plan_falls_back_to_preset(monkeypatch):
+def test_no_shipped_plan_is_an_error_not_a_preset(monkeypatch, tmp_path):
     import sparse_infer.plan as plan_mod
 
-    monkeypatch.setattr(plan_mod, "shipped_plan_path", lambda name: None)
-    assert cli.default_plan_for("smollm2-135m") == "vertical_slash"
+    monkeypatch.setattr(plan_mod, "CONFIGS_DIR", tmp_path)          # a package that ships no plan
+    with pytest.raises(EvalError, match="no plan ships for model 'smollm2-135m' \\(plans ship for: none\\)"):
+        cli.default_plan_for("smollm2-135m")
+    # a model given by path is never taken for a shipped plan's name
+    monkeypatch.undo()
+    with pytest.raises(EvalError, match="no plan ships"):
+        cli.default_plan_for("somewhere/smollm2-135m")
 
 
 def test_merge_split_runs_equals_one_run(tmp_path, fake_load, fast_generation):
@@ -234,6 +237,7 @@ def test_merge_refuses_conflicts(tmp_path, fake_load, fast_generation):
     assert (b / "results.json").read_text() == before
     doc = json.loads(before)
     doc["plans"]["dense"]["plan"] = "something else"
+    doc["plans"]["dense"]["plan_sha256"] = "0" * 64                # other content under the same name
     (b / "results.json").write_text(json.dumps(doc))
     res = cli_runner.invoke(eval_app, ["merge", str(a), str(b), "--out", str(tmp_path / "m")])
     assert res.exit_code == 2 and "plan 'dense'" in res.output
@@ -252,6 +256,7 @@ def test_merge_takes_only_the_named_plans_of_a_source(tmp_path, fake_load, fast_
     assert res.exit_code == 0, res.output
     doc = json.loads((new / "results.json").read_text())
     doc["plans"]["vertical_slash"]["plan"] = "a re-profiled plan"
+    doc["plans"]["vertical_slash"]["plan_sha256"] = "0" * 64
     (new / "results.json").write_text(json.dumps(doc))
     merged = tmp_path / "m"
     res = cli_runner.invoke(eval_app, ["merge", str(old), str(new), "--out", str(merged)])

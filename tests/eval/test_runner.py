@@ -88,9 +88,12 @@ def test_resume_skips_done_samples(tmp_path, tokenizer, tiny_llama, samples, mon
     recs = json.loads((tmp_path / "results.json").read_text())["plans"]["dense"]["records"]
     assert sorted(r["id"] for r in recs) == sorted(s["id"] for s in samples)
     assert sum(r["n"] for r in rows) == len(samples)
-    # Without --resume the file starts over.
-    runner.run_eval(tiny_llama, tokenizer, samples[:1], {"dense": None}, tmp_path, progress=False)
-    assert len(json.loads((tmp_path / "results.json").read_text())["plans"]["dense"]["records"]) == 1
+    # Without --resume the stored results are refused, not replaced, and the way on is named.
+    before = (tmp_path / "results.json").read_text()
+    with pytest.raises(EvalError, match="already holds results; add --resume to continue them .* or choose another"):
+        runner.run_eval(tiny_llama, tokenizer, samples[:1], {"dense": None}, tmp_path, progress=False)
+    assert (tmp_path / "results.json").read_text() == before
+    assert len(calls) == len(samples)
 
 
 def test_interrupt_keeps_finished_samples(tmp_path, tokenizer, tiny_llama, samples, monkeypatch):
