@@ -338,6 +338,74 @@ def needle_cmd(
     console.print(f"grid: {out / needle.NEEDLE_JSON}")
 
 
+@eval_app.command("fidelity")
+def fidelity_cmd(
+    model: Annotated[str, typer.Argument(help="Built-in name (smollm2-135m, qwen2.5-0.5b), HF dir, or dir:file.gguf.")],
+    plan: Annotated[str, typer.Option("--plan", help="Plan file, shipped plan name, or preset.")],
+    lengths: Annotated[str, typer.Option("--lengths", help="Prompt lengths in tokens, e.g. 4096,8192 or 4k,8k.")] = "4096",
+    samples: Annotated[int, typer.Option("--samples", min=1, help="Prompts per kind and length.")] = 4,
+    kinds: Annotated[str, typer.Option(
+        "--kinds", help="prose (long natural text), ruler (RULER prompts with the gold answer appended), or both.")
+    ] = "prose,ruler",
+    tasks: Annotated[str | None, typer.Option(
+        "--tasks", help="RULER tasks the ruler prompts cycle through (default: four retrieval tasks).")] = None,
+    window: Annotated[int, typer.Option("--window", min=1, help="Scored positions at the end of each prompt.")] = 256,
+    out: Annotated[Path, typer.Option("--out", help="Output directory for fidelity.json.")] = Path(
+        "eval_results/fidelity"),
+    floor: Annotated[bool, typer.Option(
+        "--floor/--no-floor", help="Measure dense in bfloat16 as the noise floor (cached per weights and prompt).")
+    ] = True,
+    floor_cache: Annotated[Path | None, typer.Option(
+        "--floor-cache", help="JSON file of cached bf16 floor figures (default: in the model cache dir).")] = None,
+    as_patched: Annotated[bool, typer.Option(
+        "--as-patched", help="Run the plan as patch() does by default (dense where sparse would be slower here), "
+                             "not as written.")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for the prompts.")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Skip prompts already in OUT/fidelity.json.")] = False,
+) -> None:
+    """Teacher-forced KL and top-1 agreement of PLAN against dense fp32, next to the bf16 noise floor.
+
+    Decides in minutes what answer accuracy needs hundreds of samples for. A plan passes at a
+    length when its answer KL is within 2x the bf16 floor's and its top-1 agreement at most
+    1 point below the floor's.
+    """
+    from sparse_infer.eval import fidelity
+
+    errors = _plan_errors()
+    try:
+        length_list = parse_list(lengths, int, "length")
+        kind_list = parse_list(kinds, str, "kind")
+        task_list = parse_list(tasks, str, "task") if tasks else list(fidelity.DEFAULT_RULER_TASKS)
+        plans = {"plan": plan}
+        check_plans_exist(plans)
+        if floor_cache is None:
+            from sparse_infer.models import cache_dir
+            floor_cache = cache_dir() / "fidelity_floor.json"
+        created = fidelity.check_out(out, resume)       # before the model loads
+        try:
+            m, tok = _load(model, "float32")
+            _check_model(m, length_list, plans)
+            with console.status("building prompts"):
+                prompts = fidelity.make_prompts(tok, length_list, samples, kind_list, task_list, seed)
+            rows = fidelity.run_fidelity(m, prompts, plan, _plan_label(plan), out, window=window, floor=floor,
+                                         floor_cache=floor_cache, dense_above="auto" if as_patched else 1.0,
+                                         resume=resume)
+        finally:
+            if created and not (out / fidelity.FIDELITY_FILE).exists():
+                try:
+                    out.rmdir()
+                except OSError:
+                    pass
+    except errors as e:
+        raise _fail(str(e)) from None
+    except KeyboardInterrupt:
+        err_console.print(f"\n[yellow]interrupted[/]: finished prompts are saved in {out / fidelity.FIDELITY_FILE}; "
+                          "rerun the same command with --resume to continue")
+        raise typer.Exit(130) from None
+    console.print(fidelity.render_table(rows, title=f"fidelity {model}: {plan} vs dense fp32"))
+    console.print(f"results: {out / fidelity.FIDELITY_FILE}")
+
+
 @eval_app.command("merge")
 def merge_cmd(
     sources: Annotated[list[str], typer.Argument(

@@ -27,9 +27,7 @@ import copy
 import hashlib
 import json
 import math
-import os
 import random
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,13 +37,16 @@ from typing import Any
 import torch
 
 from sparse_infer.eval import _text
+from sparse_infer.eval.outputs import check_writable_dir, locked_dir, write_json
 from sparse_infer.eval.ruler import EvalError, encode, generate_task, resolve_tasks
+from sparse_infer.eval.runner import plan_fingerprint, weights_fingerprint
 
 FIDELITY_FILE = "fidelity.json"
 FORMAT_VERSION = 1
 KL_FACTOR = 2.0
 TOP1_POINTS = 1.0
 PROMPT_KINDS = ("prose", "ruler")
+# tasks whose answers are copied from the context: the tokens sparse attention can lose
 DEFAULT_RULER_TASKS = ("niah_single_2", "niah_multikey_1", "niah_multivalue", "vt")
 
 
@@ -164,16 +165,6 @@ def compare(reference: torch.Tensor, other: torch.Tensor, positions: Sequence[in
     return out
 
 
-def weights_fingerprint(model: Any) -> str:
-    """sha256 over every parameter's name, dtype, shape and bytes: the floor is cached per weights."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------------------
 # Summary and gate
 # ---------------------------------------------------------------------------
@@ -215,20 +206,35 @@ def gate(row: Mapping[str, Any]) -> bool | None:
     return bool(plan_kl <= KL_FACTOR * floor_kl and plan_top1 >= floor_top1 - TOP1_POINTS)
 
 
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def render_table(rows: Sequence[Mapping[str, Any]], title: str | None = None):
+    """A rich table: per length, the plan's KL and agreement with the bf16 floor's in brackets,
+    the answer's log-probability change, the speed-up of this run and the gate's verdict."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for name in ("length", "n", "KL (floor)", "answer KL (floor)", "top-1 % (floor)", "answer logp Δ",
+                 "speed-up", "density", "gate"):
+        table.add_column(name, justify="right")
+    for r in rows:
+        speed = (r["dense_seconds"] / r["plan_seconds"]) if r.get("dense_seconds") and r.get("plan_seconds") else None
+        verdict = {True: "pass", False: "FAIL", None: "no floor"}[r.get("passes")]
+        table.add_row(
+            str(r["length"]), str(r["samples"]),
+            f"{_fmt(r.get('plan_kl'), '.2g')} ({_fmt(r.get('bf16_kl'), '.2g')})",
+            f"{_fmt(r.get('plan_answer_kl'), '.2g')} ({_fmt(r.get('bf16_answer_kl'), '.2g')})",
+            f"{_fmt(r.get('plan_top1'), '.1f')} ({_fmt(r.get('bf16_top1'), '.1f')})",
+            _fmt(r.get("plan_answer_logprob_delta"), "+.2f"), _fmt(speed, ".2f"), _fmt(r.get("density"), ".2f"),
+            verdict)
+    return table
+
+
 # ---------------------------------------------------------------------------
 # Run
 # ---------------------------------------------------------------------------
-
-
-def _write_json_atomic(path: Path, doc: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class FloorCache:
@@ -264,7 +270,7 @@ class FloorCache:
                     self.entries = {**json.loads(self.path.read_text()), **self.entries}
                 except (OSError, ValueError):
                     pass
-            _write_json_atomic(self.path, self.entries)
+            write_json(self.path, self.entries)
 
 
 def bf16_copy(model: Any) -> Any:
@@ -299,7 +305,6 @@ def run_fidelity(
     stored plan, weights and window must match. `dense_above=1.0` runs the plan as written;
     "auto" runs it as `patch` does by default. The model is left unpatched.
     """
-    import sparse_infer
     from sparse_infer.plan import load_plan
 
     if window < 1:
@@ -307,12 +312,38 @@ def run_fidelity(
     loaded = load_plan(plan, model_config=model.config)
     out = Path(out_dir)
     path = out / FIDELITY_FILE
-    fingerprint = weights_fingerprint(model)
-    plan_sha = hashlib.sha256(json.dumps(loaded.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
-    header = {"version": FORMAT_VERSION, "weights_sha256": fingerprint, "dtype": str(next(model.parameters()).dtype),
-              "plan": plan_name, "plan_sha256": plan_sha, "window": window, "dense_above": dense_above}
+    header = {"version": FORMAT_VERSION, "weights_sha256": weights_fingerprint(model),
+              "dtype": str(next(model.parameters()).dtype), "plan": plan_name, "plan_sha256": plan_fingerprint(loaded), "window": window, "dense_above": dense_above}
+    created = check_out(out, resume)
+    try:
+        with locked_dir(out):
+            check_out(out, resume)        # again under the lock: another run may have written meanwhile
+            return _run_locked(model, prompts, loaded, plan_name, path, header, window=window, floor=floor,
+                               floor_cache=floor_cache, dense_above=dense_above, resume=resume, progress=progress)
+    finally:
+        if created and not path.exists():
+            try:
+                out.rmdir()             # a refused or failed run leaves no empty directory behind
+            except OSError:
+                pass
+
+
+def check_out(out: Path, resume: bool) -> bool:
+    """Refuse, before any model work, an OUT that cannot be written or that holds results
+    without `resume`. Returns whether OUT was created here."""
+    created = check_writable_dir(out)
+    path = out / FIDELITY_FILE
     if path.exists() and not resume:
-        raise EvalError(f"{path} already holds results; pass --resume to continue them or choose another --out")
+        raise EvalError(f"{path} already holds results; add --resume to continue them (same weights, plan "
+                        "and window), or choose another --out")
+    return created
+
+
+def _run_locked(model, prompts, loaded, plan_name, path, header, *, window, floor, floor_cache, dense_above,
+                resume, progress):
+    import sparse_infer
+
+    fingerprint = header["weights_sha256"]
     doc: dict[str, Any] = {**header, "records": [], "summary": []}
     if resume and path.exists():
         doc = json.loads(path.read_text())
@@ -320,7 +351,11 @@ def run_fidelity(
             if doc.get(key) != header[key]:
                 raise EvalError(f"--resume: {path} was run with another {key} ({doc.get(key)!r}, now "
                                 f"{header[key]!r}); use another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    shas = {p.id: p.sha() for p in prompts}
+    for rec in doc["records"]:
+        if rec["id"] in shas and rec.get("input_sha") != shas[rec["id"]]:
+            raise EvalError(f"--resume: {path} holds a different prompt for {rec['id']} (other seed, tokenizer "
+                            "or length); use another --out")
     done = {r["id"] for r in doc["records"]}
     pending = [p for p in prompts if p.id not in done]
     cache = FloorCache(Path(floor_cache) if floor_cache else None)
@@ -369,10 +404,10 @@ def run_fidelity(
                     rec["bf16"] = figures
                 doc["records"].append(rec)
                 doc["summary"] = summarize(doc["records"], plan_name)
-                _write_json_atomic(path, doc)
+                write_json(path, doc)
                 bar.advance(task)
     finally:
         del bf16_model
     doc["summary"] = summarize(doc["records"], plan_name)
-    _write_json_atomic(path, doc)
+    write_json(path, doc)
     return doc["summary"]

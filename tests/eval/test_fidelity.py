@@ -139,3 +139,37 @@ def test_smollm2_needle_dropped_shows_in_the_answer_kl_and_full_budget_is_exact(
                              progress=False)
     assert row["plan_answer_kl"] < 1e-6 and row["plan_kl"] < 1e-6
     assert row["plan_answer_top1"] == 100.0 and row["plan_top1"] == 100.0
+
+
+def test_fidelity_command_prints_the_table_and_refuses_to_replace(tmp_path, fake_load, tokenizer):
+    from typer.testing import CliRunner
+
+    from sparse_infer.eval.cli import eval_app
+
+    from tests.eval.conftest import make_tiny_llama
+
+    plan_path = tmp_path / "plan.yaml"
+    plan = _a_shape(make_tiny_llama(tokenizer).config, sink=16, local=32)
+    plan_path.write_text(__import__("yaml").safe_dump(plan))
+    args = ["fidelity", "tiny", "--plan", str(plan_path), "--lengths", "256", "--samples", "1", "--kinds", "prose",
+            "--window", "32", "--out", str(tmp_path / "o"), "--floor-cache", str(tmp_path / "floor.json")]
+    res = CliRunner().invoke(eval_app, args, env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "256" in res.output and ("pass" in res.output or "FAIL" in res.output)
+    doc = json.loads((tmp_path / "o" / fd.FIDELITY_FILE).read_text())
+    assert [r["id"] for r in doc["records"]] == ["prose/256/0"] and doc["records"][0]["bf16"]["kl"] > 0
+    before = (tmp_path / "o" / fd.FIDELITY_FILE).read_bytes()
+    res = CliRunner().invoke(eval_app, args)
+    assert res.exit_code == 2 and "--resume" in res.output and fake_load == ["tiny"]    # refused before loading
+    assert (tmp_path / "o" / fd.FIDELITY_FILE).read_bytes() == before
+
+
+def test_fidelity_command_refuses_a_missing_plan_before_loading(tmp_path, fake_load):
+    from typer.testing import CliRunner
+
+    from sparse_infer.eval.cli import eval_app
+
+    res = CliRunner().invoke(eval_app, ["fidelity", "tiny", "--plan", "missing/plan.yaml", "--out",
+                                        str(tmp_path / "o")])
+    assert res.exit_code == 2 and "missing/plan.yaml" in res.output
+    assert fake_load == [] and not (tmp_path / "o").exists()
