@@ -402,7 +402,10 @@ def _parse_section(raw, name: str) -> Section:
     for key in raw:
         if key not in _SECTION_KEYS[name]:
             raise PlanError(f"{name}.{key}", f"unknown key; allowed: {', '.join(sorted(_SECTION_KEYS[name]))}")
-    min_len = _nonneg_int(raw.get(len_key, 4096), f"{name}.{len_key}")
+    min_len = raw.get(len_key, 4096)
+    # a threshold, only compared with lengths: a huge one ("never sparse") is fine and needs no bound
+    if not _is_int(min_len) or min_len < 0:
+        raise _count_error(f"{name}.{len_key}", min_len, "a non-negative integer")
     block_size = 64
     if name == "prefill":
         block_size = _pos_int(raw.get("block_size", 64), "prefill.block_size")

@@ -162,3 +162,21 @@ def test_plan_check_with_an_unreadable_model_is_one_line(tmp_path):
     res = CliRunner().invoke(app, ["plan", "check", "smollm2-135m", "--model", str(tmp_path / "nothing")])
     assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1, res.output
     assert "cannot read the config of model" in res.output
+
+
+def test_plan_show_refuses_in_one_line_too(tmp_path):
+    res = CliRunner().invoke(app, ["plan", "show", str(tmp_path)])
+    assert res.exit_code == 1 and res.output.strip().splitlines() == [f"invalid plan: {tmp_path} is a directory, "
+                                                                      f"not a plan file"], res.output
+
+
+def test_thresholds_may_exceed_the_count_bound():
+    """min_seq_len / min_kv_len are only compared with lengths: 2**30 means 'never sparse'."""
+    raw = copy.deepcopy(GOOD)
+    raw["prefill"]["min_seq_len"] = 1 << 30
+    raw["decode"]["min_kv_len"] = 1 << 40
+    plan = plan_from_dict(raw)
+    assert plan.prefill.min_len == 1 << 30 and plan.decode.min_len == 1 << 40
+    raw["decode"]["min_kv_len"] = True
+    with pytest.raises(PlanError, match="^decode.min_kv_len: must be a non-negative integer"):
+        plan_from_dict(raw)
