@@ -536,9 +536,12 @@ class _PlanLoader(yaml.SafeLoader):
 
     def construct_document(self, node):
         # name every mapping by its YAML path first, so a duplicate key can be reported where it is
-        stack = [(node, "")]
+        stack, visited = [(node, "")], set()
         while stack:
             current, path = stack.pop()
+            if id(current) in visited:      # an alias: walked once, so nested aliases cannot blow up the walk
+                continue
+            visited.add(id(current))
             if isinstance(current, yaml.MappingNode):
                 self._paths[id(current)] = path
                 for key, value in current.value:

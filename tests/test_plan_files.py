@@ -180,3 +180,18 @@ def test_thresholds_may_exceed_the_count_bound():
     raw["decode"]["min_kv_len"] = True
     with pytest.raises(PlanError, match="^decode.min_kv_len: must be a non-negative integer"):
         plan_from_dict(raw)
+
+
+def test_nested_aliases_load_in_linear_time(tmp_path):
+    """Anchors may name a repeated rule; nine levels of ten aliases each (10**9 paths) are walked once each."""
+    import time
+
+    levels = ["l0: &l0 [1, 2]"] + [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 10)]
+    rule = "{method: token_select, budget: 64}"
+    text = ("sparse_infer_plan: 1\nprofile:\n" + "".join(f"  {line}\n" for line in levels)
+            + f"prefill: {{default: {{pattern: dense}}}}\ndecode:\n  default: &rule {rule}\n"
+            + "  layers: {1: {0: *rule}}\ncomplete: true\n")
+    start = time.perf_counter()
+    plan = load_plan(_hand_written(tmp_path, text))
+    assert time.perf_counter() - start < 5
+    assert plan.decode.rule(1, 0) == plan.decode.default
