@@ -363,7 +363,7 @@ class Plan:
                     if head != "*" and heads is not None and head >= heads:
                         raise PlanError(f"{sec.name}.layers.{layer}.{head}",
                                         f"head index out of range: model has {heads} attention heads")
-            _check_channels(sec, actual.head_dim, "the model's")
+            _check_channels(sec, actual.head_dim, "the model's head_dim")
 
 
 def _text_config(config):
@@ -460,10 +460,10 @@ def _check_channels(section: Section, head_dim: int | None, where: str) -> None:
             continue
         if isinstance(chans, list):
             if max(chans) >= head_dim:
-                raise PlanError(f"{rpath}.channels", f"channel index {max(chans)} out of range: head_dim is "
-                                                     f"{head_dim} ({where})")
+                raise PlanError(f"{rpath}.channels", f"channel index {max(chans)} out of range: {where} is "
+                                                     f"{head_dim}")
         elif chans > head_dim:
-            raise PlanError(f"{rpath}.channels", f"{chans} channels exceed head_dim {head_dim} ({where})")
+            raise PlanError(f"{rpath}.channels", f"{chans} channels exceed {where} {head_dim}")
 
 
 def plan_from_dict(raw: Mapping, source: str | None = None) -> Plan:

@@ -89,7 +89,7 @@ def _bad(mutate):
     (lambda r: r["decode"]["layers"][1][3].update(page=1.0e9), "decode.layers.1.3.page", "written as an integer"),
     # channels are read from each key: the plan's own model.head_dim (16) bounds them
     (lambda r: r["decode"]["layers"][1].update({2: {"method": "double_sparsity", "budget": 64, "channels": 32}}),
-     "decode.layers.1.2.channels", "32 channels exceed head_dim 16"),
+     "decode.layers.1.2.channels", "32 channels exceed model.head_dim 16"),
     (lambda r: r["decode"].update(default={"method": "double_sparsity", "budget": 64, "channels": [0, 16]}),
      "decode.default.channels", "channel index 16 out of range"),
     # True == 1 in Python: a boolean is not a schema version
@@ -116,7 +116,7 @@ def test_channels_beyond_the_models_head_dim_are_rejected_by_check_and_patch():
     raw["model"].pop("head_dim")
     raw["decode"]["layers"][1][2] = {"method": "double_sparsity", "budget": 64, "channels": 17}
     plan_from_dict(copy.deepcopy(raw))      # nothing to check against without a model
-    with pytest.raises(PlanError, match=r"^decode.layers.1.2.channels: 17 channels exceed head_dim 16"):
+    with pytest.raises(PlanError, match=r"^decode.layers.1.2.channels: 17 channels exceed the model's head_dim 16"):
         load_plan(copy.deepcopy(raw), tiny_config("llama"))
     model = tiny_model("llama")
     ids = torch.randint(3, 100, (1, 40), generator=torch.Generator().manual_seed(0))

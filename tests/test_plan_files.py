@@ -195,3 +195,14 @@ def test_nested_aliases_load_in_linear_time(tmp_path):
     plan = load_plan(_hand_written(tmp_path, text))
     assert time.perf_counter() - start < 5
     assert plan.decode.rule(1, 0) == plan.decode.default
+
+
+def test_plan_check_with_a_model_bounds_channels_by_its_head_dim(tmp_path):
+    from tests.conftest import tiny_config
+
+    tiny_config("llama").save_pretrained(tmp_path / "m")          # head_dim 16
+    path = _hand_written(tmp_path, HAND.replace("{method: dense}", "{method: double_sparsity, budget: 8, channels: 17}"))
+    assert _check(path)[0] == 0                                  # no head_dim to check against
+    res = CliRunner().invoke(app, ["plan", "check", str(path), "--model", str(tmp_path / "m")])
+    assert res.exit_code == 1 and res.output.strip().splitlines() == [
+        "invalid plan: decode.default.channels: 17 channels exceed the model's head_dim 16"], res.output
