@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from sparse_infer.plan import (PLAN_VERSION, Plan, PlanError, load_plan, model_spec_from_config, plan_from_dict,
+from sparse_infer.plan import (MAX_BLOCK_SIZE, PLAN_VERSION, Plan, PlanError, load_plan, model_spec_from_config, plan_from_dict,
                                write_plan_text)
 from sparse_infer.profiler.capture import decoder_layers, layerwise
 from sparse_infer.profiler.layer import LayerRun, analyze_layer
@@ -62,8 +62,9 @@ class ProfileConfig:
             raise ValueError(f"--samples must be >= 1, got {self.samples}")
         if not 0 < self.target_recall <= 1:
             raise ValueError(f"--target-recall must be in (0, 1], got {self.target_recall}")
-        if self.block_size < 16 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"block size must be a power of two >= 16, got {self.block_size}")
+        if not 16 <= self.block_size <= MAX_BLOCK_SIZE or self.block_size & (self.block_size - 1):
+            # the plan would be refused at the end of the run: say so before it starts
+            raise ValueError(f"block size must be a power of two from 16 to {MAX_BLOCK_SIZE}, got {self.block_size}")
         if min(lengths) < 4 * self.block_size:
             raise ValueError(f"profiled lengths {lengths} are too short: each needs at least 4 blocks of "
                              f"{self.block_size} tokens (raise --seq-len)")
@@ -352,6 +353,8 @@ def check_out_path(path: str | Path, *, overwrite: bool = False) -> Path:
     if path.exists() and not overwrite:
         raise ValueError(f"--out {path} exists; not overwritten (pass --force to replace it)")
     parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise ValueError(f"--out {path}: {parent} is not a directory")
     if not parent.is_dir():
         raise ValueError(f"--out {path}: directory {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK | os.X_OK):

@@ -39,11 +39,19 @@ def test_existing_out_is_refused_before_profiling(tmp_path, no_model_load):
 @pytest.mark.parametrize("where, words", [
     ("missing/plan.yaml", "does not exist; create it first"),
     (".", "is a directory"),
+    ("afile/plan.yaml", "afile is not a directory"),
 ])
 def test_unwritable_out_is_refused_before_profiling(tmp_path, no_model_load, where, words):
+    (tmp_path / "afile").write_text("")
     line = _one_line_error(CliRunner().invoke(app, ["profile", "some-model", "--out", str(tmp_path / where), *FAST]))
     assert words in line
     assert not (tmp_path / "missing").exists()
+
+
+def test_a_block_size_the_plan_would_refuse_is_refused_before_profiling(tmp_path, no_model_load):
+    res = CliRunner().invoke(app, ["profile", "some-model", "--out", str(tmp_path / "p.yaml"), *FAST,
+                                   "--block-size", "2048"])
+    assert res.exit_code != 0 and "power of two from 16 to 1024" in res.output
 
 
 def test_force_replaces_atomically_and_a_failed_run_writes_nothing(tmp_path, monkeypatch):
