@@ -633,8 +633,13 @@ def write_plan_text(path, text: str, *, overwrite: bool = False) -> Path:
         raise IsADirectoryError(f"{path} is a directory")
     if not overwrite and path.exists():
         raise FileExistsError(f"{path} exists; not overwritten")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"directory {path.parent} does not exist")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)   # mkstemp makes 0600; a plan is readable like any file written with open()
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()

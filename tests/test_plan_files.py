@@ -139,6 +139,9 @@ def test_save_writes_the_marker_atomically_and_never_overwrites(tmp_path, monkey
     plan = plan_from_dict(copy.deepcopy(GOOD))
     path = plan.save(tmp_path / "p.yaml")
     assert list(yaml.safe_load(path.read_text()))[-1] == "complete"
+    (tmp_path / "plain.txt").write_text("")
+    assert path.stat().st_mode & 0o777 == (tmp_path / "plain.txt").stat().st_mode & 0o777   # as open() makes it
+    (tmp_path / "plain.txt").unlink()
     written = path.read_text()
     with pytest.raises(FileExistsError, match="not overwritten"):
         plan.save(path)
@@ -156,6 +159,8 @@ def test_save_writes_the_marker_atomically_and_never_overwrites(tmp_path, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.yaml"]
     plan.save(path, overwrite=True)
     assert path.read_text() == written
+    with pytest.raises(FileNotFoundError, match=f"directory {tmp_path / 'no'} does not exist"):
+        plan.save(tmp_path / "no" / "p.yaml")
 
 
 def test_plan_check_with_an_unreadable_model_is_one_line(tmp_path):
