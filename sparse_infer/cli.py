@@ -51,17 +51,25 @@ def _model_config(model: str):
     return AutoConfig.from_pretrained(directory, **({"gguf_file": gguf} if gguf else {}))
 
 
+def _plan_fail(message: str) -> None:
+    """One plain line on stderr (no markup, no wrapping: messages quote YAML such as [1, 2]), exit 1."""
+    typer.echo(" ".join(str(message).split()), err=True)
+    raise typer.Exit(1)
+
+
 @plan_app.command("check")
 def plan_check(plan: str, model: Optional[str] = typer.Option(None, help="check against this model's config")):
     """Validate a plan (optionally against a model); exits 1 with the bad field's path."""
     from sparse_infer.plan import PlanError, load_plan
 
-    config = _model_config(model) if model else None
+    try:
+        config = _model_config(model) if model else None
+    except (OSError, ValueError) as exc:
+        _plan_fail(f"cannot read the config of model {model!r}: {exc}")
     try:
         load_plan(plan, config)
     except PlanError as exc:
-        console.print(f"[red]invalid plan[/red] {exc}")
-        raise typer.Exit(1)
+        _plan_fail(f"invalid plan: {exc}")
     console.print(f"[green]ok[/green] {plan}")
 
 
@@ -79,14 +87,17 @@ def plan_preset(
     from sparse_infer.plan import PlanError, preset
 
     if Path(out).exists():
-        console.print(f"[red]refused[/red] {out} exists")
-        raise typer.Exit(1)
+        _plan_fail(f"refused: {out} exists")
+    if not Path(out).parent.is_dir():
+        _plan_fail(f"refused: directory {Path(out).parent} does not exist")
     try:
         plan = preset(name, _model_config(model), min_seq_len=min_seq_len, min_kv_len=min_kv_len)
     except PlanError as exc:
-        console.print(f"[red]invalid[/red] {exc}")
-        raise typer.Exit(1)
-    plan.save(out)
+        _plan_fail(f"invalid: {exc}")
+    try:
+        plan.save(out)
+    except OSError as exc:
+        _plan_fail(f"refused: {exc}")
     console.print(f"[green]wrote[/green] {out}")
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import copy
 import datetime
 import math
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -15,8 +17,19 @@ from typing import Any, Mapping
 import yaml
 
 PLAN_VERSION = 1
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+# shipped plans are package data, so they exist in a wheel install as in a checkout
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 PRESETS = ("dense", "a_shape", "vertical_slash", "block")
+# Every token or block count in a plan is at most this: far above any model's context, far
+# below where index arithmetic overflows int64 or a budget-sized tensor exhausts memory.
+MAX_COUNT = 1 << 24
+# The executors build (block_size x block_size) tiles per head: 1024 keeps one tile at 4 MiB,
+# where 65536 asked for tens of GiB even for a short prompt.
+MAX_BLOCK_SIZE = 1024
+# Plans nest five levels deep; anything far deeper is not a plan (and would exhaust the stack).
+MAX_NESTING = 64
+# The last top-level key of every plan file sparse_infer writes: a file cut short lacks it.
+COMPLETE_KEY = "complete"
 
 
 class PlanError(ValueError):
@@ -62,11 +75,34 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _looks_numeric(value) -> bool:
+    """'1e21' in YAML is a string (YAML floats need a dot): say so rather than 'got a string'."""
+    if not isinstance(value, str):
+        return False
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _count_error(path: str, value, what: str) -> PlanError:
+    if isinstance(value, float) or _looks_numeric(value):
+        return PlanError(path, f"must be {what} written as an integer (at most {MAX_COUNT}), got {value!r}")
+    return PlanError(path, f"must be {what}, got {value!r}")
+
+
+def _bounded(value: int, path: str) -> int:
+    if value > MAX_COUNT:
+        raise PlanError(path, f"{value} is beyond the maximum of {MAX_COUNT} (2**24) tokens or blocks")
+    return value
+
+
 def parse_budget(value, path: str) -> Budget:
     if _is_int(value):
         if value <= 0:
             raise PlanError(path, f"budget must be a positive token count, got {value}")
-        return Budget(fixed=value)
+        return Budget(fixed=_bounded(value, path))
     if isinstance(value, Mapping):
         unknown = set(value) - {"frac", "min", "max"}
         if unknown:
@@ -80,25 +116,28 @@ def parse_budget(value, path: str) -> Budget:
         for key in ("min", "max"):
             if key in value:
                 if not _is_int(value[key]) or value[key] <= 0:
-                    raise PlanError(f"{path}.{key}", f"must be a positive integer, got {value[key]!r}")
-                bounds[key] = value[key]
+                    raise _count_error(f"{path}.{key}", value[key], "a positive integer")
+                bounds[key] = _bounded(value[key], f"{path}.{key}")
         if "min" in bounds and "max" in bounds and bounds["min"] > bounds["max"]:
             raise PlanError(f"{path}.min", f"min ({bounds['min']}) exceeds max ({bounds['max']})")
         return Budget(frac=float(frac), **bounds)
+    if isinstance(value, float) or _looks_numeric(value):
+        raise PlanError(path, f"budget must be a positive integer (at most {MAX_COUNT}) or {{frac, min, max}}, "
+                              f"got {value!r}")
     raise PlanError(path, f"budget must be a positive integer or {{frac, min, max}}, got {value!r}")
 
 
 # --------------------------------------------------------------------------- field kinds
 def _pos_int(value, path):
     if not _is_int(value) or value <= 0:
-        raise PlanError(path, f"must be a positive integer, got {value!r}")
-    return value
+        raise _count_error(path, value, "a positive integer")
+    return _bounded(value, path)
 
 
 def _nonneg_int(value, path):
     if not _is_int(value) or value < 0:
-        raise PlanError(path, f"must be a non-negative integer, got {value!r}")
-    return value
+        raise _count_error(path, value, "a non-negative integer")
+    return _bounded(value, path)
 
 
 def _fraction(value, path):
@@ -119,6 +158,8 @@ def _channels(value, path):
     if _is_int(value):
         return _pos_int(value, path)
     if isinstance(value, list) and value and all(_is_int(c) and c >= 0 for c in value):
+        for i, c in enumerate(value):
+            _bounded(c, f"{path}.{i}")
         if len(set(value)) != len(value):
             raise PlanError(path, "channel indices must be distinct")
         return list(value)
@@ -292,11 +333,14 @@ class Plan:
             out[sec.name] = d
         return out
 
-    def save(self, path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=120))
-        return path
+    def save(self, path, *, overwrite: bool = False) -> Path:
+        """Write the plan as YAML, ending with `complete: true`; an existing file is kept unless overwrite."""
+        text = yaml.safe_dump(self.to_document(), sort_keys=False, default_flow_style=None, width=120)
+        return write_plan_text(path, text, overwrite=overwrite)
+
+    def to_document(self) -> dict:
+        """What a plan file holds: to_dict() and, last, the completeness marker."""
+        return {**self.to_dict(), COMPLETE_KEY: True}
 
     # -------------------------------------------------------------- checks against a model
     def check_model(self, config) -> None:
@@ -319,13 +363,7 @@ class Plan:
                     if head != "*" and heads is not None and head >= heads:
                         raise PlanError(f"{sec.name}.layers.{layer}.{head}",
                                         f"head index out of range: model has {heads} attention heads")
-                    chans = rule.params.get("channels")
-                    if isinstance(chans, list) and actual.head_dim and max(chans) >= actual.head_dim:
-                        raise PlanError(f"{sec.name}.layers.{layer}.{head}.channels",
-                                        f"channel index {max(chans)} out of range: head_dim is {actual.head_dim}")
-            if isinstance(sec.default.params.get("channels"), list) and actual.head_dim:
-                if max(sec.default.params["channels"]) >= actual.head_dim:
-                    raise PlanError(f"{sec.name}.default.channels", f"channel index out of range: head_dim is {actual.head_dim}")
+            _check_channels(sec, actual.head_dim, "the model's head_dim")
 
 
 def _text_config(config):
@@ -348,7 +386,7 @@ def model_spec_from_config(config) -> ModelSpec:
 
 
 # --------------------------------------------------------------------------- parsing
-_TOP_KEYS = {"sparse_infer_plan", "model", "profile", "prefill", "decode"}
+_TOP_KEYS = {"sparse_infer_plan", "model", "profile", "prefill", "decode", COMPLETE_KEY}
 _SECTION_KEYS = {
     "prefill": {"min_seq_len", "block_size", "granularity", "default", "layers"},
     "decode": {"min_kv_len", "granularity", "default", "layers"},
@@ -364,12 +402,16 @@ def _parse_section(raw, name: str) -> Section:
     for key in raw:
         if key not in _SECTION_KEYS[name]:
             raise PlanError(f"{name}.{key}", f"unknown key; allowed: {', '.join(sorted(_SECTION_KEYS[name]))}")
-    min_len = _nonneg_int(raw.get(len_key, 4096), f"{name}.{len_key}")
+    min_len = raw.get(len_key, 4096)
+    # a threshold, only compared with lengths: a huge one ("never sparse") is fine and needs no bound
+    if not _is_int(min_len) or min_len < 0:
+        raise _count_error(f"{name}.{len_key}", min_len, "a non-negative integer")
     block_size = 64
     if name == "prefill":
         block_size = _pos_int(raw.get("block_size", 64), "prefill.block_size")
-        if block_size & (block_size - 1) or block_size < 16:
-            raise PlanError("prefill.block_size", f"must be a power of two >= 16, got {block_size}")
+        if block_size & (block_size - 1) or not 16 <= block_size <= MAX_BLOCK_SIZE:
+            raise PlanError("prefill.block_size",
+                            f"must be a power of two from 16 to {MAX_BLOCK_SIZE}, got {block_size}")
     granularity = raw.get("granularity", "group")
     if granularity not in ("group", "head"):
         raise PlanError(f"{name}.granularity", f"must be 'group' or 'head', got {granularity!r}")
@@ -392,7 +434,36 @@ def _parse_section(raw, name: str) -> Section:
                 raise PlanError(hpath, "head keys must be non-negative integers or '*'")
             entry[head] = parse_rule(rule, hpath, name)
         layers[layer] = entry
-    return Section(name, min_len, default, layers, block_size, granularity)
+    section = Section(name, min_len, default, layers, block_size, granularity)
+    for rpath, rule in _section_rules(section):
+        if rule.kind == "block" and rule.estimator == "antidiagonal" and block_size % rule.stride:
+            raise PlanError(f"{rpath}.stride", f"the antidiagonal stride {rule.stride} must divide "
+                                               f"prefill.block_size {block_size}")
+    return section
+
+
+def _section_rules(section: Section):
+    """(YAML path, rule) for the default and every layer/head rule of a section."""
+    yield f"{section.name}.default", section.default
+    for layer, entry in section.layers.items():
+        for head, rule in entry.items():
+            yield f"{section.name}.layers.{layer}.{head}", rule
+
+
+def _check_channels(section: Section, head_dim: int | None, where: str) -> None:
+    """Double Sparsity reads `channels` of each key: a count or indices within head_dim."""
+    if not head_dim:
+        return
+    for rpath, rule in _section_rules(section):
+        chans = rule.params.get("channels")
+        if chans is None:
+            continue
+        if isinstance(chans, list):
+            if max(chans) >= head_dim:
+                raise PlanError(f"{rpath}.channels", f"channel index {max(chans)} out of range: {where} is "
+                                                     f"{head_dim}")
+        elif chans > head_dim:
+            raise PlanError(f"{rpath}.channels", f"{chans} channels exceed {where} {head_dim}")
 
 
 def plan_from_dict(raw: Mapping, source: str | None = None) -> Plan:
@@ -402,7 +473,7 @@ def plan_from_dict(raw: Mapping, source: str | None = None) -> Plan:
         if key not in _TOP_KEYS:
             raise PlanError(str(key), f"unknown top-level key; allowed: {', '.join(sorted(_TOP_KEYS))}")
     version = raw.get("sparse_infer_plan")
-    if version != PLAN_VERSION:
+    if not _is_int(version) or version != PLAN_VERSION:     # True == 1 in Python: not a version
         raise PlanError("sparse_infer_plan", f"must be {PLAN_VERSION} (the plan schema version), got {version!r}")
     mraw = raw.get("model") or {}
     if not isinstance(mraw, Mapping):
@@ -411,12 +482,18 @@ def plan_from_dict(raw: Mapping, source: str | None = None) -> Plan:
     for key, value in mraw.items():
         if key not in mkeys:
             raise PlanError(f"model.{key}", f"unknown key; allowed: {', '.join(sorted(mkeys))}")
-        if key != "architecture":
+        if key == "architecture":
+            if not isinstance(value, str) or not value:
+                raise PlanError("model.architecture", f"must be a class name such as LlamaForCausalLM, got {value!r}")
+        else:
             _pos_int(value, f"model.{key}")
     profile = raw.get("profile") or {}
     if not isinstance(profile, Mapping):
         raise PlanError("profile", "must be a mapping")
-    return Plan(
+    if COMPLETE_KEY in raw and raw[COMPLETE_KEY] is not True:
+        raise PlanError(COMPLETE_KEY, f"must be true (written last, to show the file is whole), "
+                                      f"got {raw[COMPLETE_KEY]!r}")
+    plan = Plan(
         model=ModelSpec(**mraw),
         prefill=_parse_section(raw.get("prefill"), "prefill"),
         decode=_parse_section(raw.get("decode"), "decode"),
@@ -424,11 +501,164 @@ def plan_from_dict(raw: Mapping, source: str | None = None) -> Plan:
         version=version,
         source=source,
     )
+    _check_channels(plan.decode, plan.model.head_dim, "model.head_dim")
+    return plan
+
+
+def shipped_plan_names() -> list[str]:
+    return sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
 
 
 def shipped_plan_path(name: str) -> Path | None:
-    path = CONFIGS_DIR / f"{name}.yaml"
-    return path if path.exists() else None
+    """The plan shipped for model `name` (a bare name, never a path), or None."""
+    return CONFIGS_DIR / f"{name}.yaml" if name in shipped_plan_names() else None
+
+
+# --------------------------------------------------------------------------- reading and writing files
+class _PlanLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (PyYAML keeps the last one silently) and deep nesting."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+        self._paths: dict[int, str] = {}
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_NESTING:
+                mark = self.peek_event().start_mark
+                raise PlanError("", f"nesting deeper than {MAX_NESTING} levels at line {mark.line + 1}: "
+                                    f"not a plan")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_document(self, node):
+        # name every mapping by its YAML path first, so a duplicate key can be reported where it is
+        stack, visited = [(node, "")], set()
+        while stack:
+            current, path = stack.pop()
+            if id(current) in visited:      # an alias: walked once, so nested aliases cannot blow up the walk
+                continue
+            visited.add(id(current))
+            if isinstance(current, yaml.MappingNode):
+                self._paths[id(current)] = path
+                for key, value in current.value:
+                    label = key.value if isinstance(key, yaml.ScalarNode) else "?"
+                    stack.append((value, f"{path}.{label}" if path else str(label)))
+            elif isinstance(current, yaml.SequenceNode):
+                stack.extend((item, f"{path}.{i}") for i, item in enumerate(current.value))
+        return super().construct_document(node)
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            self.flatten_mapping(node)
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:
+                    continue    # unhashable: the base constructor reports it
+                if first is not key_node:
+                    parent = self._paths.get(id(node), "")
+                    raise PlanError(f"{parent}.{key}" if parent else str(key),
+                                    f"duplicate key (lines {first.start_mark.line + 1} and "
+                                    f"{key_node.start_mark.line + 1}); YAML would keep only the last")
+        return super().construct_mapping(node, deep=deep)
+
+
+def _one_line_yaml_error(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{what}{where}"
+
+
+def read_plan_file(path) -> dict:
+    """Parse a plan file into its raw mapping; every failure is a one-line PlanError."""
+    path = Path(path)
+    if path.is_dir():
+        raise PlanError("", f"{path} is a directory, not a plan file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise PlanError("", f"cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PlanError("", f"{path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})") from exc
+    try:
+        raw = yaml.load(text, Loader=_PlanLoader)   # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise PlanError("", f"{path} is not valid YAML: {_one_line_yaml_error(exc)}") from exc
+    except RecursionError as exc:        # a guard of last resort: MAX_NESTING stops it first
+        raise PlanError("", f"{path} nests too deeply: not a plan") from exc
+    _check_whole_file(raw, path)
+    return raw
+
+
+def _check_whole_file(raw, path: Path) -> None:
+    """A file cut short must not load as a smaller (denser) plan.
+
+    Both sections must be present; a file with a `profile` section (every file the profiler,
+    `plan preset` or Plan.save writes) must end with `complete: true`. Hand-written plans without
+    a `profile` section may end with it too, and are then checked the same way.
+    """
+    if not isinstance(raw, Mapping):
+        return      # plan_from_dict reports what it got
+    for section in ("prefill", "decode"):
+        if raw.get(section) is None:
+            raise PlanError(section, f"missing in {path}: a plan file states both sections (write "
+                                     f"`{section}: {{default: {{{'pattern' if section == 'prefill' else 'method'}: "
+                                     f"dense}}}}` for a dense one); was the file cut short?")
+    if "profile" in raw or COMPLETE_KEY in raw:
+        if COMPLETE_KEY not in raw:
+            raise PlanError(COMPLETE_KEY, f"missing: {path} has a profile section but does not end with "
+                                          f"`complete: true`, so it may have been cut short; write it again")
+        if list(raw)[-1] != COMPLETE_KEY:
+            raise PlanError(COMPLETE_KEY, f"must be the last key of {path} (it marks the end of the file), "
+                                          f"found before {list(raw)[-1]!r}")
+
+
+def write_plan_text(path, text: str, *, overwrite: bool = False) -> Path:
+    """Write `text` to `path` atomically: a temp file in the same directory, then a rename.
+
+    Readers see the old file or the whole new one, never a part; without `overwrite` an
+    existing file is never replaced (FileExistsError).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory")
+    if not overwrite and path.exists():
+        raise FileExistsError(f"{path} exists; not overwritten")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"directory {path.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)   # mkstemp makes 0600; a plan is readable like any file written with open()
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)      # fails if the name appeared meanwhile; replace() would clobber it
+            except FileExistsError:
+                raise FileExistsError(f"{path} appeared while writing; not overwritten") from None
+            except OSError:             # no hard links on this filesystem
+                if path.exists():
+                    raise FileExistsError(f"{path} appeared while writing; not overwritten") from None
+                os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
 
 
 def load_plan(plan, model_config=None) -> Plan:
@@ -439,22 +669,23 @@ def load_plan(plan, model_config=None) -> Plan:
         result = plan_from_dict(plan)
     elif isinstance(plan, (str, Path)):
         text = str(plan)
-        if text in PRESETS and not Path(text).exists():
+        path = Path(text)
+        if path.is_file():
+            result = plan_from_dict(read_plan_file(path), source=str(path))
+        elif isinstance(plan, str) and text in PRESETS:
             if model_config is None:
                 raise PlanError("", f"preset {text!r} needs the model's config to be built")
             result = preset(text, model_config)
+        elif isinstance(plan, str) and shipped_plan_path(text):
+            shipped = shipped_plan_path(text)
+            result = plan_from_dict(read_plan_file(shipped), source=str(shipped))
+        elif path.exists():
+            read_plan_file(path)        # says why it is not a plan file (a directory, ...)
+            raise PlanError("", f"{path} is not a plan file")
         else:
-            path = Path(text)
-            if not path.exists() and shipped_plan_path(text):
-                path = shipped_plan_path(text)
-            if not path.exists():
-                raise PlanError("", f"plan file not found: {text!r} (give a YAML path, a shipped plan name "
-                                    f"or a preset: {', '.join(PRESETS)})")
-            try:
-                raw = yaml.safe_load(path.read_text())
-            except yaml.YAMLError as exc:
-                raise PlanError("", f"{path} is not valid YAML: {exc}") from exc
-            result = plan_from_dict(raw, source=str(path))
+            raise PlanError("", f"plan file not found: {text!r} (give a YAML path, a shipped plan name "
+                                f"({', '.join(shipped_plan_names()) or 'none installed'}) "
+                                f"or a preset ({', '.join(PRESETS)}))")
     else:
         raise PlanError("", f"cannot make a plan from {type(plan).__name__}")
     if model_config is not None:

@@ -71,6 +71,31 @@ def _bad(mutate):
     (lambda r: r["prefill"]["layers"][1].update({"x": {"pattern": "dense"}}), "prefill.layers.1.x", "head keys"),
     (lambda r: r["prefill"]["layers"][1][3].update(top_k=4), "prefill.layers.1.3", "exactly one of top_k or coverage"),
     (lambda r: r["decode"]["default"].update(method="oracle"), "decode.default.method", "unknown method"),
+    # an antidiagonal stride that does not divide the block size failed only at the first prompt
+    (lambda r: r["prefill"]["layers"][1][3].update(estimator="antidiagonal", stride=24),
+     "prefill.layers.1.3.stride", "must divide prefill.block_size 64"),
+    (lambda r: r["prefill"].update(default={"pattern": "block", "coverage": 0.9, "estimator": "antidiagonal",
+                                            "stride": 128}), "prefill.default.stride", "must divide"),
+    # 65536 tried to allocate tens of GiB for a 300-token prompt
+    (lambda r: r["prefill"].update(block_size=65536), "prefill.block_size", "power of two from 16 to 1024"),
+    (lambda r: r["prefill"]["layers"][1].update({3: {"pattern": "block", "top_k": 10 ** 21}}),
+     "prefill.layers.1.3.top_k", "beyond the maximum of 16777216"),
+    (lambda r: r["prefill"]["layers"][1].update({3: {"pattern": "block", "top_k": 1e21}}),
+     "prefill.layers.1.3.top_k", "positive integer (at most 16777216)"),
+    (lambda r: r["decode"]["default"].update(budget="1e21"), "decode.default.budget", "positive integer (at most"),
+    (lambda r: r["decode"]["layers"][1][3]["budget"].update(max=2 ** 40), "decode.layers.1.3.budget.max",
+     "beyond the maximum"),
+    (lambda r: r["prefill"]["layers"][1][0].update(local=2 ** 25), "prefill.layers.1.0.local", "beyond the maximum"),
+    (lambda r: r["decode"]["layers"][1][3].update(page=1.0e9), "decode.layers.1.3.page", "written as an integer"),
+    # channels are read from each key: the plan's own model.head_dim (16) bounds them
+    (lambda r: r["decode"]["layers"][1].update({2: {"method": "double_sparsity", "budget": 64, "channels": 32}}),
+     "decode.layers.1.2.channels", "32 channels exceed model.head_dim 16"),
+    (lambda r: r["decode"].update(default={"method": "double_sparsity", "budget": 64, "channels": [0, 16]}),
+     "decode.default.channels", "channel index 16 out of range"),
+    # True == 1 in Python: a boolean is not a schema version
+    (lambda r: r.update(sparse_infer_plan=True), "sparse_infer_plan", "must be 1"),
+    (lambda r: r.update(complete=False), "complete", "must be true"),
+    (lambda r: r["model"].update(architecture=["Llama"]), "model.architecture", "class name"),
 ])
 def test_rejections_name_the_field(mutate, path, words):
     with pytest.raises(PlanError) as err:
@@ -78,6 +103,29 @@ def test_rejections_name_the_field(mutate, path, words):
     assert err.value.path == path
     assert str(err.value).startswith(path + ":")
     assert words in str(err.value)
+
+
+def test_channels_beyond_the_models_head_dim_are_rejected_by_check_and_patch():
+    """Without model.head_dim in the plan, the model's own head_dim bounds channels (plan check --model, patch)."""
+    import torch
+
+    import sparse_infer
+    from tests.conftest import tiny_model
+
+    raw = copy.deepcopy(GOOD)
+    raw["model"].pop("head_dim")
+    raw["decode"]["layers"][1][2] = {"method": "double_sparsity", "budget": 64, "channels": 17}
+    plan_from_dict(copy.deepcopy(raw))      # nothing to check against without a model
+    with pytest.raises(PlanError, match=r"^decode.layers.1.2.channels: 17 channels exceed the model's head_dim 16"):
+        load_plan(copy.deepcopy(raw), tiny_config("llama"))
+    model = tiny_model("llama")
+    ids = torch.randint(3, 100, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+        with pytest.raises(PlanError, match=r"^decode.layers.1.2.channels"):
+            sparse_infer.patch(model, copy.deepcopy(raw))
+        assert not sparse_infer.is_patched(model)
+        assert torch.equal(model(ids).logits, before)
 
 
 def test_plan_for_another_model_is_rejected():
@@ -100,8 +148,10 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_plan(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("prefill: [unclosed")
-    with pytest.raises(PlanError, match="not valid YAML"):
+    with pytest.raises(PlanError, match="not valid YAML") as err:
         load_plan(bad)
+    assert "\n" not in str(err.value)          # one line, with where the problem is
+    assert "line 1" in str(err.value)
 
 
 @pytest.mark.parametrize("name", ["dense", "a_shape", "vertical_slash", "block"])

@@ -1,6 +1,6 @@
 """Typer commands of the profiler, mounted by the main CLI as
 
-    sparse-infer profile MODEL --out configs/NAME.yaml [--seq-len 8192] [--samples 4] ...
+    sparse-infer profile MODEL --out NAME.yaml [--force] [--seq-len 8192] [--samples 4] ...
     sparse-infer plan show PLAN
 
 `app` also works on its own: ``python -m sparse_infer.profiler profile ...``.
@@ -19,6 +19,12 @@ def _console(stderr: bool = False) -> Console:
     return console if console.is_terminal else Console(stderr=stderr, width=160)
 
 
+def _fail(message: str) -> None:
+    """One plain line on stderr (no markup, no wrapping: messages quote YAML such as [1, 2]), exit 1."""
+    typer.echo(" ".join(str(message).split()), err=True)
+    raise typer.Exit(1)
+
+
 app = typer.Typer(help="Offline profiler: measure each head's attention and write a sparse_infer plan.",
                   no_args_is_help=True, add_completion=False)
 
@@ -26,7 +32,8 @@ app = typer.Typer(help="Offline profiler: measure each head's attention and writ
 def profile_command(
     model: Annotated[str, typer.Argument(help="Built-in name (smollm2-135m, qwen2.5-0.5b), a Hugging Face model "
                                               "directory, DIR:FILE.gguf or a .gguf path.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the plan (YAML).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the plan (YAML); checked before "
+                                                          "profiling, never overwritten without --force.")],
     seq_len: Annotated[int, typer.Option("--seq-len", help="Longest calibration length; statistics are also "
                                                            "taken at half of it to see how budgets grow.")] = 8192,
     samples: Annotated[int, typer.Option("--samples", help="Calibration prompts (needle, key-value, "
@@ -50,9 +57,10 @@ def profile_command(
              "group keeps the target recall; 'head': one per query head, priced at (query heads per kv head) x "
              "its share of the cache, as it is gathered once per query head.")] = "group",
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the progress bar.")] = True,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
 ) -> None:
     """Profile MODEL on generated calibration prompts and write a per-head plan to --out."""
-    from sparse_infer.profiler.profile import ProfileConfig, profile
+    from sparse_infer.profiler.profile import ProfileConfig, check_out_path, profile
     from sparse_infer.profiler.report import summary_table
 
     console = _console(stderr=True)
@@ -65,10 +73,10 @@ def profile_command(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     try:
-        result = profile(model, out, config, progress=progress, console=console)
-    except (ValueError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
+        check_out_path(out, overwrite=force)      # before the model is loaded: fail in seconds, not hours
+        result = profile(model, out, config, progress=progress, console=console, overwrite=force)
+    except (ValueError, OSError, RuntimeError) as exc:
+        _fail(f"error: {exc}")
     console.print(summary_table(result))
     console.print(f"plan written to [bold]{out}[/bold] ({result.seconds:.0f} s)")
 
@@ -84,8 +92,7 @@ def plan_show_command(
     try:
         loaded = load_plan(plan)
     except PlanError as exc:
-        console.print(f"[red]invalid plan:[/red] {exc}")
-        raise typer.Exit(1) from exc
+        _fail(f"invalid plan: {exc}")
     console.print(plan_table(loaded))
     if loaded.profile.get("command"):
         console.print(f"made by: {loaded.profile['command']}  ({loaded.profile.get('created', '?')})")

@@ -2,7 +2,7 @@
 
     from sparse_infer.profiler import ProfileConfig, profile_model, save_plan
     result = profile_model(model, tokenizer, ProfileConfig(seq_len=4096, samples=4))
-    save_plan(result.plan, "configs/my-model.yaml")     # Plan.save writes the same content, less compactly
+    save_plan(result.plan, "my-model.yaml")     # Plan.save writes the same content, less compactly
 """
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import contextlib
 import datetime
 import hashlib
 import json
+import os
 import shlex
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +21,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from sparse_infer.plan import PLAN_VERSION, Plan, load_plan, model_spec_from_config, plan_from_dict
+from sparse_infer.plan import (MAX_BLOCK_SIZE, PLAN_VERSION, Plan, PlanError, load_plan, model_spec_from_config, plan_from_dict,
+                               write_plan_text)
 from sparse_infer.profiler.capture import decoder_layers, layerwise
 from sparse_infer.profiler.layer import LayerRun, analyze_layer
 from sparse_infer.profiler.prompts import calibration_set, sample_kinds
@@ -59,8 +62,9 @@ class ProfileConfig:
             raise ValueError(f"--samples must be >= 1, got {self.samples}")
         if not 0 < self.target_recall <= 1:
             raise ValueError(f"--target-recall must be in (0, 1], got {self.target_recall}")
-        if self.block_size < 16 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"block size must be a power of two >= 16, got {self.block_size}")
+        if not 16 <= self.block_size <= MAX_BLOCK_SIZE or self.block_size & (self.block_size - 1):
+            # the plan would be refused at the end of the run: say so before it starts
+            raise ValueError(f"block size must be a power of two from 16 to {MAX_BLOCK_SIZE}, got {self.block_size}")
         if min(lengths) < 4 * self.block_size:
             raise ValueError(f"profiled lengths {lengths} are too short: each needs at least 4 blocks of "
                              f"{self.block_size} tokens (raise --seq-len)")
@@ -320,8 +324,9 @@ _PlanDumper.add_representer(_FlowList, lambda d, v: d.represent_sequence("tag:ya
 
 
 def plan_yaml(plan: Plan) -> str:
-    """The plan as YAML, each rule and each measurement list on one line (same content as Plan.save)."""
-    raw = plan.to_dict()
+    """The plan as YAML, each rule and each measurement list on one line (same content as Plan.save),
+    ending with `complete: true`."""
+    raw = plan.to_document()
     for section in ("prefill", "decode"):
         sec = raw[section]
         sec["default"] = _Flow(sec["default"])
@@ -340,27 +345,61 @@ def plan_yaml(plan: Plan) -> str:
     return yaml.dump(raw, Dumper=_PlanDumper, sort_keys=False, default_flow_style=None, width=120)
 
 
-def save_plan(plan: Plan, path: str | Path) -> Path:
+def check_out_path(path: str | Path, *, overwrite: bool = False) -> Path:
+    """Refuse a destination the plan could not be written to, before any profiling is spent on it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(plan_yaml(plan))
+    if path.is_dir():
+        raise ValueError(f"--out {path} is a directory; give a file name such as {path / 'plan.yaml'}")
+    if path.exists() and not overwrite:
+        raise ValueError(f"--out {path} exists; not overwritten (pass --force to replace it)")
+    parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise ValueError(f"--out {path}: {parent} is not a directory")
+    if not parent.is_dir():
+        raise ValueError(f"--out {path}: directory {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {path}: directory {parent} is not writable")
     return path
 
 
+def save_plan(plan: Plan, path: str | Path, *, overwrite: bool = False, model_config=None) -> Path:
+    """Write the plan atomically, after checking the text reads back as the same plan (and fits
+    `model_config` when given): the destination only ever holds a whole, valid plan."""
+    path = Path(path)
+    text = plan_yaml(plan)
+    fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".check")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        reloaded = load_plan(probe, model_config)
+    finally:
+        os.unlink(probe)
+    if reloaded.to_dict() != plan.to_dict():
+        raise RuntimeError(f"the plan for {path} does not read back as the plan that was profiled; not written")
+    return write_plan_text(path, text, overwrite=overwrite)
+
+
 def profile(model_spec: str, out: str | Path, config: ProfileConfig | None = None, *, progress: bool = True,
-            console=None) -> ProfileResult:
-    """Load a model by spec (see sparse_infer.models.load_model), profile it, save and re-validate the plan."""
+            console=None, overwrite: bool = False) -> ProfileResult:
+    """Load a model by spec (see sparse_infer.models.load_model), profile it, save the validated plan.
+
+    `out` is checked first (a writable directory, no existing file unless `overwrite`), so a long
+    run never ends on a path it cannot write.
+    """
     from sparse_infer.models import load_model
 
     config = config or ProfileConfig()
+    check_out_path(out, overwrite=overwrite)
     model, tokenizer = load_model(model_spec)
     result = profile_model(model, tokenizer, config, name=model_spec, out=out, progress=progress, console=console)
-    path = save_plan(result.plan, out)
-    reloaded = load_plan(path, model.config)     # what was written must load and match the model
-    if reloaded.to_dict() != result.plan.to_dict():
-        raise RuntimeError(f"{path} does not read back as the plan that was profiled")
+    try:
+        save_plan(result.plan, out, overwrite=overwrite, model_config=model.config)
+    except FileExistsError as exc:
+        raise ValueError(f"--out {exc}") from exc
+    except PlanError as exc:
+        raise RuntimeError(f"the profiled plan does not validate ({exc}); nothing written to {out}") from exc
     return result
 
 
 __all__ = ["ProfileConfig", "ProfileResult", "profile", "profile_model", "build_plan", "model_fingerprint",
-           "plan_yaml", "save_plan"]
+           "plan_yaml", "save_plan", "check_out_path"]
