@@ -150,7 +150,7 @@ def test_fidelity_command_prints_the_table_and_refuses_to_replace(tmp_path, fake
 
     plan_path = tmp_path / "plan.yaml"
     plan = _a_shape(make_tiny_llama(tokenizer).config, sink=16, local=32)
-    plan_path.write_text(__import__("yaml").safe_dump(plan))
+    plan_path.write_text(__import__("yaml").safe_dump({**plan, "complete": True}, sort_keys=False))
     args = ["fidelity", "tiny", "--plan", str(plan_path), "--lengths", "256", "--samples", "1", "--kinds", "prose",
             "--window", "32", "--out", str(tmp_path / "o"), "--floor-cache", str(tmp_path / "floor.json")]
     res = CliRunner().invoke(eval_app, args, env={"COLUMNS": "200"})

@@ -79,10 +79,10 @@ def test_resume_refuses_other_weights(tmp_path, fake_load, fast_generation):
 def _plan_file(path, model, **prefill):
     from sparse_infer.plan import preset
 
-    plan = preset("vertical_slash", model.config, min_seq_len=128).to_dict()
+    plan = preset("vertical_slash", model.config, min_seq_len=128).to_document()
     plan["prefill"]["default"].update(prefill)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(plan))
+    path.write_text(yaml.safe_dump(plan, sort_keys=False))
     return path
 
 
