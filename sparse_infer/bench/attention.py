@@ -369,7 +369,7 @@ def bench_decode_methods(kv_lens=(16384, 32768, 65536), budget=2048, heads=(32, 
                    for q in _drifting_queries(repeats + 1, batch, Hq, head_dim, g)]
         for method in methods:
             plan = plan_from_dict(_method_plan(method, budget))
-            rt = LayerRuntime(plan, 0, Hq, Hkv, dense_fn=None, dense_mask_is_float=False)
+            rt = LayerRuntime(plan, 0, Hq, Hkv, dense_fn=None, dense_mask="bool")
             rt.decode_groups = group_heads(plan.decode, 0, Hq)
             rule = rt.decode_groups[0][0]
             dense_t, sparse_t, bytes_read, selected_tokens = [], [], [], []

@@ -43,8 +43,10 @@ def _dense_function(implementation, module):
 
     if implementation in (None, "eager"):
         return eager_fallback(module)
+    if implementation == "flex_attention":
+        return ALL_ATTENTION_FUNCTIONS[implementation], "flex"
     if implementation in ALL_ATTENTION_FUNCTIONS:
-        return ALL_ATTENTION_FUNCTIONS[implementation], False
+        return ALL_ATTENTION_FUNCTIONS[implementation], "bool"
     raise PlanError("", f"cannot patch a model whose attention implementation is {implementation!r}")
 
 
@@ -83,8 +85,8 @@ def patch(model, plan, backend: str = "auto", dense_above: float | str = "auto")
         num_heads = cfg.num_attention_heads
         num_kv = getattr(cfg, "num_key_value_heads", None) or num_heads
         impl = getattr(module.config, "_attn_implementation", previous)
-        dense_fn, float_mask = _dense_function(impl if impl != IMPLEMENTATION else previous, module)
-        rt = LayerRuntime(resolved, layer_idx, num_heads, num_kv, dense_fn, float_mask, backend, dense_above)
+        dense_fn, dense_mask = _dense_function(impl if impl != IMPLEMENTATION else previous, module)
+        rt = LayerRuntime(resolved, layer_idx, num_heads, num_kv, dense_fn, dense_mask, backend, dense_above)
         rt.prefill_groups = group_heads(resolved.prefill, layer_idx, num_heads)
         rt.decode_groups = group_heads(resolved.decode, layer_idx, num_heads)
         runtimes.append((module, rt))

@@ -42,7 +42,7 @@ class LayerRuntime:
     num_heads: int
     num_kv_heads: int
     dense_fn: object                    # the pre-patch attention function
-    dense_mask_is_float: bool           # eager-style functions expect additive float masks
+    dense_mask: str = "bool"            # the mask dense_fn expects: one of DENSE_MASKS
     backend: str = "auto"
     dense_above: float | str = "auto"    # see DENSE_ABOVE
     stats: LayerStats = field(default_factory=LayerStats)
@@ -76,13 +76,23 @@ def group_heads(section, layer_idx: int, num_heads: int) -> list[tuple[Rule, lis
     return list(groups.values())
 
 
+# What the pre-patch attention function expects as its mask. The mask function registered for
+# sparse_infer is sdpa_mask (bool, True = attend), which returns None for a plain causal call so
+# that no (q, n) mask is built; SDPA then runs is_causal. Eager and flex functions read None as
+# "attend everything", so they get the mask their own implementation would have built.
+#   "bool":  SDPA-style; None means causal
+#   "float": eager-style additive mask (0 / dtype min), always materialized for q > 1
+#   "flex":  a FlexAttention BlockMask
+DENSE_MASKS = ("bool", "float", "flex")
+
+
 def eager_fallback(module):
     """The model file's own eager_attention_forward (transformers keeps one per architecture)."""
     fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
     if fn is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
-        return sdpa_attention_forward, False
-    return fn, True
+        return sdpa_attention_forward, "bool"
+    return fn, "float"
 
 
 def _to_float_mask(mask: torch.Tensor | None, dtype) -> torch.Tensor | None:
@@ -98,10 +108,54 @@ def _to_bool_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
     return mask > torch.finfo(mask.dtype).min / 2 if mask.is_floating_point() else mask.bool()
 
 
+def _causal_bool_mask(batch: int, q_len: int, n: int, device) -> torch.Tensor:
+    """(B, 1, q, n) bool: the queries are the last q_len of n keys (what None stands for)."""
+    causal = torch.ones(q_len, n, dtype=torch.bool, device=device).tril(n - q_len)
+    return causal[None, None].expand(batch, 1, -1, -1)
+
+
+# FlexAttention masks built for the dense fallback, so the layers of one forward (which all get
+# the same mask tensor) build the BlockMask once: key -> (weak reference to the source mask, BlockMask)
+_FLEX_MASKS: dict = {}
+
+
+def _flex_block_mask(mask: torch.Tensor | None, batch: int, q_len: int, n: int, device):
+    """The BlockMask transformers' flex_attention_mask would build for this bool mask (None: causal)."""
+    key = (("causal", batch, q_len, n, str(device)) if mask is None
+           else ("mask", id(mask), mask._version, tuple(mask.shape)))
+    held = _FLEX_MASKS.get(key)
+    if held is not None and (mask is None or held[0]() is mask):
+        return held[1]
+    from transformers.masking_utils import flex_attention_mask
+
+    if mask is None:
+        offset = n - q_len
+        mask_mod = lambda b, h, q, kv: kv <= q + offset                 # noqa: E731
+    else:
+        full = mask.bool().expand(batch, 1, q_len, n)
+        mask_mod = lambda b, h, q, kv: full[b, 0, q, kv]                # noqa: E731
+    block_mask = flex_attention_mask(batch, q_len, n, mask_function=mask_mod, device=device)
+    if len(_FLEX_MASKS) >= 4:
+        _FLEX_MASKS.clear()
+    _FLEX_MASKS[key] = ((lambda: None) if mask is None else weakref.ref(mask), block_mask)
+    return block_mask
+
+
 def _dense(rt: LayerRuntime, module, query, key, value, attention_mask, **kwargs):
-    if rt.dense_mask_is_float:
-        attention_mask = _to_float_mask(attention_mask, query.dtype)
+    if rt.dense_mask != "bool" and not _is_block_mask(attention_mask):
+        batch, q_len, n = query.shape[0], query.shape[2], key.shape[2]
+        if rt.dense_mask == "flex":
+            if attention_mask is not None or q_len > 1:
+                attention_mask = _flex_block_mask(_to_bool_mask(attention_mask), batch, q_len, n, query.device)
+        else:
+            if attention_mask is None and q_len > 1:
+                attention_mask = _causal_bool_mask(batch, q_len, n, query.device)
+            attention_mask = _to_float_mask(attention_mask, query.dtype)
     return rt.dense_fn(module, query, key, value, attention_mask, **kwargs)
+
+
+def _is_block_mask(mask) -> bool:
+    return mask is not None and not torch.is_tensor(mask)
 
 
 def _dense_subset(query, key, value, mask, scaling, softcap):

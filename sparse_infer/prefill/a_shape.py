@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from sparse_infer.prefill.common import (
-    Geometry, block_mask_to_index, dense_tail_blocks, index_heads, key_start, sink_and_diagonal_blocks,
+    Geometry, block_mask_to_index, dense_tail_blocks, index_heads, real_key_span, sink_and_diagonal_blocks,
 )
 
 
@@ -21,14 +21,14 @@ def a_shape_index(query, key, rule, *, block_size, attention_mask=None, granular
     batch, n = key.shape[0], key.shape[2]
     geo = Geometry(query.shape[2], n, block_size)
     device = key.device
-    start = key_start(attention_mask, batch, n, device)
+    start, end = real_key_span(attention_mask, batch, geo.q_len, n, device)
     blocks = sink_and_diagonal_blocks(geo, start, rule.params["sink"])
     qstart, _ = geo.query_block_ranges(device)
     # earliest key any row of the block sees within the window: first row minus (local - 1)
     lo = torch.clamp(qstart - rule.params["local"] + 1, min=0) // block_size
     kb = torch.arange(geo.nkb, device=device)
     local = (kb[None, :] >= lo[:, None]) & geo.causal_blocks(device)
-    local = local | dense_tail_blocks(geo, rule.params["dense_tail"], device)
-    blocks = blocks | local[None, None]
+    local = local[None] | dense_tail_blocks(geo, rule.params["dense_tail"], end)
+    blocks = blocks | local[:, None]
     hi = index_heads(query, key, granularity)
     return block_mask_to_index(blocks.expand(batch, hi, -1, -1), block_size)

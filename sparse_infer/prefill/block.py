@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from sparse_infer.prefill.common import (
-    Geometry, block_mask_to_index, dense_tail_blocks, group_mean, key_start, repeat_kv, sink_and_diagonal_blocks,
+    Geometry, block_mask_to_index, dense_tail_blocks, group_mean, real_key_span, repeat_kv, sink_and_diagonal_blocks,
 )
 
 
@@ -106,7 +106,9 @@ def select_blocks(mass, *, top_k=None, coverage=None, nkb):
         keep_sorted = keep_sorted.expand_as(mass)
     else:
         before = order.values.cumsum(-1) - order.values
-        keep_sorted = before < coverage      # include the block that crosses the target
+        # include the block that crosses the target; a coverage of 1 keeps every block, also
+        # those whose estimated mass rounds to nothing in the running sum
+        keep_sorted = before < coverage if coverage < 1 else torch.ones_like(before, dtype=torch.bool)
     keep = torch.zeros_like(keep_sorted)
     return keep.scatter(-1, order.indices, keep_sorted)
 
@@ -116,9 +118,10 @@ def block_index(query, key, rule, *, block_size, scaling, attention_mask=None, g
     geo = Geometry(query.shape[2], n, block_size)
     device = key.device
     p = rule.params
-    start = key_start(attention_mask, batch, n, device)
-    block_end = (torch.arange(geo.nkb, device=device) + 1) * block_size
-    key_valid_blocks = block_end[None, :] > start[:, None]              # blocks holding a valid key
+    start, end = real_key_span(attention_mask, batch, geo.q_len, n, device)
+    block_start = torch.arange(geo.nkb, device=device) * block_size
+    # blocks holding a real key (left and right padding)
+    key_valid_blocks = (block_start[None, :] + block_size > start[:, None]) & (block_start[None, :] < end[:, None])
     if p["estimator"] == "antidiagonal":
         mass = antidiagonal_block_scores(query, key, geo, scaling, key_valid_blocks, p["stride"])
     else:
@@ -126,6 +129,6 @@ def block_index(query, key, rule, *, block_size, scaling, attention_mask=None, g
     mass = group_mean(mass, num_kv, granularity)
     keep = select_blocks(mass, top_k=p["top_k"], coverage=p["coverage"], nkb=geo.nkb)
     keep |= sink_and_diagonal_blocks(geo, start, 1)
-    keep |= dense_tail_blocks(geo, p["dense_tail"], device)
+    keep |= dense_tail_blocks(geo, p["dense_tail"], end)[:, None]
     keep &= geo.causal_blocks(device)[None, None]
     return block_mask_to_index(keep, block_size)

@@ -48,16 +48,33 @@ class Geometry:
         return torch.arange(self.nkb, device=device)[None, :] <= diag[:, None]
 
 
-def key_start(attention_mask: torch.Tensor | None, batch: int, n: int, device) -> torch.Tensor:
-    """First attendable key per batch row (left padding); 0 when there is no mask."""
+def real_key_span(attention_mask: torch.Tensor | None, batch: int, q_len: int, n: int, device
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """[start, end) of the real (non-padding) keys per batch row: (B,), (B,) long.
+
+    Read from which keys any row may attend, not from one row: on a sliding-window layer
+    the last row starts at n - window, which is the window, not padding. A key in the call's
+    own span is real when its own row attends it (every window holds the diagonal; a pad key
+    is masked for all rows, left or right padding alike); an earlier (cached) key when any
+    row attends it. A row with no real key gets the whole range.
+    """
     if attention_mask is None:
-        return torch.zeros(batch, dtype=torch.long, device=device)
-    last_row = attention_mask[:, 0, -1, -n:].bool()
-    if last_row.shape[0] != batch:
-        last_row = last_row.expand(batch, -1)
-    has_any = last_row.any(-1)
-    first = last_row.to(torch.int8).argmax(-1)
-    return torch.where(has_any, first, torch.zeros_like(first)).long()
+        return (torch.zeros(batch, dtype=torch.long, device=device),
+                torch.full((batch,), n, dtype=torch.long, device=device))
+    mask = attention_mask[:, 0, -q_len:, -n:].bool()
+    if mask.shape[0] != batch:
+        mask = mask.expand(batch, -1, -1)
+    q0 = n - q_len
+    rows = torch.arange(q_len, device=device)
+    valid = mask[:, rows, rows + q0]                                    # (B, q_len): the diagonal
+    if q0:
+        valid = torch.cat([mask[:, :, :q0].any(1), valid], dim=1)
+    has_any = valid.any(-1)
+    first = valid.to(torch.int8).argmax(-1)
+    last = n - 1 - valid.flip(-1).to(torch.int8).argmax(-1)
+    start = torch.where(has_any, first, torch.zeros_like(first)).long()
+    end = torch.where(has_any, last + 1, torch.full_like(last, n)).long()
+    return start, end
 
 
 def index_heads(query: torch.Tensor, key: torch.Tensor, granularity: str) -> int:
@@ -100,12 +117,17 @@ def sink_and_diagonal_blocks(geo: Geometry, start: torch.Tensor, sink_tokens: in
     return (sink[:, None, :] | diag_mask[None]) [:, None] & geo.causal_blocks(device)[None, None]
 
 
-def dense_tail_blocks(geo: Geometry, tail: int, device) -> torch.Tensor:
-    """bool (NQB, NKB): every causal block for the query blocks holding the call's last `tail` rows.
+def dense_tail_blocks(geo: Geometry, tail: int, end: torch.Tensor) -> torch.Tensor:
+    """bool (B, NQB, NKB): every causal block for the query blocks holding each row's last `tail` real rows.
 
     Those rows carry the question of a long prompt. A pattern that keeps only local or
     estimated blocks can leave them unable to reach a fact in the middle of the context.
+    `end` (B,) is one past each batch row's last real key (real_key_span): with right
+    padding the question sits before the pad rows, not at the end of the call.
     """
-    _, qend = geo.query_block_ranges(device)
-    return (qend > geo.n - tail)[:, None] & geo.causal_blocks(device) if tail > 0 else \
-        torch.zeros(geo.nqb, geo.nkb, dtype=torch.bool, device=device)
+    device = end.device
+    if tail <= 0:
+        return torch.zeros(end.shape[0], geo.nqb, geo.nkb, dtype=torch.bool, device=device)
+    qstart, qend = geo.query_block_ranges(device)
+    rows = (qend[None, :] > (end - tail)[:, None]) & (qstart[None, :] < end[:, None])     # (B, NQB)
+    return rows[:, :, None] & geo.causal_blocks(device)[None]

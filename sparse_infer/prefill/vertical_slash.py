@@ -13,23 +13,45 @@ from __future__ import annotations
 import torch
 
 from sparse_infer.prefill.common import (
-    Geometry, block_mask_to_index, dense_tail_blocks, group_mean, key_start, repeat_kv, sink_and_diagonal_blocks,
+    Geometry, block_mask_to_index, dense_tail_blocks, group_mean, real_key_span, repeat_kv, sink_and_diagonal_blocks,
 )
 
 
-def last_query_attention(query, key, *, scaling, attention_mask=None, last_q=64, softcap=None):
-    """Softmax attention of the last `last_q` queries over all keys: fp32 (B, Hq, L, n)."""
-    n, q_len = key.shape[2], query.shape[2]
+def last_query_attention(query, key, *, scaling, attention_mask=None, last_q=64, softcap=None, end=None):
+    """Softmax attention of each batch row's last `last_q` real queries over all keys.
+
+    Returns fp32 probabilities (B, Hq, L, n) and the rows' absolute positions (B, L). `end`
+    (B,) is one past each row's last real key (real_key_span): with right padding the last
+    real queries sit before the pad rows. A batch row with fewer than L real queries in the
+    call gets zero weight on the missing ones.
+    """
+    batch, n, q_len = key.shape[0], key.shape[2], query.shape[2]
     last = min(last_q, q_len)
+    q0 = n - q_len
     groups = query.shape[1] // key.shape[1]
-    qs = query[:, :, -last:].float()
+    device = key.device
+    if end is None or bool((end == n).all()):
+        rows = torch.arange(n - last, n, device=device).expand(batch, -1)
+        row_ok = None
+        qs = query[:, :, -last:].float()
+        row_mask = None if attention_mask is None else attention_mask[:, :, -last:, -n:].bool()
+    else:
+        rows = end[:, None] - last + torch.arange(last, device=device)[None, :]      # (B, L)
+        row_ok = rows >= q0
+        rows = torch.where(row_ok, rows, torch.full_like(rows, q0))
+        local = rows - q0
+        qs = query.gather(2, local[:, None, :, None].expand(-1, query.shape[1], -1, query.shape[-1])).float()
+        m = attention_mask[:, :1, -q_len:, -n:].bool().expand(batch, -1, -1, -1)
+        row_mask = m.gather(2, local[:, None, :, None].expand(-1, 1, -1, n))
     scores = qs @ repeat_kv(key.float(), groups).transpose(-1, -2) * scaling
     if softcap:
         scores = softcap * torch.tanh(scores / softcap)
-    rows = torch.arange(n - last, n, device=key.device)
-    allowed = torch.arange(n, device=key.device)[None, :] <= rows[:, None]
-    if attention_mask is not None:
-        allowed = allowed[None, None] & attention_mask[:, :, -last:, -n:].bool()
+    allowed = torch.arange(n, device=device)[None, None, :] <= rows[:, :, None]      # (B, L, n)
+    if row_ok is not None:
+        allowed = allowed & row_ok[:, :, None]
+    allowed = allowed[:, None]
+    if row_mask is not None:
+        allowed = allowed & row_mask
     scores = scores.masked_fill(~allowed, float("-inf"))
     return torch.softmax(scores, dim=-1).nan_to_num(0.0), rows
 
@@ -40,17 +62,17 @@ def vertical_slash_index(query, key, rule, *, block_size, scaling, attention_mas
     geo = Geometry(query.shape[2], n, block_size)
     device = key.device
     p = rule.params
+    start, end = real_key_span(attention_mask, batch, geo.q_len, n, device)
     probs, rows = last_query_attention(query, key, scaling=scaling, attention_mask=attention_mask,
-                                       last_q=p["last_q"], softcap=softcap)
+                                       last_q=p["last_q"], softcap=softcap, end=end)
     probs = group_mean(probs, num_kv, granularity)                     # (B, Hi, L, n)
     hi = probs.shape[1]
-    start = key_start(attention_mask, batch, n, device)
 
     vertical = probs.sum(2)                                             # (B, Hi, n)
-    offsets = rows[:, None] - torch.arange(n, device=device)[None, :]    # diagonal offset per (row, key)
+    offsets = rows[:, :, None] - torch.arange(n, device=device)         # (B, L, n) diagonal offset per (row, key)
     offsets = torch.where(offsets >= 0, offsets, torch.full_like(offsets, n))  # future keys -> dump bin
     slash = torch.zeros(batch, hi, n + 1, device=device)
-    slash.scatter_add_(-1, offsets.reshape(1, 1, -1).expand(batch, hi, -1), probs.reshape(batch, hi, -1))
+    slash.scatter_add_(-1, offsets.reshape(batch, 1, -1).expand(-1, hi, -1), probs.reshape(batch, hi, -1))
     slash = slash[..., :n]
 
     # sinks and the nearest diagonals are always kept, whatever the estimate says
@@ -78,6 +100,6 @@ def vertical_slash_index(query, key, rule, *, block_size, scaling, attention_mas
     blocks.scatter_(-1, torch.where(valid, lo_blk, dump), ones)
     blocks.scatter_(-1, torch.where(valid, hi_blk, dump), ones)
     blocks = blocks[..., :dump] | sink_and_diagonal_blocks(geo, start, 0)
-    blocks |= dense_tail_blocks(geo, p["dense_tail"], device)
+    blocks |= dense_tail_blocks(geo, p["dense_tail"], end)[:, None]
     blocks &= geo.causal_blocks(device)[None, None]
     return block_mask_to_index(blocks, block_size, columns=columns.long().contiguous())

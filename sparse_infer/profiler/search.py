@@ -197,7 +197,8 @@ def _reuse_vertical_slash_estimate():
         mask = kwargs.get("attention_mask")
         sig = (query.data_ptr(), tuple(query.shape), key.data_ptr(), tuple(key.shape),
                None if mask is None else (mask.data_ptr(), tuple(mask.shape)),
-               tuple(sorted((k, v) for k, v in kwargs.items() if k != "attention_mask")))
+               tuple(sorted((k, tuple(v.tolist()) if torch.is_tensor(v) else v)
+                            for k, v in kwargs.items() if k != "attention_mask")))
         if sig not in memo:
             memo[sig] = original(query, key, **kwargs)
         return tuple(t.clone() if torch.is_tensor(t) else t for t in memo[sig])

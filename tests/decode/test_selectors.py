@@ -30,7 +30,7 @@ RULES = {
 def make_rt(default, layers=None, granularity="group"):
     plan = load_plan({"sparse_infer_plan": 1, "decode": {"min_kv_len": 0, "granularity": granularity,
                                                          "default": default, "layers": layers or {}}})
-    rt = LayerRuntime(plan, 0, HQ, HKV, dense_fn=None, dense_mask_is_float=False, backend="torch")
+    rt = LayerRuntime(plan, 0, HQ, HKV, dense_fn=None, dense_mask="bool", backend="torch")
     rt.decode_groups = group_heads(plan.decode, 0, HQ)
     return rt
 
