@@ -209,7 +209,10 @@ def _decode_attention():
     global _DECODE_ATTENTION
     if _DECODE_ATTENTION is None:
         from sparse_infer.decode import decode_attention
-        _DECODE_ATTENTION = decode_attention
+        # torch.compile runs the sparse paths as they are, between graphs: their index sizes
+        # depend on the data (.item(), top-k counts) and the C kernel reads raw pointers,
+        # which tracing cannot follow (it crashed the process). The rest of the model compiles.
+        _DECODE_ATTENTION = torch.compiler.disable(decode_attention)
     return _DECODE_ATTENTION
 
 
@@ -276,6 +279,7 @@ def resolve_dense_above(dense_above, backend: str, tensor) -> dict:
     return dict(DENSE_ABOVE[resolve_backend(backend, tensor)])
 
 
+@torch.compiler.disable    # see _decode_attention
 def sparse_prefill(rt: LayerRuntime, query, key, value, mask, scaling, softcap=None):
     """Run each rule of the layer over its heads; returns (B, Hq, q, D).
 
