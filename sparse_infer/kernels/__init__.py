@@ -27,6 +27,7 @@ from .sparse_decode import (
 )
 # after the submodule sparse_decode is imported: the package's `sparse_decode` is the dispatcher
 from .dispatch import resolve_decode_backend, sparse_decode  # noqa: E402
+from . import registry  # noqa: E402
 from .registry import backends  # noqa: E402
 
 __all__ = [
