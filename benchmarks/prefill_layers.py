@@ -89,7 +89,7 @@ def plan_layers(path: str, plan_name: str, thresholds: str, threads: str = "1"):
 
     account(prefill, "build_index")
     account(attention, "_dense_subset")
-    import sparse_infer.kernels.block_sparse_attn as kernels
+    import sparse_infer.kernels.dispatch as kernels
     account(kernels, "block_sparse_attention")
     for layer, (q, k, v) in saved.items():
         rt = LayerRuntime(plan=plan, layer_idx=layer, num_heads=q.shape[1], num_kv_heads=k.shape[1],

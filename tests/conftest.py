@@ -91,7 +91,7 @@ def _sparse_heads_stay_sparse(monkeypatch):
     """Tests compare the sparse executors with dense attention, often on short inputs
     where the indices are dense enough for patch's "auto" dense_above to run those
     heads dense instead; keep every head on its planned path unless a test says otherwise."""
-    from sparse_infer.patches import attention
+    from sparse_infer.kernels import registry
 
     for executor in ("torch", "cpu"):
-        monkeypatch.setitem(attention.DENSE_ABOVE, executor, {"head": 1.0, "group": 1.0, "decode": 1.0})
+        monkeypatch.setitem(registry.DENSE_ABOVE, executor, {"head": 1.0, "group": 1.0, "decode": 1.0})

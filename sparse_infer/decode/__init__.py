@@ -31,7 +31,7 @@ import torch
 from sparse_infer.decode import double_sparsity, quest, streaming, token_select
 from sparse_infer.decode.common import GroupInputs, GrowBuffer, grouped_dense_decode, pad_indices
 from sparse_infer.kernels import cpu_decode
-from sparse_infer.kernels.sparse_decode import resolve_decode_backend, sparse_decode
+from sparse_infer.kernels.dispatch import resolve_decode_backend, sparse_decode
 from sparse_infer.patches.attention import heads_of, resolve_dense_above
 
 SELECTORS = {
@@ -270,7 +270,7 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
     cached = state.get("executor")
     if cached is None or cached[0] != signature:
         executor = resolve_decode_backend(rt.backend, query, key, value)
-        cached = state["executor"] = (signature, executor, resolve_dense_above(rt.dense_above, executor, query)["decode"])
+        cached = state["executor"] = (signature, executor, resolve_dense_above(rt.dense_above, executor, query, phase="decode")["decode"])
     executor, limit = cached[1], cached[2]
     run_dense = _parts_over_limit(layouts, Hq, Hkv, n, limit) if limit < 1 else set()
     if all(rule.kind == "dense" or pi in run_dense for pi, (rule, *_) in enumerate(layouts)):

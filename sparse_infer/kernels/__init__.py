@@ -1,8 +1,13 @@
-"""Attention executors: compute attention over an index set chosen elsewhere."""
+"""Attention executors: compute attention over an index set chosen elsewhere.
+
+Which executor runs is decided by `registry` (backend names, what each supports,
+dense break-even) and `dispatch`.
+"""
 
 from .block_sparse_attn import (
     BlockSparseIndex,
     block_sparse_attention,
+    block_sparse_attention_flex,
     block_sparse_attention_torch,
     block_sparse_attention_triton,
     dense_masked_attention,
@@ -17,15 +22,18 @@ from .cpu_decode import cpu_kernel_available, sparse_decode_cpu
 from .sparse_decode import (
     dense_decode_reference,
     indices_to_mask,
-    sparse_decode,
     sparse_decode_torch,
     sparse_decode_triton,
-    resolve_decode_backend,
 )
+# after the submodule sparse_decode is imported: the package's `sparse_decode` is the dispatcher
+from .dispatch import resolve_decode_backend, sparse_decode  # noqa: E402
+from . import registry  # noqa: E402
+from .registry import backends  # noqa: E402
 
 __all__ = [
     "BlockSparseIndex",
     "block_sparse_attention",
+    "block_sparse_attention_flex",
     "block_sparse_attention_torch",
     "block_sparse_attention_triton",
     "dense_masked_attention",
@@ -43,4 +51,5 @@ __all__ = [
     "sparse_decode_cpu",
     "cpu_kernel_available",
     "resolve_decode_backend",
+    "backends",
 ]

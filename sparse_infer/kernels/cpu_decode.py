@@ -306,11 +306,11 @@ def sparse_decode_cpu(query, key, value, indices, *, scaling, attention_mask=Non
 
     Arguments as sparse_decode_torch (kv_heads included); query, key and value must share a
     dtype (float32, bfloat16 or float16) and have unit stride in the last dim."""
-    from sparse_infer.kernels.sparse_decode import _check_mask, _check_rows
+    from sparse_infer.kernels.sparse_decode import check_decode_mask, check_decode_rows
 
-    B, Hq, D, Hkv, n, Hi, kv_heads = _check_rows(query, key, value, indices, kv_heads)
+    B, Hq, D, Hkv, n, Hi, kv_heads = check_decode_rows(query, key, value, indices, kv_heads)
     _refuse_unsupported(query, key, value)
-    attention_mask = _check_mask(attention_mask, B, Hq, n)
+    attention_mask = check_decode_mask(attention_mask, B, Hq, n)
     K = indices.shape[-1]
     if K == 0:
         return torch.zeros_like(query)

@@ -7,19 +7,16 @@ exactly those (AND attention_mask), reading only the selected K/V rows.
 
 import torch
 
-from .block_sparse_attn import (
-    _is_interpreted,
-    _ws_acquire,
-    _ws_release,
-    _launch_opts,
-    _online_softmax_step,
-    _softcap,
-    _require_triton,
-    dense_masked_attention,
-    resolve_backend,
+from .index import dense_masked_attention
+from .torch_executor import acquire_workspace, release_workspace
+from .triton_executor import (
+    apply_softcap,
+    is_interpreted,
+    launch_options,
+    online_softmax_step,
+    require_triton,
     tl,
     triton,
-    triton_available,
 )
 
 __all__ = [
@@ -27,8 +24,8 @@ __all__ = [
     "dense_decode_reference",
     "sparse_decode_torch",
     "sparse_decode_triton",
-    "sparse_decode",
-    "resolve_decode_backend",
+    "check_decode_rows",
+    "check_decode_mask",
 ]
 
 _NEG_INF = float("-inf")
@@ -49,7 +46,7 @@ def _check(query, key, value, indices):
     return B, Hq, D, Hkv, n, Hi
 
 
-def _check_rows(query, key, value, indices, kv_heads):
+def check_decode_rows(query, key, value, indices, kv_heads):
     """Shapes of an executor call, and the cache head each index row reads: kv_heads when
     given (any subset of a layer's heads), else the rows' own kv group (r * Hkv // Hi)."""
     if kv_heads is None:
@@ -65,7 +62,7 @@ def _check_rows(query, key, value, indices, kv_heads):
     return B, Hq, D, Hkv, n, Hi, kv_heads.to(query.device)
 
 
-def _check_mask(attention_mask, B, Hq, n):
+def check_decode_mask(attention_mask, B, Hq, n):
     if attention_mask is None:
         return None
     if attention_mask.dtype != torch.bool:
@@ -141,8 +138,8 @@ def sparse_decode_torch(query, key, value, indices, *, scaling, attention_mask=N
     per-head selections, the group size for shared ones). Lets the decode dispatcher run all
     of a layer's sparse parts as one call without copying K/V per head.
     Inference only: runs without autograd."""
-    B, Hq, D, Hkv, n, Hi, kv_head = _check_rows(query, key, value, indices, kv_heads)
-    attention_mask = _check_mask(attention_mask, B, Hq, n)
+    B, Hq, D, Hkv, n, Hi, kv_head = check_decode_rows(query, key, value, indices, kv_heads)
+    attention_mask = check_decode_mask(attention_mask, B, Hq, n)
     idx = indices.long()
     K = idx.shape[-1]
     if K == 0:
@@ -150,13 +147,13 @@ def sparse_decode_torch(query, key, value, indices, *, scaling, attention_mask=N
     ok = (idx >= 0) & (idx < n)
     pos = torch.where(ok, idx, torch.zeros_like(idx))
     numel = B * Hi * K * D
-    ws = _ws_acquire({"dk": (numel, key.dtype), "dv": (numel, value.dtype)}, key.device)
+    ws = acquire_workspace({"dk": (numel, key.dtype), "dv": (numel, value.dtype)}, key.device)
     try:
         kg = _gather_rows(key, pos, kv_head, ws["dk"]).float()  # (B, Hi, K, D)
         vg = _gather_rows(value, pos, kv_head, ws["dv"]).float()
         return _attend_gathered(query, kg, vg, pos, ok, n, scaling, attention_mask, softcap)
     finally:
-        _ws_release(ws)  # kg/vg are dead once the output exists
+        release_workspace(ws)  # kg/vg are dead once the output exists
 
 
 def _attend_gathered(query, kg, vg, pos, ok, n, scaling, attention_mask, softcap):
@@ -234,12 +231,12 @@ if tl is not None:
                 v = v.to(tl.float32)
             s = tl.dot(q, k, input_precision=PREC) * qk_scale
             if HAS_SOFTCAP:
-                s = _softcap(s, softcap)
+                s = apply_softcap(s, softcap)
             valid = ok[None, :] & g_ok[:, None]
             if HAS_MASK:
                 am = tl.load(MASK + b * smb + head[:, None] * smh + pos[None, :] * smn, mask=valid, other=0)
                 valid = valid & (am != 0)
-            m_i, l_i, acc = _online_softmax_step(s, valid, m_i, l_i, acc, v, PREC)
+            m_i, l_i, acc = online_softmax_step(s, valid, m_i, l_i, acc, v, PREC)
         # unnormalized partials; the reduce kernel rescales by the global max
         row = (bh * tl.num_programs(1) + sp) * G_PAD + g
         tl.store(MID_M + row, m_i)
@@ -289,9 +286,9 @@ def sparse_decode_triton(query, key, value, indices, *, scaling, attention_mask=
                          num_splits: int | None = None, block_k: int = 64, num_warps: int | None = None,
                          allow_tf32: bool = False):
     """Triton split-K decode over the index lists (same contract as the torch one)."""
-    _require_triton()
+    require_triton()
     B, Hq, D, Hkv, n, Hi = _check(query, key, value, indices)
-    attention_mask = _check_mask(attention_mask, B, Hq, n)
+    attention_mask = check_decode_mask(attention_mask, B, Hq, n)
     Gi = Hq // Hi
     num_idx = indices.shape[-1]
     if num_idx == 0:
@@ -319,7 +316,7 @@ def sparse_decode_triton(query, key, value, indices, *, scaling, attention_mask=
     mid_l = torch.empty_like(mid_m)
     out = torch.empty_like(q)
     prec = "tf32" if (allow_tf32 or q.dtype != torch.float32) else "ieee"
-    opts = _launch_opts(_sparse_decode_split_kernel, q, num_warps=num_warps or 4)
+    opts = launch_options(_sparse_decode_split_kernel, q, num_warps=num_warps or 4)
     _sparse_decode_split_kernel[(B * Hi, splits)](
         q, k, v, idx, mask, mid_acc, mid_m, mid_l,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
@@ -327,42 +324,11 @@ def sparse_decode_triton(query, key, value, indices, *, scaling, attention_mask=
         Hi, num_idx, n, chunk, float(scaling), float(softcap or 1.0), Hi // Hkv, Gi,
         G_PAD=g_pad, BLOCK_K=block_k, HEAD_DIM=D, BLOCK_D=block_d,
         HAS_MASK=attention_mask is not None, HAS_SOFTCAP=softcap is not None, PREC=prec,
-        DOT_F32=_is_interpreted(_sparse_decode_split_kernel) and q.dtype == torch.bfloat16, **opts,
+        DOT_F32=is_interpreted(_sparse_decode_split_kernel) and q.dtype == torch.bfloat16, **opts,
     )
-    opts = _launch_opts(_sparse_decode_reduce_kernel, q, num_warps=4)
+    opts = launch_options(_sparse_decode_reduce_kernel, q, num_warps=4)
     _sparse_decode_reduce_kernel[(B * Hi,)](
         mid_acc, mid_m, mid_l, out, out.stride(0), out.stride(1), Hi, splits, Gi,
         G_PAD=g_pad, HEAD_DIM=D, BLOCK_D=block_d, **opts,
     )
     return out
-
-
-def resolve_decode_backend(backend: str, query, key, value) -> str:
-    """The decode executor `backend` means for these tensors. 'auto': Triton for CUDA tensors
-    when importable; on the CPU the C kernel (sparse_infer.kernels.cpu_decode) when it builds
-    and takes these dtypes and strides, else torch. 'torch', 'triton', 'cpu' name one."""
-    if backend == "auto":
-        if query.is_cuda:
-            return resolve_backend(backend, query)
-        from sparse_infer.kernels.cpu_decode import cpu_kernel_supports
-        return "cpu" if cpu_kernel_supports(query, key, value) else "torch"
-    if backend not in ("torch", "triton", "cpu"):
-        raise ValueError(f"unknown backend {backend!r}")
-    return backend
-
-
-def sparse_decode(query, key, value, indices, *, scaling, attention_mask=None, softcap=None,
-                  backend: str = "auto", kv_heads=None):
-    """Dispatch to one executor (see resolve_decode_backend). kv_heads: see sparse_decode_torch
-    (torch and cpu executors only)."""
-    from sparse_infer.kernels.cpu_decode import sparse_decode_cpu
-
-    backend = resolve_decode_backend(backend, query, key, value)
-    if backend == "triton":
-        if kv_heads is not None:
-            raise ValueError("the Triton decode executor reads index rows in kv-head order: no kv_heads")
-        return sparse_decode_triton(query, key, value, indices, scaling=scaling,
-                                    attention_mask=attention_mask, softcap=softcap)
-    run = sparse_decode_cpu if backend == "cpu" else sparse_decode_torch
-    return run(query, key, value, indices, scaling=scaling, attention_mask=attention_mask, softcap=softcap,
-               kv_heads=kv_heads)

@@ -44,7 +44,7 @@ class LayerRuntime:
     dense_fn: object                    # the pre-patch attention function
     dense_mask: str = "bool"            # the mask dense_fn expects: one of DENSE_MASKS
     backend: str = "auto"
-    dense_above: float | str = "auto"    # see DENSE_ABOVE
+    dense_above: float | str = "auto"    # see kernels.registry.DENSE_ABOVE
     stats: LayerStats = field(default_factory=LayerStats)
     decode_state: dict = field(default_factory=dict)   # selectors' side state (see sparse_infer.decode)
     prefill_groups: list = field(default_factory=list)  # [(Rule, [q heads])], computed once
@@ -160,7 +160,7 @@ def _is_block_mask(mask) -> bool:
 
 def _dense_subset(query, key, value, mask, scaling, softcap):
     """Dense causal attention over a subset of heads (query heads map 1:1 or G:1 onto key heads)."""
-    from sparse_infer.kernels.block_sparse_attn import dense_masked_attention
+    from sparse_infer.kernels.index import dense_masked_attention
     q_len, n = query.shape[2], key.shape[2]
     if softcap:
         causal = torch.ones(q_len, n, dtype=torch.bool, device=query.device).tril(n - q_len)
@@ -252,31 +252,19 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout=
     return out.transpose(1, 2).contiguous(), None
 
 
-# Prefill: above this share of causal pairs a head's block-sparse attention costs more
-# than dense attention, so the head runs dense (exact, and faster). Measured for the
-# torch executor against SDPA on a 2-core CPU with Qwen2.5-0.5B's real q/k/v at 16K
-# (docs/RESULTS.md, "Third session"): 0.4 for an index per query head (each tile feeds
-# one head), 0.7 for an index shared by a GQA group (a tile feeds the whole group's
-# stacked rows, so bigger, cheaper matmuls).
-# Decode: when the selections on one cache head add up to more than this share of the
-# cache, the torch path would read that head in place anyway (decode.IN_PLACE_SHARE),
-# i.e. as many bytes as dense attention, with the selection work on top: its heads run dense.
-# The C decode kernel ("cpu", the default on CPUs) reads selected rows in place, but the
-# selectors' own work (TokenSelect scores every key) keeps the same decode threshold: the
-# shipped Qwen plan's step at 16K got slower with 0.5 and 0.7 (docs/RESULTS.md, "Fifth session").
-# The Triton executors have not been timed against FlashAttention: they never switch.
-DENSE_ABOVE = {"torch": {"head": 0.4, "group": 0.7, "decode": 1 / 3},
-               "cpu": {"head": 0.4, "group": 0.7, "decode": 1 / 3},
-               "triton": {"head": 1.0, "group": 1.0, "decode": 1.0}}
+def resolve_dense_above(dense_above, backend: str, tensor, phase: str = "prefill") -> dict:
+    """See sparse_infer.kernels.dispatch.resolve_dense_above (imported on use: importing the
+    executors imports triton, which must wait for TRITON_INTERPRET to be set on CPU machines)."""
+    from sparse_infer.kernels.dispatch import resolve_dense_above as resolve
+    return resolve(dense_above, backend, tensor, phase)
 
 
-def resolve_dense_above(dense_above, backend: str, tensor) -> dict:
-    """{"head", "group", "decode"} thresholds: prefill indices per query head / per GQA group,
-    and the share of a cache head that decode selections may read in all."""
-    if dense_above != "auto":
-        return {"head": float(dense_above), "group": float(dense_above), "decode": float(dense_above)}
-    from sparse_infer.kernels.block_sparse_attn import resolve_backend
-    return dict(DENSE_ABOVE[resolve_backend(backend, tensor)])
+def __getattr__(name):
+    # DENSE_ABOVE: the registry's table itself (same dict; where it was measured is explained there)
+    if name == "DENSE_ABOVE":
+        from sparse_infer.kernels.registry import DENSE_ABOVE
+        return DENSE_ABOVE
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @torch.compiler.disable    # see _decode_attention
@@ -286,7 +274,8 @@ def sparse_prefill(rt: LayerRuntime, query, key, value, mask, scaling, softcap=N
     Heads of dense rules, and heads whose index selects more than `dense_above`
     of the causal pairs, are collected and run as one dense call at the end.
     """
-    from sparse_infer.kernels.block_sparse_attn import BlockSparseIndex, block_sparse_attention, index_head_density
+    from sparse_infer.kernels.dispatch import block_sparse_attention
+    from sparse_infer.kernels.index import BlockSparseIndex, index_head_density
     from sparse_infer.prefill import build_index
 
     section = rt.plan.prefill

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sparse_infer.kernels.block_sparse_attn import BlockSparseIndex
+from sparse_infer.kernels.index import BlockSparseIndex
 
 
 @dataclass(frozen=True)

@@ -100,20 +100,20 @@ def test_torch_matches_dense(case):
 
 def test_column_prefix_per_query_block():
     # a query block reads only the columns at or before its last row
-    from sparse_infer.kernels.block_sparse_attn import _normalize_index
+    from sparse_infer.kernels.index import normalize_index
     q_len, n, bs = 70, 200, 16
     index = make_index(2, 3, q_len, n, bs, n_cols=50, seed=5)
-    norm = _normalize_index(index, q_len, n)
+    norm = normalize_index(index, q_len, n)
     cols = index.columns
     qb0 = (n - q_len) // bs
-    for j in range(norm["col_cnt"].shape[-1]):
+    for j in range(norm.column_prefix.shape[-1]):
         end = min((qb0 + j + 1) * bs, n)
         expected = ((cols >= 0) & (cols < end)).sum(-1)
-        assert torch.equal(norm["col_cnt"][..., j], expected)
+        assert torch.equal(norm.column_prefix[..., j], expected)
         # nothing usable lies past that prefix
-        width = norm["col_ok"].shape[-1]
-        beyond = torch.arange(width)[None, None, :] >= norm["col_cnt"][..., j, None]
-        assert not (norm["col_ok"][:, :, j] & beyond).any()
+        width = norm.column_usable.shape[-1]
+        beyond = torch.arange(width)[None, None, :] >= norm.column_prefix[..., j, None]
+        assert not (norm.column_usable[:, :, j] & beyond).any()
 
 
 @pytest.mark.parametrize("per_head_mask", [False, True])

@@ -17,9 +17,9 @@ def _triton_skip_reason():
     if TRITON_DEVICE == "cpu":
         from triton.runtime.interpreter import InterpretedFunction
 
-        from sparse_infer.kernels import block_sparse_attn
+        from sparse_infer.kernels import triton_executor
 
-        if not isinstance(block_sparse_attn._bsa_fwd_kernel, InterpretedFunction):
+        if not isinstance(triton_executor._bsa_fwd_kernel, InterpretedFunction):
             return "triton was imported before TRITON_INTERPRET=1 was set; run this module on its own"
     return None
 
