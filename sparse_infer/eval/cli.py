@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from sparse_infer.eval.ruler import EvalError
+from sparse_infer.eval.errors import EvalError
 
 eval_app = typer.Typer(
     help="Accuracy of sparse plans against dense attention: RULER tasks and a needle-in-a-haystack grid.",
@@ -232,7 +232,7 @@ def ruler_cmd(
     tolerance: ToleranceOption = 1.0,
 ) -> None:
     """Run RULER synthetic tasks (and optional QA data) under PLAN, optionally next to dense."""
-    from sparse_infer.eval import ruler, runner
+    from sparse_infer.eval import results, ruler, runner, tables
 
     errors = _plan_errors()
     try:
@@ -244,7 +244,7 @@ def ruler_cmd(
         check_plans_exist(plans)
         parse_dtype(dtype)
         # OUT is checked and locked before the model loads, and held to the end
-        with runner.claim_out_dir(out, resume):
+        with results.claim_out_dir(out, resume):
             m, tok = _load(model, dtype)
             _check_model(m, length_list, plans)
             all_samples: list[dict] = []
@@ -255,15 +255,15 @@ def ruler_cmd(
             if data is not None:
                 all_samples += ruler.load_user_tasks(data, tok, lengths=length_list, limit=samples)
             rows = runner.run_eval(m, tok, all_samples, plans, out, resume=resume)
-            doc = runner.load_results(out)
+            doc = results.load_results(out)
     except errors as e:
         raise _fail(str(e)) from None
     except KeyboardInterrupt:
         raise _interrupted(out) from None
-    console.print(runner.render_table(rows, title=f"RULER {model}"))
+    console.print(tables.render_table(rows, title=f"RULER {model}"))
     if len(plans) > 1:
         _print_changes(doc, tolerance)
-    console.print(f"results: {out / runner.RESULTS_FILE}")
+    console.print(f"results: {out / results.RESULTS_FILE}")
 
 
 @eval_app.command("needle")
@@ -290,7 +290,7 @@ def needle_cmd(
     tolerance: ToleranceOption = 1.0,
 ) -> None:
     """Needle-in-a-haystack grid (length x depth) under PLAN and a heatmap PNG."""
-    from sparse_infer.eval import needle, runner
+    from sparse_infer.eval import needle, results, tables
 
     errors = _plan_errors()
     model = model or DEFAULT_NEEDLE_MODEL
@@ -306,7 +306,7 @@ def needle_cmd(
         plans = build_plans(chosen, compare, label)
         check_plans_exist(plans)
         parse_dtype(dtype)
-        with runner.claim_out_dir(out, resume):
+        with results.claim_out_dir(out, resume):
             m, tok = _load(model, dtype)
             _check_model(m, length_list, plans)
             result = needle.run_needle(
@@ -321,14 +321,14 @@ def needle_cmd(
                 resume=resume,
                 title=f"needle in a haystack: {model}",
             )
-            doc = runner.load_results(out)
+            doc = results.load_results(out)
         doc["plans"] = {name: entry for name, entry in doc["plans"].items() if name in plans}
-        rows = runner.summarize(doc)
+        rows = results.summarize(doc)
     except errors as e:
         raise _fail(str(e)) from None
     except KeyboardInterrupt:
         raise _interrupted(out) from None
-    console.print(runner.render_table(rows, title=f"needle {model} (mean over depths)"))
+    console.print(tables.render_table(rows, title=f"needle {model} (mean over depths)"))
     for name, entry in result["plans"].items():
         mean = entry["mean"]
         console.print(f"{name}: mean score {mean:.1f}" if mean is not None else f"{name}: no results")
@@ -416,22 +416,22 @@ def merge_cmd(
     tolerance: ToleranceOption = 1.0,
 ) -> None:
     """Merge runs split over processes (by --tasks, or dense and plan apart) and print the table."""
-    from sparse_infer.eval import runner
+    from sparse_infer.eval import merge, results, tables
 
     try:
-        doc = runner.merge_results(sources, out, common=common)
+        doc = merge.merge_results(sources, out, common=common)
     except EvalError as e:
         raise _fail(str(e)) from None
-    console.print(runner.render_table(doc["summary"], title="merged results"))
+    console.print(tables.render_table(doc["summary"], title="merged results"))
     _print_changes(doc, tolerance)
-    console.print(f"results: {out / runner.RESULTS_FILE}")
+    console.print(f"results: {out / results.RESULTS_FILE}")
 
 
 def _print_changes(doc: dict, tolerance: float) -> None:
     """Which samples each plan changes, then whether its Δ is known well enough to meet the goal."""
-    from sparse_infer.eval import paired, runner
+    from sparse_infer.eval import compare, paired
 
-    lines = runner.describe_changes(*runner.changed_answers(doc))
+    lines = compare.describe_changes(*compare.changed_answers(doc))
     lines += paired.describe_paired(*paired.paired_deltas(doc), tolerance=tolerance)
     for line in lines:
         console.print(line, markup=False, highlight=False)

@@ -9,7 +9,7 @@ import torch
 
 import sparse_infer
 from sparse_infer.eval import fidelity as fd
-from sparse_infer.eval.ruler import EvalError
+from sparse_infer.eval.errors import EvalError
 from sparse_infer.plan import preset
 
 

@@ -14,10 +14,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from sparse_infer.eval import cli, runner
+from sparse_infer.eval import cli, results, runner
 from sparse_infer.eval.cli import eval_app
 from sparse_infer.eval.outputs import LOCK_FILE
-from sparse_infer.eval.ruler import EvalError
+from sparse_infer.eval.errors import EvalError
 
 from .conftest import make_tiny_llama
 
@@ -92,7 +92,7 @@ def test_resume_checks_the_plan_content_not_its_path(tmp_path, fake_load, fast_g
     out = tmp_path / "run"
     res = cli_runner.invoke(eval_app, ruler(str(plan), out))
     assert res.exit_code == 0, res.output
-    stored = runner.load_results(out)["plans"]["mine"]
+    stored = results.load_results(out)["plans"]["mine"]
     assert len(stored["plan_sha256"]) == 64
     # the same content from another path (a moved or copied file) continues the run
     moved = tmp_path / "elsewhere" / "mine.yaml"
@@ -133,7 +133,7 @@ def test_resume_into_results_without_fingerprints_is_refused_and_merge_still_wor
     merged = tmp_path / "merged"
     res = cli_runner.invoke(eval_app, ["merge", str(old), str(new), "--out", str(merged)])
     assert res.exit_code == 0, res.output
-    doc = runner.load_results(merged)
+    doc = results.load_results(merged)
     assert {r["task"] for r in doc["plans"]["vertical_slash"]["records"]} == {"vt", "niah_single_1"}
     # part of the records is unchecked, so the merged file claims no fingerprint
     assert "weights_sha256" not in doc["model"]
@@ -154,9 +154,9 @@ def test_merge_checks_weights_and_plan_fingerprints(tmp_path, fake_load, fast_ge
     assert cli_runner.invoke(eval_app, ruler("dense", c, "--tasks", "niah_single_1")).exit_code == 0
     res = cli_runner.invoke(eval_app, ["merge", str(a), str(c), "--out", str(tmp_path / "m")])
     assert res.exit_code == 0, res.output
-    merged = runner.load_results(tmp_path / "m")
-    assert merged["model"]["weights_sha256"] == runner.load_results(a)["model"]["weights_sha256"]
-    assert merged["plans"]["dense"]["plan_sha256"] == runner.plan_fingerprint(None)
+    merged = results.load_results(tmp_path / "m")
+    assert merged["model"]["weights_sha256"] == results.load_results(a)["model"]["weights_sha256"]
+    assert merged["plans"]["dense"]["plan_sha256"] == results.plan_fingerprint(None)
 
 
 # --------------------------------------------------------------------------- plan names
@@ -244,7 +244,7 @@ def test_temporary_files_have_names_of_their_own(tmp_path, tokenizer, tiny_llama
     (tmp_path / "results.json.tmp").mkdir()
     samples = ruler_mod.generate_samples(tokenizer, ["vt"], [512], 1, seed=0)
     runner.run_eval(tiny_llama, tokenizer, samples, {"dense": None}, tmp_path, progress=False)
-    assert len(runner.load_results(tmp_path)["plans"]["dense"]["records"]) == 1
+    assert len(results.load_results(tmp_path)["plans"]["dense"]["records"]) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.json.tmp"]
 
 
@@ -272,11 +272,11 @@ def test_weights_fingerprint_sees_every_weight(tokenizer):
     import torch
 
     a, b = make_tiny_llama(tokenizer), make_tiny_llama(tokenizer)
-    assert runner.weights_fingerprint(a) == runner.weights_fingerprint(b)
+    assert results.weights_fingerprint(a) == results.weights_fingerprint(b)
     with torch.no_grad():
         b.model.layers[1].mlp.down_proj.weight[3, 5] += 1e-3                   # one weight of one layer
-    assert runner.weights_fingerprint(a) != runner.weights_fingerprint(b)
-    assert runner.weights_fingerprint(a) != runner.weights_fingerprint(a.to(torch.bfloat16))
+    assert results.weights_fingerprint(a) != results.weights_fingerprint(b)
+    assert results.weights_fingerprint(a) != results.weights_fingerprint(a.to(torch.bfloat16))
 
 
 def test_plan_fingerprint_is_the_content(tiny_llama):
@@ -285,11 +285,11 @@ def test_plan_fingerprint_is_the_content(tiny_llama):
     one = preset("vertical_slash", tiny_llama.config)
     two = preset("vertical_slash", tiny_llama.config)
     two.profile["created"] = "1999-01-01"              # how it was made is not what it does
-    assert runner.plan_fingerprint(one) == runner.plan_fingerprint(two)
-    assert runner.plan_fingerprint(load_plan(one.to_dict())) == runner.plan_fingerprint(one)
+    assert results.plan_fingerprint(one) == results.plan_fingerprint(two)
+    assert results.plan_fingerprint(load_plan(one.to_dict())) == results.plan_fingerprint(one)
     three = preset("vertical_slash", tiny_llama.config, min_seq_len=1024)
-    assert runner.plan_fingerprint(three) != runner.plan_fingerprint(one)
-    assert runner.plan_fingerprint(None) != runner.plan_fingerprint(preset("dense", tiny_llama.config))
+    assert results.plan_fingerprint(three) != results.plan_fingerprint(one)
+    assert results.plan_fingerprint(None) != results.plan_fingerprint(preset("dense", tiny_llama.config))
 
 
 def test_a_refused_run_leaves_no_directory_behind(tmp_path, fake_load, fast_generation):
