@@ -1,7 +1,7 @@
 """Rerun chosen RULER samples with one half of a plan: which phase, prefill or decode, changes them?
 
     python benchmarks/ruler_plan_halves.py PLAN DENSE_DIR OUT_DIR SAMPLE_ID[,SAMPLE_ID...] [VARIANTS]
-    python benchmarks/ruler_plan_halves.py configs/qwen2.5-0.5b.yaml out/ruler_qwen_16k out/s10/probe_16k_losses \\
+    python benchmarks/ruler_plan_halves.py configs/qwen2.5-0.5b.yaml out/ruler_qwen_16k out/probe_16k_losses \\
         niah_multikey_2/16384/4,niah_multikey_3/16384/0 prefill_only,decode_only
 
 VARIANTS (default prefill_only,decode_only):

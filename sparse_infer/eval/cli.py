@@ -167,7 +167,7 @@ def parse_dtype(name: str):
 DtypeOption = Annotated[str, typer.Option(
     "--dtype", help="Weights and activations: float32, bfloat16 or float16 (dense and plan alike).")]
 
-# the margin the printed verdicts test each plan against (issue 3's goal: 1 point below dense)
+# the margin the printed verdicts test each plan against: the accuracy goal is at most 1 point below dense
 ToleranceOption = Annotated[float, typer.Option(
     "--tolerance", min=0, help="Points below the baseline a plan may score; the verdicts test against it.")]
 
