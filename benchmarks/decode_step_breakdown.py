@@ -20,9 +20,9 @@ import time
 import torch
 from transformers import AttentionInterface, DynamicCache
 
-import sparse_infer
 from sparse_infer.bench.decode import method_or_plan, split_backend, synthetic_cache
 from sparse_infer.bench.layer import parse_dense_above
+from sparse_infer.bench.patching import patched
 from sparse_infer.cache import AppendCache
 from sparse_infer.models import load_model
 
@@ -66,11 +66,8 @@ def main(threads: str = "2"):
     for spec in METHODS:
         method, backend = split_backend(spec)
         dense_above = parse_dense_above(os.environ.get("DENSE_ABOVE", "auto"))
-        sparse_infer.patch(model, method_or_plan(method, 2048), backend=backend, dense_above=dense_above)
-        try:
+        with patched(model, method_or_plan(method, 2048), backend=backend, dense_above=dense_above):
             steps(spec, warmup=2)
-        finally:
-            sparse_infer.unpatch(model)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from sparse_infer.bench.patching import patched
 from sparse_infer.bench.timing import synchronize
 
 # the decode methods a plan can name, each of which decode_method_plan turns into a plan
@@ -137,16 +138,10 @@ def bench_decode_end_to_end(model_spec, prompt_len: int, new_tokens: int, plans:
     runs: dict[str, list] = {name: [] for name, _, _ in configs}
     for _ in range(rounds):
         for name, plan, plan_backend in configs:
-            if plan is not None:
-                sparse_infer.patch(model, plan, backend=plan_backend)
-                sparse_infer.reset_stats(model)
-            try:
+            with patched(model, plan, backend=plan_backend):
                 tokens, first_s, rest_s = _decode_loop(model, copy.deepcopy(kv), first_token, new_tokens)
                 density = sparse_infer.get_stats(model)["decode_density"] if plan is not None else 1.0
                 state = decode_state_bytes(model) if plan is not None else 0
-            finally:
-                if plan is not None:
-                    sparse_infer.unpatch(model)
             runs[name].append({"tokens": tokens, "first_s": first_s, "rate": (new_tokens - 1) / rest_s,
                                "density": density, "state": state})
 

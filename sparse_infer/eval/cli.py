@@ -182,14 +182,16 @@ def _load(model: str, dtype_name: str) -> tuple[Any, Any]:
         return load_model(model, dtype=dtype)
 
 
-def _check_model(model: Any, lengths: list[int], plans: dict[str, Any]) -> None:
-    # Lengths and plans are checked against the model config before any
-    # prompt is built or token generated, so a plan for another model fails fast.
+def _load_checked(model: str, dtype_name: str, lengths: list[int], plans: dict[str, Any]) -> tuple[Any, Any]:
+    """The model and tokenizer, once lengths and plans are checked against the model config:
+    before any prompt is built or token generated, so a plan for another model fails fast."""
     from sparse_infer.eval.runner import resolve_plan, validate_lengths
 
-    validate_lengths(model.config, lengths)
+    loaded, tokenizer = _load(model, dtype_name)
+    validate_lengths(loaded.config, lengths)
     for plan in plans.values():
-        resolve_plan(plan, model.config)
+        resolve_plan(plan, loaded.config)
+    return loaded, tokenizer
 
 
 def _interrupted(out: Path) -> typer.Exit:
@@ -245,8 +247,7 @@ def ruler_cmd(
         parse_dtype(dtype)
         # OUT is checked and locked before the model loads, and held to the end
         with results.claim_out_dir(out, resume):
-            m, tok = _load(model, dtype)
-            _check_model(m, length_list, plans)
+            m, tok = _load_checked(model, dtype, length_list, plans)
             all_samples: list[dict] = []
             if task_list:
                 with console.status(
@@ -307,8 +308,7 @@ def needle_cmd(
         check_plans_exist(plans)
         parse_dtype(dtype)
         with results.claim_out_dir(out, resume):
-            m, tok = _load(model, dtype)
-            _check_model(m, length_list, plans)
+            m, tok = _load_checked(model, dtype, length_list, plans)
             result = needle.run_needle(
                 m,
                 tok,
@@ -383,8 +383,7 @@ def fidelity_cmd(
             floor_cache = cache_dir() / "fidelity_floor.json"
         created = fidelity.check_out(out, resume)       # before the model loads
         try:
-            m, tok = _load(model, "float32")
-            _check_model(m, length_list, plans)
+            m, tok = _load_checked(model, "float32", length_list, plans)
             with console.status("building prompts"):
                 prompts = fidelity.make_prompts(tok, length_list, samples, kind_list, task_list, seed)
             rows = fidelity.run_fidelity(m, prompts, plan, _plan_label(plan), out, window=window, floor=floor,
