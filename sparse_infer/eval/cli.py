@@ -167,6 +167,10 @@ def parse_dtype(name: str):
 DtypeOption = Annotated[str, typer.Option(
     "--dtype", help="Weights and activations: float32, bfloat16 or float16 (dense and plan alike).")]
 
+# --resume of the commands that write results.json (a needle cell's prompts are its samples)
+ResumeOption = Annotated[bool, typer.Option(
+    "--resume", help="Continue OUT/results.json: skip samples already there (same weights, plans, dtype).")]
+
 # the margin the printed verdicts test each plan against: the accuracy goal is at most 1 point below dense
 ToleranceOption = Annotated[float, typer.Option(
     "--tolerance", min=0, help="Points below the baseline a plan may score; the verdicts test against it.")]
@@ -228,8 +232,7 @@ def ruler_cmd(
         Path | None, typer.Option("--data", help="QA file (jsonl/json/parquet) with 'input' and 'answers' fields.")
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for the synthetic prompts.")] = 0,
-    resume: Annotated[bool, typer.Option(
-        "--resume", help="Continue OUT/results.json: skip samples already there (same weights, plans, dtype).")] = False,
+    resume: ResumeOption = False,
     dtype: DtypeOption = "float32",
     tolerance: ToleranceOption = 1.0,
 ) -> None:
@@ -285,8 +288,7 @@ def needle_cmd(
     ] = Path("eval_results/needle"),
     samples: Annotated[int, typer.Option("--samples", min=1, help="Prompts per grid cell.")] = 1,
     seed: Annotated[int, typer.Option("--seed")] = 0,
-    resume: Annotated[bool, typer.Option(
-        "--resume", help="Continue OUT/results.json: skip cells already there (same weights, plans, dtype).")] = False,
+    resume: ResumeOption = False,
     dtype: DtypeOption = "float32",
     tolerance: ToleranceOption = 1.0,
 ) -> None:
