@@ -26,6 +26,7 @@ import sys
 import torch
 
 import sparse_infer
+from sparse_infer.bench.patching import patched
 from sparse_infer.eval import ruler
 from sparse_infer.eval.cli import parse_dtype
 
@@ -67,13 +68,8 @@ def main(sample_id: str, plans: str, out: str | None = None, model_name: str = "
     report = {"sample": sample_id, "tokens": len(prompt_ids), "answer": forced.strip(),
               "answer_tokens": [tok.decode([i]) for i in answer_ids], "plans": {}}
     for name in plans.split(","):
-        if name != "dense":
-            sparse_infer.patch(model, name)
-        try:
+        with patched(model, None if name == "dense" else name):
             report["plans"][name] = answer_report(model, tok, prompt_ids, answer_ids)
-        finally:
-            if name != "dense":
-                sparse_infer.unpatch(model)
         print(name, json.dumps({k: v for k, v in report["plans"][name].items() if k != "margins"}), flush=True)
     if out:
         with open(out, "w") as f:

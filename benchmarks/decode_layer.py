@@ -16,37 +16,26 @@ import time
 import torch
 import torch.nn.functional as F
 
-from sparse_infer.bench.decode import decode_method_plan
+from sparse_infer.bench.decode import method_or_plan
+from sparse_infer.bench.layer import StandInAttention, layer_runtime, parse_dense_above, qwen2_5_0_5b_shape
 from sparse_infer.decode import decode_attention
-from sparse_infer.patches.attention import LayerRuntime, group_heads
 from sparse_infer.plan import load_plan
 
-METHODS = ("quest", "double_sparsity", "token_select", "streaming")
-HEADS, KV_HEADS, HEAD_DIM = 14, 2, 64
-
-
-class _Layer:
-    is_causal = True
-    training = False
-
-    def __init__(self, idx):
-        self.layer_idx = idx
+SHAPE = qwen2_5_0_5b_shape()
+HEADS, KV_HEADS, HEAD_DIM = SHAPE.num_attention_heads, SHAPE.num_key_value_heads, SHAPE.head_dim
 
 
 def main(length: str, plan_name: str, layer: str, profile: str = ""):
     torch.set_num_threads(1)
     n, layer_idx = int(length), int(layer)
-    plan = load_plan(decode_method_plan(plan_name, 2048) if plan_name in METHODS else plan_name)
+    plan = load_plan(method_or_plan(plan_name, 2048))
     g = torch.Generator().manual_seed(0)
     key = torch.randn(1, KV_HEADS, n + 64, HEAD_DIM, generator=g)
     value = torch.randn(1, KV_HEADS, n + 64, HEAD_DIM, generator=g)
     query = torch.randn(1, HEADS, 1, HEAD_DIM, generator=g)
-    rt = LayerRuntime(plan=plan, layer_idx=layer_idx, num_heads=HEADS, num_kv_heads=KV_HEADS, dense_fn=None,
-                      dense_mask_is_float=False, backend="torch")
-    above = os.environ.get("DENSE_ABOVE", "auto")
-    rt.dense_above = above if above == "auto" else float(above)
-    rt.decode_groups = group_heads(plan.decode, layer_idx, HEADS)
-    module, scaling = _Layer(layer_idx), HEAD_DIM ** -0.5
+    rt = layer_runtime(plan, layer_idx, HEADS, KV_HEADS, backend="torch",
+                       dense_above=parse_dense_above(os.environ.get("DENSE_ABOVE", "auto")))
+    module, scaling = StandInAttention(layer_idx), HEAD_DIM ** -0.5
 
     def sparse(i):
         out = decode_attention(rt, module, query, key[:, :, : n + i], value[:, :, : n + i], None, scaling, {})

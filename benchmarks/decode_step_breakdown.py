@@ -20,8 +20,9 @@ import time
 import torch
 from transformers import AttentionInterface, DynamicCache
 
-import sparse_infer
-from sparse_infer.bench.decode import decode_method_plan
+from sparse_infer.bench.decode import method_or_plan, split_backend, synthetic_cache
+from sparse_infer.bench.layer import parse_dense_above
+from sparse_infer.bench.patching import patched
 from sparse_infer.cache import AppendCache
 from sparse_infer.models import load_model
 
@@ -30,23 +31,11 @@ BATCH = int(os.environ.get("BATCH", 1))
 CACHE = os.environ.get("CACHE", "append")
 # decode methods (one method for every head, budget 2048) or plan names (shipped plans, YAML)
 METHODS = tuple(os.environ.get("METHODS", "quest,double_sparsity,token_select,streaming").split(","))
-KNOWN_METHODS = ("quest", "double_sparsity", "token_select", "streaming")
 
 
 def zero_attention(module, query, key, value, attention_mask, **kwargs):
     B, H, q, D = query.shape
     return query.new_zeros(B, q, H, D), None
-
-
-def synthetic_cache(cfg, n: int, batch: int = 1, cache_cls=AppendCache):
-    """A cache of n random K/V rows per layer for the model config (seeded: every run the same)."""
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
-    g = torch.Generator().manual_seed(0)
-    cache = cache_cls(config=cfg)
-    shape = (batch, cfg.num_key_value_heads, n, head_dim)
-    for layer in range(cfg.num_hidden_layers):
-        cache.update(torch.randn(*shape, generator=g), torch.randn(*shape, generator=g), layer)
-    return cache
 
 
 def main(threads: str = "2"):
@@ -75,14 +64,10 @@ def main(threads: str = "2"):
     steps("no attention")
     model.set_attn_implementation(previous)
     for spec in METHODS:
-        method, _, backend = spec.partition("@")
-        plan = decode_method_plan(method, 2048) if method in KNOWN_METHODS else method
-        above = os.environ.get("DENSE_ABOVE", "auto")
-        sparse_infer.patch(model, plan, backend=backend or "auto", dense_above=above if above == "auto" else float(above))
-        try:
+        method, backend = split_backend(spec)
+        dense_above = parse_dense_above(os.environ.get("DENSE_ABOVE", "auto"))
+        with patched(model, method_or_plan(method, 2048), backend=backend, dense_above=dense_above):
             steps(spec, warmup=2)
-        finally:
-            sparse_infer.unpatch(model)
 
 
 if __name__ == "__main__":

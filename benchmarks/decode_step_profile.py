@@ -13,9 +13,8 @@ import sys
 
 import torch
 
-import sparse_infer
-from decode_step_breakdown import KNOWN_METHODS, synthetic_cache      # the sibling script (same folder on sys.path)
-from sparse_infer.bench.decode import decode_method_plan
+from sparse_infer.bench.decode import method_or_plan, synthetic_cache
+from sparse_infer.bench.patching import patched
 from sparse_infer.models import load_model
 
 
@@ -24,10 +23,8 @@ def main(plan: str) -> None:
     model, _ = load_model(os.environ.get("MODEL", "smollm2-135m"))
     cache = synthetic_cache(model.config, int(os.environ.get("N", 8192)))
     token = torch.full((1, 1), 100)
-    if plan in KNOWN_METHODS:
-        plan = decode_method_plan(plan, 2048)              # one method for every head, budget 2048
-    sparse_infer.patch(model, plan)
-    with torch.no_grad():
+    # a method: every head, budget 2048
+    with patched(model, method_or_plan(plan, 2048)), torch.no_grad():
         for _ in range(3):
             model(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1)
         prof = cProfile.Profile()

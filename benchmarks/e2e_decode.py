@@ -12,7 +12,7 @@ import os
 import json
 import sys
 
-from sparse_infer.bench.decode import bench_decode_end_to_end, decode_method_plan
+from sparse_infer.bench.decode import bench_decode_end_to_end, decode_method_plan, split_backend
 from sparse_infer.models import load_model
 
 
@@ -21,8 +21,8 @@ def main(caches: str, out: str, prompt_len: str = "16384", new_tokens: str = "16
     methods = os.environ.get("METHODS", "quest,double_sparsity,token_select").split(",")
     plans = {}
     for spec in methods:
-        method, _, backend = spec.partition("@")
-        plans[spec] = (decode_method_plan(method, 2048), backend or "auto")
+        method, backend = split_backend(spec)
+        plans[spec] = (decode_method_plan(method, 2048), backend)
     result = {}
     for cache in caches.split(","):
         result[cache] = bench_decode_end_to_end(pair, int(prompt_len), int(new_tokens), plans, cache=cache,

@@ -10,6 +10,7 @@ import time
 import torch
 
 import sparse_infer
+from sparse_infer.bench.patching import patched
 from sparse_infer.bench.prefill import synthetic_prompt_ids
 
 
@@ -18,8 +19,6 @@ def main(model_name: str, plan: str, lengths: str, cache: str = "dynamic"):
     for n in (int(x) for x in lengths.split(",")):
         ids = synthetic_prompt_ids(tok, n)
         for name in (None, plan):
-            if name:
-                sparse_infer.patch(model, name)
 
             def run(new):
                 extra = {"cache": sparse_infer.AppendCache(config=model.config)} if cache == "append" else {}
@@ -28,11 +27,10 @@ def main(model_name: str, plan: str, lengths: str, cache: str = "dynamic"):
                     model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, **extra)
                 return time.perf_counter() - t0
 
-            first, total = run(1), run(33)
+            with patched(model, name):
+                first, total = run(1), run(33)
             print(f"n={n} plan={name or 'dense'} prefill {first:.2f} s  decode {(total - first) / 32 * 1e3:.1f} ms/token",
                   flush=True)
-            if name:
-                sparse_infer.unpatch(model)
 
 
 if __name__ == "__main__":

@@ -12,17 +12,13 @@ one group-shared block index per coverage, the break-even of group-shared indice
 """
 import sys
 import time
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
-SCALING = 64 ** -0.5
+from sparse_infer.bench.layer import qwen2_5_0_5b_shape
 
-
-def _config():
-    return SimpleNamespace(num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, head_dim=64,
-                           hidden_size=896, model_type="qwen2", architectures=["Qwen2ForCausalLM"])
+SCALING = qwen2_5_0_5b_shape().head_dim ** -0.5
 
 
 def capture(length: str, layers: str, out: str):
@@ -66,14 +62,15 @@ def _timed(fn):
 def plan_layers(path: str, plan_name: str, thresholds: str, threads: str = "1"):
     import sparse_infer.patches.attention as attention
     import sparse_infer.prefill as prefill
+    from sparse_infer.bench.layer import layer_runtime
     from sparse_infer.bench.prefill import named_plans
-    from sparse_infer.patches.attention import LayerRuntime, group_heads, sparse_prefill
+    from sparse_infer.patches.attention import sparse_prefill
 
     torch.set_num_threads(int(threads))
     saved = torch.load(path)
     from sparse_infer.plan import load_plan
 
-    plan = load_plan(named_plans([plan_name], _config())[plan_name])
+    plan = load_plan(named_plans([plan_name], qwen2_5_0_5b_shape())[plan_name])
     spent = {}
 
     def account(module, name):
@@ -92,9 +89,7 @@ def plan_layers(path: str, plan_name: str, thresholds: str, threads: str = "1"):
     import sparse_infer.kernels.dispatch as kernels
     account(kernels, "block_sparse_attention")
     for layer, (q, k, v) in saved.items():
-        rt = LayerRuntime(plan=plan, layer_idx=layer, num_heads=q.shape[1], num_kv_heads=k.shape[1],
-                          dense_fn=None, dense_mask_is_float=False, backend="torch")
-        rt.prefill_groups = group_heads(plan.prefill, layer, q.shape[1])
+        rt = layer_runtime(plan, layer, q.shape[1], k.shape[1], backend="torch")
         dense = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=SCALING, enable_gqa=True)  # noqa: E731
         dense()
         dense_s = _timed(dense)
@@ -115,7 +110,7 @@ def group_break_even(path: str, layers: str, coverages: str, threads: str = "1")
 
     torch.set_num_threads(int(threads))
     saved = torch.load(path)
-    base = preset("block", _config(), min_seq_len=0).prefill.default
+    base = preset("block", qwen2_5_0_5b_shape(), min_seq_len=0).prefill.default
     for layer in (int(x) for x in layers.split(",")):
         q, k, v = saved[layer]
         group = q.shape[1] // k.shape[1]

@@ -1,7 +1,7 @@
 """Rerun chosen RULER samples with one half of a plan: which phase, prefill or decode, changes them?
 
     python benchmarks/ruler_plan_halves.py PLAN DENSE_DIR OUT_DIR SAMPLE_ID[,SAMPLE_ID...] [VARIANTS]
-    python benchmarks/ruler_plan_halves.py configs/qwen2.5-0.5b.yaml out/ruler_qwen_16k out/s10/probe_16k_losses \\
+    python benchmarks/ruler_plan_halves.py configs/qwen2.5-0.5b.yaml out/ruler_qwen_16k out/probe_16k_losses \\
         niah_multikey_2/16384/4,niah_multikey_3/16384/0 prefill_only,decode_only
 
 VARIANTS (default prefill_only,decode_only):
@@ -24,7 +24,7 @@ import sys
 import yaml
 
 import sparse_infer
-from sparse_infer.eval import ruler, runner
+from sparse_infer.eval import compare, results, ruler, runner
 from sparse_infer.eval.cli import parse_dtype
 
 
@@ -59,19 +59,19 @@ def main(plan_path: str, dense_dir: str, out: str, ids: str, variants: str = "pr
     model, tok = sparse_infer.load_model(model_name, dtype=parse_dtype(os.environ.get("DTYPE", "float32")))
     lengths = sorted({int(i.split("/")[1]) for i in wanted})
     tasks = sorted({i.split("/")[0] for i in wanted})
-    samples = [s for s in ruler.generate_samples(tok, tasks, lengths, 5, 0) if runner.sample_key(s) in wanted]
-    dense = {r["id"]: r for r in runner.load_results(dense_dir)["plans"]["dense"]["records"]}
+    samples = [s for s in ruler.generate_samples(tok, tasks, lengths, 5, 0) if results.sample_key(s) in wanted]
+    dense = {r["id"]: r for r in results.load_results(dense_dir)["plans"]["dense"]["records"]}
     for s in samples:
-        key = runner.sample_key(s)
-        if key not in dense or runner._sha1(s["input"]) != dense[key]["input_sha1"]:
+        key = results.sample_key(s)
+        if key not in dense or results.input_sha1(s["input"]) != dense[key]["input_sha1"]:
             raise SystemExit(f"{key}: not in {dense_dir} with the same prompt")
     plans = {v: plan_half(plan, v) for v in variants.split(",")}
     runner.run_eval(model, tok, samples, plans, out, resume=True)
-    doc = runner.load_results(out)
+    doc = results.load_results(out)
     # named apart from the variants: the `dense` variant's records must not replace the reference
     reference = f"dense in {dense_dir}"
-    doc["plans"] = {reference: {"records": [dense[runner.sample_key(s)] for s in samples]}, **doc["plans"]}
-    for line in runner.describe_changes(*runner.changed_answers(doc, baseline=reference)):
+    doc["plans"] = {reference: {"records": [dense[results.sample_key(s)] for s in samples]}, **doc["plans"]}
+    for line in compare.describe_changes(*compare.changed_answers(doc, baseline=reference)):
         print(line)
 
 

@@ -109,7 +109,7 @@ def _json_target(json_out: Optional[str]):
     from pathlib import Path
 
     from sparse_infer.eval.outputs import check_new_file
-    from sparse_infer.eval.ruler import EvalError
+    from sparse_infer.eval.errors import EvalError
 
     target = Path(json_out)
     try:

@@ -7,7 +7,6 @@ in isolation at controlled densities.
 
 import math
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +19,8 @@ from sparse_infer.kernels.block_sparse_attn import (
     num_query_blocks,
     triton_available,
 )
+from sparse_infer.bench.layer import StandInAttention, decode_counters, label_channels, layer_runtime
+from sparse_infer.bench.timing import time_once_ms
 from sparse_infer.kernels.sparse_decode import sparse_decode_torch, sparse_decode_triton
 
 __all__ = [
@@ -144,19 +145,6 @@ def naive_gather_attention(query, key, value, index: BlockSparseIndex, *, scalin
 # --------------------------------------------------------------------------
 
 
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _time_once_ms(fn, device):
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    return (time.perf_counter() - t0) * 1e3
-
-
 def _reduce(times, stat):
     return min(times) if stat == "min" else statistics.median(times)
 
@@ -173,7 +161,7 @@ def _time_interleaved(fns, repeats, warmup, device, stat):
     times = [[] for _ in fns]
     for _ in range(repeats):
         for t, fn in zip(times, fns):
-            t.append(_time_once_ms(fn, device))
+            t.append(time_once_ms(fn, device))
     return [_reduce(t, stat) for t in times]
 
 
@@ -297,12 +285,6 @@ def bench_decode_attention(kv_lens=(16384, 32768, 65536), budget=2048, heads=(32
 # --------------------------------------------------------------------------
 
 
-class _FakeAttentionModule:
-    """Stands in for a transformers attention module (decode_attention does not read it)."""
-
-    layer_idx = 0
-
-
 def _method_plan(method, budget):
     """One-layer plan dict for a decode method (min_kv_len 0)."""
     if method == "streaming":  # no budget key: sink + local = budget
@@ -351,14 +333,13 @@ def bench_decode_methods(kv_lens=(16384, 32768, 65536), budget=2048, heads=(32, 
     are not counted. dense_bytes = all of K and V (at the mean length of the timed steps).
     """
     from sparse_infer.decode import decode_attention
-    from sparse_infer.patches.attention import LayerRuntime, group_heads
     from sparse_infer.plan import plan_from_dict
 
     Hq, Hkv = heads
     batch = 1
     scaling = 1.0 / math.sqrt(head_dim)
     elem = torch.empty((), dtype=dtype).element_size()
-    module = _FakeAttentionModule()
+    module = StandInAttention(0)
     rows = []
     for n in kv_lens:
         g = torch.Generator(device="cpu").manual_seed(seed)
@@ -369,8 +350,7 @@ def bench_decode_methods(kv_lens=(16384, 32768, 65536), budget=2048, heads=(32, 
                    for q in _drifting_queries(repeats + 1, batch, Hq, head_dim, g)]
         for method in methods:
             plan = plan_from_dict(_method_plan(method, budget))
-            rt = LayerRuntime(plan, 0, Hq, Hkv, dense_fn=None, dense_mask="bool")
-            rt.decode_groups = group_heads(plan.decode, 0, Hq)
+            rt = layer_runtime(plan, 0, Hq, Hkv)
             rule = rt.decode_groups[0][0]
             dense_t, sparse_t, bytes_read, selected_tokens = [], [], [], []
             reuses = scorings = 0
@@ -379,17 +359,17 @@ def bench_decode_methods(kv_lens=(16384, 32768, 65536), budget=2048, heads=(32, 
                 k = k_all[:, :, :m].contiguous()
                 v = v_all[:, :, :m].contiguous()
                 q = queries[step]
-                counters_before = dict(rt.decode_state.get("groups", {}).get(0, {}).get("counters", {}))
+                counters_before = decode_counters(rt)
                 selected_before = rt.stats.decode_selected
-                d_ms = _time_once_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), device)
-                s_ms = _time_once_ms(lambda: decode_attention(rt, module, q, k, v, None, scaling, {}), device)
+                d_ms = time_once_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), device)
+                s_ms = time_once_ms(lambda: decode_attention(rt, module, q, k, v, None, scaling, {}), device)
                 if step == 0:
                     continue  # warm-up: builds the side state from the full K
                 dense_t.append(d_ms)
                 sparse_t.append(s_ms)
                 kv_rows = (rt.stats.decode_selected - selected_before) * Hkv / Hq   # per kv head row
                 selected_tokens.append(kv_rows / (batch * Hkv))
-                counters = rt.decode_state["groups"][0].get("counters", {})
+                counters = decode_counters(rt)
                 d_reuse = counters.get("reuses", 0) - counters_before.get("reuses", 0)
                 d_score = counters.get("full_scorings", 0) - counters_before.get("full_scorings", 0)
                 reuses += d_reuse
@@ -399,7 +379,7 @@ def bench_decode_methods(kv_lens=(16384, 32768, 65536), budget=2048, heads=(32, 
                 if rule.kind == "token_select":
                     b = sel_bytes + (k_bytes if d_score > 0 else 0)
                 elif rule.kind == "double_sparsity":
-                    r = rt.decode_state["groups"][0]["channels"].shape[-1]
+                    r = label_channels(rt)
                     b = 2 * sel_bytes + k_bytes * min(r, head_dim) / head_dim
                 elif rule.kind == "quest":
                     pages = -(-m // rule.page)

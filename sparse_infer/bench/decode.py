@@ -12,6 +12,12 @@ import time
 
 import torch
 
+from sparse_infer.bench.patching import patched
+from sparse_infer.bench.timing import synchronize
+
+# the decode methods a plan can name, each of which decode_method_plan turns into a plan
+DECODE_METHODS = ("quest", "double_sparsity", "token_select", "streaming")
+
 
 def _load(model_spec):
     if isinstance(model_spec, str):
@@ -42,12 +48,10 @@ def _decode_loop(model, cache, first_token, new_tokens: int):
         token = logits.argmax(-1, keepdim=True)
         out.append(int(token[0, 0]))
         if step == 0:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            synchronize(device)
             first_s = time.perf_counter() - t0
             t0 = time.perf_counter()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     return out, first_s, time.perf_counter() - t0
 
 
@@ -58,6 +62,34 @@ def decode_method_plan(method: str, budget: int = 2048) -> dict:
     rule = {"method": method} if method == "streaming" else {"method": method, "budget": budget}
     return {"sparse_infer_plan": 1, "prefill": {"min_seq_len": 1 << 30},
             "decode": {"min_kv_len": 0, "default": rule, "layers": {0: {"*": {"method": "dense"}}}}}
+
+
+def method_or_plan(name: str, budget: int = 2048):
+    """A decode method name as decode_method_plan's plan (one method for every layer but
+    layer 0); any other name (shipped plan, preset, YAML path) is passed on as it is."""
+    return decode_method_plan(name, budget) if name in DECODE_METHODS else name
+
+
+def split_backend(spec: str) -> tuple[str, str]:
+    """'NAME@BACKEND' -> (NAME, BACKEND); a bare NAME gets patch's default backend "auto"."""
+    name, _, backend = spec.partition("@")
+    return name, backend or "auto"
+
+
+def synthetic_cache(config, n: int, batch: int = 1, cache_cls=None):
+    """A cache of n random K/V rows per layer for the model config, seeded (every run the same):
+    a long context for timing decode steps without a prefill. cache_cls defaults to AppendCache."""
+    if cache_cls is None:
+        from sparse_infer.cache import AppendCache
+
+        cache_cls = AppendCache
+    head_dim = config.hidden_size // config.num_attention_heads
+    g = torch.Generator().manual_seed(0)
+    cache = cache_cls(config=config)
+    shape = (batch, config.num_key_value_heads, n, head_dim)
+    for layer in range(config.num_hidden_layers):
+        cache.update(torch.randn(*shape, generator=g), torch.randn(*shape, generator=g), layer)
+    return cache
 
 
 def bench_decode_end_to_end(model_spec, prompt_len: int, new_tokens: int, plans: dict, backend: str = "auto",
@@ -106,16 +138,10 @@ def bench_decode_end_to_end(model_spec, prompt_len: int, new_tokens: int, plans:
     runs: dict[str, list] = {name: [] for name, _, _ in configs}
     for _ in range(rounds):
         for name, plan, plan_backend in configs:
-            if plan is not None:
-                sparse_infer.patch(model, plan, backend=plan_backend)
-                sparse_infer.reset_stats(model)
-            try:
+            with patched(model, plan, backend=plan_backend):
                 tokens, first_s, rest_s = _decode_loop(model, copy.deepcopy(kv), first_token, new_tokens)
                 density = sparse_infer.get_stats(model)["decode_density"] if plan is not None else 1.0
                 state = decode_state_bytes(model) if plan is not None else 0
-            finally:
-                if plan is not None:
-                    sparse_infer.unpatch(model)
             runs[name].append({"tokens": tokens, "first_s": first_s, "rate": (new_tokens - 1) / rest_s,
                                "density": density, "state": state})
 

@@ -38,24 +38,20 @@ def named_plans(names, model_config) -> dict:
 def bench_prefill_end_to_end(model, tokenizer, lengths, plans: dict, repeats: int = 1):
     """Rows {n, plan, seconds, ratio, density}: one forward over the prompt, dense first."""
     import sparse_infer
+    from sparse_infer.bench.patching import patched
 
     rows = []
     for n in lengths:
         ids = synthetic_prompt_ids(tokenizer, n)
         dense_s = None
         for name, plan in [("dense", None), *plans.items()]:
-            if plan is not None:
-                sparse_infer.patch(model, plan)
-                sparse_infer.reset_stats(model)
             best = float("inf")
-            with torch.no_grad():
+            with patched(model, plan), torch.no_grad():
                 for _ in range(repeats):
                     t0 = time.perf_counter()
                     model(ids, use_cache=False, logits_to_keep=1)
                     best = min(best, time.perf_counter() - t0)
-            density = sparse_infer.get_stats(model)["prefill_density"] if plan is not None else 1.0
-            if plan is not None:
-                sparse_infer.unpatch(model)
+                density = sparse_infer.get_stats(model)["prefill_density"] if plan is not None else 1.0
             dense_s = best if name == "dense" else dense_s
             rows.append({"n": n, "plan": name, "seconds": best, "ratio": dense_s / best, "density": density})
     return rows

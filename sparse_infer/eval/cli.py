@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from sparse_infer.eval.ruler import EvalError
+from sparse_infer.eval.errors import EvalError
 
 eval_app = typer.Typer(
     help="Accuracy of sparse plans against dense attention: RULER tasks and a needle-in-a-haystack grid.",
@@ -167,7 +167,11 @@ def parse_dtype(name: str):
 DtypeOption = Annotated[str, typer.Option(
     "--dtype", help="Weights and activations: float32, bfloat16 or float16 (dense and plan alike).")]
 
-# the margin the printed verdicts test each plan against (issue 3's goal: 1 point below dense)
+# --resume of the commands that write results.json (a needle cell's prompts are its samples)
+ResumeOption = Annotated[bool, typer.Option(
+    "--resume", help="Continue OUT/results.json: skip samples already there (same weights, plans, dtype).")]
+
+# the margin the printed verdicts test each plan against: the accuracy goal is at most 1 point below dense
 ToleranceOption = Annotated[float, typer.Option(
     "--tolerance", min=0, help="Points below the baseline a plan may score; the verdicts test against it.")]
 
@@ -182,14 +186,16 @@ def _load(model: str, dtype_name: str) -> tuple[Any, Any]:
         return load_model(model, dtype=dtype)
 
 
-def _check_model(model: Any, lengths: list[int], plans: dict[str, Any]) -> None:
-    # Lengths and plans are checked against the model config before any
-    # prompt is built or token generated, so a plan for another model fails fast.
+def _load_checked(model: str, dtype_name: str, lengths: list[int], plans: dict[str, Any]) -> tuple[Any, Any]:
+    """The model and tokenizer, once lengths and plans are checked against the model config:
+    before any prompt is built or token generated, so a plan for another model fails fast."""
     from sparse_infer.eval.runner import resolve_plan, validate_lengths
 
-    validate_lengths(model.config, lengths)
+    loaded, tokenizer = _load(model, dtype_name)
+    validate_lengths(loaded.config, lengths)
     for plan in plans.values():
-        resolve_plan(plan, model.config)
+        resolve_plan(plan, loaded.config)
+    return loaded, tokenizer
 
 
 def _interrupted(out: Path) -> typer.Exit:
@@ -226,13 +232,12 @@ def ruler_cmd(
         Path | None, typer.Option("--data", help="QA file (jsonl/json/parquet) with 'input' and 'answers' fields.")
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for the synthetic prompts.")] = 0,
-    resume: Annotated[bool, typer.Option(
-        "--resume", help="Continue OUT/results.json: skip samples already there (same weights, plans, dtype).")] = False,
+    resume: ResumeOption = False,
     dtype: DtypeOption = "float32",
     tolerance: ToleranceOption = 1.0,
 ) -> None:
     """Run RULER synthetic tasks (and optional QA data) under PLAN, optionally next to dense."""
-    from sparse_infer.eval import ruler, runner
+    from sparse_infer.eval import results, ruler, runner, tables
 
     errors = _plan_errors()
     try:
@@ -244,9 +249,8 @@ def ruler_cmd(
         check_plans_exist(plans)
         parse_dtype(dtype)
         # OUT is checked and locked before the model loads, and held to the end
-        with runner.claim_out_dir(out, resume):
-            m, tok = _load(model, dtype)
-            _check_model(m, length_list, plans)
+        with results.claim_out_dir(out, resume):
+            m, tok = _load_checked(model, dtype, length_list, plans)
             all_samples: list[dict] = []
             if task_list:
                 with console.status(
@@ -255,15 +259,15 @@ def ruler_cmd(
             if data is not None:
                 all_samples += ruler.load_user_tasks(data, tok, lengths=length_list, limit=samples)
             rows = runner.run_eval(m, tok, all_samples, plans, out, resume=resume)
-            doc = runner.load_results(out)
+            doc = results.load_results(out)
     except errors as e:
         raise _fail(str(e)) from None
     except KeyboardInterrupt:
         raise _interrupted(out) from None
-    console.print(runner.render_table(rows, title=f"RULER {model}"))
+    console.print(tables.render_table(rows, title=f"RULER {model}"))
     if len(plans) > 1:
         _print_changes(doc, tolerance)
-    console.print(f"results: {out / runner.RESULTS_FILE}")
+    console.print(f"results: {out / results.RESULTS_FILE}")
 
 
 @eval_app.command("needle")
@@ -284,13 +288,12 @@ def needle_cmd(
     ] = Path("eval_results/needle"),
     samples: Annotated[int, typer.Option("--samples", min=1, help="Prompts per grid cell.")] = 1,
     seed: Annotated[int, typer.Option("--seed")] = 0,
-    resume: Annotated[bool, typer.Option(
-        "--resume", help="Continue OUT/results.json: skip cells already there (same weights, plans, dtype).")] = False,
+    resume: ResumeOption = False,
     dtype: DtypeOption = "float32",
     tolerance: ToleranceOption = 1.0,
 ) -> None:
     """Needle-in-a-haystack grid (length x depth) under PLAN and a heatmap PNG."""
-    from sparse_infer.eval import needle, runner
+    from sparse_infer.eval import needle, results, tables
 
     errors = _plan_errors()
     model = model or DEFAULT_NEEDLE_MODEL
@@ -306,9 +309,8 @@ def needle_cmd(
         plans = build_plans(chosen, compare, label)
         check_plans_exist(plans)
         parse_dtype(dtype)
-        with runner.claim_out_dir(out, resume):
-            m, tok = _load(model, dtype)
-            _check_model(m, length_list, plans)
+        with results.claim_out_dir(out, resume):
+            m, tok = _load_checked(model, dtype, length_list, plans)
             result = needle.run_needle(
                 m,
                 tok,
@@ -321,14 +323,14 @@ def needle_cmd(
                 resume=resume,
                 title=f"needle in a haystack: {model}",
             )
-            doc = runner.load_results(out)
+            doc = results.load_results(out)
         doc["plans"] = {name: entry for name, entry in doc["plans"].items() if name in plans}
-        rows = runner.summarize(doc)
+        rows = results.summarize(doc)
     except errors as e:
         raise _fail(str(e)) from None
     except KeyboardInterrupt:
         raise _interrupted(out) from None
-    console.print(runner.render_table(rows, title=f"needle {model} (mean over depths)"))
+    console.print(tables.render_table(rows, title=f"needle {model} (mean over depths)"))
     for name, entry in result["plans"].items():
         mean = entry["mean"]
         console.print(f"{name}: mean score {mean:.1f}" if mean is not None else f"{name}: no results")
@@ -383,8 +385,7 @@ def fidelity_cmd(
             floor_cache = cache_dir() / "fidelity_floor.json"
         created = fidelity.check_out(out, resume)       # before the model loads
         try:
-            m, tok = _load(model, "float32")
-            _check_model(m, length_list, plans)
+            m, tok = _load_checked(model, "float32", length_list, plans)
             with console.status("building prompts"):
                 prompts = fidelity.make_prompts(tok, length_list, samples, kind_list, task_list, seed)
             rows = fidelity.run_fidelity(m, prompts, plan, _plan_label(plan), out, window=window, floor=floor,
@@ -416,22 +417,22 @@ def merge_cmd(
     tolerance: ToleranceOption = 1.0,
 ) -> None:
     """Merge runs split over processes (by --tasks, or dense and plan apart) and print the table."""
-    from sparse_infer.eval import runner
+    from sparse_infer.eval import merge, results, tables
 
     try:
-        doc = runner.merge_results(sources, out, common=common)
+        doc = merge.merge_results(sources, out, common=common)
     except EvalError as e:
         raise _fail(str(e)) from None
-    console.print(runner.render_table(doc["summary"], title="merged results"))
+    console.print(tables.render_table(doc["summary"], title="merged results"))
     _print_changes(doc, tolerance)
-    console.print(f"results: {out / runner.RESULTS_FILE}")
+    console.print(f"results: {out / results.RESULTS_FILE}")
 
 
 def _print_changes(doc: dict, tolerance: float) -> None:
     """Which samples each plan changes, then whether its Δ is known well enough to meet the goal."""
-    from sparse_infer.eval import paired, runner
+    from sparse_infer.eval import compare, paired
 
-    lines = runner.describe_changes(*runner.changed_answers(doc))
+    lines = compare.describe_changes(*compare.changed_answers(doc))
     lines += paired.describe_paired(*paired.paired_deltas(doc), tolerance=tolerance)
     for line in lines:
         console.print(line, markup=False, highlight=False)

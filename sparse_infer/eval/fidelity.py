@@ -38,8 +38,11 @@ import torch
 
 from sparse_infer.eval import _text
 from sparse_infer.eval.outputs import check_writable_dir, locked_dir, write_json
-from sparse_infer.eval.ruler import EvalError, encode, generate_task, resolve_tasks
-from sparse_infer.eval.runner import plan_fingerprint, weights_fingerprint
+from sparse_infer.eval.errors import EvalError
+from sparse_infer.eval.prompts import encode
+from sparse_infer.eval.results import plan_fingerprint, weights_fingerprint
+from sparse_infer.eval.ruler.catalogue import resolve_tasks
+from sparse_infer.eval.ruler.generate import generate_task
 
 FIDELITY_FILE = "fidelity.json"
 FORMAT_VERSION = 1

@@ -18,20 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from sparse_infer.eval import _text
-from sparse_infer.eval.ruler import (
-    _NIAH_ANSWER_ONE,
-    _NIAH_TEMPLATE_ONE,
-    NEEDLE_TEMPLATE,
-    STRING_MATCH_ALL,
-    EvalError,
-    _cycled,
-    _pad_text,
-    count_tokens,
-    derive_seed,
-    fit_length,
-    format_prompt,
-    insert_at_depths,
-)
+from sparse_infer.eval.errors import EvalError
+from sparse_infer.eval.prompts import count_tokens, format_prompt
+from sparse_infer.eval.ruler.haystack import derive_seed, filler_text, insert_at_depths, repeat_to_length
+from sparse_infer.eval.ruler.niah import NEEDLE_TEMPLATE, NIAH_ANSWER_ONE, NIAH_TEMPLATE_ONE
+from sparse_infer.eval.ruler.sizing import fit_length
+from sparse_infer.eval.scoring import STRING_MATCH_ALL
 
 NEEDLE_TASK = "needle"
 NEEDLE_JSON = "needle.json"
@@ -52,13 +44,13 @@ def make_needle_sample(
     key = rng.choice(_text.vocabulary())
     value = str(rng.randint(1_000_000, 9_999_999))
     needle = NEEDLE_TEMPLATE.format(type_v="numbers", key=key, value=value)
-    question = _NIAH_TEMPLATE_ONE.replace("{type_v}", "number")
-    prefix = _NIAH_ANSWER_ONE.format(type_v="number", query=key)
+    question = NIAH_TEMPLATE_ONE.replace("{type_v}", "number")
+    prefix = NIAH_ANSWER_ONE.format(type_v="number", query=key)
 
     def build(n: int, pad: int) -> str:
-        context = insert_at_depths(_cycled(_text.essay_words(), n), [needle], [depth])
+        context = insert_at_depths(repeat_to_length(_text.essay_words(), n), [needle], [depth])
         if pad:
-            context = _pad_text(pad) + " " + context
+            context = filler_text(pad) + " " + context
         return format_prompt(tokenizer, question.format(context=context, query=key), prefix, chat_template)
 
     prompt, _ = fit_length(build, lambda t: count_tokens(tokenizer, t), length, what=f"needle @ {length}")
@@ -171,7 +163,8 @@ def run_needle(
     title: str | None = None,
 ) -> dict[str, Any]:
     """Run the grid under each plan; write results.json, needle.json and needle.png; return needle.json's content."""
-    from sparse_infer.eval.runner import claim_out_dir, validate
+    from sparse_infer.eval.results import claim_out_dir
+    from sparse_infer.eval.runner import validate
 
     lengths = [int(L) for L in lengths]
     depths = [float(d) for d in depths]
@@ -186,8 +179,9 @@ def run_needle(
 
 def _run_and_draw(model, tokenizer, plans, out: Path, samples, lengths, depths, seed, samples_per_cell, resume,
                   progress, title) -> dict[str, Any]:
-    from sparse_infer.eval.outputs import write_atomic
-    from sparse_infer.eval.runner import _write_json, load_results, run_eval
+    from sparse_infer.eval.outputs import write_atomic, write_json
+    from sparse_infer.eval.results import load_results
+    from sparse_infer.eval.runner import run_eval
 
     run_eval(model, tokenizer, samples, plans, out, resume=resume, progress=progress)
     doc = load_results(out)
@@ -206,7 +200,7 @@ def _run_and_draw(model, tokenizer, plans, out: Path, samples, lengths, depths, 
         },
         "png": NEEDLE_PNG,
     }
-    _write_json(out / NEEDLE_JSON, result)
+    write_json(out / NEEDLE_JSON, result)
     if title is None:
         name = (doc.get("model") or {}).get("name_or_path") or ""
         title = f"needle in a haystack: {Path(name).name}" if name else "needle in a haystack"

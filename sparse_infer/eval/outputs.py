@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sparse_infer.eval.ruler import EvalError
+from sparse_infer.eval.errors import EvalError
 
 LOCK_FILE = ".sparse_infer.lock"
 

@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from sparse_infer.eval.runner import pair_records, pick_baseline
+from sparse_infer.eval.compare import pair_records, pick_baseline
 
-GOAL_POINTS = 1.0  # issue 3: each plan within 1 point of dense, on average and at each length
+GOAL_POINTS = 1.0  # the accuracy goal: each plan within 1 point of dense, on average and at each length
 LEVEL = 0.95
 RESAMPLES = 4000
 

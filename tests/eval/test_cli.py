@@ -7,9 +7,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from sparse_infer.eval import cli, runner
+from sparse_infer.eval import cli, results, runner
 from sparse_infer.eval.cli import eval_app, parse_list
-from sparse_infer.eval.ruler import EvalError
+from sparse_infer.eval.errors import EvalError
 
 cli_runner = CliRunner()
 
@@ -216,7 +216,7 @@ def test_merge_split_runs_equals_one_run(tmp_path, fake_load, fast_generation):
     # no answer differs, so the interval is a point and even a zero tolerance is met
     assert ("(95% interval +0.0 … +0.0; 4 samples, 0 lower, 0 higher, sign test p=1): within 0 of dense"
             in " ".join(res.output.split()))
-    got, want = runner.load_results(merged), runner.load_results(whole)
+    got, want = results.load_results(merged), results.load_results(whole)
     assert records(got) == records(want)
     strip = [{k: v for k, v in row.items() if "density" not in k} for row in got["summary"]]
     assert sorted(map(repr, strip)) == sorted(repr({k: v for k, v in row.items() if "density" not in k})
@@ -263,10 +263,10 @@ def test_merge_takes_only_the_named_plans_of_a_source(tmp_path, fake_load, fast_
     assert res.exit_code == 2 and "plan 'vertical_slash'" in res.output      # the clash, without a filter
     res = cli_runner.invoke(eval_app, ["merge", f"{old}:dense", str(new), "--out", str(merged)])
     assert res.exit_code == 0, res.output
-    got = runner.load_results(merged)
+    got = results.load_results(merged)
     assert set(got["plans"]) == {"dense", "vertical_slash"}
     assert got["plans"]["vertical_slash"]["plan"] == "a re-profiled plan"
-    assert got["plans"]["dense"]["records"] == runner.load_results(old)["plans"]["dense"]["records"]
+    assert got["plans"]["dense"]["records"] == results.load_results(old)["plans"]["dense"]["records"]
     res = cli_runner.invoke(eval_app, ["merge", f"{old}:dense,a_shape", "--out", str(tmp_path / "m2")])
     assert res.exit_code == 2 and "plan 'a_shape'" in " ".join(res.output.split())
 
@@ -281,12 +281,12 @@ def test_merge_common_keeps_the_samples_every_plan_finished(tmp_path, fake_load,
     assert res.exit_code == 0, res.output
     res = cli_runner.invoke(eval_app, ["merge", str(dense), str(plan), "--out", str(tmp_path / "all")])
     assert res.exit_code == 0, res.output
-    assert len(runner.load_results(tmp_path / "all")["plans"]["dense"]["records"]) == 4
+    assert len(results.load_results(tmp_path / "all")["plans"]["dense"]["records"]) == 4
     res = cli_runner.invoke(eval_app, ["merge", str(dense), str(plan), "--common", "--out", str(tmp_path / "c")])
     assert res.exit_code == 0, res.output
-    got = runner.load_results(tmp_path / "c")
+    got = results.load_results(tmp_path / "c")
     ids = {name: [r["id"] for r in entry["records"]] for name, entry in got["plans"].items()}
-    assert ids["dense"] == ids["vertical_slash"] == [r["id"] for r in runner.load_results(plan)["plans"]["vertical_slash"]["records"]]
+    assert ids["dense"] == ids["vertical_slash"] == [r["id"] for r in results.load_results(plan)["plans"]["vertical_slash"]["records"]]
     assert "vertical_slash: every answer scores as dense's (1 sample in common)" in " ".join(res.output.split())
     assert {(row["plan"], row["task"], row["n"]) for row in got["summary"]} == {
         ("dense", "niah_single_1", 1), ("vertical_slash", "niah_single_1", 1)}
@@ -304,7 +304,7 @@ def test_dtype_is_recorded_and_guards_resume_and_merge(tmp_path, fake_load, fast
     bf16, fp32 = tmp_path / "bf16", tmp_path / "fp32"
     res = cli_runner.invoke(eval_app, ruler_args("dense", bf16, "--tasks", "vt", "--samples", "1", "--dtype", "bfloat16"))
     assert res.exit_code == 0, res.output
-    assert runner.load_results(bf16)["model"]["dtype"] == "bfloat16"
+    assert results.load_results(bf16)["model"]["dtype"] == "bfloat16"
     before = (bf16 / "results.json").read_text()
     res = cli_runner.invoke(eval_app, ruler_args("dense", bf16, "--tasks", "vt", "--samples", "2", "--resume"))
     assert res.exit_code == 2 and "was run in bfloat16, now float32" in " ".join(res.output.split())

@@ -9,7 +9,7 @@ import torch
 
 import sparse_infer
 from sparse_infer.eval import fidelity as fd
-from sparse_infer.eval.ruler import EvalError
+from sparse_infer.eval.errors import EvalError
 from sparse_infer.plan import preset
 
 
@@ -36,14 +36,14 @@ def test_prompts_have_the_asked_length_and_answer_positions(tokenizer):
     assert fd.prose_prompt(tokenizer, 300, 1).input_ids != prose.input_ids      # other offset
     assert fd.prose_prompt(tokenizer, 300, 0).input_ids == prose.input_ids      # deterministic
 
-    ruler = fd.ruler_prompt(tokenizer, "niah_single_2", 400, 0)
-    first, last = ruler.answer_positions[0], ruler.answer_positions[-1]
-    assert last == len(ruler.input_ids) - 2            # the last answer token is predicted from the one before
-    answer = tokenizer.decode(ruler.input_ids[first + 1:])
+    ruler_prompt = fd.ruler_prompt(tokenizer, "niah_single_2", 400, 0)
+    first, last = ruler_prompt.answer_positions[0], ruler_prompt.answer_positions[-1]
+    assert last == len(ruler_prompt.input_ids) - 2            # the last answer token is predicted from the one before
+    answer = tokenizer.decode(ruler_prompt.input_ids[first + 1:])
     assert answer.strip().isdigit() and len(answer.strip()) == 7
 
-    positions = fd.scored_positions(ruler, window=32)
-    assert positions[:32] == list(range(first - 32, first)) and positions[32:] == ruler.answer_positions
+    positions = fd.scored_positions(ruler_prompt, window=32)
+    assert positions[:32] == list(range(first - 32, first)) and positions[32:] == ruler_prompt.answer_positions
 
 
 def test_compare_is_zero_for_identical_and_matches_a_hand_kl():

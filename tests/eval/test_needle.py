@@ -7,7 +7,7 @@ import json
 import pytest
 
 from sparse_infer.eval import needle
-from sparse_infer.eval.ruler import EvalError
+from sparse_infer.eval.errors import EvalError
 
 
 def test_needle_sample_length_and_depth(tokenizer):

@@ -10,7 +10,8 @@ from collections import Counter
 import pytest
 
 from sparse_infer.eval import _text, ruler
-from sparse_infer.eval.ruler import EvalError
+from sparse_infer.eval.errors import EvalError
+from sparse_infer.eval.ruler.common_words import render_cwe
 
 
 def n_tokens(tok, text):
@@ -179,7 +180,7 @@ def test_length_too_short(tokenizer):
         ruler.generate_task(tokenizer, "cwe", 100, 0)
     # Just above the fixed text: room for a few list entries only, too few for a top 10.
     for length in range(300, 2000):
-        prompt = ruler.format_prompt(tokenizer, *ruler._render_cwe(ruler.derive_seed(0, "cwe", length, 0), 0, 0)[:2])
+        prompt = ruler.format_prompt(tokenizer, *render_cwe(ruler.derive_seed(0, "cwe", length, 0), 0, 0)[:2])
         if length - ruler.count_tokens(tokenizer, prompt) >= 20:
             break
     with pytest.raises(EvalError, match="too short to hold the task"):

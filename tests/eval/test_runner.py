@@ -8,8 +8,8 @@ import re
 import pytest
 from rich.console import Console
 
-from sparse_infer.eval import ruler, runner
-from sparse_infer.eval.ruler import EvalError
+from sparse_infer.eval import compare, results, ruler, runner, tables
+from sparse_infer.eval.errors import EvalError
 
 from .conftest import make_tiny_llama
 
@@ -55,7 +55,7 @@ def test_run_eval_dense_and_sparse(tmp_path, tokenizer, tiny_llama, samples, spa
     assert all(r["n"] == 1 for r in rows)
     assert rows == doc["summary"]
     assert not sparse_infer.is_patched(tiny_llama)  # left dense afterwards
-    text = _console_text(runner.render_table(rows))
+    text = _console_text(tables.render_table(rows))
     assert "dense" in text and "Δ sparse" in text and "average" in text and "niah_single_1" in text
 
 
@@ -64,7 +64,7 @@ def test_dense_only_needs_no_patch_layer(tmp_path, tokenizer, tiny_llama, sample
     assert [r["plan"] for r in rows] == ["dense", "dense"]
     # captured output is not a terminal: one progress line per finished sample, for logs
     lines = [ln for ln in capsys.readouterr().out.splitlines() if re.match(r"\d+/2 ", ln)]
-    records = json.loads((tmp_path / runner.RESULTS_FILE).read_text())["plans"]["dense"]["records"]
+    records = json.loads((tmp_path / results.RESULTS_FILE).read_text())["plans"]["dense"]["records"]
     assert len(lines) == 2
     for i, (line, rec) in enumerate(zip(lines, records), 1):
         assert line.startswith(f"{i}/2 dense {rec['task']} @{rec['length']}: score {rec['score']:.1f}, ")
@@ -166,7 +166,7 @@ def test_render_table_diff_and_order():
         {"plan": "dense", "length": 4096, "task": "niah_single_1", "score": 50.0, "n": 2},
         {"plan": "vs", "length": 4096, "task": "niah_single_1", "score": 75.0, "n": 2, "prefill_density": 0.5},
     ]
-    table = runner.render_table(rows)
+    table = tables.render_table(rows)
     assert [c.header for c in table.columns] == ["length", "task", "n", "dense", "vs", "Δ vs", "density vs"]
     text = _console_text(table)
     lines = [line for line in text.splitlines() if "│" in line]
@@ -188,16 +188,16 @@ def test_changed_answers_pairs_samples_by_prompt():
                               rec("cwe/8192/0", 50.0), rec("cwe/8192/1", 10.0)]},
         "same": {"records": [rec("cwe/8192/0", 50.0)]},
     }}
-    base, changes = runner.changed_answers(doc)
+    base, changes = compare.changed_answers(doc)
     assert base == "dense"
     assert changes["vs"] == {"common": 3, "lower": [("vt/8192/0", 100.0, 0.0)],
                              "higher": [("vt/8192/1", 0.0, 100.0)], "other_prompt": 1}
     assert changes["same"] == {"common": 1, "lower": [], "higher": [], "other_prompt": 0}
-    lines = runner.describe_changes(base, changes)
+    lines = compare.describe_changes(base, changes)
     assert lines[0].startswith("vs: 2 of 3 samples score differently from dense: 1 lower, 1 higher")
     assert "vt/8192/0 100→0" in lines[0] and "vt/8192/1 0→100" in lines[0] and "1 sample with the same id but another prompt" in lines[0]
     assert lines[1] == "same: every answer scores as dense's (1 sample in common)"
-    base, changes = runner.changed_answers(doc, baseline="vs")
+    base, changes = compare.changed_answers(doc, baseline="vs")
     assert base == "vs" and changes["dense"]["lower"] == [("vt/8192/1", 100.0, 0.0)]
 
 
