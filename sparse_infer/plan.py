@@ -166,6 +166,12 @@ def _channels(value, path):
     raise PlanError(path, f"must be a channel count or a non-empty list of channel indices, got {value!r}")
 
 
+def _distance(value, path):
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
+        raise PlanError(path, f"must be a Jensen-Shannon distance in [0, 1], got {value!r}")
+    return float(value)
+
+
 def _estimator(value, path):
     if value not in ("pooled", "antidiagonal"):
         raise PlanError(path, f"must be 'pooled' or 'antidiagonal', got {value!r}")
@@ -192,6 +198,14 @@ PREFILL_PATTERNS: dict[str, dict[str, tuple]] = {
         "estimator": (_estimator, "pooled"),
         "stride": (_pos_int, 8),           # antidiagonal stride
         "dense_tail": (_nonneg_int, 0),    # last rows of the call see every key
+    },
+    "adaptive": {
+        "gamma": (_fraction, 0.9),         # attention mass each head keeps, per input
+        "tau": (_distance, 0.1),           # below: query-aware blocks; above: vertical-slash
+        "last_q": (_pos_int, 64),
+        "sink": (_nonneg_int, 64),
+        "local": (_nonneg_int, 64),
+        "dense_tail": (_nonneg_int, 0),
     },
 }
 DECODE_METHODS: dict[str, dict[str, tuple]] = {

@@ -56,6 +56,67 @@ def last_query_attention(query, key, *, scaling, attention_mask=None, last_q=64,
     return torch.softmax(scores, dim=-1).nan_to_num(0.0), rows
 
 
+def slash_sums(probs: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, Hi, n): the attention mass of each diagonal (offset = row - key) over the estimate rows."""
+    batch, hi = probs.shape[:2]
+    offsets = rows[:, :, None] - torch.arange(n, device=probs.device)  # (B, L, n) diagonal offset per (row, key)
+    offsets = torch.where(offsets >= 0, offsets, torch.full_like(offsets, n))  # future keys -> dump bin
+    slash = torch.zeros(batch, hi, n + 1, device=probs.device)
+    slash.scatter_add_(-1, offsets.reshape(batch, 1, -1).expand(-1, hi, -1), probs.reshape(batch, hi, -1))
+    return slash[..., :n]
+
+
+def _top_entries(scores: torch.Tensor, count, forced: int, n: int):
+    """Indices of the `count + forced` largest entries (last dim) and which of them are kept.
+
+    `count` is an int (every head keeps as many) or a (B, Hi) tensor (each head its own)."""
+    if isinstance(count, int):
+        top = scores.topk(min(count + forced, n), dim=-1).indices
+        return top, None
+    total = (count + forced).clamp(max=n)
+    top = scores.topk(max(int(total.max()), 1), dim=-1).indices
+    kept = torch.arange(top.shape[-1], device=top.device) < total[..., None]
+    return top, kept
+
+
+def vertical_slash_blocks(vertical, slash, geo: Geometry, start, *, sink: int, local: int, num_vertical,
+                          num_slash):
+    """Kept kv blocks (B, Hi, NQB, NKB) and columns (B, Hi, C; -1 = unused) for the largest
+    `num_vertical` columns and `num_slash` diagonals (ints, or (B, Hi) tensors: one count per
+    head), with the first `sink` real keys and the `local` nearest diagonals always on top."""
+    n, device, block_size = vertical.shape[-1], vertical.device, geo.bs
+    batch, hi = vertical.shape[:2]
+    # sinks and the nearest diagonals are always kept, whatever the estimate says
+    kpos = torch.arange(n, device=device)
+    sink_cols = (kpos[None, :] >= start[:, None]) & (kpos[None, :] < start[:, None] + sink)
+    vertical = vertical.masked_fill(sink_cols[:, None], float("inf"))
+    slash = slash.clone()
+    slash[..., :local] = float("inf")
+
+    # the forced sinks / local diagonals come on top of the budgets, not out of them
+    columns, columns_kept = _top_entries(vertical, num_vertical, sink, n)
+    if columns_kept is not None:
+        columns = torch.where(columns_kept, columns, torch.full_like(columns, -1))
+    columns = columns.sort(-1).values
+    diagonals, diagonals_kept = _top_entries(slash, num_slash, local, n)   # (B, Hi, S)
+
+    # each diagonal crosses at most two kv blocks inside one query block
+    qstart, qend = geo.query_block_ranges(device)                       # (NQB,)
+    lo_key = qstart[None, None, :, None] - diagonals[:, :, None, :]
+    hi_key = qend[None, None, :, None] - 1 - diagonals[:, :, None, :]
+    valid = hi_key >= 0
+    if diagonals_kept is not None:
+        valid = valid & diagonals_kept[:, :, None, :]
+    lo_blk = torch.clamp(lo_key, min=0) // block_size
+    hi_blk = torch.clamp(hi_key, min=0) // block_size
+    dump = geo.nkb                                                      # invalid crossings land here
+    blocks = torch.zeros(batch, hi, geo.nqb, geo.nkb + 1, dtype=torch.bool, device=device)
+    ones = torch.ones_like(lo_blk, dtype=torch.bool)
+    blocks.scatter_(-1, torch.where(valid, lo_blk, dump), ones)
+    blocks.scatter_(-1, torch.where(valid, hi_blk, dump), ones)
+    return blocks[..., :dump], columns.long()
+
+
 def vertical_slash_index(query, key, rule, *, block_size, scaling, attention_mask=None, granularity="group",
                          softcap=None, **_):
     batch, num_kv, n = key.shape[:3]
@@ -66,40 +127,10 @@ def vertical_slash_index(query, key, rule, *, block_size, scaling, attention_mas
     probs, rows = last_query_attention(query, key, scaling=scaling, attention_mask=attention_mask,
                                        last_q=p["last_q"], softcap=softcap, end=end)
     probs = group_mean(probs, num_kv, granularity)                     # (B, Hi, L, n)
-    hi = probs.shape[1]
-
-    vertical = probs.sum(2)                                             # (B, Hi, n)
-    offsets = rows[:, :, None] - torch.arange(n, device=device)         # (B, L, n) diagonal offset per (row, key)
-    offsets = torch.where(offsets >= 0, offsets, torch.full_like(offsets, n))  # future keys -> dump bin
-    slash = torch.zeros(batch, hi, n + 1, device=device)
-    slash.scatter_add_(-1, offsets.reshape(batch, 1, -1).expand(-1, hi, -1), probs.reshape(batch, hi, -1))
-    slash = slash[..., :n]
-
-    # sinks and the nearest diagonals are always kept, whatever the estimate says
-    kpos = torch.arange(n, device=device)
-    sink_cols = (kpos[None, :] >= start[:, None]) & (kpos[None, :] < start[:, None] + p["sink"])
-    vertical = vertical.masked_fill(sink_cols[:, None], float("inf"))
-    slash[..., : p["local"]] = float("inf")
-
-    # the forced sinks / local diagonals come on top of the budgets, not out of them
-    num_vertical = min(p["vertical"].resolve(n) + p["sink"], n)
-    num_slash = min(p["slash"].resolve(n) + p["local"], n)
-    columns = vertical.topk(num_vertical, dim=-1).indices.sort(-1).values
-    diagonals = slash.topk(num_slash, dim=-1).indices                  # (B, Hi, S)
-
-    # each diagonal crosses at most two kv blocks inside one query block
-    qstart, qend = geo.query_block_ranges(device)                       # (NQB,)
-    lo_key = qstart[None, None, :, None] - diagonals[:, :, None, :]
-    hi_key = qend[None, None, :, None] - 1 - diagonals[:, :, None, :]
-    valid = hi_key >= 0
-    lo_blk = torch.clamp(lo_key, min=0) // block_size
-    hi_blk = torch.clamp(hi_key, min=0) // block_size
-    dump = geo.nkb                                                      # invalid crossings land here
-    blocks = torch.zeros(batch, hi, geo.nqb, geo.nkb + 1, dtype=torch.bool, device=device)
-    ones = torch.ones_like(lo_blk, dtype=torch.bool)
-    blocks.scatter_(-1, torch.where(valid, lo_blk, dump), ones)
-    blocks.scatter_(-1, torch.where(valid, hi_blk, dump), ones)
-    blocks = blocks[..., :dump] | sink_and_diagonal_blocks(geo, start, 0)
+    blocks, columns = vertical_slash_blocks(probs.sum(2), slash_sums(probs, rows, n), geo, start,
+                                            sink=p["sink"], local=p["local"],
+                                            num_vertical=p["vertical"].resolve(n), num_slash=p["slash"].resolve(n))
+    blocks = blocks | sink_and_diagonal_blocks(geo, start, 0)
     blocks |= dense_tail_blocks(geo, p["dense_tail"], end)[:, None]
     blocks &= geo.causal_blocks(device)[None, None]
-    return block_mask_to_index(blocks, block_size, columns=columns.long().contiguous())
+    return block_mask_to_index(blocks, block_size, columns=columns.contiguous())

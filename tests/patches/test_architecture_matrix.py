@@ -27,6 +27,8 @@ PREFILL_FULL = {
     "block_pooled": {"pattern": "block", "coverage": 1.0},
     "block_antidiagonal": {"pattern": "block", "coverage": 1.0, "estimator": "antidiagonal", "stride": 8},
     "block_tail": {"pattern": "block", "top_k": 1, "dense_tail": 100000},
+    "adaptive_query_aware": {"pattern": "adaptive", "gamma": 1.0, "tau": 1.0},
+    "adaptive_vertical_slash": {"pattern": "adaptive", "gamma": 1.0, "tau": 0.0, "last_q": 16},
 }
 # FlexAttention compiles on CPU (seconds per shape): one full-attention and one windowed model
 FLEX_ARCHS = ["llama", "gemma3"]

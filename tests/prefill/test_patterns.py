@@ -21,6 +21,10 @@ RULES = {
     "block_coverage": {"pattern": "block", "coverage": 0.7},
     "block_antidiagonal": {"pattern": "block", "coverage": 0.8, "estimator": "antidiagonal", "stride": 4},
     "block_tail": {"pattern": "block", "top_k": 3, "dense_tail": 40},
+    "adaptive": {"pattern": "adaptive", "gamma": 0.8, "last_q": 32, "sink": 8, "local": 8},
+    "adaptive_query_aware": {"pattern": "adaptive", "gamma": 0.8, "tau": 1.0, "last_q": 32},
+    "adaptive_vertical_slash": {"pattern": "adaptive", "gamma": 0.8, "tau": 0.0, "last_q": 32, "sink": 8,
+                                "local": 8},
 }
 
 
