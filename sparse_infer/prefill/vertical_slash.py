@@ -99,22 +99,53 @@ def vertical_slash_blocks(vertical, slash, geo: Geometry, start, *, sink: int, l
         columns = torch.where(columns_kept, columns, torch.full_like(columns, -1))
     columns = columns.sort(-1).values
     diagonals, diagonals_kept = _top_entries(slash, num_slash, local, n)   # (B, Hi, S)
+    return _diagonal_blocks(diagonals, diagonals_kept, geo), columns.long()
 
-    # each diagonal crosses at most two kv blocks inside one query block
-    qstart, qend = geo.query_block_ranges(device)                       # (NQB,)
+
+def _crossed_blocks(diagonals, kept, geo: Geometry, qstart, qend):
+    """bool (B, Hi, len(qstart), NKB): the kv blocks each diagonal crosses within the rows
+    [qstart, qend) of each query block (at most two per block)."""
     lo_key = qstart[None, None, :, None] - diagonals[:, :, None, :]
     hi_key = qend[None, None, :, None] - 1 - diagonals[:, :, None, :]
     valid = hi_key >= 0
-    if diagonals_kept is not None:
-        valid = valid & diagonals_kept[:, :, None, :]
-    lo_blk = torch.clamp(lo_key, min=0) // block_size
-    hi_blk = torch.clamp(hi_key, min=0) // block_size
+    if kept is not None:
+        valid = valid & kept[:, :, None, :]
+    lo_blk = torch.clamp(lo_key, min=0) // geo.bs
+    hi_blk = torch.clamp(hi_key, min=0) // geo.bs
     dump = geo.nkb                                                      # invalid crossings land here
-    blocks = torch.zeros(batch, hi, geo.nqb, geo.nkb + 1, dtype=torch.bool, device=device)
+    batch, hi = diagonals.shape[:2]
+    blocks = torch.zeros(batch, hi, qstart.shape[0], geo.nkb + 1, dtype=torch.bool, device=diagonals.device)
     ones = torch.ones_like(lo_blk, dtype=torch.bool)
     blocks.scatter_(-1, torch.where(valid, lo_blk, dump), ones)
     blocks.scatter_(-1, torch.where(valid, hi_blk, dump), ones)
-    return blocks[..., :dump], columns.long()
+    return blocks[..., :dump]
+
+
+def _diagonal_blocks(diagonals, kept, geo: Geometry):
+    """bool (B, Hi, NQB, NKB): the kv blocks the kept diagonals cross in each query block.
+
+    In a whole query block J, the diagonal at offset d = a * bs + r crosses kv blocks J - a and,
+    when r > 0, J - a - 1: which blocks are crossed depends only on J - kv block. So the
+    diagonals reduce to a set of block offsets per head, expanded once over the block grid
+    (NQB x NKB work, not NQB x diagonals). A partial first or last query block (chunked
+    prefill, a length not a multiple of the block) may cross fewer: its rows are done directly.
+    """
+    batch, hi = diagonals.shape[:2]
+    nkb, device = geo.nkb, diagonals.device
+    a, r = diagonals // geo.bs, diagonals % geo.bs
+    ok = torch.ones_like(diagonals, dtype=torch.bool) if kept is None else kept
+    crossed = torch.zeros(batch, hi, nkb + 1, dtype=torch.bool, device=device)   # index nkb: dump
+    crossed.scatter_(-1, torch.where(ok & (a < nkb), a, nkb), True)
+    crossed.scatter_(-1, torch.where(ok & (r > 0) & (a + 1 < nkb), a + 1, nkb), True)
+    diag = torch.arange(geo.first, geo.first + geo.nqb, device=device)
+    offset = diag[:, None] - torch.arange(nkb, device=device)[None, :]            # (NQB, NKB)
+    blocks = crossed[..., offset.clamp(min=0)] & (offset >= 0)
+    qstart, qend = geo.query_block_ranges(device)
+    partial = [j for j in {0, geo.nqb - 1} if qend[j] - qstart[j] < geo.bs]
+    if partial:
+        rows = torch.tensor(sorted(partial), device=device)
+        blocks[:, :, rows] = _crossed_blocks(diagonals, kept, geo, qstart[rows], qend[rows])
+    return blocks
 
 
 def vertical_slash_index(query, key, rule, *, block_size, scaling, attention_mask=None, granularity="group",

@@ -207,3 +207,18 @@ def test_full_budget_is_dense_causal(name, rule):
     out = block_sparse_attention_torch(q, k, v, index, scaling=0.25)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.25, enable_gqa=True)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("q_len,n", [(320, 320), (300, 300), (150, 320), (137, 301), (1, 300)])
+def test_diagonal_blocks_equal_their_row_by_row_crossings(q_len, n):
+    """The block-offset expansion of the slash diagonals selects exactly the kv blocks the
+    diagonals cross, row range by row range, whole and partial query blocks alike."""
+    from sparse_infer.prefill.vertical_slash import _crossed_blocks, _diagonal_blocks
+
+    geo = Geometry(q_len, n, 32)
+    g = torch.Generator().manual_seed(q_len + n)
+    diagonals = torch.stack([torch.randperm(n, generator=g)[:40] for _ in range(6)]).view(2, 3, 40)
+    kept = torch.rand(2, 3, 40, generator=g) < 0.7
+    qstart, qend = geo.query_block_ranges("cpu")
+    for k in (None, kept):
+        assert torch.equal(_diagonal_blocks(diagonals, k, geo), _crossed_blocks(diagonals, k, geo, qstart, qend))
