@@ -32,7 +32,7 @@ def layer_runtime(plan, layer_idx: int, num_heads: int, num_kv_heads: int, *, ba
     its heads already grouped by rule. No dense fallback function: the benchmarks time the
     sparse paths and call dense attention themselves. `dense_above` may be changed on the
     returned runtime between calls."""
-    from sparse_infer.patches.attention import LayerRuntime, group_heads
+    from sparse_infer.runtime import LayerRuntime, group_heads
 
     runtime = LayerRuntime(plan=plan, layer_idx=layer_idx, num_heads=num_heads, num_kv_heads=num_kv_heads,
                            dense_fn=None, dense_mask="bool", backend=backend, dense_above=dense_above)

@@ -10,7 +10,7 @@ import torch
 import sparse_infer
 from sparse_infer.decode import decode_counters, decode_state_bytes, reset_decode_state
 from sparse_infer.decode.double_sparsity import labels_of
-from sparse_infer.patches.attention import runtime_for
+from sparse_infer.runtime import runtime_for
 from sparse_infer.kernels import cpu_kernel_available
 from tests.conftest import tiny_model
 
@@ -213,7 +213,7 @@ def test_mixed_layer_parts_in_one_call_equal_separate_calls(monkeypatch, executo
     # read once for the group's query heads.
     import importlib
 
-    import sparse_infer.decode as decode
+    import sparse_infer.decode.dispatch as decode
 
     if executor == "cpu" and not cpu_kernel_available():
         pytest.skip("no C compiler: the C decode kernel is not built here")
@@ -300,8 +300,8 @@ def test_auto_dense_above_runs_cache_heads_dense_when_selections_cover_too_much(
 
 
 def test_parts_over_limit_counts_per_head_selections_once_per_query_head():
-    from sparse_infer.decode import _layer_layouts, _parts_over_limit
-    from sparse_infer.patches.attention import group_heads
+    from sparse_infer.decode.dispatch import _layer_layouts, _parts_over_limit
+    from sparse_infer.runtime import group_heads
     from sparse_infer.plan import load_plan
 
     plan = load_plan({"sparse_infer_plan": 1, "decode": {

@@ -6,11 +6,12 @@ import math
 import pytest
 import torch
 
-from sparse_infer.decode import SELECTORS, _fingerprint_positions, _layer_layouts, decode_attention, double_sparsity, quest
+from sparse_infer.decode import SELECTORS, decode_attention, double_sparsity, quest
+from sparse_infer.decode.dispatch import _fingerprint_positions, _layer_layouts
 from sparse_infer.decode.common import GroupInputs
 from sparse_infer.kernels.block_sparse_attn import dense_masked_attention
 from sparse_infer.kernels.sparse_decode import indices_to_mask
-from sparse_infer.patches.attention import LayerRuntime, group_heads
+from sparse_infer.runtime import LayerRuntime, group_heads
 from sparse_infer.plan import load_plan
 
 B, HQ, HKV, N, D = 2, 8, 2, 1000, 64
