@@ -1,4 +1,5 @@
-"""Decode-time KV selection (q == 1): one file per selector, dispatch in decode.dispatch.
+"""Decode-time KV selection (q == 1): one registered DecodeSelector class per file, dispatch in
+decode.dispatch (imported here in the order plans list the methods, which registers them).
 
     streaming       first `sink` + last `local` valid tokens
     token_select    exact q.k over all keys, per-head softmax summed over the group, top `budget`
@@ -7,9 +8,7 @@
 
 This package face re-exports the dispatch entry points and introspection helpers.
 """
-from sparse_infer.decode import double_sparsity, quest, streaming, token_select  # noqa: F401
-from sparse_infer.decode.dispatch import (  # noqa: F401
-    SELECTORS, decode_attention, decode_counters, decode_state_bytes, reset_decode_state,
-)
+from sparse_infer.decode import streaming, token_select, double_sparsity, quest  # noqa: F401  (registers them)
+from sparse_infer.decode.dispatch import decode_attention, decode_counters, decode_state_bytes, reset_decode_state
 
-__all__ = ["SELECTORS", "decode_attention", "decode_counters", "decode_state_bytes", "reset_decode_state"]
+__all__ = ["decode_attention", "decode_counters", "decode_state_bytes", "reset_decode_state"]

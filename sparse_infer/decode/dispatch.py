@@ -7,14 +7,12 @@ Hi = kv heads when a group shares one selection, query heads otherwise) and hand
 gather executor (sparse_infer.kernels.sparse_decode). Dense heads (e.g. retrieval heads)
 read the whole cache, and so, under patch's dense_above="auto", do heads whose selections
 could not read less than dense attention (see _parts_over_limit); on the torch executor a
-layer's sparse parts are attended in one call (see _attend_pending). Every selector file under this package only chooses indices:
+layer's sparse parts are attended in one call (see _attend_pending). Selectors are the
+DecodeSelector classes registered in sparse_infer.methods (one file each in this package);
+they only choose indices.
 
-    streaming       first `sink` + last `local` valid tokens
-    token_select    exact q.k over all keys, per-head softmax summed over the group, top `budget`
-    double_sparsity q.k approximated on r label channels (label cache ~ r/D of K), top `budget`
-    quest           per-page key min/max -> upper bound of q.k, top pages up to `budget` tokens
-
-Side state (label cache, page bounds, last selection for reuse) lives in rt.decode_state.
+Each part of a layer keeps its selector's typed side state (the selector's State dataclass:
+label cache, page bounds, last selection for reuse) in rt.decode_state["groups"].
 The attention function never sees the cache object, so continuity is detected from the
 keys: a step continues the sequence held in the side state only if the kv length grew by
 exactly one since the previous step of this layer AND a fingerprint (full rows of K, all
@@ -28,20 +26,14 @@ from __future__ import annotations
 
 import torch
 
-from sparse_infer.decode import double_sparsity, quest, streaming, token_select
+import dataclasses
+
 from sparse_infer.decode.common import GroupInputs, GrowBuffer, grouped_dense_decode, pad_indices
 from sparse_infer.kernels import cpu_decode
 from sparse_infer.kernels.dispatch import resolve_decode_backend, resolve_dense_above, sparse_decode
+from sparse_infer.methods import DECODE_SELECTORS, DENSE
 from sparse_infer.runtime import heads_of, iter_runtimes
 
-SELECTORS = {
-    "streaming": streaming.select,
-    "token_select": token_select.select,
-    "double_sparsity": double_sparsity.select,
-    "quest": quest.select,
-}
-# methods whose unmasked CPU step runs selection and attention in one C call
-FUSED_ON_CPU = {"quest": quest.select_and_attend_cpu, "double_sparsity": double_sparsity.select_and_attend_cpu}
 _FINGERPRINT_SPREAD = 8
 
 
@@ -155,17 +147,6 @@ IN_PLACE_SHARE = 1 / 3
 MERGE_PARTS = True
 
 
-def _expected_rows(rule, n: int) -> int:
-    """Upper bound of the cache rows one selection of `rule` holds at length n."""
-    p = rule.params
-    if rule.kind == "streaming":
-        return min(n, p["sink"] + p["local"])
-    budget = p["budget"].resolve(n)
-    if rule.kind == "quest":
-        budget = -(-budget // p["page"]) * p["page"]
-    return min(n, budget + p["sink"] + p["local"])
-
-
 def _parts_over_limit(layouts, num_heads: int, num_kv: int, n: int, limit: float) -> set[int]:
     """Parts (indices into layouts) to run dense: those touching a cache head whose sparse
     selections would hold more than `limit` x n rows in all (a per-query-head selection counts
@@ -176,14 +157,15 @@ def _parts_over_limit(layouts, num_heads: int, num_kv: int, n: int, limit: float
     for rule, q_heads, kv_slice, per_head in layouts:
         kvs = range(num_kv) if kv_slice is None else range(kv_slice.start, kv_slice.stop)
         touched.append(kvs)
-        if rule.kind == "dense":
+        if rule.kind == DENSE:
             continue
         heads_per_kv = group if q_heads is None else len(q_heads) // len(kvs)
+        rows = DECODE_SELECTORS[rule.kind].expected_rows(rule, n)
         for kv in kvs:
-            load[kv] += _expected_rows(rule, n) * (heads_per_kv if per_head else 1)
+            load[kv] += rows * (heads_per_kv if per_head else 1)
     over = {kv for kv in range(num_kv) if load[kv] > limit * n}
     return {pi for pi, (rule, *_) in enumerate(layouts)
-            if rule.kind != "dense" and any(kv in over for kv in touched[pi])}
+            if rule.kind != DENSE and any(kv in over for kv in touched[pi])}
 
 
 def _attend_pending(out, pending, query, key, value, mask, scaling, softcap, executor):
@@ -258,7 +240,7 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
     state = rt.decode_state
     all_dense = state.get("all_dense")
     if all_dense is None:
-        all_dense = state["all_dense"] = all(rule.kind == "dense" for rule, _ in rt.decode_groups)
+        all_dense = state["all_dense"] = all(rule.kind == DENSE for rule, _ in rt.decode_groups)
     if n < rt.plan.decode.min_len or all_dense:
         state.pop("sequence", None)           # the next sparse step must rebuild, whatever it sees
         return None
@@ -273,7 +255,7 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
         cached = state["executor"] = (signature, executor, resolve_dense_above(rt.dense_above, executor, query, phase="decode")["decode"])
     executor, limit = cached[1], cached[2]
     run_dense = _parts_over_limit(layouts, Hq, Hkv, n, limit) if limit < 1 else set()
-    if all(rule.kind == "dense" or pi in run_dense for pi, (rule, *_) in enumerate(layouts)):
+    if all(rule.kind == DENSE or pi in run_dense for pi, (rule, *_) in enumerate(layouts)):
         # nothing left to select: the model's own attention runs the whole layer in one call
         state.pop("sequence", None)
         rt.stats.decode_selected += float(B * Hq * n)
@@ -292,8 +274,8 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
     if fresh:
         state["rebuilds"] = state.get("rebuilds", 0) + 1
         for gs in group_states.values():       # keep only the counters across sequences
-            for name in [name for name in gs if name != "counters"]:
-                del gs[name]
+            if gs is not None:
+                gs.forget_sequence()
 
     out = None
     selected = 0.0
@@ -301,7 +283,7 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
     # On the CPU executors, the sparse parts of a mixed layer are attended in one call (one
     # index list per query head, each reading its own cache head): per-part calls cost ~0.3 ms
     # each on a CPU, and a layer of a profiled plan has up to ~8 parts.
-    sparse_parts = sum(rule.kind != "dense" and pi not in run_dense for pi, (rule, *_) in enumerate(layouts))
+    sparse_parts = sum(rule.kind != DENSE and pi not in run_dense for pi, (rule, *_) in enumerate(layouts))
     merge = MERGE_PARTS and executor in ("torch", "cpu") and sparse_parts >= 2
     pending = []                                   # (query heads, cache head per index row, (B, R, K))
     for pi, (rule, q_heads, kv_slice, per_head) in enumerate(layouts):
@@ -311,7 +293,7 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
         v = value if kv_slice is None else value[:, kv_slice]
         m = mask if whole_layer else heads_of(mask, q_heads)
         h = q.shape[1]
-        if rule.kind == "dense" or pi in run_dense:
+        if rule.kind == DENSE or pi in run_dense:
             # collected per cache head and run together below: one call per cache head, not per part
             for head, kv in zip(*_part_heads(q_heads, kv_slice, Hq, h // k.shape[1])):
                 dense_on_kv.setdefault(kv, []).append(head)
@@ -319,13 +301,16 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
             continue
         inp = GroupInputs(query=q[:, :, 0], key=k, valid=_valid_for(m, B, k.shape[1], per_head, h, n),
                           per_head=per_head, scaling=scaling, softcap=softcap, fresh=fresh)
-        if executor == "cpu" and rule.kind in FUSED_ON_CPU and inp.valid is None:
+        selector = DECODE_SELECTORS[rule.kind]
+        if pi not in group_states:
+            group_states[pi] = selector.new_state()
+        if executor == "cpu" and selector.select_and_attend_cpu is not None and inp.valid is None:
             # selection and attention in one C call: no index tensors, no per-op overhead
-            res, counts = FUSED_ON_CPU[rule.kind](inp, rule, group_states.setdefault(pi, {}), v)
+            res, counts = selector.select_and_attend_cpu(inp, rule, group_states[pi], v)
             selected += float(sum(counts.view(-1).tolist())) * (h // counts.shape[1])   # no torch reduction op
             out = _place(out, res, q_heads, query, value)
             continue
-        indices = SELECTORS[rule.kind](inp, rule, group_states.setdefault(pi, {}))
+        indices = selector.select(inp, rule, group_states[pi])
         selected += float((indices >= 0).sum()) * (h // indices.shape[1])
         if merge:
             heads, kvs = _part_heads(q_heads, kv_slice, Hq, h // k.shape[1])
@@ -357,6 +342,8 @@ def _tensor_bytes(obj) -> int:
         return obj.nbytes()
     if isinstance(obj, dict):
         return sum(_tensor_bytes(v) for v in obj.values())
+    if dataclasses.is_dataclass(obj):
+        return sum(_tensor_bytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
     if isinstance(obj, (list, tuple)):
         return sum(_tensor_bytes(v) for v in obj)
     return 0
@@ -384,7 +371,7 @@ def decode_counters(model) -> dict:
     for rt in iter_runtimes(model):
         total["rebuilds"] += rt.decode_state.get("rebuilds", 0)
         for gs in rt.decode_state.get("groups", {}).values():
-            for key, value in gs.get("counters", {}).items():
+            for key, value in getattr(gs, "counters", {}).items():
                 total[key] = total.get(key, 0) + value
     return total
 
@@ -395,4 +382,4 @@ def reset_decode_state(model) -> None:
         rt.decode_state.clear()
 
 
-__all__ = ["SELECTORS", "decode_attention", "decode_counters", "decode_state_bytes", "reset_decode_state"]
+__all__ = ["decode_attention", "decode_counters", "decode_state_bytes", "reset_decode_state"]

@@ -28,12 +28,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sparse_infer.plan import DECODE_METHODS
-
-SELECTOR_SINK = DECODE_METHODS["token_select"]["sink"][1]
-SELECTOR_LOCAL = DECODE_METHODS["token_select"]["local"][1]
-QUEST_PAGE = DECODE_METHODS["quest"]["page"][1]
-STREAMING_SINKS = (4, 16, 64, 128)
+from sparse_infer.decode.common import SELECTOR_LOCAL, SELECTOR_SINK
+from sparse_infer.decode.quest import QUEST_PAGE
+from sparse_infer.decode.streaming import STREAMING_SINKS
+from sparse_infer.methods import curve_at  # noqa: F401 - re-exported: read by the methods' search_recall
 
 
 @dataclass
@@ -182,9 +180,3 @@ def retrieval_hits(probs: torch.Tensor, pos: torch.Tensor, input_ids: torch.Tens
         top = probs[:, row].argmax(-1)
         hits += ((top >= lo) & (top < hi) & (ids[top] == token)).float()
     return hits, count
-
-
-# --------------------------------------------------------------------------- reading curves
-def curve_at(curve: torch.Tensor, count: int) -> torch.Tensor:
-    """(Hq,) recall after the `count` best ranked items (budgets are >= 1)."""
-    return curve[:, max(1, min(count, curve.shape[1])) - 1]

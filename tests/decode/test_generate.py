@@ -155,10 +155,10 @@ def test_double_sparsity_label_cache_matches_recomputed():
                           if runtime_for(m) is not None and runtime_for(m).layer_idx == layer_idx)
                 st = rt.decode_state["groups"][0]
                 keys = layer.keys
-                assert st["labels"].length == keys.shape[2]
-                assert torch.equal(st["labels"].view(), labels_of(keys, st["channels"]))
+                assert st.labels.length == keys.shape[2]
+                assert torch.equal(st.labels.view(), labels_of(keys, st.channels))
                 if isinstance(channels, list):
-                    assert st["channels"].tolist() == [[channels] * keys.shape[1]] * keys.shape[0]
+                    assert st.channels.tolist() == [[channels] * keys.shape[1]] * keys.shape[0]
             assert decode_counters(model)["rebuilds"] == 2       # once per layer, then incremental
             # label cache ~ r/D of K (plus growth headroom)
             r = channels if isinstance(channels, int) else len(channels)
