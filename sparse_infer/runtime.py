@@ -31,6 +31,18 @@ class LayerStats:
 
 
 @dataclass
+class DecodeState:
+    """What decode dispatch keeps for one layer between steps (sparse_infer.decode.dispatch)."""
+
+    sequence: object | None = None      # decode.dispatch.Fingerprint of the sequence the side state holds
+    layouts: tuple | None = None        # ((Hq, Hkv), [(rule, q heads, kv slice, per_head)]): the layer's parts
+    executor: tuple | None = None       # (signature, executor, dense_above limit) resolved for that signature
+    all_dense: bool | None = None       # every rule of the layer is dense
+    rebuilds: int = 0                   # sequence starts seen (side state rebuilt from the whole cache)
+    groups: dict = field(default_factory=dict)   # part index -> its selector's SideState (None: stateless)
+
+
+@dataclass
 class LayerRuntime:
     plan: Plan
     layer_idx: int
@@ -41,7 +53,7 @@ class LayerRuntime:
     backend: str = "auto"
     dense_above: float | str = "auto"    # see kernels.registry.DENSE_ABOVE
     stats: LayerStats = field(default_factory=LayerStats)
-    decode_state: dict = field(default_factory=dict)   # decode dispatch's side state (see decode.dispatch)
+    decode_state: DecodeState = field(default_factory=DecodeState)
     prefill_groups: list = field(default_factory=list)  # [(Rule, [q heads])], computed once
     decode_groups: list = field(default_factory=list)
 

@@ -141,7 +141,7 @@ def test_toy_selector_runs_in_generate_and_full_budget_equals_dense(toys):
     try:
         full = _generate(model, ids)
         runtimes = [runtime_for(m) for m in model.modules() if runtime_for(m) is not None]
-        states = [rt.decode_state["groups"][0] for rt in runtimes]
+        states = [rt.decode_state.groups[0] for rt in runtimes]
         assert all(isinstance(s, LastKState) and s.steps == 4 for s in states)   # steps after the prefill
         assert sparse_infer.get_stats(model)["decode_density"] == 1.0
     finally:

@@ -44,12 +44,12 @@ def layer_runtime(plan, layer_idx: int, num_heads: int, num_kv_heads: int, *, ba
 def decode_counters(runtime, group: int = 0) -> dict:
     """A copy of a decode rule group's counters (e.g. TokenSelect's reuses and full_scorings);
     empty before its first step."""
-    return dict(getattr(runtime.decode_state.get("groups", {}).get(group), "counters", {}))
+    return dict(getattr(runtime.decode_state.groups.get(group), "counters", {}))
 
 
 def label_channels(runtime, group: int = 0) -> int:
     """How many channels Double Sparsity's label cache keeps for a decode rule group."""
-    return int(runtime.decode_state["groups"][group].channels.shape[-1])
+    return int(runtime.decode_state.groups[group].channels.shape[-1])
 
 
 def parse_dense_above(text: str) -> float | str:

@@ -12,7 +12,7 @@ DecodeSelector classes registered in sparse_infer.methods (one file each in this
 they only choose indices.
 
 Each part of a layer keeps its selector's typed side state (the selector's State dataclass:
-label cache, page bounds, last selection for reuse) in rt.decode_state["groups"].
+label cache, page bounds, last selection for reuse) in rt.decode_state.groups.
 The attention function never sees the cache object, so continuity is detected from the
 keys: a step continues the sequence held in the side state only if the kv length grew by
 exactly one since the previous step of this layer AND a fingerprint (full rows of K, all
@@ -27,12 +27,13 @@ from __future__ import annotations
 import torch
 
 import dataclasses
+from dataclasses import dataclass
 
 from sparse_infer.decode.common import GroupInputs, GrowBuffer, grouped_dense_decode, pad_indices
 from sparse_infer.kernels import cpu_decode
 from sparse_infer.kernels.dispatch import resolve_decode_backend, resolve_dense_above, sparse_decode
 from sparse_infer.methods import DECODE_SELECTORS, DENSE
-from sparse_infer.runtime import heads_of, iter_runtimes
+from sparse_infer.runtime import DecodeState, heads_of, iter_runtimes
 
 _FINGERPRINT_SPREAD = 8
 
@@ -42,36 +43,47 @@ def _fingerprint_positions(n: int) -> list[int]:
     return sorted({0, n - 1, *((i * n) // _FINGERPRINT_SPREAD for i in range(1, _FINGERPRINT_SPREAD))})
 
 
-def _sequence_continues(state: dict, key: torch.Tensor) -> bool:
-    prev = state.get("sequence")
+@dataclass
+class Fingerprint:
+    """Rows of K that identify the sequence a layer's side state was built for."""
+
+    shape: tuple                  # (B, Hkv, D)
+    positions: torch.Tensor       # spread positions, then the last processed one
+    rows: torch.Tensor            # (B, Hkv, len(positions), D) the rows of K there
+    in_c: bool                    # kept and compared by the C helpers
+    n: int = 0                    # kv length last processed
+
+
+def _sequence_continues(state: DecodeState, key: torch.Tensor) -> bool:
+    prev = state.sequence
     if prev is None:
         return False
     B, Hkv, n, D = key.shape
-    if prev["n"] != n - 1 or prev["shape"] != (B, Hkv, D) or prev["rows"].dtype != key.dtype \
-            or prev["rows"].device != key.device:
+    if prev.n != n - 1 or prev.shape != (B, Hkv, D) or prev.rows.dtype != key.dtype \
+            or prev.rows.device != key.device:
         return False
     # the spread rows and, in the last slot, the previous last row: one C call on CPUs (a gather
     # and a compare in torch cost ~30 us per layer and step), else one gather and one compare
-    if prev["in_c"] and key.stride(-1) == 1:
-        return cpu_decode.fingerprint_matches(key, prev["positions"], prev["rows"])
-    return torch.equal(key.index_select(2, prev["positions"]), prev["rows"])
+    if prev.in_c and key.stride(-1) == 1:
+        return cpu_decode.fingerprint_matches(key, prev.positions, prev.rows)
+    return torch.equal(key.index_select(2, prev.positions), prev.rows)
 
 
-def _remember_sequence(state: dict, key: torch.Tensor, continued: bool) -> None:
+def _remember_sequence(state: DecodeState, key: torch.Tensor, continued: bool) -> None:
     """Keep the fingerprint: rows at positions spread over the sequence when its side state
     was built (they stay put while it grows: no per-step re-sampling), then the last row."""
     B, Hkv, n, D = key.shape
-    seq = state.get("sequence")
+    seq = state.sequence
     if not continued or seq is None:
         positions = torch.tensor([*_fingerprint_positions(n), n - 1], device=key.device)
-        seq = state["sequence"] = {"shape": (B, Hkv, D), "positions": positions,
-                                   "rows": key.index_select(2, positions), "in_c": _fingerprint_in_c(key)}
-    elif seq["in_c"] and key.stride(-1) == 1:
-        cpu_decode.fingerprint_keep(key, n - 1, seq["positions"], seq["rows"], len(seq["positions"]) - 1)
+        seq = state.sequence = Fingerprint((B, Hkv, D), positions, key.index_select(2, positions),
+                                           _fingerprint_in_c(key))
+    elif seq.in_c and key.stride(-1) == 1:
+        cpu_decode.fingerprint_keep(key, n - 1, seq.positions, seq.rows, len(seq.positions) - 1)
     else:
-        seq["positions"][-1] = n - 1
-        seq["rows"][:, :, -1] = key[:, :, n - 1]
-    seq["n"] = n
+        seq.positions[-1] = n - 1
+        seq.rows[:, :, -1] = key[:, :, n - 1]
+    seq.n = n
 
 
 def _fingerprint_in_c(key: torch.Tensor) -> bool:
@@ -115,11 +127,11 @@ def _parts(heads: list[int], num_heads: int, num_kv: int, by_head: bool):
 def _layer_layouts(rt, num_heads: int, num_kv: int) -> list:
     """[(rule, q heads or None, kv slice or None, per_head)], one entry per part (see _parts)."""
     by_head = rt.plan.decode.granularity == "head"
-    cached = rt.decode_state.get("layouts")
+    cached = rt.decode_state.layouts
     if cached is None or cached[0] != (num_heads, num_kv):
         layouts = [(rule, *part) for rule, heads in rt.decode_groups
                    for part in _parts(heads, num_heads, num_kv, by_head)]
-        cached = rt.decode_state["layouts"] = ((num_heads, num_kv), layouts)
+        cached = rt.decode_state.layouts = ((num_heads, num_kv), layouts)
     return cached[1]
 
 
@@ -238,26 +250,26 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
     B, Hq = query.shape[:2]
     Hkv, n = key.shape[1], key.shape[2]
     state = rt.decode_state
-    all_dense = state.get("all_dense")
+    all_dense = state.all_dense
     if all_dense is None:
-        all_dense = state["all_dense"] = all(rule.kind == DENSE for rule, _ in rt.decode_groups)
+        all_dense = state.all_dense = all(rule.kind == DENSE for rule, _ in rt.decode_groups)
     if n < rt.plan.decode.min_len or all_dense:
-        state.pop("sequence", None)           # the next sparse step must rebuild, whatever it sees
+        state.sequence = None                 # the next sparse step must rebuild, whatever it sees
         return None
     layouts = _layer_layouts(rt, Hq, Hkv)
     # the executor and its dense threshold depend only on these; resolving them each step
     # costs more than the lookup (this function runs once per layer and token)
     signature = (rt.backend, rt.dense_above, query.device, query.dtype, key.dtype, value.dtype,
                  key.stride(-1), value.stride(-1))
-    cached = state.get("executor")
+    cached = state.executor
     if cached is None or cached[0] != signature:
         executor = resolve_decode_backend(rt.backend, query, key, value)
-        cached = state["executor"] = (signature, executor, resolve_dense_above(rt.dense_above, executor, query, phase="decode")["decode"])
+        cached = state.executor = (signature, executor, resolve_dense_above(rt.dense_above, executor, query, phase="decode")["decode"])
     executor, limit = cached[1], cached[2]
     run_dense = _parts_over_limit(layouts, Hq, Hkv, n, limit) if limit < 1 else set()
     if all(rule.kind == DENSE or pi in run_dense for pi, (rule, *_) in enumerate(layouts)):
         # nothing left to select: the model's own attention runs the whole layer in one call
-        state.pop("sequence", None)
+        state.sequence = None
         rt.stats.decode_selected += float(B * Hq * n)
         rt.stats.decode_total += float(B * Hq * n)
         return None
@@ -270,9 +282,9 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
     if mask is not None and bool(mask.all()):
         mask = None                            # nothing masked: selectors take their cheaper path
     fresh = not _sequence_continues(state, key)
-    group_states = state.setdefault("groups", {})
+    group_states = state.groups
     if fresh:
-        state["rebuilds"] = state.get("rebuilds", 0) + 1
+        state.rebuilds += 1
         for gs in group_states.values():       # keep only the counters across sequences
             if gs is not None:
                 gs.forget_sequence()
@@ -356,9 +368,9 @@ def decode_state_bytes(model, detail: bool = False):
     by_kind: dict[str, int] = {}
     for rt in iter_runtimes(model):
         state = rt.decode_state
-        by_kind["fingerprint"] = by_kind.get("fingerprint", 0) + _tensor_bytes(state.get("sequence"))
-        layouts = state.get("layouts", (None, []))[1]
-        for pi, gs in state.get("groups", {}).items():
+        by_kind["fingerprint"] = by_kind.get("fingerprint", 0) + _tensor_bytes(state.sequence)
+        layouts = (state.layouts or (None, []))[1]
+        for pi, gs in state.groups.items():
             kind = layouts[pi][0].kind if pi < len(layouts) else "unknown"
             by_kind[kind] = by_kind.get(kind, 0) + _tensor_bytes(gs)
     return by_kind if detail else sum(by_kind.values())
@@ -369,8 +381,8 @@ def decode_counters(model) -> dict:
     row and index head) and rebuilds (sequence starts seen by each layer)."""
     total = {"full_scorings": 0, "reuses": 0, "rebuilds": 0}
     for rt in iter_runtimes(model):
-        total["rebuilds"] += rt.decode_state.get("rebuilds", 0)
-        for gs in rt.decode_state.get("groups", {}).values():
+        total["rebuilds"] += rt.decode_state.rebuilds
+        for gs in rt.decode_state.groups.values():
             for key, value in getattr(gs, "counters", {}).items():
                 total[key] = total.get(key, 0) + value
     return total
@@ -379,7 +391,7 @@ def decode_counters(model) -> dict:
 def reset_decode_state(model) -> None:
     """Forget all decode side state and counters (the next step of every layer rebuilds)."""
     for rt in iter_runtimes(model):
-        rt.decode_state.clear()
+        rt.decode_state = DecodeState()
 
 
 __all__ = ["decode_attention", "decode_counters", "decode_state_bytes", "reset_decode_state"]

@@ -170,7 +170,7 @@ def test_double_sparsity_keeps_best_label_scores(channels, recorder):
     q, k, v, mask = tensors(4, padded=True)
     decode_attention(rt, None, q, k, v, mask, SCALING, {})
     (_, idx, _), = recorder
-    chans = rt.decode_state["groups"][0].channels                     # (B, Hkv, r)
+    chans = rt.decode_state.groups[0].channels                     # (B, Hkv, r)
     r = channels if isinstance(channels, int) else len(channels)
     assert chans.shape == (B, HKV, r)
     if isinstance(channels, list):
@@ -345,23 +345,23 @@ def test_new_sequence_sharing_first_and_last_rows_rebuilds(in_c, monkeypatch):
     rt = make_rt(RULES["double_sparsity"])
     q, k, v, _ = tensors(11, n=305, padded=False)
     decode_attention(rt, None, q, k[:, :, :300], v[:, :, :300], None, SCALING, {})
-    assert rt.decode_state["sequence"]["in_c"] is in_c
+    assert rt.decode_state.sequence.in_c is in_c
     for n in range(301, 305):                                               # genuine next steps
         decode_attention(rt, None, q, k[:, :, :n], v[:, :, :n], None, SCALING, {})
-    assert rt.decode_state["rebuilds"] == 1
+    assert rt.decode_state.rebuilds == 1
     other = torch.randn_like(k[:, :, :304])
     other[:, :, 0], other[:, :, 303] = k[:, :, 0], k[:, :, 303]
     other = torch.cat([other, torch.randn(B, HKV, 1, D)], dim=2)
     decode_attention(rt, None, q, other, torch.randn_like(other), None, SCALING, {})
-    assert rt.decode_state["rebuilds"] == 2
-    labels = rt.decode_state["groups"][0].labels.view()
-    assert torch.equal(labels, double_sparsity.labels_of(other, rt.decode_state["groups"][0].channels))
+    assert rt.decode_state.rebuilds == 2
+    labels = rt.decode_state.groups[0].labels.view()
+    assert torch.equal(labels, double_sparsity.labels_of(other, rt.decode_state.groups[0].channels))
     # one changed element in one spread row of one head is enough
     edited = torch.cat([other, torch.randn(B, HKV, 1, D)], dim=2)
     spread = _fingerprint_positions(other.shape[2])[3]                    # kept since `other` was seen
     edited[1, 1, spread, 3] += 1.0
     decode_attention(rt, None, q, edited, torch.randn_like(edited), None, SCALING, {})
-    assert rt.decode_state["rebuilds"] == 3
+    assert rt.decode_state.rebuilds == 3
 
 
 def test_sliding_window_without_mask_is_respected(recorder):
