@@ -132,6 +132,15 @@ class DecodeSelector(Method):
         """Whether the search may consider this method (e.g. it needs calibrated channels)."""
         return True
 
+    # the recall curves need the profiler's calibrated channels (computed after every prompt is seen)
+    search_needs_channels: ClassVar[bool] = False
+
+    def search_curves(self, inputs, channels=None) -> dict:
+        """{(name, ...): (Hq, m) recall curve} for one prompt, from a profiler.decode.CurveInputs
+        (and the channels (Hq, r) when search_needs_channels); averaged over prompts by the
+        profiler and handed to search_recall as {name: curve} or {name: {key: curve}}."""
+        return {}
+
     def search_grid(self, n: int) -> list[dict]:
         return []
 

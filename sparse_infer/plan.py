@@ -1,4 +1,8 @@
-"""The per-head plan: schema (version 1), YAML load/save, validation, budgets and presets.
+"""The per-head plan: schema (version 1), YAML load/save, validation and presets.
+
+The rule schema is generated from the method registry (sparse_infer.methods): a rule's
+`pattern` / `method` names a registered class, whose `params` give the keys, parsers and
+defaults and whose check hooks hold the cross-field checks.
 
 Every error is a PlanError whose message starts with the YAML path of the bad
 field (e.g. ``prefill.layers.7.3.vertical``) and says what was expected.

@@ -51,9 +51,16 @@ class LastK(DecodeSelector):
     def search_cost(self, params, n, head_dim, channels):
         return min(1.0, params["budget"] / n)
 
+    def search_curves(self, inputs, channels=None):
+        """Mass of the b most recent visible keys, b = index + 1."""
+        probs, span = inputs.probs, min(inputs.size, inputs.n)
+        behind = inputs.pos[:, None] - torch.arange(span)[None, :]          # (dq, span): b-th newest key
+        newest = probs.gather(-1, behind.clamp(min=0).expand(*probs.shape[:2], span))
+        window = torch.where(behind >= 0, newest, 0.0)
+        return {("last_k",): inputs.extend(window.cumsum(-1).mean(1), inputs.size)}
+
     def search_recall(self, curves, params, n):
-        # a window of the last keys is streaming with the smallest profiled sink, less that sink
-        return curve_at(curves["streaming"][min(curves["streaming"])], params["budget"])
+        return curve_at(curves["last_k"], params["budget"])
 
     def search_combine(self, points, channel_list):
         if not fixed_size_ok({L: p["budget"] for L, p in points.items()}):
@@ -187,7 +194,7 @@ def _flat_curves(heads: int, length: int) -> dict:
     half = length // 2
     ones = torch.ones(heads, half, dtype=torch.float64)
     return {"token_select": ones, "quest": ones[:, : half // QUEST_PAGE],
-            "streaming": {s: ones for s in STREAMING_SINKS}}
+            "streaming": {s: ones for s in STREAMING_SINKS}, "last_k": ones}
 
 
 def test_search_and_report_list_the_toy_methods(toys):
@@ -203,6 +210,18 @@ def test_search_and_report_list_the_toy_methods(toys):
     choice = choose_decode(curves, [0, 1], 64, SearchSettings(), None)
     assert (choice.pattern, choice.params) == ("last_k", {"budget": 16})
     assert choice.rule("decode").key() == make_rule("last_k", {"budget": 16}, "decode").key()
+
+    # its curve comes from its own hook: attention on the 3 newest keys is all kept from budget 3 on
+    from sparse_infer.profiler.decode import CurveInputs, curve_entries
+
+    n, dq = 100, 4
+    probs = torch.zeros(2, dq, n)
+    pos = torch.arange(n - dq, n)
+    for i, p in enumerate(pos.tolist()):
+        probs[:, i, p - 2: p + 1] = 1 / 3
+    entries = curve_entries(CurveInputs(probs, pos, torch.randn(2, dq, 8), torch.randn(1, n, 8), scaling=1.0))
+    assert {("token_select",), ("quest",), ("last_k",)} <= set(entries)
+    torch.testing.assert_close(entries[("last_k",)][:, :4], torch.tensor([[1 / 3, 2 / 3, 1.0, 1.0]] * 2))
 
     assert short_labels()["last_k"] == "last" and short_labels()["recent_blocks"] == "recent"
     assert decode_rule_density(make_rule("last_k", {"budget": 64}, "decode"), 256) == 0.25

@@ -215,3 +215,9 @@ class BudgetedSelector(DecodeSelector):
 
     def search_recall(self, curves, params, n):
         return curve_at(curves[self.name], resolve(params["budget"], n))
+
+    def ranked_curve(self, inputs, scores) -> dict:
+        """The curve of keeping the `b` best rankable keys by `scores` (None: the true attention),
+        plus the always-kept keys' mass."""
+        curve = inputs.ranked_curve(inputs.probs, scores, inputs.rankable, inputs.size)
+        return {(self.name,): curve + inputs.base_mass[:, None]}

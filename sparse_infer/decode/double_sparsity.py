@@ -147,6 +147,20 @@ class DoubleSparsity(BudgetedSelector):
     def select(self, inp, rule, state):
         return select(inp, rule, state)
 
+    search_needs_channels = True
+
+    def search_curves(self, inputs, channels=None):
+        """Keys ranked by q.k over `channels` (Hq, r) only; when shared, by the group's soft vote (the
+        heads of a group then have the same channels, as one label cache per kv head serves them)."""
+        hq, dq, n = inputs.probs.shape
+        k = inputs.key.float().repeat_interleave(inputs.groups, 0)                # (Hq, n, D)
+        qc = inputs.query.float().gather(-1, channels[:, None, :].expand(hq, dq, -1))
+        kc = k.gather(-1, channels[:, None, :].expand(hq, n, -1))
+        approx = qc @ kc.transpose(-1, -2)
+        if inputs.shared:
+            approx = inputs.group_vote(approx * inputs.scaling, inputs.visible.expand(hq, -1, -1), inputs.groups)
+        return self.ranked_curve(inputs, approx)
+
     def search_available(self, channel_list):
         return channel_list is not None         # needs the profiler's calibrated channels
 

@@ -170,6 +170,28 @@ class Quest(BudgetedSelector):
         return min(1.0, 1 / params["page"] + (math.ceil(resolve(params["budget"], n) / params["page"])
                                               * params["page"] + SELECTOR_SINK + SELECTOR_LOCAL) / n)
 
+    def search_curves(self, inputs, channels=None):
+        """Pages ranked by their upper bound from per-page channel min/max (QUEST_PAGE pages)."""
+        probs, key, rankable = inputs.probs, inputs.key, inputs.rankable
+        hq, dq, n = probs.shape
+        page = QUEST_PAGE
+        npages = math.ceil(n / page)
+        kpad = torch.nn.functional.pad(key.float(), (0, 0, 0, npages * page - n), value=float("nan"))
+        kpages = kpad.view(key.shape[0], npages, page, -1)
+        kmax = kpages.nan_to_num(float("-inf")).amax(2).repeat_interleave(inputs.groups, 0)
+        kmin = kpages.nan_to_num(float("inf")).amin(2).repeat_interleave(inputs.groups, 0)
+        q = inputs.query.float()
+        bound = q.clamp(min=0) @ kmax.transpose(-1, -2) + q.clamp(max=0) @ kmin.transpose(-1, -2)
+        # as in select: a page competes only if it holds a key that is neither forced (sink/local)
+        # nor in the future
+        page_ok = torch.nn.functional.pad(rankable, (0, npages * page - n)).view(dq, npages, page).any(-1)
+        if inputs.shared:
+            bound = inputs.group_vote(bound * inputs.scaling, page_ok, inputs.groups)
+        page_mass = torch.nn.functional.pad(torch.where(rankable, probs, 0.0), (0, npages * page - n))
+        page_mass = page_mass.view(hq, dq, npages, page).sum(-1)
+        curve = inputs.ranked_curve(page_mass, bound, page_ok.expand(hq, -1, -1), math.ceil(inputs.size / page))
+        return {("quest",): curve + inputs.base_mass[:, None]}
+
     def search_recall(self, curves, params, n):
         return curve_at(curves["quest"], math.ceil(resolve(params["budget"], n) / params["page"]))
 

@@ -118,6 +118,10 @@ class TokenSelect(BudgetedSelector):
     def select(self, inp, rule, state):
         return select(inp, rule, state)
 
+    def search_curves(self, inputs, channels=None):
+        # the scores are exact, so the ranking is the true attention (summed per group when shared)
+        return self.ranked_curve(inputs, inputs.group_sum(inputs.probs, inputs.groups) if inputs.shared else None)
+
     def search_cost(self, params, n, head_dim, channels):
         # scores every key (reads all of K), then reads V of the chosen ones
         return min(1.0, 0.5 + (resolve(params["budget"], n) + SELECTOR_SINK + SELECTOR_LOCAL) / (2 * n))
