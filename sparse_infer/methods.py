@@ -154,7 +154,7 @@ class DecodeSelector(Method):
 
     def search_combine(self, points: dict[int, dict], channel_list) -> dict | None:
         """One rule's params from the cheapest passing params per length, or None to reject."""
-        return {"budget": combine_budget({L: p["budget"] for L, p in points.items()})}
+        raise NotImplementedError
 
     # ---- report hook
     def density(self, rule, n: int) -> float:
@@ -170,7 +170,9 @@ _TABLES = {"prefill": PREFILL_PATTERNS, "decode": DECODE_SELECTORS}
 def register(cls):
     """Class decorator: register one instance of a PrefillPattern or DecodeSelector subclass."""
     table = _TABLES[cls.section]
-    if cls.name == DENSE or cls.name in table:
+    if cls.name == DENSE:
+        raise ValueError(f"{DENSE!r} is the plan's name for no method; pick another name")
+    if cls.name in table:
         raise ValueError(f"{cls.section} method {cls.name!r} is already registered")
     table[cls.name] = cls()
     return cls

@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from sparse_infer.methods import DecodeSelector, Param, curve_at, pow2_grid, resolve
+from sparse_infer.methods import DecodeSelector, Param, combine_budget, curve_at, pow2_grid, resolve
 from sparse_infer.params import nonneg_int, parse_budget
 
 NEG_INF = float("-inf")
@@ -215,6 +215,9 @@ class BudgetedSelector(DecodeSelector):
 
     def search_recall(self, curves, params, n):
         return curve_at(curves[self.name], resolve(params["budget"], n))
+
+    def search_combine(self, points, channel_list):
+        return {"budget": combine_budget({L: p["budget"] for L, p in points.items()})}
 
     def ranked_curve(self, inputs, scores) -> dict:
         """The curve of keeping the `b` best rankable keys by `scores` (None: the true attention),

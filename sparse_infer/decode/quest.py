@@ -23,7 +23,7 @@ from sparse_infer.decode.common import (
     NEG_INF, SELECTOR_LOCAL, SELECTOR_SINK, BudgetedSelector, GroupInputs, GrowBuffer, KeyRange, forced_and_eligible,
     vote,
 )
-from sparse_infer.methods import Param, SideState, combine_budget, curve_at, pow2_grid, register, resolve
+from sparse_infer.methods import Param, SideState, curve_at, pow2_grid, register, resolve
 from sparse_infer.params import positive_int
 
 QUEST_PAGE = 16     # the default page, and the page the profiler's recall curves use
@@ -196,4 +196,4 @@ class Quest(BudgetedSelector):
         return curve_at(curves["quest"], math.ceil(resolve(params["budget"], n) / params["page"]))
 
     def search_combine(self, points, channel_list):
-        return {"page": QUEST_PAGE, "budget": combine_budget({L: p["budget"] for L, p in points.items()})}
+        return {"page": QUEST_PAGE, **super().search_combine(points, channel_list)}
