@@ -60,11 +60,10 @@ def _timed(fn):
 
 
 def plan_layers(path: str, plan_name: str, thresholds: str, threads: str = "1"):
-    import sparse_infer.patches.attention as attention
-    import sparse_infer.prefill as prefill
+    import sparse_infer.prefill.dispatch as prefill_dispatch
     from sparse_infer.bench.layer import layer_runtime
     from sparse_infer.bench.prefill import named_plans
-    from sparse_infer.patches.attention import sparse_prefill
+    from sparse_infer.prefill.dispatch import sparse_prefill
 
     torch.set_num_threads(int(threads))
     saved = torch.load(path)
@@ -84,8 +83,8 @@ def plan_layers(path: str, plan_name: str, thresholds: str, threads: str = "1"):
                 spent[name] = spent.get(name, 0.0) + time.perf_counter() - t0
         setattr(module, name, wrapped)
 
-    account(prefill, "build_index")
-    account(attention, "_dense_subset")
+    account(prefill_dispatch, "build_index")
+    account(prefill_dispatch, "_dense_subset")
     import sparse_infer.kernels.dispatch as kernels
     account(kernels, "block_sparse_attention")
     for layer, (q, k, v) in saved.items():

@@ -1,4 +1,8 @@
-"""The per-head plan: schema (version 1), YAML load/save, validation, budgets and presets.
+"""The per-head plan: schema (version 1), YAML load/save, validation and presets.
+
+The rule schema is generated from the method registry (sparse_infer.methods): a rule's
+`pattern` / `method` names a registered class, whose `params` give the keys, parsers and
+defaults and whose check hooks hold the cross-field checks.
 
 Every error is a PlanError whose message starts with the YAML path of the bad
 field (e.g. ``prefill.layers.7.3.vertical``) and says what was expected.
@@ -7,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -16,13 +19,21 @@ from typing import Any, Mapping
 
 import yaml
 
+# the built-in methods register themselves when their packages are imported
+import sparse_infer.decode  # noqa: F401
+import sparse_infer.prefill  # noqa: F401
+from sparse_infer.methods import DENSE, REQUIRED, methods_of
+from sparse_infer.params import (  # noqa: F401 - re-exported: the names' old home
+    MAX_COUNT, Budget, PlanError, bounded, count_error, is_int, nonneg_int, parse_budget, positive_int,
+)
+
+# the old private names, used throughout this module
+_is_int, _count_error, _pos_int, _nonneg_int = is_int, count_error, positive_int, nonneg_int
+
 PLAN_VERSION = 1
 # shipped plans are package data, so they exist in a wheel install as in a checkout
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 PRESETS = ("dense", "a_shape", "vertical_slash", "block")
-# Every token or block count in a plan is at most this: far above any model's context, far
-# below where index arithmetic overflows int64 or a budget-sized tensor exhausts memory.
-MAX_COUNT = 1 << 24
 # The executors build (block_size x block_size) tiles per head: 1024 keeps one tile at 4 MiB,
 # where 65536 asked for tens of GiB even for a short prompt.
 MAX_BLOCK_SIZE = 1024
@@ -30,206 +41,6 @@ MAX_BLOCK_SIZE = 1024
 MAX_NESTING = 64
 # The last top-level key of every plan file sparse_infer writes: a file cut short lacks it.
 COMPLETE_KEY = "complete"
-
-
-class PlanError(ValueError):
-    """A plan that cannot be used, with the YAML path of the offending field."""
-
-    def __init__(self, path: str, message: str):
-        self.path = path
-        super().__init__(f"{path}: {message}" if path else message)
-
-
-# --------------------------------------------------------------------------- budgets
-@dataclass(frozen=True)
-class Budget:
-    """A token count, fixed or growing with the sequence length: clamp(ceil(frac*n), min, max)."""
-
-    fixed: int | None = None
-    frac: float | None = None
-    min: int | None = None
-    max: int | None = None
-
-    def resolve(self, n: int) -> int:
-        if self.fixed is not None:
-            return self.fixed
-        value = math.ceil(self.frac * n)
-        if self.min is not None:
-            value = max(value, self.min)
-        if self.max is not None:
-            value = min(value, self.max)
-        return max(value, 1)
-
-    def to_yaml(self):
-        if self.fixed is not None:
-            return self.fixed
-        out = {"frac": self.frac}
-        if self.min is not None:
-            out["min"] = self.min
-        if self.max is not None:
-            out["max"] = self.max
-        return out
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _looks_numeric(value) -> bool:
-    """'1e21' in YAML is a string (YAML floats need a dot): say so rather than 'got a string'."""
-    if not isinstance(value, str):
-        return False
-    try:
-        float(value)
-    except ValueError:
-        return False
-    return True
-
-
-def _count_error(path: str, value, what: str) -> PlanError:
-    if isinstance(value, float) or _looks_numeric(value):
-        return PlanError(path, f"must be {what} written as an integer (at most {MAX_COUNT}), got {value!r}")
-    return PlanError(path, f"must be {what}, got {value!r}")
-
-
-def _bounded(value: int, path: str) -> int:
-    if value > MAX_COUNT:
-        raise PlanError(path, f"{value} is beyond the maximum of {MAX_COUNT} (2**24) tokens or blocks")
-    return value
-
-
-def parse_budget(value, path: str) -> Budget:
-    if _is_int(value):
-        if value <= 0:
-            raise PlanError(path, f"budget must be a positive token count, got {value}")
-        return Budget(fixed=_bounded(value, path))
-    if isinstance(value, Mapping):
-        unknown = set(value) - {"frac", "min", "max"}
-        if unknown:
-            raise PlanError(f"{path}.{sorted(unknown)[0]}", "unknown key; a budget takes frac, min, max")
-        if "frac" not in value:
-            raise PlanError(f"{path}.frac", "missing; a budget mapping needs frac in (0, 1]")
-        frac = value["frac"]
-        if not isinstance(frac, (int, float)) or isinstance(frac, bool) or not 0 < frac <= 1:
-            raise PlanError(f"{path}.frac", f"must be a number in (0, 1], got {frac!r}")
-        bounds = {}
-        for key in ("min", "max"):
-            if key in value:
-                if not _is_int(value[key]) or value[key] <= 0:
-                    raise _count_error(f"{path}.{key}", value[key], "a positive integer")
-                bounds[key] = _bounded(value[key], f"{path}.{key}")
-        if "min" in bounds and "max" in bounds and bounds["min"] > bounds["max"]:
-            raise PlanError(f"{path}.min", f"min ({bounds['min']}) exceeds max ({bounds['max']})")
-        return Budget(frac=float(frac), **bounds)
-    if isinstance(value, float) or _looks_numeric(value):
-        raise PlanError(path, f"budget must be a positive integer (at most {MAX_COUNT}) or {{frac, min, max}}, "
-                              f"got {value!r}")
-    raise PlanError(path, f"budget must be a positive integer or {{frac, min, max}}, got {value!r}")
-
-
-# --------------------------------------------------------------------------- field kinds
-def _pos_int(value, path):
-    if not _is_int(value) or value <= 0:
-        raise _count_error(path, value, "a positive integer")
-    return _bounded(value, path)
-
-
-def _nonneg_int(value, path):
-    if not _is_int(value) or value < 0:
-        raise _count_error(path, value, "a non-negative integer")
-    return _bounded(value, path)
-
-
-def _fraction(value, path):
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 1:
-        raise PlanError(path, f"must be a number in (0, 1], got {value!r}")
-    return float(value)
-
-
-def _reuse(value, path):
-    if value is None or value is False:
-        return None
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not -1 <= value <= 1:
-        raise PlanError(path, f"must be a cosine-similarity threshold in [-1, 1] or null, got {value!r}")
-    return float(value)
-
-
-def _channels(value, path):
-    if _is_int(value):
-        return _pos_int(value, path)
-    if isinstance(value, list) and value and all(_is_int(c) and c >= 0 for c in value):
-        for i, c in enumerate(value):
-            _bounded(c, f"{path}.{i}")
-        if len(set(value)) != len(value):
-            raise PlanError(path, "channel indices must be distinct")
-        return list(value)
-    raise PlanError(path, f"must be a channel count or a non-empty list of channel indices, got {value!r}")
-
-
-def _distance(value, path):
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
-        raise PlanError(path, f"must be a Jensen-Shannon distance in [0, 1], got {value!r}")
-    return float(value)
-
-
-def _estimator(value, path):
-    if value not in ("pooled", "antidiagonal"):
-        raise PlanError(path, f"must be 'pooled' or 'antidiagonal', got {value!r}")
-    return value
-
-
-# name -> (parser, default); a default of REQUIRED means the key must be given
-REQUIRED = object()
-PREFILL_PATTERNS: dict[str, dict[str, tuple]] = {
-    "dense": {},
-    "a_shape": {"sink": (_pos_int, 128), "local": (_pos_int, 1024),
-                "dense_tail": (_nonneg_int, 0)},  # last rows of the call see every key
-    "vertical_slash": {
-        "vertical": (parse_budget, REQUIRED),
-        "slash": (parse_budget, REQUIRED),
-        "last_q": (_pos_int, 64),
-        "sink": (_nonneg_int, 64),    # first columns always kept
-        "local": (_nonneg_int, 64),   # nearest diagonals always kept
-        "dense_tail": (_nonneg_int, 0),    # last rows of the call see every key
-    },
-    "block": {
-        "top_k": (parse_budget, None),     # number of kv blocks per query block
-        "coverage": (_fraction, None),     # or: smallest set reaching this estimated mass
-        "estimator": (_estimator, "pooled"),
-        "stride": (_pos_int, 8),           # antidiagonal stride
-        "dense_tail": (_nonneg_int, 0),    # last rows of the call see every key
-    },
-    "adaptive": {
-        "gamma": (_fraction, 0.9),         # attention mass each head keeps, per input
-        "tau": (_distance, 0.1),           # below: query-aware blocks; above: vertical-slash
-        "last_q": (_pos_int, 64),
-        "sink": (_nonneg_int, 64),
-        "local": (_nonneg_int, 64),
-        "dense_tail": (_nonneg_int, 0),
-    },
-}
-DECODE_METHODS: dict[str, dict[str, tuple]] = {
-    "dense": {},
-    "streaming": {"sink": (_pos_int, 128), "local": (_pos_int, 1024)},
-    "token_select": {
-        "budget": (parse_budget, REQUIRED),
-        "sink": (_nonneg_int, 16),
-        "local": (_nonneg_int, 64),
-        "reuse": (_reuse, None),
-    },
-    "double_sparsity": {
-        "channels": (_channels, 16),
-        "budget": (parse_budget, REQUIRED),
-        "sink": (_nonneg_int, 16),
-        "local": (_nonneg_int, 64),
-    },
-    "quest": {
-        "page": (_pos_int, 16),
-        "budget": (parse_budget, REQUIRED),
-        "sink": (_nonneg_int, 16),
-        "local": (_nonneg_int, 64),
-    },
-}
 
 
 @dataclass(frozen=True)
@@ -258,8 +69,14 @@ class Rule:
         return out
 
 
+def schema(section: str) -> dict[str, dict]:
+    """{name: {key: Param}} of a section: dense (no parameters) and every registered method."""
+    return {DENSE: {}, **{name: method.params for name, method in methods_of(section).items()}}
+
+
 def parse_rule(raw, path: str, section: str) -> Rule:
-    name_key, table = ("pattern", PREFILL_PATTERNS) if section == "prefill" else ("method", DECODE_METHODS)
+    name_key = "pattern" if section == "prefill" else "method"
+    table = schema(section)
     if not isinstance(raw, Mapping):
         raise PlanError(path, f"must be a mapping with a '{name_key}' key, got {raw!r}")
     if name_key not in raw:
@@ -275,17 +92,15 @@ def parse_rule(raw, path: str, section: str) -> Rule:
         if key not in spec:
             allowed = ", ".join(spec) or "no parameters"
             raise PlanError(f"{path}.{key}", f"unknown key for {name_key} {kind!r}; allowed: {allowed}")
-        parser, _ = spec[key]
-        params[key] = parser(value, f"{path}.{key}")
+        params[key] = spec[key].parse(value, f"{path}.{key}")
         explicit.append(key)
-    for key, (_, default) in spec.items():
+    for key, param in spec.items():
         if key not in params:
-            if default is REQUIRED:
+            if param.default is REQUIRED:
                 raise PlanError(f"{path}.{key}", f"missing; {name_key} {kind!r} requires it")
-            params[key] = default
-    if kind == "block":
-        if (params["top_k"] is None) == (params["coverage"] is None):
-            raise PlanError(path, "pattern 'block' needs exactly one of top_k or coverage")
+            params[key] = param.default
+    if kind != DENSE:
+        methods_of(section)[kind].check(params, path)
     return Rule(kind, params, tuple(explicit))
 
 
@@ -450,9 +265,8 @@ def _parse_section(raw, name: str) -> Section:
         layers[layer] = entry
     section = Section(name, min_len, default, layers, block_size, granularity)
     for rpath, rule in _section_rules(section):
-        if rule.kind == "block" and rule.estimator == "antidiagonal" and block_size % rule.stride:
-            raise PlanError(f"{rpath}.stride", f"the antidiagonal stride {rule.stride} must divide "
-                                               f"prefill.block_size {block_size}")
+        if rule.kind != DENSE:
+            methods_of(name)[rule.kind].check_section(rule, rpath, section)
     return section
 
 
@@ -465,19 +279,12 @@ def _section_rules(section: Section):
 
 
 def _check_channels(section: Section, head_dim: int | None, where: str) -> None:
-    """Double Sparsity reads `channels` of each key: a count or indices within head_dim."""
+    """Checks of each rule against the model's head_dim (e.g. Double Sparsity's `channels`)."""
     if not head_dim:
         return
     for rpath, rule in _section_rules(section):
-        chans = rule.params.get("channels")
-        if chans is None:
-            continue
-        if isinstance(chans, list):
-            if max(chans) >= head_dim:
-                raise PlanError(f"{rpath}.channels", f"channel index {max(chans)} out of range: {where} is "
-                                                     f"{head_dim}")
-        elif chans > head_dim:
-            raise PlanError(f"{rpath}.channels", f"{chans} channels exceed {where} {head_dim}")
+        if rule.kind != DENSE:
+            methods_of(section.name)[rule.kind].check_head_dim(rule, rpath, head_dim, where)
 
 
 def plan_from_dict(raw: Mapping, source: str | None = None) -> Plan:

@@ -14,9 +14,7 @@ import torch
 
 from sparse_infer.bench.patching import patched
 from sparse_infer.bench.timing import synchronize
-
-# the decode methods a plan can name, each of which decode_method_plan turns into a plan
-DECODE_METHODS = ("quest", "double_sparsity", "token_select", "streaming")
+from sparse_infer.methods import DECODE_SELECTORS
 
 
 def _load(model_spec):
@@ -59,7 +57,8 @@ def decode_method_plan(method: str, budget: int = 2048) -> dict:
     """A whole-model plan for the end-to-end decode benches: prefill dense, every layer but
     layer 0 decoding with `method` (streaming keeps its default sink + window, the others
     read `budget` tokens), from the first step (min_kv_len 0)."""
-    rule = {"method": method} if method == "streaming" else {"method": method, "budget": budget}
+    takes_budget = method in DECODE_SELECTORS and "budget" in DECODE_SELECTORS[method].params
+    rule = {"method": method, "budget": budget} if takes_budget else {"method": method}
     return {"sparse_infer_plan": 1, "prefill": {"min_seq_len": 1 << 30},
             "decode": {"min_kv_len": 0, "default": rule, "layers": {0: {"*": {"method": "dense"}}}}}
 
@@ -67,7 +66,7 @@ def decode_method_plan(method: str, budget: int = 2048) -> dict:
 def method_or_plan(name: str, budget: int = 2048):
     """A decode method name as decode_method_plan's plan (one method for every layer but
     layer 0); any other name (shipped plan, preset, YAML path) is passed on as it is."""
-    return decode_method_plan(name, budget) if name in DECODE_METHODS else name
+    return decode_method_plan(name, budget) if name in DECODE_SELECTORS else name
 
 
 def split_backend(spec: str) -> tuple[str, str]:

@@ -32,7 +32,7 @@ def layer_runtime(plan, layer_idx: int, num_heads: int, num_kv_heads: int, *, ba
     its heads already grouped by rule. No dense fallback function: the benchmarks time the
     sparse paths and call dense attention themselves. `dense_above` may be changed on the
     returned runtime between calls."""
-    from sparse_infer.patches.attention import LayerRuntime, group_heads
+    from sparse_infer.runtime import LayerRuntime, group_heads
 
     runtime = LayerRuntime(plan=plan, layer_idx=layer_idx, num_heads=num_heads, num_kv_heads=num_kv_heads,
                            dense_fn=None, dense_mask="bool", backend=backend, dense_above=dense_above)
@@ -44,12 +44,12 @@ def layer_runtime(plan, layer_idx: int, num_heads: int, num_kv_heads: int, *, ba
 def decode_counters(runtime, group: int = 0) -> dict:
     """A copy of a decode rule group's counters (e.g. TokenSelect's reuses and full_scorings);
     empty before its first step."""
-    return dict(runtime.decode_state.get("groups", {}).get(group, {}).get("counters", {}))
+    return dict(getattr(runtime.decode_state.groups.get(group), "counters", {}))
 
 
 def label_channels(runtime, group: int = 0) -> int:
     """How many channels Double Sparsity's label cache keeps for a decode rule group."""
-    return int(runtime.decode_state["groups"][group]["channels"].shape[-1])
+    return int(runtime.decode_state.groups[group].channels.shape[-1])
 
 
 def parse_dense_above(text: str) -> float | str:

@@ -8,11 +8,19 @@ n kv length. Index lists are int64 (B, Hi, K), -1 = unused slot (the executor co
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
+from sparse_infer.methods import DecodeSelector, Param, combine_budget, curve_at, pow2_grid, resolve
+from sparse_infer.params import nonneg_int, parse_budget
+
 NEG_INF = float("-inf")
+# the always-kept tokens of the budgeted selectors by default; the profiler's recall curves
+# assume them (sparse_infer.profiler.decode)
+SELECTOR_SINK = 16
+SELECTOR_LOCAL = 64
 
 
 @dataclass
@@ -181,3 +189,38 @@ def grouped_dense_decode(query, key, value, mask, scaling, softcap):
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)
     out = torch.matmul(p.to(value.dtype), value)                       # (B, hk, G, Dv)
     return out.view(B, h, 1, value.shape[-1]).to(query.dtype)
+
+
+class BudgetedSelector(DecodeSelector):
+    """A selector keeping the first `sink` and last `local` valid keys plus `budget` chosen ones;
+    the profiler reads its recall from the curve named like the method."""
+
+    # the parameters every budgeted selector takes (a subclass adds its own around them)
+    budget_params: ClassVar[dict[str, Param]] = {
+        "budget": Param(parse_budget),
+        "sink": Param(nonneg_int, SELECTOR_SINK),
+        "local": Param(nonneg_int, SELECTOR_LOCAL),
+    }
+
+    def selected_budget(self, rule, n: int) -> int:
+        """Tokens the `budget` of a rule selects at length n (a selector choosing whole pages rounds up)."""
+        return rule.params["budget"].resolve(n)
+
+    def expected_rows(self, rule, n):
+        return min(n, self.selected_budget(rule, n) + rule.params["sink"] + rule.params["local"])
+
+    def search_grid(self, n):
+        half = max(n // 2, 64)              # the recall curves stop at half the cache (layer.curve_size)
+        return [{"budget": b} for b in pow2_grid(16, half)]
+
+    def search_recall(self, curves, params, n):
+        return curve_at(curves[self.name], resolve(params["budget"], n))
+
+    def search_combine(self, points, channel_list):
+        return {"budget": combine_budget({L: p["budget"] for L, p in points.items()})}
+
+    def ranked_curve(self, inputs, scores) -> dict:
+        """The curve of keeping the `b` best rankable keys by `scores` (None: the true attention),
+        plus the always-kept keys' mass."""
+        curve = inputs.ranked_curve(inputs.probs, scores, inputs.rankable, inputs.size)
+        return {(self.name,): curve + inputs.base_mass[:, None]}

@@ -16,9 +16,21 @@ and the local window), with approximate scores.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from sparse_infer.decode.common import GroupInputs, GrowBuffer, forced_and_eligible, top_tokens, vote
+from sparse_infer.decode.common import (
+    SELECTOR_LOCAL, SELECTOR_SINK, BudgetedSelector, GroupInputs, GrowBuffer, forced_and_eligible, top_tokens, vote,
+)
+from sparse_infer.methods import Param, SideState, register, resolve
+from sparse_infer.params import PlanError, bounded, is_int, positive_int
+
+
+@dataclass
+class LabelCacheState(SideState):
+    channels: torch.Tensor | None = None    # (B, hk, r) label channels of the sequence
+    labels: GrowBuffer | None = None        # (B, hk, n, r) those channels of every cached key
 
 
 def choose_channels(query: torch.Tensor, key: torch.Tensor, valid: torch.Tensor | None, r: int) -> torch.Tensor:
@@ -44,19 +56,19 @@ def labels_of(key: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
     return key.gather(-1, channels[:, :, None, :].expand(B, hk, m, -1))
 
 
-def update_label_cache(inp: GroupInputs, rule, state: dict) -> GrowBuffer:
+def update_label_cache(inp: GroupInputs, rule, state: LabelCacheState) -> GrowBuffer:
     """Rebuild the label cache from the full K for a new sequence, else append this step's keys."""
-    cache: GrowBuffer | None = state.get("labels")
+    cache = state.labels
     n = inp.n
     if inp.fresh or cache is None or cache.length >= n:
         if isinstance(rule.channels, int):
             channels = choose_channels(inp.query, inp.key, inp.valid, rule.channels)
         else:
             channels = torch.tensor(rule.channels, device=inp.key.device).expand(*inp.key.shape[:2], -1)
-        state["channels"] = channels.contiguous()
-        cache = state["labels"] = GrowBuffer(labels_of(inp.key, state["channels"]))
+        state.channels = channels.contiguous()
+        cache = state.labels = GrowBuffer(labels_of(inp.key, state.channels))
     else:
-        cache.append(labels_of(inp.key[:, :, cache.length: n], state["channels"]))
+        cache.append(labels_of(inp.key[:, :, cache.length: n], state.channels))
     return cache
 
 
@@ -70,32 +82,91 @@ def approximate_scores(query: torch.Tensor, labels: torch.Tensor, channels: torc
     return torch.matmul(q_lab, labels.transpose(-1, -2)).float()             # cache dtype: no fp32 copy
 
 
-def select(inp: GroupInputs, rule, state: dict) -> torch.Tensor:
+def select(inp: GroupInputs, rule, state: LabelCacheState) -> torch.Tensor:
     cache = update_label_cache(inp, rule, state)
     forced, eligible = forced_and_eligible(inp, rule.sink, rule.local)
-    scores = vote(approximate_scores(inp.query, cache.view(), state["channels"], inp.scaling), inp.valid,
+    scores = vote(approximate_scores(inp.query, cache.view(), state.channels, inp.scaling), inp.valid,
                   inp.per_head)
     picked = top_tokens(scores, eligible, rule.budget.resolve(inp.n))
     return torch.cat([forced.expand(*picked.shape[:2], -1), picked], dim=-1)
 
 
-def select_and_attend_cpu(inp: GroupInputs, rule, state: dict, value: torch.Tensor):
+def select_and_attend_cpu(inp: GroupInputs, rule, state: LabelCacheState, value: torch.Tensor):
     """select() and the attention over its choice in one C call (sparse_infer.kernels.cpu_decode),
     for a step with no mask; the C call also writes this step's label rows. Returns (out
     (B, h, 1, D), keys read per index row (B, Hi))."""
     from sparse_infer.kernels.cpu_decode import double_sparsity_decode_cpu
 
     n = inp.n
-    cache: GrowBuffer | None = state.get("labels")
+    cache = state.labels
     if inp.fresh or cache is None or cache.length >= n:
         cache = update_label_cache(inp, rule, state)          # a new sequence: labels from the whole K
         held = n
     else:
         held = cache.length
         cache.ensure(n)                                       # rows [held, n) are written by the call
-    result = double_sparsity_decode_cpu(inp.query, inp.key, value, cache.data[:, :, :n], state["channels"],
+    result = double_sparsity_decode_cpu(inp.query, inp.key, value, cache.data[:, :, :n], state.channels,
                                         sink=rule.sink, local=rule.local, budget=rule.budget.resolve(n),
                                         scaling=inp.scaling, softcap=inp.softcap, index_heads=inp.index_heads,
                                         fold_from=held)
     cache.length = n
     return result
+
+
+def _channels(value, path):
+    if is_int(value):
+        return positive_int(value, path)
+    if isinstance(value, list) and value and all(is_int(c) and c >= 0 for c in value):
+        for i, c in enumerate(value):
+            bounded(c, f"{path}.{i}")
+        if len(set(value)) != len(value):
+            raise PlanError(path, "channel indices must be distinct")
+        return list(value)
+    raise PlanError(path, f"must be a channel count or a non-empty list of channel indices, got {value!r}")
+
+
+@register
+class DoubleSparsity(BudgetedSelector):
+    name = "double_sparsity"
+    label = "DS"
+    params = {"channels": Param(_channels, 16), **BudgetedSelector.budget_params}
+    State = LabelCacheState
+    select_and_attend_cpu = staticmethod(select_and_attend_cpu)
+    search_priority = 3
+
+    def check_head_dim(self, rule, path, head_dim, where):
+        """The channels read of each key: a count or indices within head_dim."""
+        chans = rule.channels
+        if isinstance(chans, list):
+            if max(chans) >= head_dim:
+                raise PlanError(f"{path}.channels", f"channel index {max(chans)} out of range: {where} is "
+                                                    f"{head_dim}")
+        elif chans > head_dim:
+            raise PlanError(f"{path}.channels", f"{chans} channels exceed {where} {head_dim}")
+
+    def select(self, inp, rule, state):
+        return select(inp, rule, state)
+
+    search_needs_channels = True
+
+    def search_curves(self, inputs, channels=None):
+        """Keys ranked by q.k over `channels` (Hq, r) only; when shared, by the group's soft vote (the
+        heads of a group then have the same channels, as one label cache per kv head serves them)."""
+        hq, dq, n = inputs.probs.shape
+        k = inputs.key.float().repeat_interleave(inputs.groups, 0)                # (Hq, n, D)
+        qc = inputs.query.float().gather(-1, channels[:, None, :].expand(hq, dq, -1))
+        kc = k.gather(-1, channels[:, None, :].expand(hq, n, -1))
+        approx = qc @ kc.transpose(-1, -2)
+        if inputs.shared:
+            approx = inputs.group_vote(approx * inputs.scaling, inputs.visible.expand(hq, -1, -1), inputs.groups)
+        return self.ranked_curve(inputs, approx)
+
+    def search_available(self, channel_list):
+        return channel_list is not None         # needs the profiler's calibrated channels
+
+    def search_cost(self, params, n, head_dim, channels):
+        # reads `channels` of D of every key (label cache), then K/V of the chosen keys
+        return min(1.0, channels / (2 * head_dim) + (resolve(params["budget"], n) + SELECTOR_SINK + SELECTOR_LOCAL) / n)
+
+    def search_combine(self, points, channel_list):
+        return {"channels": list(channel_list), **super().search_combine(points, channel_list)}

@@ -14,9 +14,26 @@ key into the last, partial page, or opens a new page.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 
-from sparse_infer.decode.common import NEG_INF, GroupInputs, GrowBuffer, KeyRange, forced_and_eligible, vote
+from sparse_infer.decode.common import (
+    NEG_INF, SELECTOR_LOCAL, SELECTOR_SINK, BudgetedSelector, GroupInputs, GrowBuffer, KeyRange, forced_and_eligible,
+    vote,
+)
+from sparse_infer.methods import Param, SideState, curve_at, pow2_grid, register, resolve
+from sparse_infer.params import positive_int
+
+QUEST_PAGE = 16     # the default page, and the page the profiler's recall curves use
+
+
+@dataclass
+class PageBoundsState(SideState):
+    kmin: GrowBuffer | None = None     # (B, hk, pages, D) per-page element-wise key minimum
+    kmax: GrowBuffer | None = None     # ... and maximum
+    n: int | None = None               # kv length the bounds cover
 
 
 def page_bounds_from_keys(key: torch.Tensor, page: int, valid: torch.Tensor | None = None):
@@ -49,19 +66,19 @@ def upper_bounds(query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) ->
             + torch.matmul(q.clamp(max=0), kmin.transpose(-1, -2)).float())
 
 
-def update_bounds(inp: GroupInputs, rule, state: dict):
+def update_bounds(inp: GroupInputs, rule, state: PageBoundsState):
     """Rebuild the page bounds for a new sequence, else fold the new key(s) into the last pages."""
     page, n = rule.page, inp.n
-    held = state.get("n")
+    held = state.n
     if inp.fresh or held is None or held >= n:
         kv_valid = inp.valid
         if kv_valid is not None and kv_valid.shape[1] != inp.key.shape[1]:
             kv_valid = kv_valid.view(kv_valid.shape[0], inp.key.shape[1], -1, n).any(2)
         kmin, kmax = page_bounds_from_keys(inp.key, page, kv_valid)
         # one row per page: grow a few pages at a time
-        state["kmin"], state["kmax"], state["n"] = GrowBuffer(kmin, 8), GrowBuffer(kmax, 8), n
+        state.kmin, state.kmax, state.n = GrowBuffer(kmin, 8), GrowBuffer(kmax, 8), n
         return
-    kmin, kmax = state["kmin"], state["kmax"]
+    kmin, kmax = state.kmin, state.kmax
     for pos in range(held, n):                      # one iteration per decode step
         row = inp.key[:, :, pos: pos + 1]
         p = pos // page
@@ -71,10 +88,10 @@ def update_bounds(inp: GroupInputs, rule, state: dict):
         else:
             torch.minimum(kmin.data[:, :, p: p + 1], row, out=kmin.data[:, :, p: p + 1])
             torch.maximum(kmax.data[:, :, p: p + 1], row, out=kmax.data[:, :, p: p + 1])
-    state["n"] = n
+    state.n = n
 
 
-def select(inp: GroupInputs, rule, state: dict) -> torch.Tensor:
+def select(inp: GroupInputs, rule, state: PageBoundsState) -> torch.Tensor:
     update_bounds(inp, rule, state)
     page, n = rule.page, inp.n
     B, Hi = inp.query.shape[0], inp.index_heads
@@ -87,7 +104,7 @@ def select(inp: GroupInputs, rule, state: dict) -> torch.Tensor:
     else:
         padded = torch.nn.functional.pad(eligible, (0, pages * page - n))
         page_eligible = padded.view(B, Hi, pages, page).any(-1)
-    bounds = upper_bounds(inp.query, state["kmin"].view(), state["kmax"].view()) * inp.scaling
+    bounds = upper_bounds(inp.query, state.kmin.view(), state.kmax.view()) * inp.scaling
     if inp.softcap:
         bounds = inp.softcap * torch.tanh(bounds / inp.softcap)       # monotone: keeps the bound's order
     scores = vote(bounds, page_eligible, inp.per_head)
@@ -104,7 +121,7 @@ def select(inp: GroupInputs, rule, state: dict) -> torch.Tensor:
     return torch.cat([forced.expand(B, Hi, -1), picked], dim=-1)
 
 
-def select_and_attend_cpu(inp: GroupInputs, rule, state: dict, value: torch.Tensor):
+def select_and_attend_cpu(inp: GroupInputs, rule, state: PageBoundsState, value: torch.Tensor):
     """select() and the attention over its choice in one C call (sparse_infer.kernels.cpu_decode),
     for a step with no mask: no index tensors, one pass over the bounds, one over the chosen
     rows. Returns (out (B, h, 1, D), keys read per index row (B, Hi))."""
@@ -112,11 +129,11 @@ def select_and_attend_cpu(inp: GroupInputs, rule, state: dict, value: torch.Tens
 
     page, n = rule.page, inp.n
     pages = -(-n // page)
-    held = state.get("n")
+    held = state.n
     if inp.fresh or held is None or held >= n:
         update_bounds(inp, rule, state)          # a new sequence: bounds from the whole K
         held = n
-    kmin, kmax = state["kmin"], state["kmax"]
+    kmin, kmax = state.kmin, state.kmax
     for bounds in (kmin, kmax):                  # the C call folds keys [held, n) in, new pages too
         bounds.ensure(pages)
     result = quest_decode_cpu(inp.query, inp.key, value, kmin.data[:, :, :pages], kmax.data[:, :, :pages],
@@ -124,5 +141,59 @@ def select_and_attend_cpu(inp: GroupInputs, rule, state: dict, value: torch.Tens
                               scaling=inp.scaling, softcap=inp.softcap, index_heads=inp.index_heads,
                               fold_from=held)
     kmin.length = kmax.length = pages            # only once the new rows are written
-    state["n"] = n
+    state.n = n
     return result
+
+
+@register
+class Quest(BudgetedSelector):
+    name = "quest"
+    label = "quest"
+    params = {"page": Param(positive_int, QUEST_PAGE), **BudgetedSelector.budget_params}
+    State = PageBoundsState
+    select_and_attend_cpu = staticmethod(select_and_attend_cpu)
+    search_priority = 2
+
+    def select(self, inp, rule, state):
+        return select(inp, rule, state)
+
+    def selected_budget(self, rule, n):
+        page = rule.params["page"]
+        return -(-rule.params["budget"].resolve(n) // page) * page     # whole pages
+
+    def search_grid(self, n):
+        half = max(n // 2, 64)              # the recall curves stop at half the cache (layer.curve_size)
+        return [{"page": QUEST_PAGE, "budget": b} for b in pow2_grid(QUEST_PAGE, half)]
+
+    def search_cost(self, params, n, head_dim, channels):
+        # reads per-page min and max keys, then K/V of the chosen pages
+        return min(1.0, 1 / params["page"] + (math.ceil(resolve(params["budget"], n) / params["page"])
+                                              * params["page"] + SELECTOR_SINK + SELECTOR_LOCAL) / n)
+
+    def search_curves(self, inputs, channels=None):
+        """Pages ranked by their upper bound from per-page channel min/max (QUEST_PAGE pages)."""
+        probs, key, rankable = inputs.probs, inputs.key, inputs.rankable
+        hq, dq, n = probs.shape
+        page = QUEST_PAGE
+        npages = math.ceil(n / page)
+        kpad = torch.nn.functional.pad(key.float(), (0, 0, 0, npages * page - n), value=float("nan"))
+        kpages = kpad.view(key.shape[0], npages, page, -1)
+        kmax = kpages.nan_to_num(float("-inf")).amax(2).repeat_interleave(inputs.groups, 0)
+        kmin = kpages.nan_to_num(float("inf")).amin(2).repeat_interleave(inputs.groups, 0)
+        q = inputs.query.float()
+        bound = q.clamp(min=0) @ kmax.transpose(-1, -2) + q.clamp(max=0) @ kmin.transpose(-1, -2)
+        # as in select: a page competes only if it holds a key that is neither forced (sink/local)
+        # nor in the future
+        page_ok = torch.nn.functional.pad(rankable, (0, npages * page - n)).view(dq, npages, page).any(-1)
+        if inputs.shared:
+            bound = inputs.group_vote(bound * inputs.scaling, page_ok, inputs.groups)
+        page_mass = torch.nn.functional.pad(torch.where(rankable, probs, 0.0), (0, npages * page - n))
+        page_mass = page_mass.view(hq, dq, npages, page).sum(-1)
+        curve = inputs.ranked_curve(page_mass, bound, page_ok.expand(hq, -1, -1), math.ceil(inputs.size / page))
+        return {("quest",): curve + inputs.base_mass[:, None]}
+
+    def search_recall(self, curves, params, n):
+        return curve_at(curves["quest"], math.ceil(resolve(params["budget"], n) / params["page"]))
+
+    def search_combine(self, points, channel_list):
+        return {"page": QUEST_PAGE, **super().search_combine(points, channel_list)}

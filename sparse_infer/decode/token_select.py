@@ -11,14 +11,19 @@ direction, and then so is their top-k. When the new query's cosine similarity to
 that made the last selection (mean over the heads of the index head's group) is at least
 the threshold, the old selection plus every token appended since is used instead of
 scoring again. Decisions are per (batch row, index head); the scoring pass is skipped only
-when all of them reuse. Counters: state["counters"]["full_scorings"] / ["reuses"] count
+when all of them reuse. Counters: state.counters["full_scorings"] / ["reuses"] count
 those decisions.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from sparse_infer.decode.common import (
+    SELECTOR_LOCAL,
+    SELECTOR_SINK,
+    BudgetedSelector,
     GroupInputs,
     forced_and_eligible,
     grouped_scores,
@@ -26,6 +31,17 @@ from sparse_infer.decode.common import (
     top_tokens,
     vote,
 )
+from sparse_infer.methods import Param, SideState, register, resolve
+from sparse_infer.params import PlanError
+
+
+@dataclass
+class TokenSelectState(SideState):
+    kept_across_sequences = ("counters",)
+    counters: dict = field(default_factory=lambda: {"full_scorings": 0, "reuses": 0})
+    last_query: torch.Tensor | None = None     # (B, h) fp32 query each index head's selection was made for
+    last_indices: torch.Tensor | None = None   # (B, Hi, K) that selection
+    last_n: torch.Tensor | None = None         # (B, Hi) kv length when it was made
 
 
 def score_and_select(inp: GroupInputs, rule) -> torch.Tensor:
@@ -43,16 +59,15 @@ def _cosine_per_index_head(inp: GroupInputs, previous: torch.Tensor) -> torch.Te
     return cos.view(cos.shape[0], inp.key.shape[1], -1).mean(-1)                     # (B, hk)
 
 
-def select(inp: GroupInputs, rule, state: dict) -> torch.Tensor:
-    counters = state.setdefault("counters", {"full_scorings": 0, "reuses": 0})
+def select(inp: GroupInputs, rule, state: TokenSelectState) -> torch.Tensor:
+    counters = state.counters
     if rule.reuse is None:
         counters["full_scorings"] += inp.query.shape[0] * inp.index_heads
         return score_and_select(inp, rule)
-    last = state.get("last")
-    if inp.fresh or last is None or last["query"].shape != inp.query.shape:
+    if inp.fresh or state.last_query is None or state.last_query.shape != inp.query.shape:
         reuse = torch.zeros(inp.query.shape[0], inp.index_heads, dtype=torch.bool, device=inp.key.device)
     else:
-        reuse = _cosine_per_index_head(inp, last["query"]) >= rule.reuse
+        reuse = _cosine_per_index_head(inp, state.last_query) >= rule.reuse
     n_reuse = int(reuse.sum())
     counters["reuses"] += n_reuse
     counters["full_scorings"] += reuse.numel() - n_reuse
@@ -60,26 +75,53 @@ def select(inp: GroupInputs, rule, state: dict) -> torch.Tensor:
     reused = None
     if n_reuse:
         # old selection + the tokens appended since it was made (all newer than anything in it)
-        since = last["n"]                                                  # (B, Hi)
+        since = state.last_n                                               # (B, Hi)
         width = inp.n - int(since.min())
         newest = torch.arange(inp.n - width, inp.n, device=inp.key.device).expand(*since.shape, -1)
         newest = newest.masked_fill(newest < since[..., None], -1)
-        reused = torch.cat([last["indices"], newest], dim=-1)
+        reused = torch.cat([state.last_indices, newest], dim=-1)
         if n_reuse == reuse.numel():
             return reused
 
     fresh = score_and_select(inp, rule)
     n_now = torch.full(reuse.shape, inp.n, dtype=torch.long, device=inp.key.device)
     if reused is None:
-        state["last"] = {"query": inp.query.float().clone(), "indices": fresh, "n": n_now}
+        state.last_query, state.last_indices, state.last_n = inp.query.float().clone(), fresh, n_now
         return fresh
     # mixed: keep the old selection where it is reused, the new one elsewhere
-    width = max(fresh.shape[-1], reused.shape[-1], last["indices"].shape[-1])
+    width = max(fresh.shape[-1], reused.shape[-1], state.last_indices.shape[-1])
     out = torch.where(reuse[..., None], pad_indices(reused, width), pad_indices(fresh, width))
     qmask = reuse if inp.per_head else reuse.repeat_interleave(inp.groups, dim=1)
-    state["last"] = {
-        "query": torch.where(qmask[..., None], last["query"], inp.query.float()),
-        "indices": torch.where(reuse[..., None], pad_indices(last["indices"], width), pad_indices(fresh, width)),
-        "n": torch.where(reuse, last["n"], n_now),
-    }
+    state.last_query = torch.where(qmask[..., None], state.last_query, inp.query.float())
+    state.last_indices = torch.where(reuse[..., None], pad_indices(state.last_indices, width),
+                                     pad_indices(fresh, width))
+    state.last_n = torch.where(reuse, state.last_n, n_now)
     return out
+
+
+def _reuse(value, path):
+    if value is None or value is False:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not -1 <= value <= 1:
+        raise PlanError(path, f"must be a cosine-similarity threshold in [-1, 1] or null, got {value!r}")
+    return float(value)
+
+
+@register
+class TokenSelect(BudgetedSelector):
+    name = "token_select"
+    label = "tok"
+    params = {**BudgetedSelector.budget_params, "reuse": Param(_reuse, None)}
+    State = TokenSelectState
+    search_priority = 1
+
+    def select(self, inp, rule, state):
+        return select(inp, rule, state)
+
+    def search_curves(self, inputs, channels=None):
+        # the scores are exact, so the ranking is the true attention (summed per group when shared)
+        return self.ranked_curve(inputs, inputs.group_sum(inputs.probs, inputs.groups) if inputs.shared else None)
+
+    def search_cost(self, params, n, head_dim, channels):
+        # scores every key (reads all of K), then reads V of the chosen ones
+        return min(1.0, 0.5 + (resolve(params["budget"], n) + SELECTOR_SINK + SELECTOR_LOCAL) / (2 * n))

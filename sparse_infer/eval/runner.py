@@ -130,7 +130,7 @@ def _attention_stats(model: Any) -> dict[str, float] | None:
     Per-layer detail is dropped: it would dominate results.json.
     """
     try:
-        from sparse_infer.patches.attention import get_stats
+        from sparse_infer.runtime import get_stats
     except (ImportError, AttributeError):
         return None
     stats = get_stats(model)
@@ -140,7 +140,7 @@ def _attention_stats(model: Any) -> dict[str, float] | None:
 
 def _reset_stats(model: Any) -> None:
     try:
-        from sparse_infer.patches.attention import reset_stats
+        from sparse_infer.runtime import reset_stats
     except (ImportError, AttributeError):
         return
     reset_stats(model)

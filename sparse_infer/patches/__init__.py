@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import weakref
 
-from sparse_infer.patches.attention import (
-    IMPLEMENTATION, LayerRuntime, eager_fallback, get_stats, group_heads, reset_stats, runtime_for,
-    set_runtime, sparse_attention_forward,
-)
+from sparse_infer.patches.attention import IMPLEMENTATION, eager_fallback, sparse_attention_forward
 from sparse_infer.plan import Plan, PlanError, load_plan
+from sparse_infer.runtime import LayerRuntime, get_stats, group_heads, reset_stats, runtime_for, set_runtime
 
 _registered = False
 # model -> the attn implementation it had before patching (restored by unpatch). Keyed by the

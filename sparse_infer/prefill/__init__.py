@@ -1,16 +1,11 @@
-"""Prefill patterns: each maps (query, key, rule) to a BlockSparseIndex, never to a result."""
-from sparse_infer.prefill.a_shape import a_shape_index
-from sparse_infer.prefill.adaptive import adaptive_index
-from sparse_infer.prefill.block import block_index
-from sparse_infer.prefill.vertical_slash import vertical_slash_index
+"""Prefill patterns: each maps (query, key, rule) to a BlockSparseIndex, never to a result.
 
-PATTERN_BUILDERS = {
-    "a_shape": a_shape_index,
-    "vertical_slash": vertical_slash_index,
-    "block": block_index,
-    "adaptive": adaptive_index,
-}
+Each pattern is one class registered in sparse_infer.methods (a_shape.py, vertical_slash.py,
+block.py, adaptive.py, imported here in the order plans list them); prefill.dispatch runs a layer's rules.
+"""
+from sparse_infer.methods import PREFILL_PATTERNS
+from sparse_infer.prefill import a_shape, vertical_slash, block, adaptive  # noqa: F401  (registers them, in this order)
 
 
 def build_index(rule, query, key, **kwargs):
-    return PATTERN_BUILDERS[rule.kind](query, key, rule, **kwargs)
+    return PREFILL_PATTERNS[rule.kind].build_index(query, key, rule, **kwargs)

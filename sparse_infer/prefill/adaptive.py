@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from sparse_infer.methods import Param, PrefillPattern, register
+from sparse_infer.params import distance, fraction, nonneg_int, positive_int
 from sparse_infer.prefill.block import pooled_block_scores, select_blocks
 from sparse_infer.prefill.common import (
     Geometry, block_mask_to_index, dense_tail_blocks, group_mean, real_key_span, sink_and_diagonal_blocks,
@@ -94,3 +96,34 @@ def adaptive_index(query, key, rule, *, block_size, scaling, attention_mask=None
     blocks |= dense_tail_blocks(geo, p["dense_tail"], end)[:, None]
     blocks &= geo.causal_blocks(device)[None, None]
     return block_mask_to_index(blocks, block_size, columns=columns.contiguous())
+
+
+ADAPTIVE_GAMMAS = (0.9, 0.95, 0.98, 0.99)
+
+
+@register
+class Adaptive(PrefillPattern):
+    name = "adaptive"
+    label = "ada"
+    params = {
+        "gamma": Param(fraction, 0.9),         # attention mass each head keeps, per input
+        "tau": Param(distance, 0.1),           # below: query-aware blocks; above: vertical-slash
+        "last_q": Param(positive_int, 64),
+        "sink": Param(nonneg_int, 64),         # first columns always kept (vertical-slash heads)
+        "local": Param(nonneg_int, 64),        # nearest diagonals always kept (vertical-slash heads)
+        "dense_tail": Param(nonneg_int, 0),    # last rows of the call see every key
+    }
+
+    def build_index(self, query, key, rule, **kwargs):
+        return adaptive_index(query, key, rule, **kwargs)
+
+    def search_grid(self, n, block_size):
+        return [{"gamma": g} for g in ADAPTIVE_GAMMAS]
+
+    def search_overhead(self, n, block_size):
+        # the last queries' exact attention plus the pooled block scores
+        return 2 * self.params["last_q"].default / n + 1 / (block_size * block_size)
+
+    def search_combine(self, points, longest, block_size):
+        params = {"gamma": max(p["gamma"] for p in points.values())}
+        return params, params

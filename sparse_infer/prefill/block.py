@@ -15,6 +15,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from sparse_infer.methods import Param, PrefillPattern, register
+from sparse_infer.params import PlanError, fraction, nonneg_int, parse_budget, positive_int
 from sparse_infer.prefill.common import (
     Geometry, block_mask_to_index, dense_tail_blocks, group_mean, real_key_span, repeat_kv, sink_and_diagonal_blocks,
 )
@@ -132,3 +134,47 @@ def block_index(query, key, rule, *, block_size, scaling, attention_mask=None, g
     keep |= dense_tail_blocks(geo, p["dense_tail"], end)[:, None]
     keep &= geo.causal_blocks(device)[None, None]
     return block_mask_to_index(keep, block_size)
+
+
+def _estimator(value, path):
+    if value not in ("pooled", "antidiagonal"):
+        raise PlanError(path, f"must be 'pooled' or 'antidiagonal', got {value!r}")
+    return value
+
+
+BLOCK_COVERAGES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)   # the coverages the profiler tries
+
+
+@register
+class Block(PrefillPattern):
+    name = "block"
+    label = "blk"
+    params = {
+        "top_k": Param(parse_budget, None),     # number of kv blocks per query block
+        "coverage": Param(fraction, None),      # or: smallest set reaching this estimated mass
+        "estimator": Param(_estimator, "pooled"),
+        "stride": Param(positive_int, 8),       # antidiagonal stride
+        "dense_tail": Param(nonneg_int, 0),     # last rows of the call see every key
+    }
+
+    def check(self, params, path):
+        if (params["top_k"] is None) == (params["coverage"] is None):
+            raise PlanError(path, "pattern 'block' needs exactly one of top_k or coverage")
+
+    def check_section(self, rule, path, section):
+        if rule.estimator == "antidiagonal" and section.block_size % rule.stride:
+            raise PlanError(f"{path}.stride", f"the antidiagonal stride {rule.stride} must divide "
+                                              f"prefill.block_size {section.block_size}")
+
+    def build_index(self, query, key, rule, **kwargs):
+        return block_index(query, key, rule, **kwargs)
+
+    def search_grid(self, n, block_size):
+        return [{"coverage": c} for c in BLOCK_COVERAGES]
+
+    def search_overhead(self, n, block_size):
+        return 1 / (block_size * block_size)    # pooled (n/bs)^2 block scores
+
+    def search_combine(self, points, longest, block_size):
+        params = {"coverage": max(p["coverage"] for p in points.values())}
+        return params, params

@@ -10,8 +10,12 @@ small budget can still leave the question unable to reach the fact it asks for.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
+from sparse_infer.methods import Param, PrefillPattern, combine_budget, pow2_grid, register, resolve, snap
+from sparse_infer.params import nonneg_int, parse_budget, positive_int
 from sparse_infer.prefill.common import (
     Geometry, block_mask_to_index, dense_tail_blocks, group_mean, real_key_span, repeat_kv, sink_and_diagonal_blocks,
 )
@@ -165,3 +169,58 @@ def vertical_slash_index(query, key, rule, *, block_size, scaling, attention_mas
     blocks |= dense_tail_blocks(geo, p["dense_tail"], end)[:, None]
     blocks &= geo.causal_blocks(device)[None, None]
     return block_mask_to_index(blocks, block_size, columns=columns.contiguous())
+
+
+VS_LAST_Q = 64          # estimate rows (the plan default)
+VS_MIN = 16             # smallest vertical/slash budget the profiler tries (the builder adds its sink
+                        # columns and local diagonals on top of the budgets)
+
+
+@register
+class VerticalSlash(PrefillPattern):
+    name = "vertical_slash"
+    label = "VS"
+    params = {
+        "vertical": Param(parse_budget),
+        "slash": Param(parse_budget),
+        "last_q": Param(positive_int, VS_LAST_Q),
+        "sink": Param(nonneg_int, 64),    # first columns always kept
+        "local": Param(nonneg_int, 64),   # nearest diagonals always kept
+        "dense_tail": Param(nonneg_int, 0),    # last rows of the call see every key
+    }
+    # columns depend only on the vertical budget and blocks only on the slash one, so the
+    # search measures k^2 budget pairs from 2k builds (profiler.search._evaluate_separable)
+    search_evaluation = "separable"
+
+    def build_index(self, query, key, rule, **kwargs):
+        return vertical_slash_index(query, key, rule, **kwargs)
+
+    def search_grid(self, n, block_size):
+        half = max(n // 2, block_size)
+        return [{"vertical": v, "slash": s} for v in pow2_grid(VS_MIN, half) for s in pow2_grid(VS_MIN, half)]
+
+    def search_overhead(self, n, block_size):
+        return 2 * VS_LAST_Q / n            # last_q rows scored against all n keys
+
+    def search_combine(self, points, longest, block_size):
+        params = {k: combine_budget({L: p[k] for L, p in points.items()}) for k in ("vertical", "slash")}
+        grid = pow2_grid(VS_MIN, max(longest // 2, block_size))
+        return params, {k: snap(resolve(v, longest), grid) for k, v in params.items()}
+
+    def expected_density(self, rule, n, block_size, measured):
+        """The measured density (at the nearest profiled length) scaled by how the token budget
+        grows; without measurements, contiguous columns and diagonals."""
+        if measured:
+            L = min(measured, key=lambda x: abs(math.log(x / n)))
+            scale = (_row_tokens(rule, n) / n) / (_row_tokens(rule, L) / L)
+            return min(1.0, measured[L] * scale)
+        p = rule.params
+        cols = min(n, p["vertical"].resolve(n) + p["sink"])
+        diag_blocks = math.ceil((p["slash"].resolve(n) + p["local"]) / block_size) + 1
+        return min(1.0, cols / n + diag_blocks * block_size / (n / 2))
+
+
+def _row_tokens(rule, n: int) -> float:
+    """Keys per query row a vertical_slash rule spends at length n (columns + diagonals)."""
+    p = rule.params
+    return min(n, p["vertical"].resolve(n) + p["sink"]) + min(n, p["slash"].resolve(n) + p["local"])

@@ -2,7 +2,8 @@
 
 A decode step is one query over the whole cache, so the profiler uses the last `dq`
 prompt queries (for needle prompts: the queries that copy the answer) as stand-ins
-and asks, per head, how much of their true attention each selector keeps:
+and asks, per head, how much of their true attention each selector keeps (each registered
+selector's `search_curves` hook computes its curves from a CurveInputs):
 
   streaming       {sink, local}       fixed sinks + recent window
   token_select    {budget}            exact top-budget keys (oracle ranking)
@@ -23,17 +24,14 @@ share of the traffic against dense, which reads each kv head once for the whole 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 
-from sparse_infer.plan import DECODE_METHODS
-
-SELECTOR_SINK = DECODE_METHODS["token_select"]["sink"][1]
-SELECTOR_LOCAL = DECODE_METHODS["token_select"]["local"][1]
-QUEST_PAGE = DECODE_METHODS["quest"]["page"][1]
-STREAMING_SINKS = (4, 16, 64, 128)
+from sparse_infer.decode.common import SELECTOR_LOCAL, SELECTOR_SINK
+from sparse_infer.decode.quest import QUEST_PAGE  # noqa: F401 - re-exported: the page the curves use
+from sparse_infer.decode.streaming import STREAMING_SINKS  # noqa: F401 - re-exported: the sinks curves exist for
+from sparse_infer.methods import DECODE_SELECTORS, curve_at  # noqa: F401 - curve_at re-exported
 
 
 @dataclass
@@ -89,74 +87,60 @@ def group_vote(scores: torch.Tensor, allowed: torch.Tensor, groups: int) -> torc
     return group_sum(probs, groups)
 
 
+class CurveInputs:
+    """One prompt's stand-in decode queries, as a selector's `search_curves` hook reads them.
+
+    probs (Hq, dq, n) exact attention of the queries at `pos` (dq,); query (Hq, dq, D); key
+    (Hkv, n, D). Curves run up to `size` ranked keys (default n): budgets beyond it are not
+    considered (selecting more than that share of the cache is left to dense decode). `shared`:
+    one selection per GQA group (see the module docstring). `rankable` are the keys a budgeted
+    selector ranks (visible, outside the default sink and local window), `base_mass` (Hq,) the
+    attention those always-kept keys hold. The helpers below are what the built-in hooks use."""
+
+    ranked_curve = staticmethod(_ranked_curve)
+    extend = staticmethod(_extend)
+    group_sum = staticmethod(group_sum)
+    group_vote = staticmethod(group_vote)
+
+    def __init__(self, probs: torch.Tensor, pos: torch.Tensor, query: torch.Tensor, key: torch.Tensor, *,
+                 scaling: float, size: int | None = None, shared: bool = False):
+        self.probs, self.pos, self.query, self.key, self.scaling = probs, pos, query, key, scaling
+        self.n = probs.shape[-1]
+        self.size = size or self.n
+        self.groups = probs.shape[0] // key.shape[0]
+        self.shared = shared and self.groups > 1
+        base, self.visible = _base_mask(pos, self.n, SELECTOR_SINK, SELECTOR_LOCAL)
+        self.rankable = self.visible & ~base
+        self.base_mass = (probs * base).sum(-1).mean(-1)
+
+
+def curve_entries(inputs: CurveInputs, channels: torch.Tensor | None = None) -> dict:
+    """{(method, ...): curve} of every registered selector for one prompt. Selectors that need
+    calibrated channels (search_needs_channels) answer only when `channels` (Hq, r) is given."""
+    entries = {}
+    for method in DECODE_SELECTORS.values():
+        if method.search_needs_channels == (channels is not None):
+            entries.update(method.search_curves(inputs, channels))
+    return entries
+
+
 def decode_curves(probs: torch.Tensor, pos: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
                   *, scaling: float, size: int | None = None, shared: bool = False) -> DecodeCurves:
-    """probs (Hq, dq, n) exact attention of the queries at `pos`; query (Hq, dq, D); key (Hkv, n, D).
-
-    Curves run up to `size` ranked keys (default n): budgets beyond it are not considered
-    (selecting more than that share of the cache is left to dense decode). `shared`: one
-    selection per GQA group (see the module docstring)."""
-    hq, dq, n = probs.shape
-    size = size or n
-    groups = hq // key.shape[0]
-    base, visible = _base_mask(pos, n, SELECTOR_SINK, SELECTOR_LOCAL)
-    rankable = visible & ~base
-    base_mass = (probs * base).sum(-1).mean(-1)
-    # token_select's scores are exact, so its ranking is the true attention (summed per group)
-    oracle = group_sum(probs, groups) if shared and groups > 1 else None
-    token_select = _ranked_curve(probs, oracle, rankable, size) + base_mass[:, None]
-
-    # Quest: page bounds from per-page channel min/max
-    page = QUEST_PAGE
-    npages = math.ceil(n / page)
-    kpad = torch.nn.functional.pad(key.float(), (0, 0, 0, npages * page - n), value=float("nan"))
-    kpages = kpad.view(key.shape[0], npages, page, -1)
-    kmax = kpages.nan_to_num(float("-inf")).amax(2).repeat_interleave(groups, 0)
-    kmin = kpages.nan_to_num(float("inf")).amin(2).repeat_interleave(groups, 0)
-    q = query.float()
-    bound = q.clamp(min=0) @ kmax.transpose(-1, -2) + q.clamp(max=0) @ kmin.transpose(-1, -2)
-    # as in sparse_infer.decode.quest: a page competes only if it holds a key that is neither
-    # forced (sink/local) nor in the future
-    page_ok = torch.nn.functional.pad(rankable, (0, npages * page - n)).view(dq, npages, page).any(-1)
-    if shared and groups > 1:
-        bound = group_vote(bound * scaling, page_ok, groups)
-    page_mass = torch.nn.functional.pad(torch.where(rankable, probs, 0.0), (0, npages * page - n))
-    page_mass = page_mass.view(hq, dq, npages, page).sum(-1)
-    quest = _ranked_curve(page_mass, bound, page_ok.expand(hq, -1, -1), math.ceil(size / page)) + base_mass[:, None]
-
-    streaming = {}
-    keys = torch.arange(n)
-    span = min(size, n)
-    # the key at distance t behind the query (window w keeps t < w)
-    behind = pos[:, None] - keys[None, :span]                             # (dq, span)
-    ok = behind >= 0
-    for sink in STREAMING_SINKS:
-        sink_mass = (probs[..., :sink] * (keys[:sink][None, :] <= pos[:, None])).sum(-1)
-        mid = probs.masked_fill((keys < sink)[None, None, :], 0.0)
-        window = torch.where(ok, mid.gather(-1, behind.clamp(min=0).expand(hq, dq, span)), 0.0)
-        streaming[sink] = _extend((window.cumsum(-1) + sink_mass[..., None]).mean(1), size)
-    return DecodeCurves(n, base_mass, token_select, quest, None, streaming)
+    """The built-in selectors' curves as one DecodeCurves (arguments as CurveInputs)."""
+    inputs = CurveInputs(probs, pos, query, key, scaling=scaling, size=size, shared=shared)
+    entries = curve_entries(inputs)
+    streaming = {key[1]: curve for key, curve in entries.items() if key[0] == "streaming"}
+    return DecodeCurves(inputs.n, inputs.base_mass, entries[("token_select",)], entries[("quest",)], None,
+                        streaming)
 
 
 def double_sparsity_curve(probs: torch.Tensor, pos: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
                           channels: torch.Tensor, size: int | None = None, *, scaling: float = 1.0,
                           shared: bool = False) -> torch.Tensor:
-    """(Hq, size) recall curve ranking keys by q.k over `channels` (Hq, r) only, plus sink/local.
-
-    `shared`: one selection per GQA group, from the group's soft vote (the heads of a group
-    must then have the same channels, as one label cache per kv head serves them)."""
-    hq, dq, n = probs.shape
-    groups = hq // key.shape[0]
-    base, visible = _base_mask(pos, n, SELECTOR_SINK, SELECTOR_LOCAL)
-    rankable = visible & ~base
-    k = key.float().repeat_interleave(groups, 0)                             # (Hq, n, D)
-    qc = query.float().gather(-1, channels[:, None, :].expand(hq, dq, -1))
-    kc = k.gather(-1, channels[:, None, :].expand(hq, n, -1))
-    approx = qc @ kc.transpose(-1, -2)
-    if shared and groups > 1:
-        approx = group_vote(approx * scaling, visible.expand(hq, -1, -1), groups)
-    base_mass = (probs * base).sum(-1).mean(-1)
-    return _ranked_curve(probs, approx, rankable, size or n) + base_mass[:, None]
+    """(Hq, size) recall curve ranking keys by q.k over `channels` (Hq, r) only, plus sink/local
+    (see decode.double_sparsity.DoubleSparsity.search_curves)."""
+    inputs = CurveInputs(probs, pos, query, key, scaling=scaling, size=size, shared=shared)
+    return DECODE_SELECTORS["double_sparsity"].search_curves(inputs, channels)[("double_sparsity",)]
 
 
 def retrieval_hits(probs: torch.Tensor, pos: torch.Tensor, input_ids: torch.Tensor,
@@ -182,9 +166,3 @@ def retrieval_hits(probs: torch.Tensor, pos: torch.Tensor, input_ids: torch.Tens
         top = probs[:, row].argmax(-1)
         hits += ((top >= lo) & (top < hi) & (ids[top] == token)).float()
     return hits, count
-
-
-# --------------------------------------------------------------------------- reading curves
-def curve_at(curve: torch.Tensor, count: int) -> torch.Tensor:
-    """(Hq,) recall after the `count` best ranked items (budgets are >= 1)."""
-    return curve[:, max(1, min(count, curve.shape[1])) - 1]

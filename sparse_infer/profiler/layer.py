@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from sparse_infer.profiler.decode import decode_curves, double_sparsity_curve, group_sum, retrieval_hits
+from sparse_infer.profiler.decode import CurveInputs, curve_entries, group_sum, retrieval_hits
 from sparse_infer.profiler.search import (
     DENSE, HeadReport, MeanTable, SearchSettings, choose_decode, decide_prefill, decode_cost_factor, decode_costs,
     decode_recall,
@@ -30,25 +30,20 @@ class LayerRun:
     needle_span: tuple[int, int] | None = None
 
 
-def _curve_entries(curves) -> dict:
-    out = {("token_select",): curves.token_select, ("quest",): curves.quest}
-    for sink, c in curves.streaming.items():
-        out[("streaming", sink)] = c
-    return out
-
-
 def curve_size(length: int) -> int:
     """Decode budgets are searched up to half the cache; more than that is left to dense."""
     return max(1, length // 2)
 
 
 def _curves_at(table: MeanTable) -> dict:
-    out = {"token_select": table.get(("token_select",)), "quest": table.get(("quest",)), "streaming": {}}
+    """Mean curves as the selectors' search_recall reads them: {name: curve} for (name,) entries,
+    {name: {key: curve}} for (name, key) entries."""
+    out = {}
     for key in table.sums:
-        if key[0] == "streaming":
-            out["streaming"][key[1]] = table.get(key)
-    if ("double_sparsity",) in table:
-        out["double_sparsity"] = table.get(("double_sparsity",))
+        if len(key) == 1:
+            out[key[0]] = table.get(key)
+        else:
+            out.setdefault(key[0], {})[key[1]] = table.get(key)
     return out
 
 
@@ -80,9 +75,9 @@ def analyze_layer(runs: list[LayerRun], settings: SearchSettings, *, block_size:
                                        mask=run.mask, softcap=run.softcap, length=run.length)
         prefill_tables.setdefault(run.length, MeanTable()).add(entries)
         q_last = run.query[:, stats.last_pos]
-        curves = decode_curves(stats.last_probs, stats.last_pos, q_last, run.key, scaling=run.scaling,
-                               size=curve_size(run.length), shared=shared)
-        decode_tables.setdefault(run.length, MeanTable()).add(_curve_entries(curves))
+        curves = CurveInputs(stats.last_probs, stats.last_pos, q_last, run.key, scaling=run.scaling,
+                             size=curve_size(run.length), shared=shared)
+        decode_tables.setdefault(run.length, MeanTable()).add(curve_entries(curves))
         chan += channel_scores(run.query, run.key)
         if run.needle_span is not None and run.answer_positions:
             h, c = retrieval_hits(stats.last_probs, stats.last_pos, run.input_ids, run.answer_positions,
@@ -104,9 +99,9 @@ def analyze_layer(runs: list[LayerRun], settings: SearchSettings, *, block_size:
     channels = chan.topk(r, dim=-1).indices.sort(-1).values
     for run, stats in zip(runs, kept):
         q_last = run.query[:, stats.last_pos]
-        ds = double_sparsity_curve(stats.last_probs, stats.last_pos, q_last, run.key, channels,
-                                   size=curve_size(run.length), scaling=run.scaling, shared=shared)
-        decode_tables[run.length].add({("double_sparsity",): ds})
+        curves = CurveInputs(stats.last_probs, stats.last_pos, q_last, run.key, scaling=run.scaling,
+                             size=curve_size(run.length), shared=shared)
+        decode_tables[run.length].add(curve_entries(curves, channels))
 
     # prefill: choose, then verify each head at the granularity it will really run with
     choices = decide_prefill(prefill_tables, hq, hkv, settings)

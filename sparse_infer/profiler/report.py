@@ -6,18 +6,22 @@ import math
 
 from rich.table import Table
 
+from sparse_infer.methods import DECODE_SELECTORS, DENSE, PREFILL_PATTERNS
 from sparse_infer.plan import Plan, Rule
-from sparse_infer.profiler.decode import SELECTOR_LOCAL, SELECTOR_SINK
 from sparse_infer.profiler.search import _static_index, params_key
 
-SHORT = {"dense": "dense", "a_shape": "A", "vertical_slash": "VS", "block": "blk", "streaming": "stream",
-         "token_select": "tok", "quest": "quest", "double_sparsity": "DS"}
+
+def short_labels() -> dict[str, str]:
+    """{name: label}: dense, then every registered pattern and selector (the columns' order)."""
+    return {DENSE: "dense", **{name: m.label for table in (PREFILL_PATTERNS, DECODE_SELECTORS)
+                               for name, m in table.items()}}
 
 
 def _counts(kinds) -> str:
     c = collections.Counter(kinds)
-    order = list(SHORT)
-    return " ".join(f"{SHORT[k]}:{c[k]}" for k in sorted(c, key=order.index))
+    short = short_labels()
+    order = list(short)
+    return " ".join(f"{short[k]}:{c[k]}" for k in sorted(c, key=order.index))
 
 
 def summary_table(result) -> Table:
@@ -57,48 +61,27 @@ def summary_table(result) -> Table:
 
 
 # --------------------------------------------------------------------------- expected density
-def _row_tokens(rule: Rule, n: int) -> float:
-    """Keys per query row a vertical_slash rule spends at length n (columns + diagonals)."""
-    p = rule.params
-    return min(n, p["vertical"].resolve(n) + p["sink"]) + min(n, p["slash"].resolve(n) + p["local"])
-
-
 def prefill_rule_density(rule: Rule, n: int, block_size: int, measured: dict[int, float] | None = None) -> float:
     """Expected share of causal pairs a rule computes at length n.
 
-    Exact for dense and a_shape (static). vertical_slash and block depend on the data:
-    the profiler's measured density (at the nearest profiled length) is scaled by how the
-    rule's token budget grows; without measurements vertical_slash is estimated as
-    contiguous columns and diagonals, and block is unknown (NaN).
+    Exact for dense and patterns whose index ignores q/k (a_shape). The others depend on the
+    data: each pattern's expected_density reads the profiler's measured density (at the nearest
+    profiled length; vertical_slash scales it by how its token budget grows) or, without
+    measurements, estimates it (vertical_slash) or says unknown (NaN, block).
     """
-    if rule.kind == "dense":
+    if rule.kind == DENSE:
         return 1.0
-    if rule.kind == "a_shape":
-        return float(_static_index("a_shape", params_key(dict(rule.params)), n, block_size, 1)[1][0])
-    if measured:
-        L = min(measured, key=lambda x: abs(math.log(x / n)))
-        if rule.kind == "vertical_slash":
-            scale = (_row_tokens(rule, n) / n) / (_row_tokens(rule, L) / L)
-            return min(1.0, measured[L] * scale)
-        return measured[L]
-    if rule.kind == "vertical_slash":
-        p = rule.params
-        cols = min(n, p["vertical"].resolve(n) + p["sink"])
-        diag_blocks = math.ceil((p["slash"].resolve(n) + p["local"]) / block_size) + 1
-        return min(1.0, cols / n + diag_blocks * block_size / (n / 2))
-    return float("nan")
+    pattern = PREFILL_PATTERNS[rule.kind]
+    if pattern.search_evaluation == "static":
+        return float(_static_index(rule.kind, params_key(dict(rule.params)), n, block_size, 1)[1][0])
+    return pattern.expected_density(rule, n, block_size, measured)
 
 
 def decode_rule_density(rule: Rule, n: int) -> float:
     """Share of the cached tokens a decode rule attends to at kv length n."""
-    if rule.kind == "dense":
+    if rule.kind == DENSE:
         return 1.0
-    if rule.kind == "streaming":
-        return min(1.0, (rule.params["sink"] + rule.params["local"]) / n)
-    budget = rule.params["budget"].resolve(n)
-    if rule.kind == "quest":
-        budget = math.ceil(budget / rule.params["page"]) * rule.params["page"]
-    return min(1.0, (budget + rule.params.get("sink", SELECTOR_SINK) + rule.params.get("local", SELECTOR_LOCAL)) / n)
+    return DECODE_SELECTORS[rule.kind].density(rule, n)
 
 
 def show_lengths(plan: Plan) -> list[int]:

@@ -1,10 +1,11 @@
 """Per-head search: the cheapest prefill pattern and decode method that keep the target recall.
 
-Prefill candidates are built with the project's own pattern builders
-(sparse_infer.prefill.build_index) on the captured q/k, and scored with the exact
-blockwise recall/density of sparse_infer.profiler.stats, so what is measured is what
-the executor will run. Decode candidates are read from the recall curves of
-sparse_infer.profiler.decode.
+Candidates come from the registered methods (sparse_infer.methods): each pattern's and
+selector's search hooks give its grid, cost and how to combine lengths. Prefill candidates
+are built with the project's own pattern builders (sparse_infer.prefill.build_index) on the
+captured q/k, and scored with the exact blockwise recall/density of sparse_infer.profiler.stats,
+so what is measured is what the executor will run. Decode candidates are read from the
+recall curves of sparse_infer.profiler.decode through each selector's search_recall.
 
 Lengths: every statistic is gathered at two (or more) lengths. A fixed token count
 that suffices at every length is written as an int; one that has to grow is
@@ -14,26 +15,20 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 from dataclasses import dataclass, field
 
 import torch
 
-from sparse_infer.plan import Rule, parse_budget, parse_rule
+from sparse_infer.methods import (  # noqa: F401 - the helpers are re-exported: their old home
+    DECODE_SELECTORS, PREFILL_PATTERNS, combine_budget, fixed_size_ok, pow2_grid, resolve, window_grid,
+)
+from sparse_infer.plan import Rule, parse_rule
 from sparse_infer.prefill import build_index
-from sparse_infer.profiler.decode import QUEST_PAGE, SELECTOR_LOCAL, SELECTOR_SINK, STREAMING_SINKS, curve_at
+from sparse_infer.prefill.vertical_slash import VS_MIN      # the separable evaluation builds at the smallest budget
 from sparse_infer.profiler.stats import (
     AttentionStats, block_bitmap, block_part, column_gain, column_map, index_head_density, index_recall,
     index_tail_recall, uniform_stats,
 )
-
-PREFILL_PATTERNS = ("a_shape", "vertical_slash", "block")
-DECODE_CHOICES = ("streaming", "token_select", "quest", "double_sparsity")
-VS_LAST_Q = 64          # vertical_slash estimate rows (the plan default)
-VS_MIN = 16             # smallest vertical/slash budget tried (the builder adds its sink columns
-                        # and local diagonals on top of the budgets)
-BLOCK_COVERAGES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
-
 
 @dataclass(frozen=True)
 class SearchSettings:
@@ -54,22 +49,6 @@ class SearchSettings:
     decode_granularity: str = "group"
 
 
-def pow2_grid(lo: int, hi: int) -> list[int]:
-    out, v = [], lo
-    while v <= max(hi, lo):
-        out.append(v)
-        v *= 2
-    return out
-
-
-def window_grid(bs: int, hi: int) -> list[int]:
-    """Every distinct a_shape window: local = k * bs keeps k + 1 kv blocks per query block.
-
-    A static window pays for every block it spans, so it gets every step, not powers of two
-    (evaluating it is cheap: its index does not depend on q/k and is cached)."""
-    return list(range(bs, max(hi, bs) + 1, bs))
-
-
 def params_key(params: dict) -> tuple:
     return tuple(sorted(params.items()))
 
@@ -81,22 +60,13 @@ def make_rule(pattern: str, params: dict, section: str = "prefill") -> Rule:
 
 # --------------------------------------------------------------------------- prefill grid
 def prefill_grid(n: int, bs: int) -> dict[str, list[dict]]:
-    half = max(n // 2, bs)
-    return {
-        "a_shape": [{"sink": s, "local": w} for s in (bs, 2 * bs) for w in window_grid(bs, half)],
-        "vertical_slash": [{"vertical": v, "slash": s}
-                           for v in pow2_grid(VS_MIN, half) for s in pow2_grid(VS_MIN, half)],
-        "block": [{"coverage": c} for c in BLOCK_COVERAGES],
-    }
+    return {name: pattern.search_grid(n, bs) for name, pattern in PREFILL_PATTERNS.items()}
 
 
 def estimate_overhead(pattern: str, n: int, bs: int) -> float:
     """Estimation work as a share of dense causal attention (~n^2/2 scores)."""
-    if pattern == "vertical_slash":
-        return 2 * VS_LAST_Q / n            # last_q rows scored against all n keys
-    if pattern == "block":
-        return 1 / (bs * bs)                # pooled (n/bs)^2 block scores
-    return 0.0
+    method = PREFILL_PATTERNS.get(pattern)
+    return 0.0 if method is None else method.search_overhead(n, bs)
 
 
 def evaluate_prefill_run(query: torch.Tensor, key: torch.Tensor, stats: AttentionStats, *, scaling: float,
@@ -124,45 +94,60 @@ def evaluate_prefill_run(query: torch.Tensor, key: torch.Tensor, stats: Attentio
         return build_index(make_rule(pattern, params), q4, k4, block_size=bs, scaling=scaling,
                            attention_mask=m4, granularity=gran, softcap=softcap)
 
-    for params in grid["a_shape"]:
-        # static: one bitmap per (n, bs, params), built once by the a_shape builder and cached
-        bitmap, density = _static_index("a_shape", params_key(params), n, bs, hq)
-        entry = (block_part(bitmap, stats.block_mass) / stats.num_queries,
-                 block_part(bitmap[:, -1:], stats.block_mass[:, -1:]) / stats.tail_rows, density)
-        for gran in granularities:
-            out[(gran, "a_shape", params_key(params))] = entry
+    # how each pattern's grid is measured (its `search_evaluation`):
+    #   "static"     the index ignores q/k: one bitmap per (n, bs, params), built once and cached
+    #   "build"      one build per grid point and granularity
+    #   "separable"  {vertical, slash} budgets: columns depend only on one, blocks only on the
+    #                other, so k^2 pairs come from 2k builds (vertical_slash)
+    for name, pattern in PREFILL_PATTERNS.items():
+        if pattern.search_evaluation != "static":
+            continue
+        for params in grid[name]:
+            bitmap, density = _static_index(name, params_key(params), n, bs, hq)
+            entry = (block_part(bitmap, stats.block_mass) / stats.num_queries,
+                     block_part(bitmap[:, -1:], stats.block_mass[:, -1:]) / stats.tail_rows, density)
+            for gran in granularities:
+                out[(gran, name, params_key(params))] = entry
     with _reuse_vertical_slash_estimate():
-        out.update(_evaluate_estimated(build, grid, granularities, stats, hq, n, bs, ublocks, ucols, total_pairs))
+        for gran in granularities:
+            for name, pattern in PREFILL_PATTERNS.items():
+                evaluation = pattern.search_evaluation
+                if evaluation == "build":
+                    for params in grid[name]:
+                        index = build(name, params, gran)
+                        out[(gran, name, params_key(params))] = (
+                            index_recall(index, stats), index_tail_recall(index, stats),
+                            index_head_density(index, n, hq))
+                elif evaluation == "separable":
+                    out.update(_evaluate_separable(build, name, grid[name], gran, stats, hq, n, bs, ublocks, ucols,
+                                                   total_pairs))
     return out
 
 
-def _evaluate_estimated(build, grid, granularities, stats, hq, n, bs, ublocks, ucols, total_pairs) -> dict:
+def _evaluate_separable(build, name, grid, gran, stats, hq, n, bs, ublocks, ucols, total_pairs) -> dict:
+    """{vertical, slash} grids: the union of the builder's blocks for a slash budget and its
+    columns for a vertical budget (see evaluate_prefill_run)."""
     out = {}
-    for gran in granularities:
-        for params in grid["block"]:
-            index = build("block", params, gran)
-            out[(gran, "block", params_key(params))] = (index_recall(index, stats), index_tail_recall(index, stats),
-                                                        index_head_density(index, n, hq))
-        budgets = sorted({p["vertical"] for p in grid["vertical_slash"]})
-        per_slash, per_vertical = {}, {}
-        for s in budgets:
-            bitmap = block_bitmap(build("vertical_slash", {"vertical": VS_MIN, "slash": s}, gran), n)
-            tail = bitmap[:, -1:]
-            per_slash[s] = (block_part(bitmap, stats.block_mass), column_gain(bitmap, stats.col_mass, bs),
-                            block_part(tail, stats.block_mass[:, -1:]),
-                            column_gain(tail, stats.col_mass[:, -1:], bs),
-                            block_part(bitmap, ublocks), column_gain(bitmap, ucols, bs))
-        for v in budgets:
-            cmap = column_map(build("vertical_slash", {"vertical": v, "slash": VS_MIN}, gran), n)
-            per_vertical[v] = cmap.repeat_interleave(hq // cmap.shape[0], 0)
-        for params in grid["vertical_slash"]:
-            bmass, gain, tmass, tgain, upairs, ugain = per_slash[params["slash"]]
-            cmap = per_vertical[params["vertical"]]
-            recall = (bmass + (cmap * gain).sum(-1)) / stats.num_queries
-            tail = (tmass + (cmap * tgain).sum(-1)) / stats.tail_rows
-            pairs = upairs.repeat_interleave(hq // upairs.shape[0], 0) + (
-                cmap * ugain.repeat_interleave(hq // ugain.shape[0], 0)).sum(-1)
-            out[(gran, "vertical_slash", params_key(params))] = (recall, tail, pairs / total_pairs)
+    budgets = sorted({p["vertical"] for p in grid})
+    per_slash, per_vertical = {}, {}
+    for s in budgets:
+        bitmap = block_bitmap(build(name, {"vertical": VS_MIN, "slash": s}, gran), n)
+        tail = bitmap[:, -1:]
+        per_slash[s] = (block_part(bitmap, stats.block_mass), column_gain(bitmap, stats.col_mass, bs),
+                        block_part(tail, stats.block_mass[:, -1:]),
+                        column_gain(tail, stats.col_mass[:, -1:], bs),
+                        block_part(bitmap, ublocks), column_gain(bitmap, ucols, bs))
+    for v in budgets:
+        cmap = column_map(build(name, {"vertical": v, "slash": VS_MIN}, gran), n)
+        per_vertical[v] = cmap.repeat_interleave(hq // cmap.shape[0], 0)
+    for params in grid:
+        bmass, gain, tmass, tgain, upairs, ugain = per_slash[params["slash"]]
+        cmap = per_vertical[params["vertical"]]
+        recall = (bmass + (cmap * gain).sum(-1)) / stats.num_queries
+        tail = (tmass + (cmap * tgain).sum(-1)) / stats.tail_rows
+        pairs = upairs.repeat_interleave(hq // upairs.shape[0], 0) + (
+            cmap * ugain.repeat_interleave(hq // ugain.shape[0], 0)).sum(-1)
+        out[(gran, name, params_key(params))] = (recall, tail, pairs / total_pairs)
     return out
 
 
@@ -243,45 +228,6 @@ class MeanTable:
         return key in self.sums
 
 
-# --------------------------------------------------------------------------- combining lengths
-def combine_budget(needs: dict[int, int]):
-    """A token budget meeting `needs` {length: tokens} at every length: int if it need not grow."""
-    lengths = sorted(needs)
-    longest = lengths[-1]
-    shorter = max((needs[L] for L in lengths[:-1]), default=0)
-    if needs[longest] <= shorter:
-        return shorter
-    if not lengths[:-1]:
-        return needs[longest]
-    # exact when the length is a power of two (then need/length is a short decimal); otherwise
-    # rounded to 8 places, upwards, so that ceil(frac * length) still covers the need
-    frac = round(needs[longest] / longest, 8)
-    if frac * longest < needs[longest]:
-        frac += 1e-8
-    return {"frac": min(frac, 1.0), "min": max(shorter, 1)}
-
-
-def fixed_size_ok(needs: dict[int, int]) -> bool:
-    """A fixed window is trusted if its need grows at most like sqrt(length) between the
-    shortest and longest profiled lengths (proportional growth = not a fixed-size structure;
-    one grid step of threshold noise is tolerated)."""
-    lengths = sorted(needs)
-    short, long_ = lengths[0], lengths[-1]
-    return needs[long_] <= needs[short] * math.sqrt(long_ / short) + 1e-9
-
-
-def resolve(budget, n: int) -> int:
-    return parse_budget(budget, "budget").resolve(n)
-
-
-def _snap(value: int, grid: list[int]) -> int:
-    """Smallest grid value >= value (costs of off-grid budgets are read conservatively)."""
-    for g in grid:
-        if g >= value:
-            return g
-    return grid[-1]
-
-
 @dataclass
 class Choice:
     pattern: str
@@ -321,7 +267,7 @@ def choose_prefill(tables: dict[int, MeanTable], heads: list[int], gran: str, se
     lengths = sorted(tables)
     longest, bs = lengths[-1], settings.block_size
     best = DENSE
-    for pattern in PREFILL_PATTERNS:
+    for pattern, method in PREFILL_PATTERNS.items():
         points = {}
         for L in lengths:
             found = _best_point(tables[L], L, bs, gran, pattern, heads, settings.target_recall)
@@ -330,20 +276,10 @@ def choose_prefill(tables: dict[int, MeanTable], heads: list[int], gran: str, se
             points[L] = found[0]
         if len(points) != len(lengths):
             continue
-        if pattern == "a_shape":
-            # a window that must widen in proportion to the length is not a local head:
-            # its need would outgrow any fixed window past the profiled lengths
-            if not fixed_size_ok({L: p["local"] for L, p in points.items()}):
-                continue
-            params = {k: max(p[k] for p in points.values()) for k in ("sink", "local")}
-            lookup = params
-        elif pattern == "vertical_slash":
-            params = {k: combine_budget({L: p[k] for L, p in points.items()}) for k in ("vertical", "slash")}
-            grid = pow2_grid(VS_MIN, max(longest // 2, bs))
-            lookup = {k: _snap(resolve(v, longest), grid) for k, v in params.items()}
-        else:
-            params = {"coverage": max(p["coverage"] for p in points.values())}
-            lookup = params
+        combined = method.search_combine(points, longest, bs)
+        if combined is None:
+            continue
+        params, lookup = combined
         density = tables[longest].get((gran, pattern, params_key(lookup)))[-1]
         cost = float(density[heads].mean()) + estimate_overhead(pattern, longest, bs)
         if cost < best.cost - 1e-12:
@@ -373,7 +309,7 @@ def decide_prefill(tables: dict[int, MeanTable], num_heads: int, num_kv: int,
 
 
 def runtime_granularity(rules: list[Rule], num_kv: int) -> list[str]:
-    """The estimate granularity each head gets at run time (mirrors patches.sparse_prefill).
+    """The estimate granularity each head gets at run time (mirrors prefill.dispatch.sparse_prefill).
 
     Heads sharing an identical rule are run together; their index is estimated per GQA
     group only when that set is made of whole groups, otherwise per head.
@@ -416,39 +352,23 @@ def measure_rules(rules: list[Rule], grans: list[str], query, key, stats: Attent
 
 # --------------------------------------------------------------------------- decode
 def decode_costs(n: int, head_dim: int, channels: int) -> dict:
-    """Share of the dense decode K/V traffic (2*n*D values) each method reads."""
-    base = SELECTOR_SINK + SELECTOR_LOCAL
-    return {
-        "streaming": lambda p: min(1.0, (p["sink"] + p["local"]) / n),
-        # scores every key (reads all of K), then reads V of the chosen ones
-        "token_select": lambda p: min(1.0, 0.5 + (resolve(p["budget"], n) + base) / (2 * n)),
-        # reads per-page min and max keys, then K/V of the chosen pages
-        "quest": lambda p: min(1.0, 1 / p["page"] + (math.ceil(resolve(p["budget"], n) / p["page"]) * p["page"]
-                                                      + base) / n),
-        # reads `channels` of D of every key (label cache), then K/V of the chosen keys
-        "double_sparsity": lambda p: min(1.0, channels / (2 * head_dim) + (resolve(p["budget"], n) + base) / n),
-    }
+    """Share of the dense decode K/V traffic (2*n*D values) each method reads: {method: params -> cost}."""
+    return {name: (lambda p, _m=method: _m.search_cost(p, n, head_dim, channels))
+            for name, method in DECODE_SELECTORS.items()}
 
 
 def decode_recall(curves: dict, method: str, params: dict, n: int) -> torch.Tensor:
     """(Hq,) recall of a decode rule from mean curves at length n."""
-    if method == "streaming":
-        return curve_at(curves["streaming"][params["sink"]], params["local"])
-    budget = resolve(params["budget"], n)
-    if method == "quest":
-        return curve_at(curves["quest"], math.ceil(budget / params["page"]))
-    return curve_at(curves[method], budget)
+    return DECODE_SELECTORS[method].search_recall(curves, params, n)
 
 
 def decode_grid(n: int) -> dict[str, list[dict]]:
-    half = max(n // 2, 64)              # the recall curves stop at half the cache (layer.curve_size)
-    budgets = pow2_grid(16, half)
-    return {
-        "streaming": [{"sink": s, "local": w} for s in STREAMING_SINKS for w in pow2_grid(64, half)],
-        "token_select": [{"budget": b} for b in budgets],
-        "quest": [{"page": QUEST_PAGE, "budget": b} for b in pow2_grid(QUEST_PAGE, half)],
-        "double_sparsity": [{"budget": b} for b in budgets],
-    }
+    return {name: method.search_grid(n) for name, method in DECODE_SELECTORS.items()}
+
+
+def decode_candidates() -> list[str]:
+    """The selectors the search tries, in the order ties are broken (lowest search_priority first)."""
+    return sorted(DECODE_SELECTORS, key=lambda name: DECODE_SELECTORS[name].search_priority)
 
 
 def decode_cost_factor(settings: SearchSettings, num_heads: int, num_kv_heads: int) -> int:
@@ -464,16 +384,16 @@ def choose_decode(curves: dict[int, dict], heads: int | list[int], head_dim: int
     lengths = sorted(curves)
     longest = lengths[-1]
     best = DENSE
-    for method in DECODE_CHOICES:
-        if method == "double_sparsity" and channel_list is None:
+    for name in decode_candidates():
+        method = DECODE_SELECTORS[name]
+        if not method.search_available(channel_list):
             continue
         points = {}
         for L in lengths:
-            cost_of = decode_costs(L, head_dim, settings.channels)[method]
             found = None
-            for params in decode_grid(L)[method]:
-                if float(decode_recall(curves[L], method, params, L)[heads].min()) >= settings.target_recall:
-                    cost = cost_of(params)
+            for params in method.search_grid(L):
+                if float(method.search_recall(curves[L], params, L)[heads].min()) >= settings.target_recall:
+                    cost = method.search_cost(params, L, head_dim, settings.channels)
                     if found is None or cost < found[1] - 1e-12:
                         found = (params, cost)
             if found is None:
@@ -481,19 +401,12 @@ def choose_decode(curves: dict[int, dict], heads: int | list[int], head_dim: int
             points[L] = found[0]
         if len(points) != len(lengths):
             continue
-        if method == "streaming":
-            if not fixed_size_ok({L: p["local"] for L, p in points.items()}):
-                continue                    # window grows with length: not a streaming head
-            params = {k: max(p[k] for p in points.values()) for k in ("sink", "local")}
-        else:
-            params = {"budget": combine_budget({L: p["budget"] for L, p in points.items()})}
-            if method == "quest":
-                params = {"page": QUEST_PAGE, **params}
-            if method == "double_sparsity":
-                params = {"channels": list(channel_list), **params}
-        cost = decode_costs(longest, head_dim, settings.channels)[method](params)
+        params = method.search_combine(points, channel_list)
+        if params is None:
+            continue
+        cost = method.search_cost(params, longest, head_dim, settings.channels)
         if cost < best.cost - 1e-12:
-            best = Choice(method, params, cost)
+            best = Choice(name, params, cost)
     if best.cost * cost_factor >= settings.decode_cutoff:
         return DENSE
     return best

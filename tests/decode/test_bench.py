@@ -47,7 +47,7 @@ def test_bench_decode_end_to_end_rejects_unknown_cache():
 @pytest.mark.parametrize("method", ["quest", "double_sparsity", "token_select", "streaming"])
 def test_decode_method_plan_validates_and_keeps_layer_0_dense(method):
     from sparse_infer.bench.decode import decode_method_plan
-    from sparse_infer.patches.attention import group_heads
+    from sparse_infer.runtime import group_heads
     from sparse_infer.plan import load_plan
 
     plan = load_plan(decode_method_plan(method, 512))

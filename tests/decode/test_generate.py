@@ -10,7 +10,7 @@ import torch
 import sparse_infer
 from sparse_infer.decode import decode_counters, decode_state_bytes, reset_decode_state
 from sparse_infer.decode.double_sparsity import labels_of
-from sparse_infer.patches.attention import runtime_for
+from sparse_infer.runtime import runtime_for
 from sparse_infer.kernels import cpu_kernel_available
 from tests.conftest import tiny_model
 
@@ -153,12 +153,12 @@ def test_double_sparsity_label_cache_matches_recomputed():
             for layer_idx, layer in enumerate(cache.layers):
                 rt = next(runtime_for(m) for m in model.modules()
                           if runtime_for(m) is not None and runtime_for(m).layer_idx == layer_idx)
-                st = rt.decode_state["groups"][0]
+                st = rt.decode_state.groups[0]
                 keys = layer.keys
-                assert st["labels"].length == keys.shape[2]
-                assert torch.equal(st["labels"].view(), labels_of(keys, st["channels"]))
+                assert st.labels.length == keys.shape[2]
+                assert torch.equal(st.labels.view(), labels_of(keys, st.channels))
                 if isinstance(channels, list):
-                    assert st["channels"].tolist() == [[channels] * keys.shape[1]] * keys.shape[0]
+                    assert st.channels.tolist() == [[channels] * keys.shape[1]] * keys.shape[0]
             assert decode_counters(model)["rebuilds"] == 2       # once per layer, then incremental
             # label cache ~ r/D of K (plus growth headroom)
             r = channels if isinstance(channels, int) else len(channels)
@@ -213,7 +213,7 @@ def test_mixed_layer_parts_in_one_call_equal_separate_calls(monkeypatch, executo
     # read once for the group's query heads.
     import importlib
 
-    import sparse_infer.decode as decode
+    import sparse_infer.decode.dispatch as decode
 
     if executor == "cpu" and not cpu_kernel_available():
         pytest.skip("no C compiler: the C decode kernel is not built here")
@@ -300,14 +300,14 @@ def test_auto_dense_above_runs_cache_heads_dense_when_selections_cover_too_much(
 
 
 def test_parts_over_limit_counts_per_head_selections_once_per_query_head():
-    from sparse_infer.decode import _layer_layouts, _parts_over_limit
-    from sparse_infer.patches.attention import group_heads
+    from sparse_infer.decode.dispatch import _layer_layouts, _parts_over_limit
+    from sparse_infer.runtime import DecodeState, group_heads
     from sparse_infer.plan import load_plan
 
     plan = load_plan({"sparse_infer_plan": 1, "decode": {
         "min_kv_len": 0, "granularity": "head", "default": {"method": "streaming", "sink": 4, "local": 28},
         "layers": {0: {0: {"method": "quest", "page": 8, "budget": 20, "sink": 0, "local": 0}}}}})
-    rt = SimpleNamespace(plan=plan, decode_groups=group_heads(plan.decode, 0, 4), decode_state={})
+    rt = SimpleNamespace(plan=plan, decode_groups=group_heads(plan.decode, 0, 4), decode_state=DecodeState())
     layouts = _layer_layouts(rt, 4, 2)                   # 4 query heads on 2 cache heads
     on_kv = {pi: kv.start for pi, (_, _, kv, _) in enumerate(layouts)}
     # cache head 0: quest head 0 (20 rounded up to 24 rows) + streaming head 1 (32) = 56 rows;

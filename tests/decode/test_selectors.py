@@ -6,11 +6,13 @@ import math
 import pytest
 import torch
 
-from sparse_infer.decode import SELECTORS, _fingerprint_positions, _layer_layouts, decode_attention, double_sparsity, quest
+from sparse_infer.decode import decode_attention, double_sparsity, quest
+from sparse_infer.decode.dispatch import _fingerprint_positions, _layer_layouts
 from sparse_infer.decode.common import GroupInputs
 from sparse_infer.kernels.block_sparse_attn import dense_masked_attention
+from sparse_infer.methods import DECODE_SELECTORS
 from sparse_infer.kernels.sparse_decode import indices_to_mask
-from sparse_infer.patches.attention import LayerRuntime, group_heads
+from sparse_infer.runtime import LayerRuntime, group_heads
 from sparse_infer.plan import load_plan
 
 B, HQ, HKV, N, D = 2, 8, 2, 1000, 64
@@ -53,12 +55,12 @@ def tensors(seed, n=N, padded=True, dim=D):
 def recorder(monkeypatch):
     """Wrap every selector so the test sees the (rule, indices, Hi) each group produced."""
     seen = []
-    for kind, fn in list(SELECTORS.items()):
-        def wrapped(inp, rule, state, _fn=fn):
+    for selector in DECODE_SELECTORS.values():
+        def wrapped(inp, rule, state, _fn=selector.select):
             idx = _fn(inp, rule, state)
             seen.append((rule, idx, inp))
             return idx
-        monkeypatch.setitem(SELECTORS, kind, wrapped)
+        monkeypatch.setattr(selector, "select", wrapped)
     return seen
 
 
@@ -168,7 +170,7 @@ def test_double_sparsity_keeps_best_label_scores(channels, recorder):
     q, k, v, mask = tensors(4, padded=True)
     decode_attention(rt, None, q, k, v, mask, SCALING, {})
     (_, idx, _), = recorder
-    chans = rt.decode_state["groups"][0]["channels"]                     # (B, Hkv, r)
+    chans = rt.decode_state.groups[0].channels                     # (B, Hkv, r)
     r = channels if isinstance(channels, int) else len(channels)
     assert chans.shape == (B, HKV, r)
     if isinstance(channels, list):
@@ -276,7 +278,7 @@ def test_softcap_is_applied():
 # --------------------------------------------------------------------------- incremental state
 def _step(rule, state, q, k, valid, fresh):
     inp = GroupInputs(q, k, valid, False, SCALING, None, fresh)
-    return SELECTORS[rule.kind](inp, rule, state)
+    return DECODE_SELECTORS[rule.kind].select(inp, rule, state)
 
 
 def _rule(d):
@@ -298,11 +300,11 @@ def test_quest_bounds_are_upper_bounds_and_incremental(seed):
     pad = int(torch.randint(0, n0, (1,), generator=g))
     valid[-1, :, :pad] = False              # left padding on the last row
     rule = _rule({"method": "quest", "page": page, "budget": 10 * page})
-    state = {}
+    state = DECODE_SELECTORS["quest"].new_state()
     for n in range(n0, n0 + steps + 1):
         q = torch.randn(b, hk * G, d, generator=g)
         _step(rule, state, q, k[:, :, :n], valid[:, :, :n], fresh=(n == n0))
-    kmin, kmax = state["kmin"].view(), state["kmax"].view()
+    kmin, kmax = state.kmin.view(), state.kmax.view()
     n = n0 + steps
     # incremental == rebuilt from the full K (keys appended after the rebuild are all valid)
     ref_valid = valid.clone()
@@ -321,12 +323,12 @@ def test_double_sparsity_label_cache_appends_one_row_per_step():
     rule = _rule({"method": "double_sparsity", "channels": 6, "budget": 20})
     g = torch.Generator().manual_seed(0)
     k = torch.randn(2, 2, 300, 32, generator=g)
-    state = {}
+    state = DECODE_SELECTORS["double_sparsity"].new_state()
     for n in range(200, 301):
         _step(rule, state, torch.randn(2, 4, 32, generator=g), k[:, :, :n], None, fresh=(n == 200))
-        assert state["labels"].length == n
-    chans = state["channels"]
-    assert torch.equal(state["labels"].view(), double_sparsity.labels_of(k, chans))
+        assert state.labels.length == n
+    chans = state.channels
+    assert torch.equal(state.labels.view(), double_sparsity.labels_of(k, chans))
 
 
 @pytest.mark.parametrize("in_c", [True, False])
@@ -343,23 +345,23 @@ def test_new_sequence_sharing_first_and_last_rows_rebuilds(in_c, monkeypatch):
     rt = make_rt(RULES["double_sparsity"])
     q, k, v, _ = tensors(11, n=305, padded=False)
     decode_attention(rt, None, q, k[:, :, :300], v[:, :, :300], None, SCALING, {})
-    assert rt.decode_state["sequence"]["in_c"] is in_c
+    assert rt.decode_state.sequence.in_c is in_c
     for n in range(301, 305):                                               # genuine next steps
         decode_attention(rt, None, q, k[:, :, :n], v[:, :, :n], None, SCALING, {})
-    assert rt.decode_state["rebuilds"] == 1
+    assert rt.decode_state.rebuilds == 1
     other = torch.randn_like(k[:, :, :304])
     other[:, :, 0], other[:, :, 303] = k[:, :, 0], k[:, :, 303]
     other = torch.cat([other, torch.randn(B, HKV, 1, D)], dim=2)
     decode_attention(rt, None, q, other, torch.randn_like(other), None, SCALING, {})
-    assert rt.decode_state["rebuilds"] == 2
-    labels = rt.decode_state["groups"][0]["labels"].view()
-    assert torch.equal(labels, double_sparsity.labels_of(other, rt.decode_state["groups"][0]["channels"]))
+    assert rt.decode_state.rebuilds == 2
+    labels = rt.decode_state.groups[0].labels.view()
+    assert torch.equal(labels, double_sparsity.labels_of(other, rt.decode_state.groups[0].channels))
     # one changed element in one spread row of one head is enough
     edited = torch.cat([other, torch.randn(B, HKV, 1, D)], dim=2)
     spread = _fingerprint_positions(other.shape[2])[3]                    # kept since `other` was seen
     edited[1, 1, spread, 3] += 1.0
     decode_attention(rt, None, q, edited, torch.randn_like(edited), None, SCALING, {})
-    assert rt.decode_state["rebuilds"] == 3
+    assert rt.decode_state.rebuilds == 3
 
 
 def test_sliding_window_without_mask_is_respected(recorder):

@@ -110,12 +110,13 @@ def test_channel_scores_are_mean_abs_products_over_causal_pairs():
 def _selector_recall(kind, params, q, k, P, scaling, per_head=True):
     """Recall of the project's own decode selector on the last query (per_head=False: one
     selection per kv head, shared by its query heads)."""
-    from sparse_infer.decode import SELECTORS
     from sparse_infer.decode.common import GroupInputs
+    from sparse_infer.methods import DECODE_SELECTORS
     rule = make_rule(kind, params, "decode")
     inp = GroupInputs(query=q[None, :, -1], key=k[None], valid=None, per_head=per_head, scaling=scaling,
                       softcap=None, fresh=True)
-    idx = SELECTORS[kind](inp, rule, {})[0]                            # (Hi, K)
+    selector = DECODE_SELECTORS[kind]
+    idx = selector.select(inp, rule, selector.new_state())[0]                            # (Hi, K)
     if not per_head:
         idx = idx.repeat_interleave(q.shape[0] // k.shape[0], 0)
     sel = torch.zeros(q.shape[0], P.shape[-1], dtype=torch.bool)
