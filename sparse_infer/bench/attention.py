@@ -24,7 +24,7 @@ from sparse_infer.bench.timing import time_once_ms
 from sparse_infer.kernels.sparse_decode import sparse_decode_torch, sparse_decode_triton
 
 __all__ = [
-    "a_shape_index",
+    "synthetic_a_shape_index",
     "block_random_index",
     "synthetic_index",
     "naive_gather_attention",
@@ -39,7 +39,7 @@ __all__ = [
 # --------------------------------------------------------------------------
 
 
-def a_shape_index(batch, heads, q_len, kv_len, block_size, window_blocks, sink_blocks=1, device="cpu"):
+def synthetic_a_shape_index(batch, heads, q_len, kv_len, block_size, window_blocks, sink_blocks=1, device="cpu"):
     """Sink blocks + a local window of `window_blocks` blocks ending at the diagonal."""
     nqb = num_query_blocks(q_len, kv_len, block_size)
     qb0 = (kv_len - q_len) // block_size
@@ -93,17 +93,17 @@ def synthetic_index(pattern, batch, heads, q_len, kv_len, block_size, density, s
     lo, hi = 1, nkb
     while lo < hi:  # smallest window reaching the target density
         mid = (lo + hi) // 2
-        d = index_density(a_shape_index(1, 1, q_len, kv_len, block_size, mid), q_len, kv_len)
+        d = index_density(synthetic_a_shape_index(1, 1, q_len, kv_len, block_size, mid), q_len, kv_len)
         if d < density:
             lo = mid + 1
         else:
             hi = mid
     if lo > 1:  # take whichever neighbouring window is closer to the target
-        below = index_density(a_shape_index(1, 1, q_len, kv_len, block_size, lo - 1), q_len, kv_len)
-        above = index_density(a_shape_index(1, 1, q_len, kv_len, block_size, lo), q_len, kv_len)
+        below = index_density(synthetic_a_shape_index(1, 1, q_len, kv_len, block_size, lo - 1), q_len, kv_len)
+        above = index_density(synthetic_a_shape_index(1, 1, q_len, kv_len, block_size, lo), q_len, kv_len)
         if density - below < above - density:
             lo -= 1
-    return a_shape_index(batch, heads, q_len, kv_len, block_size, lo, device=device)
+    return synthetic_a_shape_index(batch, heads, q_len, kv_len, block_size, lo, device=device)
 
 
 # --------------------------------------------------------------------------

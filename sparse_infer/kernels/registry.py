@@ -125,7 +125,7 @@ def resolve(phase: str, backend: str, query, key=None, value=None) -> Executor:
 # Prefill: above this share of causal pairs a head's block-sparse attention costs more
 # than dense attention, so the head runs dense (exact, and faster). Measured for the
 # torch executor against SDPA on a 2-core CPU with Qwen2.5-0.5B's real q/k/v at 16K
-# (docs/RESULTS.md, "Third session"): 0.4 for an index per query head (each tile feeds
+# (docs/RESULTS.md, "Where sparse stops paying"): 0.4 for an index per query head (each tile feeds
 # one head), 0.7 for an index shared by a GQA group (a tile feeds the whole group's
 # stacked rows, so bigger, cheaper matmuls).
 # Decode: when the selections on one cache head add up to more than this share of the
@@ -133,7 +133,7 @@ def resolve(phase: str, backend: str, query, key=None, value=None) -> Executor:
 # i.e. as many bytes as dense attention, with the selection work on top: its heads run dense.
 # The C decode kernel ("cpu", the default on CPUs) reads selected rows in place, but the
 # selectors' own work (TokenSelect scores every key) keeps the same decode threshold: the
-# shipped Qwen plan's step at 16K got slower with 0.5 and 0.7 (docs/RESULTS.md, "Fifth session").
+# shipped Qwen plan's step at 16K got slower with 0.5 and 0.7 (measured with benchmarks/decode_step_breakdown.py).
 # The Triton and flex executors have not been timed against FlashAttention: they never switch.
 _MEASURED_TORCH = {"head": 0.4, "group": 0.7, "decode": 1 / 3}
 _NEVER = {"head": 1.0, "group": 1.0, "decode": 1.0}
