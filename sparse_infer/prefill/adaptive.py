@@ -23,7 +23,8 @@ from sparse_infer.methods import Param, PrefillPattern, register
 from sparse_infer.params import distance, fraction, nonneg_int, positive_int
 from sparse_infer.prefill.block import pooled_block_scores, select_blocks
 from sparse_infer.prefill.common import (
-    Geometry, block_mask_to_index, dense_tail_blocks, group_mean, real_key_span, sink_and_diagonal_blocks,
+    Geometry, block_mask_to_index, dense_tail_blocks, group_mean, real_key_blocks, real_key_span,
+    sink_and_diagonal_blocks,
 )
 from sparse_infer.prefill.vertical_slash import last_query_attention, slash_sums, vertical_slash_blocks
 
@@ -61,8 +62,7 @@ def adaptive_index(query, key, rule, *, block_size, scaling, attention_mask=None
     p = rule.params
     gamma = p["gamma"]
     start, end = real_key_span(attention_mask, batch, geo.q_len, n, device)
-    block_start = torch.arange(geo.nkb, device=device) * block_size
-    key_valid_blocks = (block_start[None, :] + block_size > start[:, None]) & (block_start[None, :] < end[:, None])
+    key_valid_blocks = real_key_blocks(geo, start, end)
 
     probs, rows = last_query_attention(query, key, scaling=scaling, attention_mask=attention_mask,
                                        last_q=p["last_q"], softcap=softcap, end=end)

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from sparse_infer.methods import Param, PrefillPattern, register
 from sparse_infer.params import PlanError, fraction, nonneg_int, parse_budget, positive_int
 from sparse_infer.prefill.common import (
-    Geometry, block_mask_to_index, dense_tail_blocks, group_mean, real_key_span, repeat_kv, sink_and_diagonal_blocks,
+    Geometry, block_mask_to_index, dense_tail_blocks, group_mean, real_key_blocks, real_key_span, repeat_kv,
+    sink_and_diagonal_blocks,
 )
 
 
@@ -121,9 +122,7 @@ def block_index(query, key, rule, *, block_size, scaling, attention_mask=None, g
     device = key.device
     p = rule.params
     start, end = real_key_span(attention_mask, batch, geo.q_len, n, device)
-    block_start = torch.arange(geo.nkb, device=device) * block_size
-    # blocks holding a real key (left and right padding)
-    key_valid_blocks = (block_start[None, :] + block_size > start[:, None]) & (block_start[None, :] < end[:, None])
+    key_valid_blocks = real_key_blocks(geo, start, end)
     if p["estimator"] == "antidiagonal":
         mass = antidiagonal_block_scores(query, key, geo, scaling, key_valid_blocks, p["stride"])
     else:

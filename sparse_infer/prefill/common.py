@@ -77,6 +77,12 @@ def real_key_span(attention_mask: torch.Tensor | None, batch: int, q_len: int, n
     return start, end
 
 
+def real_key_blocks(geo: Geometry, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+    """bool (B, NKB): kv blocks holding at least one real key of [start, end) (left and right padding)."""
+    block_start = torch.arange(geo.nkb, device=start.device) * geo.bs
+    return (block_start[None, :] + geo.bs > start[:, None]) & (block_start[None, :] < end[:, None])
+
+
 def index_heads(query: torch.Tensor, key: torch.Tensor, granularity: str) -> int:
     return key.shape[1] if granularity == "group" else query.shape[1]
 

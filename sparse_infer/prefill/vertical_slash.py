@@ -88,8 +88,7 @@ def vertical_slash_blocks(vertical, slash, geo: Geometry, start, *, sink: int, l
     """Kept kv blocks (B, Hi, NQB, NKB) and columns (B, Hi, C; -1 = unused) for the largest
     `num_vertical` columns and `num_slash` diagonals (ints, or (B, Hi) tensors: one count per
     head), with the first `sink` real keys and the `local` nearest diagonals always on top."""
-    n, device, block_size = vertical.shape[-1], vertical.device, geo.bs
-    batch, hi = vertical.shape[:2]
+    n, device = vertical.shape[-1], vertical.device
     # sinks and the nearest diagonals are always kept, whatever the estimate says
     kpos = torch.arange(n, device=device)
     sink_cols = (kpos[None, :] >= start[:, None]) & (kpos[None, :] < start[:, None] + sink)
