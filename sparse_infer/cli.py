@@ -212,7 +212,10 @@ def bench_decode(
     e2e = []
     if model:
         from sparse_infer.bench.decode import bench_decode_end_to_end, decode_method_plan
-        plans = {m: decode_method_plan(m, budget) for m in ("token_select", "double_sparsity", "quest")}
+        from sparse_infer.methods import DECODE_SELECTORS
+        # every registered selector that reads a token budget (streaming keeps a fixed window)
+        plans = {m: decode_method_plan(m, budget) for m, selector in DECODE_SELECTORS.items()
+                 if "budget" in selector.params}
         e2e = bench_decode_end_to_end(model, prompt_len, new_tokens, plans, cache=cache)["rows"]
         _table(e2e, list(e2e[0].keys()), f"end-to-end decode, {model}")
     _write_bench_json(target, {"attention": rows, "methods": methods, "end_to_end": e2e})
