@@ -7,7 +7,7 @@ exactly those (AND attention_mask), reading only the selected K/V rows.
 
 import torch
 
-from .index import dense_masked_attention
+from .index import check_attention_mask, dense_masked_attention
 from .torch_executor import acquire_workspace, release_workspace
 from .triton_executor import (
     apply_softcap,
@@ -63,13 +63,8 @@ def check_decode_rows(query, key, value, indices, kv_heads):
 
 
 def check_decode_mask(attention_mask, B, Hq, n):
-    if attention_mask is None:
-        return None
-    if attention_mask.dtype != torch.bool:
-        raise TypeError("attention_mask must be a bool tensor (True = may attend)")
-    if attention_mask.dim() != 4 or attention_mask.shape[1] not in (1, Hq):
-        raise ValueError(f"attention_mask must be (B, 1|Hq, 1, n), got {tuple(attention_mask.shape)}")
-    return attention_mask.expand(B, attention_mask.shape[1], 1, n)
+    """The prefill mask check for the one query row of a decode step."""
+    return check_attention_mask(attention_mask, B, Hq, 1, n)
 
 
 def indices_to_mask(indices: torch.Tensor, kv_len: int, num_q_heads: int) -> torch.Tensor:

@@ -5,7 +5,7 @@ import weakref
 
 from sparse_infer.patches.attention import IMPLEMENTATION, eager_fallback, sparse_attention_forward
 from sparse_infer.plan import Plan, PlanError, load_plan
-from sparse_infer.runtime import LayerRuntime, get_stats, group_heads, reset_stats, runtime_for, set_runtime
+from sparse_infer.runtime import LayerRuntime, get_stats, group_heads, reset_stats, set_runtime
 
 _registered = False
 # model -> the attn implementation it had before patching (restored by unpatch). Keyed by the

@@ -45,8 +45,8 @@ def last_query_attention(query, key, *, scaling, attention_mask=None, last_q=64,
         rows = torch.where(row_ok, rows, torch.full_like(rows, q0))
         local = rows - q0
         qs = query.gather(2, local[:, None, :, None].expand(-1, query.shape[1], -1, query.shape[-1])).float()
-        m = attention_mask[:, :1, -q_len:, -n:].bool().expand(batch, -1, -1, -1)
-        row_mask = m.gather(2, local[:, None, :, None].expand(-1, 1, -1, n))
+        m = attention_mask[:, :, -q_len:, -n:].bool().expand(batch, -1, -1, -1)     # (B, 1|Hq, q, n)
+        row_mask = m.gather(2, local[:, None, :, None].expand(-1, m.shape[1], -1, n))
     scores = qs @ repeat_kv(key.float(), groups).transpose(-1, -2) * scaling
     if softcap:
         scores = softcap * torch.tanh(scores / softcap)

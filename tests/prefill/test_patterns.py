@@ -222,3 +222,18 @@ def test_diagonal_blocks_equal_their_row_by_row_crossings(q_len, n):
     qstart, qend = geo.query_block_ranges("cpu")
     for k in (None, kept):
         assert torch.equal(_diagonal_blocks(diagonals, k, geo), _crossed_blocks(diagonals, k, geo, qstart, qend))
+
+
+def test_vertical_slash_right_padding_keeps_a_per_head_mask():
+    """A per-head (B, Hq, q, n) mask with a right-padded row: the estimate of each head reads its
+    own mask rows (a head that may not see key 5 gets no column there)."""
+    from sparse_infer.prefill.vertical_slash import last_query_attention
+
+    q, k, _ = _inputs(2, 4, 2, 64, 64)
+    mask = torch.ones(64, 64, dtype=torch.bool).tril()[None, None].repeat(2, 4, 1, 1)
+    mask[1, :, :, 50:] = False                  # row 1: right padding from 50 on
+    mask[1, 2, :, 5] = False                    # head 2 of row 1 may not see key 5
+    end = torch.tensor([64, 50])
+    probs, _ = last_query_attention(q, k, scaling=0.25, attention_mask=mask, last_q=8, end=end)
+    assert (probs[1, 2, :, 5] == 0).all() and (probs[1, 1, :, 5] > 0).all()
+    assert (probs[1, :, :, 50:] == 0).all()
