@@ -116,8 +116,7 @@ def resolve(phase: str, backend: str, query, key=None, value=None) -> Executor:
         return named
     device = query.device.type
     for candidate in _EXECUTORS[phase].values():
-        if device in candidate.auto_on and candidate.available() and (
-                candidate.accepts is None or candidate.accepts(query, key, value)):
+        if device in candidate.auto_on and candidate.takes(query, key, value):
             return candidate
     raise RuntimeError(f"no {phase} executor runs on {device} tensors")
 

@@ -7,8 +7,10 @@ compared with what mean-pooled q/k blocks predict for the same queries:
 - where the pooled estimate is trustworthy (the Jensen-Shannon distance between the two block
   distributions is below `tau`), the head is **query-aware**: each query block keeps the
   smallest set of kv blocks whose pooled estimate reaches `gamma` of its mass (block pattern);
-- otherwise the head is **vertical-slash**: it keeps the fewest key columns and diagonals whose
-  exact last-query attention reaches `gamma` of the mass, each counted apart.
+- otherwise the head is **vertical-slash**: it keeps as many key columns, and as many
+  diagonals, as it takes for the largest of them to reach `gamma` of the exact last-query
+  attention, each counted apart; like vertical_slash's budgets, these counts come on top of
+  the `sink` first columns and `local` nearest diagonals it always keeps.
 
 So budgets follow the input: a head that attends locally keeps a few diagonals whatever the
 length, a retrieval head keeps the columns its question points at. Sink columns, the nearest
