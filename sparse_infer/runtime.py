@@ -102,6 +102,11 @@ def causal_pairs(q_len: int, n: int) -> float:
     return q_len * (n - q_len) + q_len * (q_len + 1) / 2
 
 
+def causal_mask(q_len: int, n: int, device) -> torch.Tensor:
+    """bool (q_len, n): what each query may see when the queries are the last q_len of n keys."""
+    return torch.ones(q_len, n, dtype=torch.bool, device=device).tril(n - q_len)
+
+
 def get_stats(model) -> dict:
     """Measured density per layer since patching (or the last reset_stats)."""
     runtimes = list(iter_runtimes(model))

@@ -19,7 +19,8 @@ from sparse_infer.decode.dispatch import decode_attention
 from sparse_infer.methods import DENSE
 from sparse_infer.prefill.dispatch import _dense_subset, sparse_prefill  # noqa: F401 - re-exported
 from sparse_infer.runtime import (  # noqa: F401 - re-exported: the names' old home
-    LayerRuntime, LayerStats, causal_pairs, get_stats, group_heads, heads_of, reset_stats, runtime_for, set_runtime,
+    LayerRuntime, LayerStats, causal_mask, causal_pairs, get_stats, group_heads, heads_of, reset_stats, runtime_for,
+    set_runtime,
 )
 
 IMPLEMENTATION = "sparse_infer"
@@ -59,8 +60,7 @@ def _to_bool_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
 
 def _causal_bool_mask(batch: int, q_len: int, n: int, device) -> torch.Tensor:
     """(B, 1, q, n) bool: the queries are the last q_len of n keys (what None stands for)."""
-    causal = torch.ones(q_len, n, dtype=torch.bool, device=device).tril(n - q_len)
-    return causal[None, None].expand(batch, 1, -1, -1)
+    return causal_mask(q_len, n, device)[None, None].expand(batch, 1, -1, -1)
 
 
 # FlexAttention masks built for the dense fallback, so the layers of one forward (which all get

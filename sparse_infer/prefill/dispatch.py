@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from sparse_infer.methods import DENSE
 from sparse_infer.prefill import build_index
-from sparse_infer.runtime import LayerRuntime, causal_pairs, heads_of
+from sparse_infer.runtime import LayerRuntime, causal_mask, causal_pairs, heads_of
 
 
 def _dense_subset(query, key, value, mask, scaling, softcap):
@@ -20,7 +20,7 @@ def _dense_subset(query, key, value, mask, scaling, softcap):
     from sparse_infer.kernels.index import dense_masked_attention
     q_len, n = query.shape[2], key.shape[2]
     if softcap:
-        causal = torch.ones(q_len, n, dtype=torch.bool, device=query.device).tril(n - q_len)
+        causal = causal_mask(q_len, n, query.device)
         full = causal[None, None] if mask is None else causal[None, None] & mask
         return dense_masked_attention(query, key, value, full, scaling, softcap=softcap)
     groups = query.shape[1] // key.shape[1]
@@ -32,7 +32,7 @@ def _dense_subset(query, key, value, mask, scaling, softcap):
     if groups > 1:
         key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
     if mask is None:                                   # chunked prefill: queries are the last q_len keys
-        causal = torch.ones(q_len, n, dtype=torch.bool, device=query.device).tril(n - q_len)
+        causal = causal_mask(q_len, n, query.device)
         return F.scaled_dot_product_attention(query, key, value, attn_mask=causal, scale=scaling)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
     return out.nan_to_num(0.0)
