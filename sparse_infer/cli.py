@@ -151,9 +151,13 @@ def bench_prefill(
     model: Optional[str] = typer.Option(None, help="also time end-to-end prefill of this model"),
     model_lengths: str = typer.Option("4096,8192,16384"),
     plans: str = typer.Option("a_shape,vertical_slash,block", help="plans for the end-to-end run"),
+    repeats: int = typer.Option(1, min=1, help="end-to-end forwards per plan and length (the fastest counts)"),
+    detail: bool = typer.Option(False, "--detail", help="per-layer prefill attention time: estimate, "
+                                                        "sparse executor, dense heads"),
     json_out: Optional[str] = typer.Option(None, "--json", help="write all rows to this new JSON file"),
 ):
-    """Dense SDPA vs each pattern: attention time, ratio, density; then end-to-end prefill."""
+    """Dense SDPA vs each pattern: attention time, ratio, density; then end-to-end prefill with
+    each plan's fidelity against dense (KL over the last 256 positions, top-1 agreement)."""
     import torch
 
     from sparse_infer.bench.attention import bench_prefill_attention
@@ -171,15 +175,40 @@ def bench_prefill(
     if model:
         import sparse_infer
         m, tok = sparse_infer.load_model(model)
-        e2e = bench_prefill_end_to_end_rows(m, tok, _ints(model_lengths), plan_names)
-        _table(e2e, ["n", "plan", "seconds", "ratio", "density"], f"end-to-end prefill, {model}")
+        e2e = bench_prefill_end_to_end_rows(m, tok, _ints(model_lengths), plan_names, repeats, detail)
+        _table([{**r, "kl": f"{r['kl']:.5f}", "top1": f"{r['top1']:.1f}"} for r in e2e],
+               ["n", "plan", "seconds", "ratio", "density", "kl", "top1"], f"end-to-end prefill, {model}")
+        if detail:
+            _print_layer_detail(e2e)
     _write_bench_json(target, {"attention": rows, "end_to_end": e2e})
 
 
-def bench_prefill_end_to_end_rows(model, tok, lengths, plan_names):
+def bench_prefill_end_to_end_rows(model, tok, lengths, plan_names, repeats=1, detail=False):
     from sparse_infer.bench.prefill import bench_prefill_end_to_end, named_plans
 
-    return bench_prefill_end_to_end(model, tok, lengths, named_plans(plan_names, model.config))
+    return bench_prefill_end_to_end(model, tok, lengths, named_plans(plan_names, model.config), repeats=repeats,
+                                    detail=detail)
+
+
+def _print_layer_detail(rows) -> None:
+    """One table per length: per layer, each plan's attention ms (estimate + sparse + dense)."""
+    for n in dict.fromkeys(r["n"] for r in rows):
+        at = [r for r in rows if r["n"] == n]
+        table = Table(title=f"prefill attention per layer at n={n}, ms per forward: "
+                            "estimate + sparse executor + dense heads = total (density)")
+        table.add_column("layer", justify="right")
+        for r in at:
+            table.add_column(r["plan"], justify="right")
+        for layer in sorted({idx for r in at for idx in r["layers"]}):
+            cells = []
+            for r in at:
+                t = r["layers"].get(layer)
+                cells.append("-" if t is None else
+                             f"{t['estimate'] * 1e3:.0f}+{t['sparse'] * 1e3:.0f}+{t['dense'] * 1e3:.0f}"
+                             f"={t['attention'] * 1e3:.0f} ({t['density']:.2f})")
+            table.add_row(str(layer), *cells)
+        table.add_row("rest of the model", *[f"{r['other_s'] * 1e3:.0f}" for r in at])
+        console.print(table)
 
 
 @bench_app.command("decode")

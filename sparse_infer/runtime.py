@@ -8,6 +8,7 @@ integration (sparse_infer.patches) all read this module; it imports none of them
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -28,6 +29,10 @@ class LayerStats:
     sparse_decode_calls: int = 0
     decode_selected: float = 0.0
     decode_total: float = 0.0
+    # prefill attention seconds, recorded only while timing is on (set_timing)
+    estimate_s: float = 0.0          # building the indices (the patterns' estimates)
+    sparse_s: float = 0.0            # the block-sparse executor
+    dense_s: float = 0.0             # heads run dense (dense rules, too-dense indices, short prompts)
 
 
 @dataclass
@@ -56,6 +61,13 @@ class LayerRuntime:
     decode_state: DecodeState = field(default_factory=DecodeState)
     prefill_groups: list = field(default_factory=list)  # [(Rule, [q heads])], computed once
     decode_groups: list = field(default_factory=list)
+    timed: bool = False                 # record prefill seconds in stats (set_timing)
+
+    def clock(self, tensor: torch.Tensor) -> float:
+        """perf_counter once the device has finished the work queued so far (CUDA runs async)."""
+        if tensor.device.type == "cuda":
+            torch.cuda.synchronize(tensor.device)
+        return time.perf_counter()
 
 
 _RUNTIME: "weakref.WeakKeyDictionary[torch.nn.Module, LayerRuntime]" = weakref.WeakKeyDictionary()
@@ -119,6 +131,9 @@ def get_stats(model) -> dict:
             "decode_calls": s.decode_calls, "sparse_decode_calls": s.sparse_decode_calls,
             "decode_density": s.decode_selected / s.decode_total if s.decode_total else None,
         }
+        if rt.timed:
+            layers[rt.layer_idx]["prefill_seconds"] = {"estimate": s.estimate_s, "sparse": s.sparse_s,
+                                                       "dense": s.dense_s}
 
     def ratio(num: str, den: str):
         total = sum(getattr(rt.stats, den) for rt in runtimes)
@@ -126,6 +141,13 @@ def get_stats(model) -> dict:
 
     return {"layers": layers, "prefill_density": ratio("selected_pairs", "causal_pairs"),
             "decode_density": ratio("decode_selected", "decode_total")}
+
+
+def set_timing(model, on: bool = True) -> None:
+    """Record where each layer's prefill attention time goes (estimate, sparse executor, dense
+    heads) in its stats. Off by default: on a GPU each reading waits for the device."""
+    for rt in iter_runtimes(model):
+        rt.timed = on
 
 
 def reset_stats(model) -> None:

@@ -35,23 +35,72 @@ def named_plans(names, model_config) -> dict:
             for name in names}
 
 
-def bench_prefill_end_to_end(model, tokenizer, lengths, plans: dict, repeats: int = 1):
-    """Rows {n, plan, seconds, ratio, density}: one forward over the prompt, dense first."""
+def _layer_seconds(model, forwards: int) -> dict[int, dict[str, float]]:
+    """{layer: {estimate, sparse, dense, attention}}: seconds per forward, from the timed stats."""
     import sparse_infer
+
+    layers = {}
+    for idx, stats in sparse_infer.get_stats(model)["layers"].items():
+        seconds = {k: v / forwards for k, v in stats.get("prefill_seconds", {}).items()}
+        if seconds:
+            seconds["attention"] = sum(seconds.values())
+            seconds["density"] = stats["prefill_density"]
+            layers[idx] = seconds
+    return layers
+
+
+def bench_prefill_end_to_end(model, tokenizer, lengths, plans: dict, repeats: int = 1, window: int = 256,
+                             detail: bool = False):
+    """Rows {n, plan, seconds, ratio, density, kl, top1}: one teacher-forced forward over a prose
+    prompt of n tokens (the `eval fidelity` prose prompt), dense first; each plan's next-token
+    distributions over the last `window` positions are compared with dense's from the same run
+    (mean KL(dense || plan) in nats, top-1 agreement in %).
+
+    detail: each row also gets "layers", {layer: seconds per forward of its prefill attention,
+    split into estimate (building indices), sparse (executor), dense (heads run dense)}, and
+    the dense row gets the same from a forward under the all-dense plan (which runs every layer
+    through the patched path's dense call); "other" is the rest of the forward (projections,
+    MLP, norms, logits)."""
     from sparse_infer.bench.patching import patched
+    from sparse_infer.eval.fidelity import compare, next_token_logprobs, prose_prompt, scored_positions
+    from sparse_infer.runtime import set_timing
+
+    def timed(plan):
+        best, out = float("inf"), None
+        layers = {}
+        with patched(model, plan):
+            set_timing(model, detail)
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                out = next_token_logprobs(model, prompt.input_ids, positions)
+                best = min(best, time.perf_counter() - t0)
+            if plan is not None:
+                import sparse_infer
+                density = sparse_infer.get_stats(model)["prefill_density"]
+                layers = _layer_seconds(model, repeats) if detail else {}
+            else:
+                density = 1.0
+        return out, best, density, layers
 
     rows = []
     for n in lengths:
-        ids = synthetic_prompt_ids(tokenizer, n)
-        dense_s = None
-        for name, plan in [("dense", None), *plans.items()]:
-            best = float("inf")
-            with patched(model, plan), torch.no_grad():
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
-                    model(ids, use_cache=False, logits_to_keep=1)
-                    best = min(best, time.perf_counter() - t0)
-                density = sparse_infer.get_stats(model)["prefill_density"] if plan is not None else 1.0
-            dense_s = best if name == "dense" else dense_s
-            rows.append({"n": n, "plan": name, "seconds": best, "ratio": dense_s / best, "density": density})
+        prompt = prose_prompt(tokenizer, n, 0)
+        positions = scored_positions(prompt, window)
+        reference, dense_s, _, _ = timed(None)
+        dense_row = {"n": n, "plan": "dense", "seconds": dense_s, "ratio": 1.0, "density": 1.0,
+                     "kl": 0.0, "top1": 100.0}
+        if detail:
+            dense_row["layers"] = timed("dense")[3]
+        rows.append(dense_row)
+        for name, plan in plans.items():
+            out, seconds, density, layers = timed(plan)
+            figures = compare(reference, out, positions, prompt)
+            row = {"n": n, "plan": name, "seconds": seconds, "ratio": dense_s / seconds, "density": density,
+                   "kl": figures["kl"], "top1": figures["top1"]}
+            if detail:
+                row["layers"] = layers
+            rows.append(row)
+    if detail:
+        for row in rows:
+            row["other_s"] = row["seconds"] - sum(layer["attention"] for layer in row["layers"].values())
     return rows

@@ -140,7 +140,12 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout=
         pairs = query.shape[0] * query.shape[1] * causal_pairs(q_len, n)
         rt.stats.selected_pairs += pairs
         rt.stats.causal_pairs += pairs
-        return _dense(rt, module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        if not rt.timed:
+            return _dense(rt, module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        started = rt.clock(query)
+        out = _dense(rt, module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        rt.stats.dense_s += rt.clock(query) - started
+        return out
     rt.stats.sparse_prefill_calls += 1
     out = sparse_prefill(rt, query, key, value, _to_bool_mask(attention_mask), scaling, kwargs.get("softcap"))
     return out.transpose(1, 2).contiguous(), None

@@ -9,8 +9,8 @@ compared with what mean-pooled q/k blocks predict for the same queries:
   smallest set of kv blocks whose pooled estimate reaches `gamma` of its mass (block pattern);
 - otherwise the head is **vertical-slash**: it keeps as many key columns, and as many
   diagonals, as it takes for the largest of them to reach `gamma` of the exact last-query
-  attention, each counted apart; like vertical_slash's budgets, these counts come on top of
-  the `sink` first columns and `local` nearest diagonals it always keeps.
+  attention, each counted apart, the `sink` first columns and `local` nearest diagonals it
+  always keeps counting first (their mass is part of the gamma they reach).
 
 So budgets follow the input: a head that attends locally keeps a few diagonals whatever the
 length, a retrieval head keeps the columns its question points at. Sink columns, the nearest
@@ -25,8 +25,8 @@ from sparse_infer.methods import Param, PrefillPattern, register
 from sparse_infer.params import distance, fraction, nonneg_int, positive_int
 from sparse_infer.prefill.block import pooled_block_scores, select_blocks
 from sparse_infer.prefill.common import (
-    Geometry, block_mask_to_index, dense_tail_blocks, group_mean, real_key_blocks, real_key_span,
-    sink_and_diagonal_blocks,
+    Geometry, block_mask_to_index, coverage_keep, dense_tail_blocks, group_mean, real_key_blocks,
+    real_key_span, sink_and_diagonal_blocks,
 )
 from sparse_infer.prefill.vertical_slash import last_query_attention, slash_sums, vertical_slash_blocks
 
@@ -43,17 +43,12 @@ def js_distance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return (0.5 * kl(p, m) + 0.5 * kl(q, m)).clamp(min=0).sqrt()
 
 
-def coverage_count(mass: torch.Tensor, gamma: float) -> torch.Tensor:
-    """How many of the largest entries (last dim) reach `gamma` of the total: (...,) long.
-
-    The entry that crosses the target is included; gamma 1 keeps every non-zero entry.
-    """
-    values = mass.sort(-1, descending=True).values
-    total = values.sum(-1, keepdim=True)
-    before = values.cumsum(-1) - values
-    if gamma >= 1:
-        return (values > 0).sum(-1)
-    return (before < gamma * total).sum(-1)
+def coverage_count(mass: torch.Tensor, gamma: float, forced: torch.Tensor | None = None) -> torch.Tensor:
+    """How many entries (last dim), largest first, it takes on top of the `forced` ones for the
+    kept mass to reach `gamma` of the total: (...,) long. The forced entries' mass counts first,
+    so a head whose sinks and nearest diagonals already hold `gamma` needs none more."""
+    keep = coverage_keep(mass, gamma, forced)
+    return keep.sum(-1) - (0 if forced is None else forced.expand_as(mass).sum(-1))
 
 
 def adaptive_index(query, key, rule, *, block_size, scaling, attention_mask=None, granularity="group",
@@ -83,12 +78,15 @@ def adaptive_index(query, key, rule, *, block_size, scaling, attention_mask=None
     # query-aware heads: per query block, the kv blocks reaching gamma of the pooled estimate
     blocks = select_blocks(pooled, coverage=gamma, nkb=geo.nkb) & query_aware[..., None, None]
 
-    # vertical-slash heads: the fewest columns and diagonals reaching gamma, on top of the sinks
-    # and nearest diagonals that are always kept
+    # vertical-slash heads: the fewest columns and diagonals that, with the sinks and nearest
+    # diagonals always kept, reach gamma of the estimate rows' mass (each measured apart)
     vertical = probs.sum(2)                                                         # (B, Hi, n)
     slash = slash_sums(probs, rows, n)
-    num_vertical = torch.where(query_aware, 0, coverage_count(vertical, gamma))
-    num_slash = torch.where(query_aware, 0, coverage_count(slash, gamma))
+    kpos = torch.arange(n, device=device)
+    sink_columns = ((kpos >= start[:, None]) & (kpos < start[:, None] + p["sink"]))[:, None]   # (B, 1, n)
+    local_diagonals = (kpos < p["local"])[None, None]
+    num_vertical = torch.where(query_aware, 0, coverage_count(vertical, gamma, sink_columns))
+    num_slash = torch.where(query_aware, 0, coverage_count(slash, gamma, local_diagonals))
     vs_blocks, columns = vertical_slash_blocks(vertical, slash, geo, start, sink=p["sink"], local=p["local"],
                                                num_vertical=num_vertical, num_slash=num_slash)
     blocks |= vs_blocks & ~query_aware[..., None, None]

@@ -19,7 +19,7 @@ from sparse_infer.methods import Param, PrefillPattern, register
 from sparse_infer.params import PlanError, fraction, nonneg_int, parse_budget, positive_int
 from sparse_infer.prefill.common import (
     Geometry, block_mask_to_index, dense_tail_blocks, group_mean, real_key_blocks, real_key_span, repeat_kv,
-    sink_and_diagonal_blocks,
+    coverage_keep, sink_and_diagonal_blocks,
 )
 
 
@@ -103,17 +103,11 @@ def antidiagonal_block_scores(query, key, geo: Geometry, scaling, key_valid_bloc
 
 def select_blocks(mass, *, top_k=None, coverage=None, nkb):
     """bool mask of the kept blocks per query block row."""
+    if top_k is None:
+        return coverage_keep(mass, coverage)
     order = mass.sort(-1, descending=True)
-    if top_k is not None:
-        keep_sorted = torch.arange(nkb, device=mass.device) < top_k.resolve(nkb)
-        keep_sorted = keep_sorted.expand_as(mass)
-    else:
-        before = order.values.cumsum(-1) - order.values
-        # include the block that crosses the target; a coverage of 1 keeps every block, also
-        # those whose estimated mass rounds to nothing in the running sum
-        keep_sorted = before < coverage if coverage < 1 else torch.ones_like(before, dtype=torch.bool)
-    keep = torch.zeros_like(keep_sorted)
-    return keep.scatter(-1, order.indices, keep_sorted)
+    keep_sorted = (torch.arange(nkb, device=mass.device) < top_k.resolve(nkb)).expand_as(mass)
+    return torch.zeros_like(keep_sorted).scatter(-1, order.indices, keep_sorted)
 
 
 def block_index(query, key, rule, *, block_size, scaling, attention_mask=None, granularity="group", **_):

@@ -110,6 +110,24 @@ def block_mask_to_index(block_mask: torch.Tensor, bs: int, columns: torch.Tensor
     return BlockSparseIndex(block_size=bs, kv_blocks=chosen.long().contiguous(), columns=columns)
 
 
+def coverage_keep(mass: torch.Tensor, coverage: float, forced: torch.Tensor | None = None) -> torch.Tensor:
+    """bool like `mass`: the fewest entries (last dim), largest first, whose mass reaches
+    `coverage` of the total, with the `forced` entries (kept whatever their mass) counted
+    first. The entry that crosses the target is kept; a coverage of 1 keeps every entry,
+    also those whose mass rounds to nothing in the running sum."""
+    if coverage >= 1:
+        return torch.ones_like(mass, dtype=torch.bool)
+    target = coverage * mass.sum(-1, keepdim=True)
+    if forced is not None:
+        forced = forced.expand_as(mass)
+        target = target - (mass * forced).sum(-1, keepdim=True)
+        mass = mass.masked_fill(forced, 0.0)
+    order = mass.sort(-1, descending=True)
+    before = order.values.cumsum(-1) - order.values
+    keep = torch.zeros_like(mass, dtype=torch.bool).scatter(-1, order.indices, before < target)
+    return keep if forced is None else keep | forced
+
+
 def sink_and_diagonal_blocks(geo: Geometry, start: torch.Tensor, sink_tokens: int) -> torch.Tensor:
     """bool (B, 1, NQB, NKB): blocks holding the first `sink_tokens` valid keys, plus the diagonal."""
     device = start.device

@@ -83,8 +83,11 @@ def sparse_prefill(rt: LayerRuntime, query, key, value, mask, scaling, softcap=N
         v = value if whole else value[:, kv_heads]
         m = heads_of(mask, heads)
         granularity = section.granularity if k.shape[1] < q.shape[1] else "head"
+        started = rt.clock(q) if rt.timed else 0.0
         index = build_index(rule, q, k, block_size=section.block_size, scaling=scaling,
                             attention_mask=m, granularity=granularity, softcap=softcap)
+        if rt.timed:
+            rt.stats.estimate_s += rt.clock(q) - started
         density = index_head_density(index, q_len, n)                       # per index head
         per_index = len(heads) // index.num_index_heads                     # query heads per index head
         limit = dense_above["group" if per_index > 1 else "head"]
@@ -106,8 +109,11 @@ def sparse_prefill(rt: LayerRuntime, query, key, value, mask, scaling, softcap=N
             q, k, v = q[:, keep], k[:, kv_keep], v[:, kv_keep]
             m = heads_of(m, keep)
             whole = False
+        started = rt.clock(q) if rt.timed else 0.0
         res = block_sparse_attention(q, k, v, index, scaling=scaling, attention_mask=m,
                                      softcap=softcap, backend=rt.backend)
+        if rt.timed:
+            rt.stats.sparse_s += rt.clock(q) - started
         rt.stats.selected_pairs += float(density.sum()) * per_index * per_head_pairs
         rt.stats.causal_pairs += len(heads) * per_head_pairs
         if whole:
@@ -118,8 +124,11 @@ def sparse_prefill(rt: LayerRuntime, query, key, value, mask, scaling, softcap=N
         dense_heads.sort()
         heads, kv_heads = _head_subsets(dense_heads, num_heads, num_kv)
         whole = len(heads) == num_heads
+        started = rt.clock(query) if rt.timed else 0.0
         res = _dense_subset(query if whole else query[:, heads], key if whole else key[:, kv_heads],
                             value if whole else value[:, kv_heads], heads_of(mask, heads), scaling, softcap)
+        if rt.timed:
+            rt.stats.dense_s += rt.clock(query) - started
         rt.stats.selected_pairs += len(heads) * per_head_pairs
         rt.stats.causal_pairs += len(heads) * per_head_pairs
         if whole:

@@ -35,17 +35,23 @@ def test_coverage_count_and_js_distance():
     assert coverage_count(mass, 0.8).tolist() == [2, 4]        # the entry crossing the target counts
     assert coverage_count(mass, 0.81).tolist() == [3, 4]
     assert coverage_count(mass, 1.0).tolist() == [4, 4]
+    # forced entries count first: their mass is part of the target, their slots are not in the count
+    forced = torch.tensor([False, False, True, False])
+    assert coverage_count(mass, 0.6, forced).tolist() == [1, 2]    # 0.15 + 0.5 / 0.25 + 0.25 + 0.25
+    assert coverage_count(mass, 0.1, forced).tolist() == [0, 0]    # the forced entry alone reaches it
+    assert coverage_count(mass, 1.0, forced).tolist() == [3, 3]
     p = torch.tensor([1.0, 0.0])
     assert js_distance(p, p).item() == pytest.approx(0.0, abs=1e-6)
     assert js_distance(p, torch.tensor([0.0, 1.0])).item() == pytest.approx(math.log(2) ** 0.5, rel=1e-5)   # disjoint: ln 2
 
 
+@pytest.mark.parametrize("sink,local", [(0, 0), (40, 24)])
 @pytest.mark.parametrize("gamma", [0.5, 0.8, 0.95])
-def test_vertical_slash_heads_keep_gamma_of_the_estimate_rows_mass(gamma):
+def test_vertical_slash_heads_keep_gamma_of_the_estimate_rows_mass(gamma, sink, local):
     q, k = _qk(scale=2.0)
     scaling = q.shape[-1] ** -0.5
     last_q = 32
-    index = build_index(_rule(gamma=gamma, tau=0.0, last_q=last_q, sink=0, local=0), q, k, block_size=32,
+    index = build_index(_rule(gamma=gamma, tau=0.0, last_q=last_q, sink=sink, local=local), q, k, block_size=32,
                         scaling=scaling, granularity="head")
     selected = index_to_mask(index, q.shape[2], k.shape[2], q.shape[1])[:, :, -last_q:]
     probs = _exact_probs(q, k, scaling)[:, :, -last_q:]
@@ -98,3 +104,18 @@ def test_plan_fields_are_checked():
         with pytest.raises(PlanError) as err:
             load_plan(bad)
         assert f"prefill.default.{field}" in str(err.value) and message in str(err.value)
+
+
+def test_always_kept_sinks_count_toward_gamma():
+    # keys whose first 40 columns draw most of the attention (attention sinks): with the sinks
+    # counted first, a vertical-slash head needs fewer extra columns than when they come on top
+    q, k = _qk(scale=1.0, seed=5)
+    k[:, :, :40, 0] = 6.0
+    q[:, :, :, 0] = 1.5
+    scaling = q.shape[-1] ** -0.5
+    kwargs = dict(block_size=32, scaling=scaling, granularity="head")
+    with_sinks = build_index(_rule(gamma=0.9, tau=0.0, last_q=32, sink=40, local=0), q, k, **kwargs)
+    without = build_index(_rule(gamma=0.9, tau=0.0, last_q=32, sink=0, local=0), q, k, **kwargs)
+    extra = ((with_sinks.columns >= 40).sum(-1))                       # columns beyond the sinks
+    assert (extra < (without.columns >= 0).sum(-1)).all()
+    assert ((with_sinks.columns >= 0) & (with_sinks.columns < 40)).sum(-1).eq(40).all()
