@@ -8,6 +8,7 @@ import threading
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from .index import NEG_INF, BlockSparseIndex, check_attention_mask, check_prefill_shapes, normalize_index
 
@@ -39,6 +40,8 @@ class _Job:
     attention_mask: torch.Tensor | None
     softcap: float | None
     query_scale: float             # scaling, divided by softcap when there is one
+    fused: bool                    # softmax attention through SDPA with an additive mask (no softcap)
+    mask_heads: int                # heads of that mask: Gi when the attention mask differs per head, else 1
     bs: int
     Gi: int                        # query heads per index head (stacked as rows)
     D: int
@@ -61,6 +64,11 @@ class _Job:
 # Score elements (fp32) per processed chunk: 4M (16 MiB) amortizes per-op
 # overhead while S stays cache-friendly; bigger was slower on a 2-core EPYC.
 _DEFAULT_CHUNK_ELEMS = 1 << 22
+
+# Softmax attention of a chunk through F.scaled_dot_product_attention (the fused CPU flash
+# kernel) with the masks as an additive bias, instead of bmm + softmax + bmm over explicit
+# scores. Module-level so that benchmarks and tests can run both paths.
+FUSED_SOFTMAX = True
 
 
 @torch.no_grad()
@@ -130,6 +138,9 @@ def block_sparse_attention_torch(query, key, value, index: BlockSparseIndex, *, 
     use_flat = norm.column_usable_count.reshape(-1) if C else torch.zeros_like(cnt_flat)
     key_len = (cnt_flat + 1) * bs + use_flat
     items_all = act_idx[torch.argsort(key_len[act_idx], stable=True)]
+    # softcap (tanh of the scores) has no place in SDPA: those calls keep the explicit scores
+    fused = FUSED_SOFTMAX and softcap is None
+    mask_heads = Gi if attention_mask is not None and attention_mask.shape[1] > 1 else 1
     workers = torch.get_num_threads() if num_workers is None else num_workers
     plan = _chunk_plan(cnt_flat[items_all].tolist(), use_flat[items_all].tolist(), Gi, bs, chunk_elems, workers)
 
@@ -146,12 +157,14 @@ def block_sparse_attention_torch(query, key, value, index: BlockSparseIndex, *, 
         above_diagonal=torch.ones(bs, bs, dtype=torch.bool, device=dev).triu_(1),  # key offset > query offset
         attention_mask=attention_mask, softcap=softcap,
         query_scale=scaling / softcap if softcap is not None else scaling,
+        fused=fused, mask_heads=mask_heads,
         bs=bs, Gi=Gi, D=D, NQB=NQB, first_query_block=qb0, pad_block=norm.pad_block, q0=q0, q_len=q_len, n=n,
         dummy_row=B * Hq * q_len,
         workspace_spec=_workspace_spec(
             max((j - i) * Gi * bs * ((kbc + 1) * bs + cc) for i, j, kbc, cc, _ in plan),
             max((j - i) * ((kbc + 1) * bs + cc) * D for i, j, kbc, cc, _ in plan),
             max(j - i for i, j, *_ in plan) * Gi * bs * D,
+            fused, mask_heads, Gi,
         ),
     )
 
@@ -246,10 +259,12 @@ def acquire_workspace(spec: dict, device) -> dict:
     return ws
 
 
-def _workspace_spec(s_elems, kv_elems, q_elems):
+def _workspace_spec(s_elems, kv_elems, q_elems, fused=False, mask_heads=1, gi=1):
+    """Scratch per worker: the scores and probabilities (s, p) of the explicit path, or the
+    additive mask (m: s_elems / Gi per mask head, shared by the stacked heads) of the fused one."""
     f32 = torch.float32
-    return {"s": (s_elems, f32), "p": (s_elems, f32), "k": (kv_elems, f32), "v": (kv_elems, f32),
-            "q": (q_elems, f32), "o": (q_elems, f32)}
+    scores = {"m": (s_elems * mask_heads // gi, f32)} if fused else {"s": (s_elems, f32), "p": (s_elems, f32)}
+    return {**scores, "k": (kv_elems, f32), "v": (kv_elems, f32), "q": (q_elems, f32), "o": (q_elems, f32)}
 
 
 def release_workspace(ws: dict):
@@ -311,10 +326,35 @@ def _run_chunk(job: "_Job", i, j_end, kbc, cc, counts):
         qbuf.copy_(job.qflat.index_select(0, rows.view(-1)))
     qc = qbuf.mul_(job.query_scale).view(c, M, D)
 
-    s = torch.bmm(qc, kg.transpose(1, 2), out=ws["s"][: c * M * L].view(c, M, L))
-    if job.softcap is not None:
-        s.tanh_().mul_(job.softcap)  # qscale already divided by softcap
-    s4 = s.view(c, Gi, bs, L)
+    if job.fused:
+        # one fused softmax-attention call (SDPA's CPU flash kernel) instead of bmm, softmax and
+        # bmm over a materialized score matrix; the masks go in as an additive float mask shared
+        # by the Gi stacked heads (per head only when the attention mask is)
+        heads = job.mask_heads
+        bias = ws["m"][: c * heads * bs * L].view(c, heads, bs, L).zero_()
+        _mask_chunk(bias, job, items, diag_blk, qrow, kpos, cpos, cok, kbc, cc, counts)
+        o_c = F.scaled_dot_product_attention(qc.view(c, Gi, bs, D), kg[:, None].expand(c, Gi, L, D),
+                                             vg[:, None].expand(c, Gi, L, D), attn_mask=bias, scale=1.0)
+        o_c = o_c.reshape(c, M, D)
+    else:
+        s = torch.bmm(qc, kg.transpose(1, 2), out=ws["s"][: c * M * L].view(c, M, L))
+        if job.softcap is not None:
+            s.tanh_().mul_(job.softcap)  # qscale already divided by softcap
+        _mask_chunk(s.view(c, Gi, bs, L), job, items, diag_blk, qrow, kpos, cpos, cok, kbc, cc, counts)
+        p = torch.ops.aten._softmax.out(s, -1, False, out=ws["p"][: c * M * L].view(c, M, L))
+        o_c = torch.bmm(p, vg, out=ws["o"][: c * M * D].view(c, M, D))
+    o_c.nan_to_num_(nan=0.0)  # rows with no selected key: softmax of all -inf
+    dst = torch.where(q_ok.unsqueeze(1), rows, job.dummy_row)
+    job.out_full.index_copy_(0, dst.view(-1), o_c.view(c * M, D))
+
+
+def _mask_chunk(t4, job: "_Job", items, diag_blk, qrow, kpos, cpos, cok, kbc, cc, counts):
+    """Set to -inf, in t4 (c, 1|Gi, bs, L): each item's padded block slots, the diagonal's
+    upper triangle (or the whole slot when the diagonal is not selected), columns an item
+    cannot use, and what the attention mask hides."""
+    bs = job.bs
+    c = t4.shape[0]
+    dev = t4.device
     nb = (kbc + 1) * bs
     # padded block slots sit at the end of each item's block list: fill just those,
     # one slice per run of equal counts (items sorted by key length mostly form a few
@@ -330,37 +370,32 @@ def _run_chunk(job: "_Job", i, j_end, kbc, cc, counts):
         a = b
     if len(runs) <= 8:
         for a, b, count in runs:
-            s4[a:b, :, :, (count + 1) * bs:nb] = NEG_INF
+            t4[a:b, :, :, (count + 1) * bs:nb] = NEG_INF
     else:
         cnt = torch.tensor(counts, device=dev)
         first = min(counts)
         pad = torch.arange(first, kbc, device=dev)[None, :] >= cnt[:, None]     # (c, kbc - first)
-        s4[..., (first + 1) * bs:nb].masked_fill_(pad.repeat_interleave(bs, 1)[:, None, None, :], NEG_INF)
+        t4[..., (first + 1) * bs:nb].masked_fill_(pad.repeat_interleave(bs, 1)[:, None, None, :], NEG_INF)
     # slot 0 = diagonal: causal triangle, or everything if it is not selected
     hd = job.has_diagonal[items]
     all_diag = bool(hd.all())
     if all_diag:
-        s4[..., :bs].masked_fill_(job.above_diagonal, NEG_INF)
+        t4[..., :bs].masked_fill_(job.above_diagonal, NEG_INF)
     else:
-        s4[..., :bs].masked_fill_(job.above_diagonal | ~hd.view(c, 1, 1, 1), NEG_INF)
+        t4[..., :bs].masked_fill_(job.above_diagonal | ~hd.view(c, 1, 1, 1), NEG_INF)
     if cc:
         if all_diag:
             # usable columns lie left of a selected diagonal block: visible to every row
             # compacted: each item's unusable columns are a tail, so mask from the shortest item on
             first = int(cok.sum(1).min())
             if first < cc:
-                s4[..., nb + first:].masked_fill_(~cok[:, None, None, first:], NEG_INF)
+                t4[..., nb + first:].masked_fill_(~cok[:, None, None, first:], NEG_INF)
         else:
             rowpos = (diag_blk * bs)[:, None] + job.block_offsets  # absolute query position per row
             cmask = cok[:, None, :] & (cpos[:, None, :] <= rowpos[:, :, None])
-            s4[..., nb:].masked_fill_(~cmask.unsqueeze(1), NEG_INF)
+            t4[..., nb:].masked_fill_(~cmask.unsqueeze(1), NEG_INF)
     if job.attention_mask is not None:
-        _apply_attention_mask(s4, job, items, qrow, kpos)
-    p = torch.ops.aten._softmax.out(s, -1, False, out=ws["p"][: c * M * L].view(c, M, L))
-    o_c = torch.bmm(p, vg, out=ws["o"][: c * M * D].view(c, M, D))
-    o_c.nan_to_num_(nan=0.0)  # rows with no selected key: softmax of all -inf
-    dst = torch.where(q_ok.unsqueeze(1), rows, job.dummy_row)
-    job.out_full.index_copy_(0, dst.view(-1), o_c.view(c * M, D))
+        _apply_attention_mask(t4, job, items, qrow, kpos)
 
 
 def _apply_attention_mask(s4, job: "_Job", items, qrow, kpos):

@@ -78,12 +78,20 @@ CASES = [
 ]
 
 
+@pytest.fixture(params=[True, False], ids=["fused", "explicit"])
+def softmax_path(request, monkeypatch):
+    """The torch executor's two softmax paths: SDPA with an additive mask, or explicit scores."""
+    from sparse_infer.kernels import torch_executor
+    monkeypatch.setattr(torch_executor, "FUSED_SOFTMAX", request.param)
+    return request.param
+
+
 def _heads(Hq, Hkv, which):
     return Hkv if which == "kv" else Hq
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_torch_matches_dense(case):
+def test_torch_matches_dense(case, softmax_path):
     B, Hq, Hkv, which, q_len, n, bs, n_cols, softcap = case
     D = 32
     q, k, v = make_qkv(B, Hq, Hkv, q_len, n, D)
@@ -117,7 +125,7 @@ def test_column_prefix_per_query_block():
 
 
 @pytest.mark.parametrize("per_head_mask", [False, True])
-def test_torch_left_padding_mask(per_head_mask):
+def test_torch_left_padding_mask(per_head_mask, softmax_path):
     B, Hq, Hkv, n, bs, D = 2, 8, 2, 80, 16, 32
     q, k, v = make_qkv(B, Hq, Hkv, n, n, D, seed=3)
     index = make_index(B, Hkv, n, n, bs, n_cols=6, seed=4)
@@ -141,7 +149,7 @@ def test_torch_left_padding_mask(per_head_mask):
 
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
-def test_torch_half_dtypes(dtype, atol):
+def test_torch_half_dtypes(dtype, atol, softmax_path):
     # Math is fp32 in both paths; only the final rounding to dtype differs, so
     # the error bound is ~1 ulp of |out| <= ~2 (fp16 ulp 1e-3, bf16 ulp 8e-3).
     B, Hq, Hkv, q_len, n, bs, D = 1, 8, 2, 60, 100, 16, 32
@@ -153,7 +161,7 @@ def test_torch_half_dtypes(dtype, atol):
     torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=0)
 
 
-def test_torch_empty_rows_and_noncausal_blocks():
+def test_torch_empty_rows_and_noncausal_blocks(softmax_path):
     B, Hq, Hkv, n, bs, D = 1, 4, 2, 64, 16, 16
     q, k, v = make_qkv(B, Hq, Hkv, n, n, D, seed=7)
     index = make_index(B, Hkv, n, n, bs, p=0.5, empty_blocks=(1, 2), seed=8)
@@ -169,7 +177,7 @@ def test_torch_empty_rows_and_noncausal_blocks():
     assert block_sparse_attention_torch(q, k, v, none, scaling=0.25).abs().max() == 0
 
 
-def test_torch_unsorted_duplicate_entries():
+def test_torch_unsorted_duplicate_entries(softmax_path):
     # Not allowed by the contract, but the torch executor normalizes them anyway.
     B, Hq, Hkv, n, bs, D = 1, 4, 2, 96, 16, 16
     q, k, v = make_qkv(B, Hq, Hkv, n, n, D, seed=9)
@@ -275,3 +283,20 @@ def test_torch_inference_mode_and_requires_grad_inputs():
     out = block_sparse_attention_torch(q.clone().requires_grad_(), k, v, index, scaling=0.25, num_workers=2)
     assert not out.requires_grad
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_path_runs_sdpa_and_softcap_keeps_explicit_scores(monkeypatch):
+    import torch.nn.functional as F
+
+    from sparse_infer.kernels import torch_executor
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(torch_executor.F, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    q, k, v = make_qkv(1, 4, 2, 64, 64, 16)
+    index = make_index(1, 2, 64, 64, 16, seed=1)
+    block_sparse_attention_torch(q, k, v, index, scaling=0.25)
+    assert calls, "no softcap: the fused path"
+    calls.clear()
+    block_sparse_attention_torch(q, k, v, index, scaling=0.25, softcap=20.0)
+    assert not calls, "softcap: explicit scores"
