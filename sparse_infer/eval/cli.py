@@ -331,9 +331,8 @@ def needle_cmd(
     except KeyboardInterrupt:
         raise _interrupted(out) from None
     console.print(tables.render_table(rows, title=f"needle {model} (mean over depths)"))
-    for name, entry in result["plans"].items():
-        mean = entry["mean"]
-        console.print(f"{name}: mean score {mean:.1f}" if mean is not None else f"{name}: no results")
+    for line in needle.describe(result):
+        console.print(line, markup=False, highlight=False)
     if len(plans) > 1:
         _print_changes(doc, tolerance)  # the depths of a length are its samples
     console.print(f"heatmap: {out / needle.NEEDLE_PNG}")

@@ -7,7 +7,8 @@ RULER's single-needle template. A cell scores 100 when the number appears in
 the greedy output.
 
 Outputs in out_dir: results.json (per sample, via the runner, so --resume
-works), needle.json (the grids) and needle.png (one heatmap per plan).
+works), needle.json (the grids of scores and of prefill seconds) and needle.png
+(one heatmap per plan, each cell annotated with its score and prefill time).
 """
 
 from __future__ import annotations
@@ -87,14 +88,34 @@ def make_needle_samples(
 
 
 def needle_grid(
-    records: Sequence[Mapping[str, Any]], lengths: Sequence[int], depths: Sequence[float]
+    records: Sequence[Mapping[str, Any]], lengths: Sequence[int], depths: Sequence[float], field: str = "score"
 ) -> list[list[float | None]]:
-    """Mean score per cell: grid[depth_row][length_col]; None where nothing ran."""
+    """Mean of a record field per cell: grid[depth_row][length_col]; None where nothing ran.
+
+    Records without the field (prefill_seconds in files written before it was recorded) are
+    left out of their cell's mean."""
     cells: dict[tuple[int, float], list[float]] = {}
     for r in records:
-        if r.get("task") == NEEDLE_TASK:
-            cells.setdefault((int(r["length"]), float(r["depth"])), []).append(float(r["score"]))
+        if r.get("task") == NEEDLE_TASK and r.get(field) is not None:
+            cells.setdefault((int(r["length"]), float(r["depth"])), []).append(float(r[field]))
     return [[(sum(v) / len(v)) if (v := cells.get((int(L), float(d)))) else None for L in lengths] for d in depths]
+
+
+def column_means(grid: Sequence[Sequence[float | None]]) -> list[float | None]:
+    """Mean over the depths of each length column (cells that ran); None for a column with none."""
+    columns = zip(*grid) if grid else []
+    return [(sum(v) / len(v)) if (v := [x for x in col if x is not None]) else None for col in columns]
+
+
+def format_seconds(t: float) -> str:
+    """A prefill time as the heatmap and the CLI write it: "1.3 s", "0.42 s", "8.5 ms"."""
+    if t >= 10:
+        return f"{t:.0f} s"
+    if t >= 1:
+        return f"{t:.1f} s"
+    if t >= 0.1:
+        return f"{t:.2f} s"
+    return f"{t * 1e3:.2g} ms"
 
 
 def plot_heatmap(
@@ -103,8 +124,12 @@ def plot_heatmap(
     depths: Sequence[float],
     path: str | Path | None = None,
     title: str | None = None,
+    prefill: Mapping[str, Sequence[Sequence[float | None]]] | None = None,
 ):
-    """One annotated heatmap per plan (rows = depth %, columns = length); returns the Figure."""
+    """One annotated heatmap per plan (rows = depth %, columns = length); returns the Figure.
+
+    `prefill` (seconds, grids shaped like the scores) adds each cell's prefill time under its
+    score and the plan's mean prefill time to its panel title."""
     # A bare Figure (no pyplot) renders with Agg and touches no global
     # backend state, so it works headless and inside other programs.
     import matplotlib
@@ -115,7 +140,10 @@ def plot_heatmap(
     cols = len(names)
     # Wide enough for the axis labels even with a single length column.
     panel_w = max(3.0, 0.8 * len(lengths) + 1.4)
-    fig = Figure(figsize=(panel_w * cols + 1.2, 1.8 + 0.45 * len(depths)), layout="constrained")
+    times = {name: grid for name, grid in (prefill or {}).items() if _mean(grid) is not None}
+    # a second text line per cell needs taller rows
+    row_h = 0.6 if times else 0.45
+    fig = Figure(figsize=(panel_w * cols + 1.2, 1.9 + row_h * len(depths)), layout="constrained")
     axes = fig.subplots(1, cols, squeeze=False)[0]
     cmap = matplotlib.colormaps["RdYlGn"].with_extremes(bad="#dddddd")  # grey: cells that did not run
     image = None
@@ -129,11 +157,19 @@ def plot_heatmap(
             ax.set_ylabel("needle depth (%)")
         finite = data[np.isfinite(data)]
         mean = f"\nmean {finite.mean():.0f}" if finite.size else ""
+        seconds = times.get(name)
+        if seconds is not None:
+            timing = f"prefill {format_seconds(_mean(seconds))}"
+            mean = f"{mean}, {timing}" if mean else f"\n{timing}"
         ax.set_title(f"{name}{mean}", fontsize=10)
         for i in range(data.shape[0]):
             for j in range(data.shape[1]):
                 v = data[i, j]
-                ax.text(j, i, "–" if np.isnan(v) else f"{v:.0f}", ha="center", va="center", fontsize=8, color="black")
+                label = "–" if np.isnan(v) else f"{v:.0f}"
+                t = seconds[i][j] if seconds is not None else None
+                if t is not None:
+                    label += f"\n{format_seconds(t)}"
+                ax.text(j, i, label, ha="center", va="center", fontsize=8, color="black")
     if image is not None:
         fig.colorbar(image, ax=list(axes), label="score", shrink=0.9)
     if title:
@@ -186,6 +222,7 @@ def _run_and_draw(model, tokenizer, plans, out: Path, samples, lengths, depths, 
     run_eval(model, tokenizer, samples, plans, out, resume=resume, progress=progress)
     doc = load_results(out)
     grids = {name: needle_grid(doc["plans"][name]["records"], lengths, depths) for name in plans}
+    times = {name: needle_grid(doc["plans"][name]["records"], lengths, depths, "prefill_seconds") for name in plans}
     result = {
         "lengths": lengths,
         "depths": depths,
@@ -195,7 +232,15 @@ def _run_and_draw(model, tokenizer, plans, out: Path, samples, lengths, depths, 
         "samples_per_cell": samples_per_cell,
         "model": doc.get("model"),
         "plans": {
-            name: {"plan": doc["plans"][name].get("plan"), "scores": grid, "mean": _mean(grid)}
+            name: {
+                "plan": doc["plans"][name].get("plan"),
+                "scores": grid,
+                "mean": _mean(grid),
+                # seconds of the prompt's first forward (generate's prefill), mean per cell
+                "prefill_seconds": times[name],
+                "prefill_seconds_by_length": column_means(times[name]),
+                "prefill_seconds_mean": _mean(times[name]),
+            }
             for name, grid in grids.items()
         },
         "png": NEEDLE_PNG,
@@ -204,9 +249,40 @@ def _run_and_draw(model, tokenizer, plans, out: Path, samples, lengths, depths, 
     if title is None:
         name = (doc.get("model") or {}).get("name_or_path") or ""
         title = f"needle in a haystack: {Path(name).name}" if name else "needle in a haystack"
-    figure = plot_heatmap(grids, lengths, depths, title=title)
+    figure = plot_heatmap(grids, lengths, depths, title=title, prefill=times)
     write_atomic(out / NEEDLE_PNG, lambda fh: figure.savefig(fh, format="png", dpi=120), binary=True)
     return result
+
+
+def describe(result: Mapping[str, Any]) -> list[str]:
+    """Lines for the terminal: each plan's mean score and mean prefill time, then per length each
+    plan's prefill time against the first plan's (the baseline; above 1, the plan is faster)."""
+    plans = result["plans"]
+    lines = []
+    for name, entry in plans.items():
+        if entry["mean"] is None:
+            lines.append(f"{name}: no results")
+            continue
+        line = f"{name}: mean score {entry['mean']:.1f}"
+        if entry.get("prefill_seconds_mean") is not None:
+            line += f", mean prefill {format_seconds(entry['prefill_seconds_mean'])}"
+        lines.append(line)
+    names = list(plans)
+    if len(names) < 2:
+        return lines
+    base = names[0]
+    base_times = plans[base].get("prefill_seconds_by_length") or []
+    for i, length in enumerate(result["lengths"]):
+        b = base_times[i] if i < len(base_times) else None
+        parts = []
+        for name in names[1:]:
+            times = plans[name].get("prefill_seconds_by_length") or []
+            t = times[i] if i < len(times) else None
+            if b is not None and t:
+                parts.append(f"{name} {format_seconds(t)} (× {b / t:.2f} vs {base})")
+        if parts:
+            lines.append(f"prefill at {length} tokens: {base} {format_seconds(b)}, {', '.join(parts)}")
+    return lines
 
 
 def _mean(grid: Sequence[Sequence[float | None]]) -> float | None:

@@ -5,15 +5,17 @@ flight)::
 
     {"version": 1, "model": {..., "dtype", "weights_sha256"},
      "plans": {NAME: {"plan": <description>, "plan_sha256": <hex>, "records": [RECORD, ...]}},
-     "summary": [{"plan", "length", "task", "score", "n"[, "prefill_density", "decode_density"]}, ...]}
+     "summary": [{"plan", "length", "task", "score", "n"[, "prefill_density", "decode_density",
+                  "prefill_seconds"]}, ...]}
 
 `weights_sha256` (see `weights_fingerprint`) and `plan_sha256` (see `plan_fingerprint`) let
 --resume and `eval merge` check that stored records come from the same weights and the same
 plan content; files written before they existed lack them.
 
 A RECORD is the sample without its (possibly 128K-token) `input`, plus
-`input_sha1`, `prediction`, `score`, `new_tokens`, `seconds` and, when the
-patch layer reports it, `stats`.
+`input_sha1`, `prediction`, `score`, `new_tokens`, `seconds` (the whole generate call),
+`prefill_seconds` (its first forward, the prompt's prefill; absent in files written before it
+was recorded) and, when the patch layer reports it, `stats`.
 """
 
 from __future__ import annotations
@@ -220,7 +222,10 @@ def holding_out_dir(out_dir: str | Path) -> Iterator[Path]:
 
 
 def summarize(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Mean score per (plan, length, task), plans in run order, then length, then task order."""
+    """Mean score per (plan, length, task), plans in run order, then length, then task order.
+
+    Measured densities and `prefill_seconds` are means over the records that have them (records
+    of older files have no prefill time); a row none of whose records has one lacks the key."""
     rows = []
     for plan_name, entry in doc["plans"].items():
         groups: dict[tuple[int, str], list[Mapping[str, Any]]] = {}
@@ -238,5 +243,8 @@ def summarize(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
                 vals = [r["stats"][key] for r in recs if isinstance(r.get("stats"), Mapping) and key in r["stats"]]
                 if vals:
                     row[key] = sum(vals) / len(vals)
+            times = [float(r["prefill_seconds"]) for r in recs if r.get("prefill_seconds") is not None]
+            if times:
+                row["prefill_seconds"] = sum(times) / len(times)
             rows.append(row)
     return rows

@@ -9,7 +9,8 @@ after each sample. Comparing runs is elsewhere: `merge` (combine results files),
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +179,70 @@ def generate_one(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -
     return tokenizer.decode(new, skip_special_tokens=True), int(new.numel())
 
 
+class PrefillClock:
+    """Wall time of the first forward call of a model: in `generate`, the prefill of the prompt."""
+
+    def __init__(self) -> None:
+        self.seconds: float | None = None
+        self.calls = 0
+
+
+@contextmanager
+def timing_prefill(model: Any) -> Iterator[PrefillClock]:
+    """Time the first forward of `model` within the block (hooks removed afterwards, also on error).
+
+    generate runs the whole prompt through the model's own __call__ first (transformers 5.x
+    `_prefill`), then one call per new token, so the first call is the prefill. The clock stays
+    empty when the model never runs (a stand-in for generate_one) or is no torch module. On CUDA
+    the queued work is waited for on both sides, so the time is the prefill's, not its launch.
+    """
+    clock = PrefillClock()
+    if not callable(getattr(model, "register_forward_pre_hook", None)):
+        yield clock
+        return
+    from sparse_infer.bench.timing import synchronize
+
+    try:
+        device = next(model.parameters()).device
+    except (AttributeError, StopIteration):
+        device = "cpu"
+    start = 0.0
+
+    def before(module: Any, args: Any) -> None:
+        nonlocal start
+        if clock.calls == 0:
+            synchronize(device)
+            start = time.perf_counter()
+
+    def after(module: Any, args: Any, output: Any) -> None:
+        if clock.calls == 0:
+            synchronize(device)
+            clock.seconds = time.perf_counter() - start
+        clock.calls += 1
+
+    handles = [model.register_forward_pre_hook(before), model.register_forward_hook(after)]
+    try:
+        yield clock
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def warm_up(model: Any) -> None:
+    """One short forward before the first timed prefill, so that the first sample is not charged
+    the process's one-time costs (lazy initialisation, thread pools, CUDA context and kernels)."""
+    if not callable(getattr(model, "register_forward_pre_hook", None)):
+        return
+    import torch
+
+    try:
+        device = next(model.parameters()).device
+    except (AttributeError, StopIteration):
+        return
+    with torch.inference_mode():
+        model(input_ids=torch.zeros((1, 16), dtype=torch.long, device=device))
+
+
 # ---------------------------------------------------------------------------
 # Main entry point
 # ---------------------------------------------------------------------------
@@ -209,8 +274,10 @@ def run_eval(
     None for dense attention. With `resume`, samples already in results.json
     for a plan are skipped, once the stored weights, dtype and plan fingerprints
     are checked to be this run's; without it an existing results.json is refused
-    (see `claim_out_dir`). Returns the summary rows (see `summarize`). The
-    model is left dense (unpatched) afterwards.
+    (see `claim_out_dir`). Each record keeps the time of the whole generate call (`seconds`)
+    and of its prefill alone (`prefill_seconds`, see `timing_prefill`), after one short warm-up
+    forward. Returns the summary rows (see `summarize`). The model is left dense (unpatched)
+    afterwards.
     """
     loaded = validate(model, samples, plans)
     with claim_out_dir(out_dir, resume) as out:
@@ -271,6 +338,8 @@ def _run_claimed(
         pending += [(name, s) for s in samples if sample_key(s) not in done]
 
     write_json(path, doc)
+    if pending:
+        warm_up(model)
     total_weight = sum(sample_weight(s) for _, s in pending)
     bar = ProgressBar(progress, total_weight, len(pending))
     current: str | None = None
@@ -283,9 +352,10 @@ def _run_claimed(
                     current, patched = name, patched or loaded[name] is not None
                 bar.describe(f"{name} {sample['task']} @{sample['length']}")
                 _reset_stats(model)
-                t0 = time.perf_counter()
-                raw, n_new = generate_one(model, tokenizer, sample["input"], int(sample["max_new_tokens"]))
-                seconds = time.perf_counter() - t0
+                with timing_prefill(model) as prefill:
+                    t0 = time.perf_counter()
+                    raw, n_new = generate_one(model, tokenizer, sample["input"], int(sample["max_new_tokens"]))
+                    seconds = time.perf_counter() - t0
                 metric = sample.get("metric") or task_metric(sample["task"])
                 rec = {k: v for k, v in sample.items() if k != "input"}
                 rec.update(
@@ -297,6 +367,9 @@ def _run_claimed(
                     new_tokens=n_new,
                     seconds=round(seconds, 3),
                 )
+                if prefill.seconds is not None:
+                    # finer than `seconds`: a short prompt's prefill takes milliseconds
+                    rec["prefill_seconds"] = round(prefill.seconds, 4)
                 stats = _attention_stats(model)
                 if stats is not None:
                     rec["stats"] = stats

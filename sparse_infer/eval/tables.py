@@ -1,4 +1,4 @@
-"""The results table the eval commands print: scores per plan, differences, densities."""
+"""The results table the eval commands print: scores per plan, differences, densities, prefill times."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ def render_table(rows: Sequence[Mapping[str, Any]], baseline: str | None = None,
     """rich Table: one score column per plan and, per other plan, its difference to the baseline.
 
     The baseline is `baseline`, else "dense" if present, else the first plan.
-    Each length ends with an average row over its tasks.
+    Each length ends with an average row over its tasks. When rows carry `prefill_seconds`,
+    each plan gets its mean prefill time and each other plan its speed against the baseline's
+    (baseline seconds / plan seconds: above 1, the plan prefills faster).
     """
     from rich.table import Table
 
@@ -27,6 +29,13 @@ def render_table(rows: Sequence[Mapping[str, Any]], baseline: str | None = None,
         if r.get("prefill_density") is not None
     }
     density_plans = [p for p in others if any(k[0] == p for k in density)]
+    prefill = {
+        (r["plan"], int(r["length"]), r["task"]): float(r["prefill_seconds"])
+        for r in rows
+        if r.get("prefill_seconds") is not None
+    }
+    prefill_plans = [p for p in plans if any(k[0] == p for k in prefill)]
+    ratio_plans = [p for p in others if p in prefill_plans] if base in prefill_plans else []
     counts = {(int(r["length"]), r["task"]): r["n"] for r in rows}
     keys = list(dict.fromkeys((int(r["length"]), r["task"]) for r in rows))
     keys.sort(key=lambda k: length_task_order(*k))
@@ -42,8 +51,12 @@ def render_table(rows: Sequence[Mapping[str, Any]], baseline: str | None = None,
             table.add_column(f"Δ {p}", justify="right")
     for p in density_plans:
         table.add_column(f"density {p}", justify="right")  # measured prefill density
+    for p in prefill_plans:
+        table.add_column(f"prefill s {p}", justify="right")
+    for p in ratio_plans:
+        table.add_column(f"{p} × vs {base}", justify="right")
 
-    def cells(getter, density_getter) -> list[str]:
+    def cells(getter, density_getter, prefill_getter) -> list[str]:
         vals = [getter(p) for p in plans]
         out = [f"{v:.1f}" if v is not None else "-" for v in vals]
         b = getter(base) if base is not None else None
@@ -54,6 +67,13 @@ def render_table(rows: Sequence[Mapping[str, Any]], baseline: str | None = None,
         for p in density_plans:
             d = density_getter(p)
             out.append(f"{d:.0%}" if d is not None else "-")
+        for p in prefill_plans:
+            t = prefill_getter(p)
+            out.append(_seconds_cell(t) if t is not None else "-")
+        base_t = prefill_getter(base) if ratio_plans else None
+        for p in ratio_plans:
+            t = prefill_getter(p)
+            out.append(f"{base_t / t:.2f}" if base_t is not None and t else "-")
         return out
 
     lengths = list(dict.fromkeys(k[0] for k in keys))
@@ -65,7 +85,9 @@ def render_table(rows: Sequence[Mapping[str, Any]], baseline: str | None = None,
                 task,
                 str(counts[(length, task)]),
                 *cells(
-                    lambda p, k=(length, task): scores.get((p, *k)), lambda p, k=(length, task): density.get((p, *k))
+                    lambda p, k=(length, task): scores.get((p, *k)),
+                    lambda p, k=(length, task): density.get((p, *k)),
+                    lambda p, k=(length, task): prefill.get((p, *k)),
                 ),
             )
         if len(tasks) > 1:
@@ -78,12 +100,17 @@ def render_table(rows: Sequence[Mapping[str, Any]], baseline: str | None = None,
                 str(length),
                 "[bold]average[/]",
                 "",
-                *cells(lambda p: avg(scores, p), lambda p: avg(density, p)),
+                *cells(lambda p: avg(scores, p), lambda p: avg(density, p), lambda p: avg(prefill, p)),
                 end_section=i < len(lengths) - 1,
             )
         elif i < len(lengths) - 1:
             table.add_section()
     return table
+
+
+def _seconds_cell(t: float) -> str:
+    # three significant digits: a short prompt prefills in milliseconds, a long one in minutes
+    return f"{t:.3g}" if t < 1000 else f"{t:.0f}"
 
 
 def _diff_cell(d: float) -> str:

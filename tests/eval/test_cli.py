@@ -179,6 +179,23 @@ def test_needle_explicit_grid(tmp_path, fake_load, fast_generation):
     assert len(saved["plans"]["a_shape"]["scores"]) == 5
 
 
+def test_needle_prints_prefill_times(tmp_path, fake_load):
+    """Generated for real: the table, the per-plan lines and needle.json carry prefill seconds,
+    and each length compares the plan's prefill with dense's."""
+    res = cli_runner.invoke(eval_app, ["needle", "tiny", "--plan", "vertical_slash", "--lengths", "256,512",
+                                       "--depths", "0,100", "--out", str(tmp_path)], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    saved = json.loads((tmp_path / "needle.json").read_text())
+    out = " ".join(res.output.split())
+    assert "prefill s dense" in out and "prefill s vertical_slash" in out and "vertical_slash × vs dense" in out
+    for name, entry in saved["plans"].items():
+        mean = entry["prefill_seconds_mean"]
+        assert mean > 0 and f"{name}: mean score {entry['mean']:.1f}, mean prefill " in out
+    for length in (256, 512):
+        assert f"prefill at {length} tokens: dense " in out
+    assert out.count(" vs dense)") == 2
+
+
 def test_no_shipped_plan_is_an_error_not_a_preset(monkeypatch, tmp_path):
     import sparse_infer.plan as plan_mod
 

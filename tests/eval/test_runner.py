@@ -46,6 +46,8 @@ def test_run_eval_dense_and_sparse(tmp_path, tokenizer, tiny_llama, samples, spa
             assert "input" not in r and len(r["input_sha1"]) == 40
             assert r["score"] in (0.0, 100.0) or 0 <= r["score"] <= 100
             assert isinstance(r["prediction"], str) and 0 < r["new_tokens"] <= 4
+            # the prefill, timed apart, is part of the whole generate call
+            assert 0 < r["prefill_seconds"] < r["seconds"]
     # The patch layer measured the sparse prefill; dense has no stats.
     assert all(0 < r["stats"]["prefill_density"] < 1 for r in doc["plans"]["sparse"]["records"])
     assert all("stats" not in r for r in doc["plans"]["dense"]["records"])
@@ -57,6 +59,8 @@ def test_run_eval_dense_and_sparse(tmp_path, tokenizer, tiny_llama, samples, spa
     assert not sparse_infer.is_patched(tiny_llama)  # left dense afterwards
     text = _console_text(tables.render_table(rows))
     assert "dense" in text and "Δ sparse" in text and "average" in text and "niah_single_1" in text
+    assert all(r["prefill_seconds"] > 0 for r in rows)
+    assert "prefill s dense" in text and "prefill s sparse" in text and "sparse × vs dense" in text
 
 
 def test_dense_only_needs_no_patch_layer(tmp_path, tokenizer, tiny_llama, samples, capsys):
@@ -115,6 +119,99 @@ def test_interrupt_keeps_finished_samples(tmp_path, tokenizer, tiny_llama, sampl
     runner.run_eval(tiny_llama, tokenizer, samples, {"dense": None}, tmp_path, resume=True, progress=False)
     recs = json.loads((tmp_path / "results.json").read_text())["plans"]["dense"]["records"]
     assert len(recs) == len(samples)
+
+
+def test_the_prefill_clock_times_generates_first_forward(tokenizer, tiny_llama, samples):
+    """generate's first call of the model is the whole prompt: that call is what the clock times,
+    and its hooks are gone afterwards, also when generation fails."""
+    import torch
+
+    from sparse_infer.eval.prompts import encode
+
+    seen = []
+    probe = tiny_llama.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        with runner.timing_prefill(tiny_llama) as clock:
+            _, n_new = runner.generate_one(tiny_llama, tokenizer, samples[0]["input"], 4)
+    finally:
+        probe.remove()
+    assert seen[0] == len(encode(tokenizer, samples[0]["input"])) and set(seen[1:]) <= {1}
+    assert clock.calls == len(seen) == n_new and clock.seconds > 0
+    assert not tiny_llama._forward_pre_hooks and not tiny_llama._forward_hooks
+    with pytest.raises(RuntimeError), runner.timing_prefill(tiny_llama):
+        tiny_llama(torch.zeros((1, 8), dtype=torch.long))
+        raise RuntimeError("generation failed")
+    assert not tiny_llama._forward_pre_hooks and not tiny_llama._forward_hooks
+    with runner.timing_prefill(object()) as clock:   # no torch module: nothing to time
+        pass
+    assert clock.seconds is None
+
+
+def test_no_forward_records_no_prefill_time(tmp_path, tokenizer, tiny_llama, samples, fast_generation):
+    """A stand-in for generate_one runs no forward: no prefill time is recorded, and the only
+    forward is the short warm-up before the first sample."""
+    seen = []
+    probe = tiny_llama.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        rows = runner.run_eval(tiny_llama, tokenizer, samples, {"dense": None}, tmp_path, progress=False)
+    finally:
+        probe.remove()
+    assert seen == [16] and len(fast_generation) == len(samples)
+    recs = json.loads((tmp_path / results.RESULTS_FILE).read_text())["plans"]["dense"]["records"]
+    assert len(recs) == len(samples) and all("prefill_seconds" not in r for r in recs)
+    assert all("prefill_seconds" not in r for r in rows)
+    assert [c.header for c in tables.render_table(rows).columns] == ["length", "task", "n", "dense"]
+
+
+def test_results_without_prefill_times_resume_and_merge(tmp_path, tokenizer, tiny_llama, samples):
+    """A results.json written before prefill times were recorded resumes; its records stay
+    without one, and the summary and the table average only the records that have one."""
+    from sparse_infer.eval import merge
+
+    out = tmp_path / "old"
+    runner.run_eval(tiny_llama, tokenizer, samples[:1], {"dense": None}, out, progress=False)
+    old = json.loads((out / results.RESULTS_FILE).read_text())
+    for rec in old["plans"]["dense"]["records"]:
+        del rec["prefill_seconds"]
+    old["summary"] = [{k: v for k, v in row.items() if k != "prefill_seconds"} for row in old["summary"]]
+    (out / results.RESULTS_FILE).write_text(json.dumps(old))
+    rows = runner.run_eval(tiny_llama, tokenizer, samples, {"dense": None}, out, resume=True, progress=False)
+    recs = json.loads((out / results.RESULTS_FILE).read_text())["plans"]["dense"]["records"]
+    assert recs[0] == old["plans"]["dense"]["records"][0]                  # kept as it was
+    assert all(r["prefill_seconds"] > 0 for r in recs[1:]) and len(recs) == len(samples)
+    by_key = {(r["length"], r["task"]): r for r in rows}
+    first = samples[0]
+    assert "prefill_seconds" not in by_key[(first["length"], first["task"])]
+    assert sum("prefill_seconds" in r for r in rows) == len(samples) - 1
+    text = _console_text(tables.render_table(rows))
+    assert "prefill s dense" in text
+    merged = merge.merge_results([out], tmp_path / "merged")
+    assert merged["summary"] == rows
+
+
+def test_render_table_prefill_columns():
+    """Prefill seconds per plan and each plan's speed against the baseline, only when timed."""
+    rows = [
+        {"plan": "dense", "length": 4096, "task": "vt", "score": 100.0, "n": 2, "prefill_seconds": 2.0},
+        {"plan": "vs", "length": 4096, "task": "vt", "score": 100.0, "n": 2, "prefill_density": 0.5,
+         "prefill_seconds": 0.5},
+        {"plan": "dense", "length": 4096, "task": "cwe", "score": 50.0, "n": 2, "prefill_seconds": 4.0},
+        {"plan": "vs", "length": 4096, "task": "cwe", "score": 50.0, "n": 2, "prefill_density": 0.5},
+    ]
+    table = tables.render_table(rows)
+    assert [c.header for c in table.columns] == [
+        "length", "task", "n", "dense", "vs", "Δ vs", "density vs", "prefill s dense", "prefill s vs",
+        "vs × vs dense"]
+    lines = [line for line in _console_text(table).splitlines() if "│" in line]
+    vt, cwe, average = ([c.strip() for c in line.split("│")[1:-1]] for line in lines)
+    assert vt[-3:] == ["2", "0.5", "4.00"]           # dense 2 s, the plan 0.5 s: 4x as fast
+    assert cwe[-3:] == ["4", "-", "-"]               # the plan untimed here
+    assert average[-3:] == ["3", "-", "-"]           # no average over part of the tasks
+    untimed = [{k: v for k, v in r.items() if k != "prefill_seconds"} for r in rows]
+    assert [c.header for c in tables.render_table(untimed).columns] == [
+        "length", "task", "n", "dense", "vs", "Δ vs", "density vs"]
 
 
 def test_resume_rejects_other_prompts(tmp_path, tokenizer, tiny_llama, samples):
