@@ -23,12 +23,7 @@ import yaml
 import sparse_infer.decode  # noqa: F401
 import sparse_infer.prefill  # noqa: F401
 from sparse_infer.methods import DENSE, REQUIRED, methods_of
-from sparse_infer.params import (  # noqa: F401 - re-exported: the names' old home
-    MAX_COUNT, Budget, PlanError, bounded, count_error, is_int, nonneg_int, parse_budget, positive_int,
-)
-
-# the old private names, used throughout this module
-_is_int, _count_error, _pos_int, _nonneg_int = is_int, count_error, positive_int, nonneg_int
+from sparse_infer.params import Budget, PlanError, count_error, is_int, positive_int
 
 PLAN_VERSION = 1
 # shipped plans are package data, so they exist in a wheel install as in a checkout
@@ -233,11 +228,11 @@ def _parse_section(raw, name: str) -> Section:
             raise PlanError(f"{name}.{key}", f"unknown key; allowed: {', '.join(sorted(_SECTION_KEYS[name]))}")
     min_len = raw.get(len_key, 4096)
     # a threshold, only compared with lengths: a huge one ("never sparse") is fine and needs no bound
-    if not _is_int(min_len) or min_len < 0:
-        raise _count_error(f"{name}.{len_key}", min_len, "a non-negative integer")
+    if not is_int(min_len) or min_len < 0:
+        raise count_error(f"{name}.{len_key}", min_len, "a non-negative integer")
     block_size = 64
     if name == "prefill":
-        block_size = _pos_int(raw.get("block_size", 64), "prefill.block_size")
+        block_size = positive_int(raw.get("block_size", 64), "prefill.block_size")
         if block_size & (block_size - 1) or not 16 <= block_size <= MAX_BLOCK_SIZE:
             raise PlanError("prefill.block_size",
                             f"must be a power of two from 16 to {MAX_BLOCK_SIZE}, got {block_size}")
@@ -252,14 +247,14 @@ def _parse_section(raw, name: str) -> Section:
         raise PlanError(f"{name}.layers", "must be a mapping of layer index -> {head: rule}")
     for layer, heads in raw_layers.items():
         lpath = f"{name}.layers.{layer}"
-        if not _is_int(layer) or layer < 0:
+        if not is_int(layer) or layer < 0:
             raise PlanError(lpath, "layer keys must be non-negative integers")
         if not isinstance(heads, Mapping) or not heads:
             raise PlanError(lpath, "must be a non-empty mapping of head index or '*' -> rule")
         entry = {}
         for head, rule in heads.items():
             hpath = f"{lpath}.{head}"
-            if head != "*" and (not _is_int(head) or head < 0):
+            if head != "*" and (not is_int(head) or head < 0):
                 raise PlanError(hpath, "head keys must be non-negative integers or '*'")
             entry[head] = parse_rule(rule, hpath, name)
         layers[layer] = entry
@@ -294,7 +289,7 @@ def plan_from_dict(raw: Mapping, source: str | None = None) -> Plan:
         if key not in _TOP_KEYS:
             raise PlanError(str(key), f"unknown top-level key; allowed: {', '.join(sorted(_TOP_KEYS))}")
     version = raw.get("sparse_infer_plan")
-    if not _is_int(version) or version != PLAN_VERSION:     # True == 1 in Python: not a version
+    if not is_int(version) or version != PLAN_VERSION:     # True == 1 in Python: not a version
         raise PlanError("sparse_infer_plan", f"must be {PLAN_VERSION} (the plan schema version), got {version!r}")
     mraw = raw.get("model") or {}
     if not isinstance(mraw, Mapping):
@@ -307,7 +302,7 @@ def plan_from_dict(raw: Mapping, source: str | None = None) -> Plan:
             if not isinstance(value, str) or not value:
                 raise PlanError("model.architecture", f"must be a class name such as LlamaForCausalLM, got {value!r}")
         else:
-            _pos_int(value, f"model.{key}")
+            positive_int(value, f"model.{key}")
     profile = raw.get("profile") or {}
     if not isinstance(profile, Mapping):
         raise PlanError("profile", "must be a mapping")

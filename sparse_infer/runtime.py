@@ -41,7 +41,7 @@ class DecodeState:
 
     sequence: object | None = None      # decode.dispatch.Fingerprint of the sequence the side state holds
     layouts: tuple | None = None        # ((Hq, Hkv), [(rule, q heads, kv slice, per_head)]): the layer's parts
-    executor: tuple | None = None       # (signature, executor, dense_above limit) resolved for that signature
+    executor: tuple | None = None       # (signature, executor, dense_above limit, takes kv_heads) for that signature
     all_dense: bool | None = None       # every rule of the layer is dense
     rebuilds: int = 0                   # sequence starts seen (side state rebuilt from the whole cache)
     groups: dict = field(default_factory=dict)   # part index -> its selector's SideState (None: stateless)

@@ -4,7 +4,8 @@ import copy
 import pytest
 import yaml
 
-from sparse_infer.plan import Budget, PlanError, load_plan, parse_budget, plan_from_dict, preset
+from sparse_infer.params import Budget, parse_budget
+from sparse_infer.plan import PlanError, load_plan, plan_from_dict, preset
 from tests.conftest import tiny_config
 
 GOOD = {

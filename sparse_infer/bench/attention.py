@@ -11,14 +11,9 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from sparse_infer.kernels.block_sparse_attn import (
-    BlockSparseIndex,
-    block_sparse_attention_torch,
-    block_sparse_attention_triton,
-    index_density,
-    num_query_blocks,
-    triton_available,
-)
+from sparse_infer.kernels.index import BlockSparseIndex, index_density, num_query_blocks
+from sparse_infer.kernels.torch_executor import block_sparse_attention_torch
+from sparse_infer.kernels.triton_executor import block_sparse_attention_triton, triton_available
 from sparse_infer.bench.layer import StandInAttention, decode_counters, label_channels, layer_runtime
 from sparse_infer.bench.timing import time_once_ms
 from sparse_infer.kernels.sparse_decode import sparse_decode_torch, sparse_decode_triton

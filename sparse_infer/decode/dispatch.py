@@ -30,7 +30,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from sparse_infer.decode.common import GroupInputs, GrowBuffer, grouped_dense_decode, pad_indices
-from sparse_infer.kernels import cpu_decode
+from sparse_infer.kernels import cpu_decode, registry
 from sparse_infer.kernels.dispatch import resolve_decode_backend, resolve_dense_above, sparse_decode
 from sparse_infer.methods import DECODE_SELECTORS, DENSE
 from sparse_infer.runtime import DecodeState, heads_of, iter_runtimes
@@ -181,7 +181,7 @@ def _parts_over_limit(layouts, num_heads: int, num_kv: int, n: int, limit: float
 
 
 def _attend_pending(out, pending, query, key, value, mask, scaling, softcap, executor):
-    """Attend the collected sparse parts of a layer (torch or cpu executor), writing into `out`.
+    """Attend the collected sparse parts of a layer (an executor that takes kv_heads), writing into `out`.
 
     pending: [(query heads, cache head of each index row, (B, R, K) indices)]; index row r
     serves query heads r*g .. r*g+g-1 of the list (g = 1 for per-head selections, the group
@@ -190,8 +190,8 @@ def _attend_pending(out, pending, query, key, value, mask, scaling, softcap, exe
     Per cache head: when its index rows add up to more than IN_PLACE_SHARE of the cache,
     gathering them (copy, then read the copy) would move more bytes than reading the cache
     once, so its query heads read it in place under a mask of exactly their selections; the
-    other rows share one gather call per g. The cpu executor reads selected rows in place
-    (no copy), so it never needs the masked whole-cache read."""
+    other rows share one gather call per g. Only the torch executor gathers: the others (the
+    cpu one) read selected rows in place, so they never need the masked whole-cache read."""
     n = key.shape[2]
     rows = []                                                  # (g, query heads, cache head, (B, K) indices)
     for heads, row_kv, indices in pending:
@@ -257,15 +257,21 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
         state.sequence = None                 # the next sparse step must rebuild, whatever it sees
         return None
     layouts = _layer_layouts(rt, Hq, Hkv)
+    softcap = kwargs.get("softcap") or None
+    window = kwargs.get("sliding_window")
+    masked = mask is not None or bool(window and n > window)
     # the executor and its dense threshold depend only on these; resolving them each step
     # costs more than the lookup (this function runs once per layer and token)
     signature = (rt.backend, rt.dense_above, query.device, query.dtype, key.dtype, value.dtype,
-                 key.stride(-1), value.stride(-1))
+                 key.stride(-1), value.stride(-1), softcap is not None, masked)
     cached = state.executor
     if cached is None or cached[0] != signature:
-        executor = resolve_decode_backend(rt.backend, query, key, value)
-        cached = state.executor = (signature, executor, resolve_dense_above(rt.dense_above, executor, query, phase="decode")["decode"])
-    executor, limit = cached[1], cached[2]
+        executor = resolve_decode_backend(rt.backend, query, key, value,
+                                          needs=registry.needs(softcap=softcap is not None, masks=masked))
+        cached = state.executor = (signature, executor,
+                                   resolve_dense_above(rt.dense_above, executor, query, phase="decode")["decode"],
+                                   registry.executor("decode", executor).kv_heads)
+    executor, limit, takes_kv_heads = cached[1:]
     run_dense = _parts_over_limit(layouts, Hq, Hkv, n, limit) if limit < 1 else set()
     if all(rule.kind == DENSE or pi in run_dense for pi, (rule, *_) in enumerate(layouts)):
         # nothing left to select: the model's own attention runs the whole layer in one call
@@ -273,8 +279,6 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
         rt.stats.decode_selected += float(B * Hq * n)
         rt.stats.decode_total += float(B * Hq * n)
         return None
-    softcap = kwargs.get("softcap") or None
-    window = kwargs.get("sliding_window")
     if mask is None and window and n > window:
         # a window layer whose mask was skipped: the query (position n-1) sees the last `window` keys
         mask = torch.zeros(1, 1, 1, n, dtype=torch.bool, device=key.device)
@@ -292,11 +296,11 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
     out = None
     selected = 0.0
     dense_on_kv: dict[int, list[int]] = {}        # cache head -> query heads that read it whole
-    # On the CPU executors, the sparse parts of a mixed layer are attended in one call (one
-    # index list per query head, each reading its own cache head): per-part calls cost ~0.3 ms
-    # each on a CPU, and a layer of a profiled plan has up to ~8 parts.
+    # On executors that take kv_heads (the CPU ones), the sparse parts of a mixed layer are
+    # attended in one call (one index list per query head, each reading its own cache head):
+    # per-part calls cost ~0.3 ms each on a CPU, and a layer of a profiled plan has up to ~8 parts.
     sparse_parts = sum(rule.kind != DENSE and pi not in run_dense for pi, (rule, *_) in enumerate(layouts))
-    merge = MERGE_PARTS and executor in ("torch", "cpu") and sparse_parts >= 2
+    merge = MERGE_PARTS and takes_kv_heads and sparse_parts >= 2
     pending = []                                   # (query heads, cache head per index row, (B, R, K))
     for pi, (rule, q_heads, kv_slice, per_head) in enumerate(layouts):
         whole_layer = q_heads is None

@@ -4,20 +4,17 @@ Which executor runs is decided by `registry` (backend names, what each supports,
 dense break-even) and `dispatch`.
 """
 
-from .block_sparse_attn import (
+from .index import (
     BlockSparseIndex,
-    block_sparse_attention,
-    block_sparse_attention_flex,
-    block_sparse_attention_torch,
-    block_sparse_attention_triton,
     dense_masked_attention,
     index_density,
     index_head_density,
     index_to_mask,
     num_query_blocks,
-    release_workspaces,
-    triton_available,
 )
+from .torch_executor import block_sparse_attention_torch, release_workspaces
+from .triton_executor import block_sparse_attention_triton, triton_available
+from .flex_executor import block_sparse_attention_flex
 from .cpu_decode import cpu_kernel_available, sparse_decode_cpu
 from .sparse_decode import (
     dense_decode_reference,
@@ -26,7 +23,7 @@ from .sparse_decode import (
     sparse_decode_triton,
 )
 # after the submodule sparse_decode is imported: the package's `sparse_decode` is the dispatcher
-from .dispatch import resolve_decode_backend, sparse_decode  # noqa: E402
+from .dispatch import block_sparse_attention, resolve_decode_backend, sparse_decode  # noqa: E402
 from . import registry  # noqa: E402
 from .registry import backends  # noqa: E402
 

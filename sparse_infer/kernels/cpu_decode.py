@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["cpu_kernel_available", "cpu_kernel_supports", "sparse_decode_cpu", "quest_decode_cpu",
+__all__ = ["cpu_kernel_available", "cpu_kernel_problem", "cpu_kernel_refuses", "cpu_kernel_supports", "sparse_decode_cpu", "quest_decode_cpu",
            "double_sparsity_decode_cpu", "fingerprint_matches", "fingerprint_keep", "CpuKernelUnavailable"]
 
 _SOURCE = Path(__file__).with_name("cpu_decode.c")
@@ -246,9 +246,21 @@ def _library() -> ctypes.CDLL:
     return _LIB
 
 
+def cpu_kernel_problem() -> str | None:
+    """Why the C decode kernel cannot run here (building it on first call), None when it can."""
+    if os.environ.get("SPARSE_INFER_CPU_KERNEL", "1") == "0":
+        return "the C decode kernel is turned off (SPARSE_INFER_CPU_KERNEL=0)"
+    try:
+        _library()
+    except CpuKernelUnavailable as err:
+        return f"the C decode kernel is unavailable ({err})"
+    return None
+
+
 def cpu_kernel_available() -> bool:
     """True when the C decode kernel is built (building it on first call) and loadable.
-    SPARSE_INFER_CPU_KERNEL=0 turns it off (the torch executor then runs decode on CPUs)."""
+    SPARSE_INFER_CPU_KERNEL=0 turns it off (the torch executor then runs decode on CPUs).
+    Warns once when it cannot be built or loaded: 'auto' then decodes on the torch executor."""
     if os.environ.get("SPARSE_INFER_CPU_KERNEL", "1") == "0":
         return False
     global _WARNED
@@ -282,10 +294,21 @@ def _refuse_unsupported(query: torch.Tensor, *rows: torch.Tensor) -> None:
         raise problem[0](problem[1])
 
 
+def cpu_kernel_refuses(query: torch.Tensor, key: torch.Tensor | None = None,
+                       value: torch.Tensor | None = None) -> str | None:
+    """Why the C kernel does not take these tensors (dtype, device, row strides), None when it
+    does; with key and value None, for the query alone. Says nothing about the kernel being built."""
+    problem = _unsupported(query, *(t for t in (key, value) if t is not None))
+    if problem is not None:
+        return problem[1]
+    if key is not None and value is not None and key.shape[-1] != value.shape[-1]:
+        return "the CPU kernel takes key and value of one head dim"
+    return None
+
+
 def cpu_kernel_supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
     """Whether these tensors can go to the C kernel: CPU, one supported dtype, rows contiguous."""
-    return (_unsupported(query, key, value) is None and key.shape[-1] == value.shape[-1]
-            and cpu_kernel_available())
+    return cpu_kernel_refuses(query, key, value) is None and cpu_kernel_available()
 
 
 def _raise_for(status: int, bad_sizes: str) -> None:

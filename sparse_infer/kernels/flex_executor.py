@@ -24,18 +24,23 @@ import torch.nn.functional as F
 
 from .index import BlockSparseIndex, check_attention_mask, check_prefill_shapes, normalize_index
 
-__all__ = ["block_sparse_attention_flex", "index_to_block_mask", "flex_available"]
+__all__ = ["block_sparse_attention_flex", "index_to_block_mask", "flex_available", "flex_problem"]
 
 _COMPILED = None
 _COMPILE_LOCK = threading.Lock()
 
 
-def flex_available() -> bool:
+def flex_problem() -> str | None:
+    """Why FlexAttention cannot run here, None when it can."""
     try:
         from torch.nn.attention import flex_attention  # noqa: F401
-    except Exception:  # noqa: BLE001 - an old or broken torch only disables this backend
-        return False
-    return True
+    except Exception as err:  # noqa: BLE001 - an old or broken torch only disables this backend
+        return f"this torch ({torch.__version__}) has no FlexAttention ({err})"
+    return None
+
+
+def flex_available() -> bool:
+    return flex_problem() is None
 
 
 def _compiled_flex_attention():

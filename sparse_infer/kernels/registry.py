@@ -7,6 +7,12 @@ decode executor, or both, with what each supports and the measured dense break-e
 leaves the other phase to the 'auto' choice (e.g. "cpu" prefill runs the torch
 executor, "flex" decode runs the device's default decode executor).
 
+'auto' picks, per call, the first executor (registration order) whose `auto_on` lists the
+query's device and that takes the call: its device, dtype, the features the call needs
+(`FEATURES`), availability and `refuses`. A backend named explicitly is that executor, or a
+clear error saying why it cannot run the call (`BackendUnavailable` when it cannot run here
+at all, ValueError / TypeError when it does not take these tensors or features).
+
 To add a backend: write the executor (same signature as the torch one of its phase),
 then one `register(...)` call below.
 """
@@ -17,14 +23,28 @@ from typing import Callable
 
 import torch
 
-from .cpu_decode import cpu_kernel_available, cpu_kernel_supports
-from .flex_executor import flex_available
-from .triton_executor import triton_available
+from .cpu_decode import cpu_kernel_available, cpu_kernel_problem, cpu_kernel_refuses
+from .flex_executor import flex_problem
+from .triton_executor import triton_problem, triton_refuses
 
-__all__ = ["Executor", "register", "backends", "executor", "resolve", "check_backend", "DENSE_ABOVE"]
+__all__ = ["Executor", "BackendUnavailable", "FEATURES", "register", "unregister", "backends", "executor",
+           "needs", "resolve", "check_backend", "check_available", "DENSE_ABOVE"]
 
 PHASES = ("prefill", "decode")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+# What a call may need beyond plain causal attention over an index; an executor declares
+# each as a flag. The text is what errors say.
+FEATURES = {
+    "columns": "column lines (vertical lines) in the index",
+    "softcap": "softcap (attention logit soft-capping)",
+    "masks": "a bool attention_mask (padding, sliding windows)",
+    "kv_heads": "kv_heads (index rows that read any cache head)",
+}
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend named explicitly cannot run here (a dependency is missing, its kernel does not build)."""
 
 
 @dataclass(frozen=True)
@@ -33,11 +53,15 @@ class Executor:
 
     target: "module:function" of the callable (prefill: block_sparse_attention_torch's
     signature; decode: sparse_decode_torch's), looked up on each `run` so that wrapping the
-    module's function (tests, profiling) wraps what dispatch calls. devices: device types it takes tensors on. auto_on: device
-    types where 'auto' picks it, tried in registration order. available(): whether it can
-    run at all here (an optional dependency imports, a C kernel builds); accepts(q, k, v):
-    whether it takes these tensors, when that depends on more than device and dtype (key and
-    value may be None when only the query is known: answer for the query alone).
+    module's function (tests, profiling) wraps what dispatch calls. devices: device types it
+    takes tensors on. columns / softcap / masks / kv_heads: the `FEATURES` it handles.
+    auto_on: device types where 'auto' picks it, tried in registration order.
+    unavailable(): why it cannot run at all here (an optional dependency does not import, a C
+    kernel does not build), None when it can. available(): what 'auto' asks instead, when given
+    (the C kernel's also warns once that 'auto' falls back); default: unavailable() is None.
+    refuses(q, k, v): why it does not take these tensors, when that depends on more than device
+    and dtype, None when it does (key and value may be None when only the query is known:
+    answer for the query alone).
     """
 
     name: str
@@ -50,8 +74,9 @@ class Executor:
     masks: bool = True            # bool attention_mask (padding, sliding windows)
     kv_heads: bool = False        # decode: index rows may read any cache head (one call per layer)
     auto_on: tuple[str, ...] = ()
-    available: Callable[[], bool] = lambda: True
-    accepts: Callable | None = None
+    unavailable: Callable[[], str | None] = lambda: None
+    available: Callable[[], bool] | None = None
+    refuses: Callable | None = None
     notes: str = ""
 
     @property
@@ -59,12 +84,34 @@ class Executor:
         module, function = self.target.split(":")
         return getattr(importlib.import_module(module), function)
 
-    def takes(self, query, key, value) -> bool:
-        return (query.device.type in self.devices and query.dtype in self.dtypes and self.available()
-                and (self.accepts is None or self.accepts(query, key, value)))
+    def refusal(self, query, key=None, value=None, needs=frozenset(), *, auto: bool = False):
+        """Why this executor does not take this call, as (exception type, message), or None.
+        needs: the `FEATURES` the call uses. auto: ask `available` (may warn) for availability."""
+        device = query.device.type
+        if device not in self.devices:
+            return ValueError, f"it does not run on {device} tensors (it takes {', '.join(self.devices)})"
+        if query.dtype not in self.dtypes:
+            return TypeError, (f"it does not take {query.dtype} (it takes "
+                               f"{', '.join(str(d).removeprefix('torch.') for d in self.dtypes)})")
+        missing = [f for f in FEATURES if f in needs and not getattr(self, f)]
+        if missing:
+            return ValueError, f"it does not handle {' or '.join(FEATURES[f] for f in missing)}, which the call uses"
+        if auto and self.available is not None:
+            why = None if self.available() else (self.unavailable() or "unavailable")
+        else:
+            why = self.unavailable()
+        if why is not None:
+            return BackendUnavailable, why
+        why = None if self.refuses is None else self.refuses(query, key, value)
+        return None if why is None else (ValueError, why)
+
+    def takes(self, query, key=None, value=None, needs=frozenset()) -> bool:
+        """Whether 'auto' may pick it for this call."""
+        return self.refusal(query, key, value, needs, auto=True) is None
 
 
-_EXECUTORS: dict[str, dict[str, Executor]] = {phase: {} for phase in PHASES}
+_EXECUTORS: dict[str, dict[str, Executor]] = {phase: {} for phase in PHASES}   # each in _ORDER's order
+_ORDER: list[str] = []          # backend names: the 'auto' preference order
 
 # Dense break-even per backend: {"head", "group"} for prefill indices per query head / per
 # GQA group, "decode" for the share of a cache head that decode selections may read in all.
@@ -73,23 +120,45 @@ DENSE_ABOVE: dict[str, dict[str, float]] = {}
 
 
 def register(name: str, *, prefill: dict | None = None, decode: dict | None = None,
-             dense_above: dict[str, float]) -> None:
-    """Register backend `name`: keyword arguments of `Executor` for each phase it runs."""
+             dense_above: dict[str, float], before: str | None = None) -> None:
+    """Register backend `name`: keyword arguments of `Executor` for each phase it runs.
+    before: a registered backend that 'auto' tries after this one, in each phase (default: last)."""
     if prefill is None and decode is None:
         raise ValueError(f"backend {name!r} registers no executor")
     if name == "auto":
         raise ValueError("'auto' is not a backend name: it means 'pick per device'")
+    if name in DENSE_ABOVE:
+        raise ValueError(f"backend {name!r} is already registered")
     if set(dense_above) != {"head", "group", "decode"}:
         raise ValueError("dense_above needs 'head', 'group' and 'decode'")
-    for phase, spec in (("prefill", prefill), ("decode", decode)):
-        if spec is not None:
-            _EXECUTORS[phase][name] = Executor(name=name, phase=phase, **spec)
+    if before is not None and before not in DENSE_ABOVE:
+        raise ValueError(f"before={before!r} is not a registered backend")
+    # every executor is built (and its arguments checked) before the table changes
+    made = {phase: Executor(name=name, phase=phase, **spec)
+            for phase, spec in (("prefill", prefill), ("decode", decode)) if spec is not None}
+    _ORDER.insert(len(_ORDER) if before is None else _ORDER.index(before), name)
+    for phase, ex in made.items():
+        _EXECUTORS[phase][name] = ex
+        ordered = sorted(_EXECUTORS[phase].items(), key=lambda item: _ORDER.index(item[0]))
+        _EXECUTORS[phase].clear()
+        _EXECUTORS[phase].update(ordered)
     DENSE_ABOVE[name] = dict(dense_above)
 
 
+def unregister(name: str) -> None:
+    """Remove backend `name` (tests register toy executors and remove them after)."""
+    check_backend(name)
+    if name == "auto":
+        raise ValueError("'auto' is not a backend name")
+    for table in _EXECUTORS.values():
+        table.pop(name, None)
+    _ORDER.remove(name)
+    del DENSE_ABOVE[name]
+
+
 def backends() -> list[str]:
-    """Every registered backend name, in registration order."""
-    return list(dict.fromkeys([*_EXECUTORS["prefill"], *_EXECUTORS["decode"]]))
+    """Every registered backend name, in 'auto' preference order (registration order unless `before`)."""
+    return list(_ORDER)
 
 
 def check_backend(backend: str) -> str:
@@ -100,25 +169,67 @@ def check_backend(backend: str) -> str:
     return backend
 
 
+def check_available(backend: str) -> str:
+    """`backend` when it is 'auto' or each executor it registers can run here, else a
+    BackendUnavailable naming the backend, the phase and why (an unknown name: check_backend's error)."""
+    check_backend(backend)
+    for phase in PHASES:
+        ex = _EXECUTORS[phase].get(backend)
+        why = None if ex is None else ex.unavailable()
+        if why is not None:
+            raise BackendUnavailable(f"backend {backend!r} cannot run {phase} here: {why}; "
+                                     f"use backend='auto' or one of {_others(phase, backend)}")
+    return backend
+
+
+def _others(phase: str, backend: str, feature: str | None = None) -> str:
+    """The other backends whose `phase` executor can run here (and handles `feature`), for hints."""
+    names = [n for n, ex in _EXECUTORS[phase].items()
+             if n != backend and (feature is None or getattr(ex, feature)) and ex.unavailable() is None]
+    return ", ".join(repr(n) for n in names) or "none"
+
+
 def executor(phase: str, name: str) -> Executor | None:
     return _EXECUTORS[phase].get(name)
 
 
-def resolve(phase: str, backend: str, query, key=None, value=None) -> Executor:
-    """The executor `backend` means in `phase` for these tensors.
+def needs(**used: bool) -> frozenset:
+    """The features a call uses, from keyword flags named as in FEATURES: needs(softcap=True, ...)."""
+    unknown = set(used) - set(FEATURES)
+    if unknown:
+        raise ValueError(f"unknown features {sorted(unknown)}; known: {', '.join(FEATURES)}")
+    return frozenset(f for f, on in used.items() if on)
 
-    A named backend with an executor for the phase is that executor; 'auto', or a backend
-    that only registers the other phase, is the first executor whose auto_on lists the
-    query's device and that takes these tensors."""
+
+def resolve(phase: str, backend: str, query, key=None, value=None, needs: frozenset = frozenset()) -> Executor:
+    """The executor `backend` means in `phase` for this call (`needs`: the FEATURES it uses).
+
+    A named backend with an executor for the phase is that executor, or an error saying why
+    it cannot run the call; 'auto', or a backend that only registers the other phase, is the
+    first executor whose auto_on lists the query's device and that takes the call."""
     check_backend(backend)
     named = _EXECUTORS[phase].get(backend)
     if named is not None:
+        refused = named.refusal(query, key, value, needs)
+        if refused is not None:
+            kind, why = refused
+            missing = [f for f in FEATURES if f in needs and not getattr(named, f)]
+            hint = (f"backends whose {phase} executor handles it: {_others(phase, backend, missing[0])}"
+                    if missing else f"use backend='auto' or one of {_others(phase, backend)}")
+            raise kind(f"backend {backend!r} cannot run this {phase} call: {why}; {hint}")
         return named
     device = query.device.type
+    skipped = []
     for candidate in _EXECUTORS[phase].values():
-        if device in candidate.auto_on and candidate.takes(query, key, value):
+        if device not in candidate.auto_on:
+            continue
+        refused = candidate.refusal(query, key, value, needs, auto=True)
+        if refused is None:
             return candidate
-    raise RuntimeError(f"no {phase} executor runs on {device} tensors")
+        skipped.append(f"{candidate.name!r}: {refused[1]}")
+    used = f" using {', '.join(sorted(needs))}" if needs else ""
+    raise RuntimeError(f"no {phase} executor takes this call ({device} {query.dtype} tensors{used})"
+                       + (f": {'; '.join(skipped)}" if skipped else ""))
 
 
 # Prefill: above this share of causal pairs a head's block-sparse attention costs more
@@ -143,26 +254,27 @@ _K = "sparse_infer.kernels."
 register(
     "flex",
     prefill=dict(target=_K + "flex_executor:block_sparse_attention_flex", devices=("cuda", "cpu"),
-                 auto_on=("cuda",), available=flex_available,
+                 auto_on=("cuda",), unavailable=flex_problem,
                  # on CUDA FlexAttention compiles through Triton (inductor)
-                 accepts=lambda q, k, v: q.device.type != "cuda" or triton_available(),
+                 refuses=lambda q, k, v: (None if q.device.type != "cuda" or triton_problem() is None
+                                          else "FlexAttention on CUDA compiles through Triton: " + triton_problem()),
                  notes="PyTorch FlexAttention over a BlockMask; compiled per shape (CPU: seconds)"),
     dense_above=_NEVER,
 )
 register(
     "triton",
     prefill=dict(target=_K + "triton_executor:block_sparse_attention_triton", devices=("cuda", "cpu"),
-                 available=triton_available,
+                 unavailable=triton_problem, refuses=triton_refuses,
                  notes="power-of-two block_size >= 16; CPU tensors only under TRITON_INTERPRET=1"),
     decode=dict(target=_K + "sparse_decode:sparse_decode_triton", devices=("cuda", "cpu"), auto_on=("cuda",),
-                available=triton_available, notes="CPU tensors only under TRITON_INTERPRET=1"),
+                unavailable=triton_problem, refuses=triton_refuses,
+                notes="CPU tensors only under TRITON_INTERPRET=1"),
     dense_above=_NEVER,
 )
 register(
     "cpu",
     decode=dict(target=_K + "cpu_decode:sparse_decode_cpu", devices=("cpu",), kv_heads=True, auto_on=("cpu",),
-                available=cpu_kernel_available,
-                accepts=lambda q, k, v: k is None or cpu_kernel_supports(q, k, v),
+                unavailable=cpu_kernel_problem, available=cpu_kernel_available, refuses=cpu_kernel_refuses,
                 notes="C kernel (cpu_decode.c): rows read in place; needs unit last-dim stride"),
     dense_above=_MEASURED_TORCH,
 )

@@ -12,6 +12,8 @@ __all__ = [
     "triton",
     "tl",
     "triton_available",
+    "triton_problem",
+    "triton_refuses",
     "require_triton",
     "is_interpreted",
     "launch_options",
@@ -32,6 +34,19 @@ except Exception:  # noqa: BLE001 - a missing or broken triton only disables tha
 
 def triton_available() -> bool:
     return tl is not None
+
+
+def triton_problem() -> str | None:
+    """Why the Triton executors cannot run here, None when they can."""
+    return None if tl is not None else "triton is not installed (or does not import)"
+
+
+def triton_refuses(query: torch.Tensor, key=None, value=None) -> str | None:
+    """Why the Triton kernels cannot take tensors on the query's device (triton imported), None when they can."""
+    if query.device.type != "cuda" and not is_interpreted(_bsa_fwd_kernel):
+        return ("Triton kernels need CUDA tensors; for CPU tensors set TRITON_INTERPRET=1 before "
+                "triton is first imported")
+    return None
 
 
 def is_interpreted(kernel) -> bool:

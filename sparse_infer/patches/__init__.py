@@ -63,10 +63,12 @@ def patch(model, plan, backend: str = "auto", dense_above: float | str = "auto")
     the break-even measured for the executor in use; 1.0 always runs the plan.
     backend: "auto" or a backend registered in sparse_infer.kernels.registry ("torch",
     "cpu", "triton", "flex"); one that runs a single phase leaves the other to "auto".
+    A named backend that cannot run here (triton not installed, the C kernel does not
+    build, no FlexAttention) raises BackendUnavailable saying why, before anything changes.
     """
-    from sparse_infer.kernels.registry import check_backend    # imports triton: not at package import
+    from sparse_infer.kernels.registry import check_available    # imports triton: not at package import
 
-    check_backend(backend)
+    check_available(backend)
     if dense_above != "auto" and not (isinstance(dense_above, (int, float)) and 0 < dense_above <= 1):
         raise ValueError(f"dense_above must be 'auto' or a number in (0, 1], got {dense_above!r}")
     resolved: Plan = load_plan(plan, model.config)

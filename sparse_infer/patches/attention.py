@@ -17,11 +17,8 @@ import torch
 
 from sparse_infer.decode.dispatch import decode_attention
 from sparse_infer.methods import DENSE
-from sparse_infer.prefill.dispatch import _dense_subset, sparse_prefill  # noqa: F401 - re-exported
-from sparse_infer.runtime import (  # noqa: F401 - re-exported: the names' old home
-    LayerRuntime, LayerStats, causal_mask, causal_pairs, get_stats, group_heads, heads_of, reset_stats, runtime_for,
-    set_runtime,
-)
+from sparse_infer.prefill.dispatch import sparse_prefill
+from sparse_infer.runtime import LayerRuntime, causal_mask, causal_pairs, runtime_for
 
 IMPLEMENTATION = "sparse_infer"
 
@@ -150,17 +147,3 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout=
     out = sparse_prefill(rt, query, key, value, _to_bool_mask(attention_mask), scaling, kwargs.get("softcap"))
     return out.transpose(1, 2).contiguous(), None
 
-
-def resolve_dense_above(dense_above, backend: str, tensor, phase: str = "prefill") -> dict:
-    """See sparse_infer.kernels.dispatch.resolve_dense_above (imported on use: importing the
-    executors imports triton, which must wait for TRITON_INTERPRET to be set on CPU machines)."""
-    from sparse_infer.kernels.dispatch import resolve_dense_above as resolve
-    return resolve(dense_above, backend, tensor, phase)
-
-
-def __getattr__(name):
-    # DENSE_ABOVE: the registry's table itself (same dict; where it was measured is explained there)
-    if name == "DENSE_ABOVE":
-        from sparse_infer.kernels.registry import DENSE_ABOVE
-        return DENSE_ABOVE
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -59,7 +59,7 @@ def sparse_prefill(rt: LayerRuntime, query, key, value, mask, scaling, softcap=N
     """
     # the executors are imported on use: importing them imports triton, which must wait for
     # TRITON_INTERPRET to be set on CPU machines
-    from sparse_infer.kernels.dispatch import block_sparse_attention, resolve_dense_above
+    from sparse_infer.kernels.dispatch import block_sparse_attention, prefill_needs, resolve_dense_above
     from sparse_infer.kernels.index import BlockSparseIndex, index_head_density
 
     section = rt.plan.prefill
@@ -71,7 +71,7 @@ def sparse_prefill(rt: LayerRuntime, query, key, value, mask, scaling, softcap=N
     out = query.new_empty(query.shape[0], num_heads, query.shape[2], value.shape[-1])
     q_len, n = query.shape[2], key.shape[2]
     per_head_pairs = query.shape[0] * causal_pairs(q_len, n)
-    dense_above = resolve_dense_above(rt.dense_above, rt.backend, query)
+    dense_above = resolve_dense_above(rt.dense_above, rt.backend, query, needs=prefill_needs(None, mask, softcap))
     dense_heads: list[int] = []
     for rule, heads, kv_heads in parts:
         if rule.kind == DENSE:

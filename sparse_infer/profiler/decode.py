@@ -29,9 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sparse_infer.decode.common import SELECTOR_LOCAL, SELECTOR_SINK
-from sparse_infer.decode.quest import QUEST_PAGE  # noqa: F401 - re-exported: the page the curves use
-from sparse_infer.decode.streaming import STREAMING_SINKS  # noqa: F401 - re-exported: the sinks curves exist for
-from sparse_infer.methods import DECODE_SELECTORS, curve_at  # noqa: F401 - curve_at re-exported
+from sparse_infer.methods import DECODE_SELECTORS
 
 
 @dataclass

@@ -19,9 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sparse_infer.methods import (  # noqa: F401 - the helpers are re-exported: their old home
-    DECODE_SELECTORS, PREFILL_PATTERNS, combine_budget, fixed_size_ok, pow2_grid, resolve, window_grid,
-)
+from sparse_infer.methods import DECODE_SELECTORS, PREFILL_PATTERNS
 from sparse_infer.plan import Rule, parse_rule
 from sparse_infer.prefill import build_index
 from sparse_infer.prefill.vertical_slash import VS_MIN      # the separable evaluation builds at the smallest budget

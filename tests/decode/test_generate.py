@@ -269,10 +269,10 @@ def test_mixed_layer_parts_in_one_call_equal_separate_calls(monkeypatch, executo
 def test_auto_dense_above_runs_cache_heads_dense_when_selections_cover_too_much(monkeypatch):
     # per-query-head selections of 40+12 rows on a ~200-row cache, two query heads per cache
     # head: 104 rows > a third of the cache, so with "auto" every head decodes dense
-    from sparse_infer.patches import attention
+    from sparse_infer.kernels import registry
 
     for executor in ("torch", "cpu"):
-        monkeypatch.setitem(attention.DENSE_ABOVE, executor, {"head": 1.0, "group": 1.0, "decode": 1 / 3})
+        monkeypatch.setitem(registry.DENSE_ABOVE, executor, {"head": 1.0, "group": 1.0, "decode": 1 / 3})
     model = tiny_model("llama")
     ids = ids_of(1, 200, seed=31)
     heavy = dict(SPARSE["token_select"], budget=40)

@@ -9,7 +9,7 @@ import torch
 from sparse_infer.decode import decode_attention, double_sparsity, quest
 from sparse_infer.decode.dispatch import _fingerprint_positions, _layer_layouts
 from sparse_infer.decode.common import GroupInputs
-from sparse_infer.kernels.block_sparse_attn import dense_masked_attention
+from sparse_infer.kernels.index import dense_masked_attention
 from sparse_infer.methods import DECODE_SELECTORS
 from sparse_infer.kernels.sparse_decode import indices_to_mask
 from sparse_infer.runtime import LayerRuntime, group_heads

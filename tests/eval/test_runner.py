@@ -300,9 +300,9 @@ def test_changed_answers_pairs_samples_by_prompt():
 
 def test_eval_runs_the_plan_as_written(tmp_path, tokenizer, tiny_llama, samples, sparse_plan, monkeypatch):
     # even where patch's "auto" would run every head dense on this machine, the eval measures the plan
-    from sparse_infer.patches import attention
+    from sparse_infer.kernels import registry
 
-    monkeypatch.setitem(attention.DENSE_ABOVE, "torch", {"head": 1e-6, "group": 1e-6, "decode": 1e-6})
+    monkeypatch.setitem(registry.DENSE_ABOVE, "torch", {"head": 1e-6, "group": 1e-6, "decode": 1e-6})
     runner.run_eval(tiny_llama, tokenizer, samples[:1], {"sparse": sparse_plan}, tmp_path, progress=False)
     doc = json.loads((tmp_path / "results.json").read_text())
     assert doc["plans"]["sparse"]["records"][0]["stats"]["prefill_density"] < 1

@@ -9,9 +9,12 @@ import stat
 import pytest
 import torch
 
+import sparse_infer
 import sparse_infer.kernels.cpu_decode as cpu_decode
 from sparse_infer.kernels import dense_decode_reference, sparse_decode, sparse_decode_torch
 from sparse_infer.kernels.cpu_decode import cpu_kernel_available, sparse_decode_cpu
+from sparse_infer.kernels.registry import BackendUnavailable
+from tests.conftest import tiny_model
 from tests.kernels.test_sparse_decode import CASES, make_case
 
 pytestmark = pytest.mark.skipif(not cpu_kernel_available(), reason="no C compiler: the kernel is not built here")
@@ -191,8 +194,14 @@ def test_build_failure_leaves_the_torch_executor_and_warns_once(fresh_kernel, mo
                                    sparse_decode_torch(q, k, v, idx, scaling=0.2))
         assert not cpu_kernel_available()
     assert len([w for w in caught if "C decode kernel" in str(w.message)]) == 1
-    with pytest.raises(cpu_decode.CpuKernelUnavailable, match="no-such-compiler-here"):
+    with pytest.raises(BackendUnavailable, match="backend 'cpu'.*decode.*no-such-compiler-here"):
         sparse_decode(q, k, v, idx, scaling=0.2, backend="cpu")
+    # and patch refuses it up front, leaving the model as it was
+    model = tiny_model("llama")
+    before = model.config._attn_implementation
+    with pytest.raises(BackendUnavailable, match="backend 'cpu' cannot run decode here.*no-such-compiler-here"):
+        sparse_infer.patch(model, "a_shape", backend="cpu")
+    assert not sparse_infer.is_patched(model) and model.config._attn_implementation == before
 
 
 def test_fresh_build_into_an_empty_cache_dir(fresh_kernel, monkeypatch):

@@ -111,18 +111,15 @@ def test_backends_resolve_per_phase():
 
 def test_dense_above_comes_from_the_registry(monkeypatch):
     monkeypatch.undo()          # the autouse fixture keeps heads sparse; read the shipped table
-    from sparse_infer.patches import attention
-
     measured = {"head": 0.4, "group": 0.7, "decode": 1 / 3}
     assert registry.DENSE_ABOVE["torch"] == measured and registry.DENSE_ABOVE["cpu"] == measured
     assert registry.DENSE_ABOVE["triton"] == registry.DENSE_ABOVE["flex"] == {"head": 1.0, "group": 1.0,
                                                                              "decode": 1.0}
-    assert attention.DENSE_ABOVE is registry.DENSE_ABOVE
     cpu = torch.zeros(1, 1, 4, 8)
     assert resolve_dense_above("auto", "cpu", cpu, phase="decode") == measured
     assert resolve_dense_above("auto", "flex", cpu) == registry.DENSE_ABOVE["flex"]
     monkeypatch.setitem(registry.DENSE_ABOVE, "flex", {"head": 0.5, "group": 0.6, "decode": 0.7})
-    assert attention.resolve_dense_above("auto", "flex", cpu) == {"head": 0.5, "group": 0.6, "decode": 0.7}
+    assert resolve_dense_above("auto", "flex", cpu) == {"head": 0.5, "group": 0.6, "decode": 0.7}
 
 
 @needs_flex

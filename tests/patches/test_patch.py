@@ -167,13 +167,13 @@ def test_heads_denser_than_dense_above_run_dense(granularity):
 @pytest.mark.parametrize("granularity", ["group", "head"])
 def test_auto_dense_above_uses_the_threshold_of_the_index_kind(monkeypatch, granularity):
     # only indices shared by a GQA group switch when only the group threshold is below their density
-    from sparse_infer.patches import attention
+    from sparse_infer.kernels import registry
 
     model = tiny_model("llama")
     ids = _ids(1, 512, seed=6)
     p = full_plan(model, {"pattern": "a_shape", "sink": 32, "local": 224}, mixed=False)
     p["prefill"]["granularity"] = granularity
-    monkeypatch.setitem(attention.DENSE_ABOVE, "torch", {"head": 1.0, "group": 0.6, "decode": 1.0})
+    monkeypatch.setitem(registry.DENSE_ABOVE, "torch", {"head": 1.0, "group": 0.6, "decode": 1.0})
     dense, out, density = _dense_and_planned(model, ids, p)
     if granularity == "group":
         assert density == 1.0
@@ -192,15 +192,16 @@ def test_bad_dense_above_changes_nothing(bad):
 
 
 def test_auto_dense_above_follows_the_executor(monkeypatch):
-    from sparse_infer.patches import attention
+    from sparse_infer.kernels import registry
+    from sparse_infer.kernels.dispatch import resolve_dense_above
 
     measured = {"head": 0.35, "group": 0.75, "decode": 0.3}
-    monkeypatch.setitem(attention.DENSE_ABOVE, "torch", measured)
+    monkeypatch.setitem(registry.DENSE_ABOVE, "torch", measured)
     cpu = torch.zeros(1)                                  # a CPU tensor: "auto" means the torch executor
-    assert attention.resolve_dense_above("auto", "torch", cpu) == measured
-    assert attention.resolve_dense_above("auto", "auto", cpu) == measured
-    assert attention.resolve_dense_above("auto", "triton", cpu) == attention.DENSE_ABOVE["triton"]
-    assert attention.resolve_dense_above(0.5, "torch", cpu) == {"head": 0.5, "group": 0.5, "decode": 0.5}
+    assert resolve_dense_above("auto", "torch", cpu) == measured
+    assert resolve_dense_above("auto", "auto", cpu) == measured
+    assert resolve_dense_above("auto", "triton", cpu) == registry.DENSE_ABOVE["triton"]
+    assert resolve_dense_above(0.5, "torch", cpu) == {"head": 0.5, "group": 0.5, "decode": 0.5}
 
 
 def test_patch_is_idempotent_and_unpatch_restores_implementation():

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from sparse_infer.kernels.block_sparse_attn import index_to_mask
+from sparse_infer.kernels.index import index_to_mask
 from sparse_infer.plan import PlanError, load_plan, parse_rule
 from sparse_infer.prefill import build_index
 from sparse_infer.prefill.adaptive import coverage_count, js_distance

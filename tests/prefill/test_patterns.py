@@ -3,9 +3,8 @@ selected pairs (fp32, 1e-5), plus checks that each pattern selects what it promi
 import pytest
 import torch
 
-from sparse_infer.kernels.block_sparse_attn import (
-    block_sparse_attention_torch, dense_masked_attention, index_density, index_to_mask,
-)
+from sparse_infer.kernels.index import dense_masked_attention, index_density, index_to_mask
+from sparse_infer.kernels.torch_executor import block_sparse_attention_torch
 from sparse_infer.plan import parse_rule
 from sparse_infer.prefill import build_index
 from sparse_infer.prefill.block import antidiagonal_block_scores

@@ -2,7 +2,8 @@
 import pytest
 
 from sparse_infer.profiler.layer import LayerRun, analyze_layer
-from sparse_infer.profiler.search import SearchSettings, combine_budget, runtime_granularity, make_rule
+from sparse_infer.methods import combine_budget
+from sparse_infer.profiler.search import SearchSettings, runtime_granularity, make_rule
 from tests.profiler.synthetic import planted_heads
 
 LENGTHS = (1024, 2048)
@@ -19,7 +20,7 @@ def planted_reports():
 
 
 def _resolved(rule_params, key, n):
-    from sparse_infer.plan import parse_budget
+    from sparse_infer.params import parse_budget
     return parse_budget(rule_params[key], key).resolve(n)
 
 
@@ -67,7 +68,7 @@ def test_combine_budget_fixed_or_growing():
     assert combine_budget({2048: 512, 4096: 256}) == 512
     grown = combine_budget({2048: 128, 4096: 512})                # grows: {frac, min}
     assert grown == {"frac": 0.125, "min": 128}
-    from sparse_infer.plan import parse_budget
+    from sparse_infer.params import parse_budget
     b = parse_budget(grown, "b")
     assert b.resolve(2048) == 256 and b.resolve(4096) == 512         # exactly the need at 4096
     odd = parse_budget(combine_budget({1500: 100, 3000: 333}), "b")
@@ -124,7 +125,8 @@ def _ramp_curves(n, full_at_per_head):
     """Curves where head i's recall grows linearly to 1 after full_at_per_head[i] ranked keys."""
     import torch
 
-    from sparse_infer.profiler.decode import QUEST_PAGE, STREAMING_SINKS
+    from sparse_infer.decode.quest import QUEST_PAGE
+    from sparse_infer.decode.streaming import STREAMING_SINKS
 
     def ramp(points, full_at):
         return torch.clamp((torch.arange(points, dtype=torch.float64) + 1) / full_at, max=1.0)
@@ -136,7 +138,8 @@ def _ramp_curves(n, full_at_per_head):
 
 
 def test_a_shared_decode_rule_is_sized_for_the_neediest_head_of_its_group():
-    from sparse_infer.profiler.search import choose_decode, decode_recall, resolve
+    from sparse_infer.methods import resolve
+    from sparse_infer.profiler.search import choose_decode, decode_recall
 
     curves = {n: _ramp_curves(n, [n // 32, n // 8]) for n in LENGTHS}
     settings = SearchSettings(target_recall=0.95)

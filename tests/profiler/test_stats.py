@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from sparse_infer.kernels.block_sparse_attn import index_density, index_to_mask
+from sparse_infer.kernels.index import index_density, index_to_mask
 from sparse_infer.prefill import build_index
 from sparse_infer.profiler.decode import decode_curves, double_sparsity_curve, retrieval_hits
 from sparse_infer.profiler.search import evaluate_prefill_run, make_rule, params_key
@@ -138,7 +138,7 @@ def test_decode_curves_match_the_decode_selectors(kind, params):
 
 
 def test_double_sparsity_curve_matches_the_selector():
-    from sparse_infer.profiler.decode import curve_at
+    from sparse_infer.methods import curve_at
     q, k = _inputs(n=400, hq=2, hkv=2)
     P = _dense_probs(q, k, 0.25)
     channels = [1, 4, 7, 9]
@@ -154,7 +154,7 @@ def test_double_sparsity_curve_matches_the_selector():
 def test_shared_decode_curves_match_one_selection_per_gqa_group(kind, params):
     """With shared=True each head is scored on its group's soft-vote selection, as the runtime
     selects for a whole GQA group; the per-head curves would overstate what a head keeps."""
-    from sparse_infer.profiler.decode import curve_at
+    from sparse_infer.methods import curve_at
     from sparse_infer.profiler.search import decode_recall
     q, k = _inputs(hq=6, hkv=2, n=400, seed=3)
     P = _dense_probs(q, k, 0.25)
