@@ -171,7 +171,7 @@ def test_the_c_executor_holds_no_method_code():
     """kernels/cpu_decode.c exports the executor alone, and neither it nor the machinery it
     shares (cpu_attend.h) names a method's selection: that C lives beside its selector."""
     defined = re.findall(r"^(?:int|void)\s+(\w+)\s*\(", _c_code(PACKAGE / "kernels" / "cpu_decode.c"), flags=re.M)
-    hidden = re.findall(r'visibility\("hidden"\)\)\s*(?:int|void)\s+(\w+)',
+    hidden = re.findall(r'visibility\("hidden"\)+\s*(?:int|void)\s+(\w+)',
                         _c_code(PACKAGE / "kernels" / "cpu_attend.h"))
     assert [name for name in defined if name not in hidden] == ["sparse_decode_rows"]
     for path in (PACKAGE / "kernels").glob("*.[ch]"):

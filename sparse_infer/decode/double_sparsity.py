@@ -13,6 +13,9 @@ Channels (`channels` in the plan):
     the rest of the sequence (the label cache is laid out for them). r >= head_dim keeps all.
 Selection then follows token_select (soft vote over the group, `budget` best plus sinks
 and the local window), with approximate scores.
+
+On CPUs, a step with no mask runs the choice and its attention in one C call: double_sparsity.c,
+beside this file (double_sparsity_decode_cpu).
 """
 from __future__ import annotations
 

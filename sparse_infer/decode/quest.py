@@ -11,6 +11,9 @@ in full, plus the first `sink` and last `local` valid tokens.
 Side state is built once per sequence from the full K (masked keys, e.g. left padding,
 left out of the bounds) and then kept incrementally: each decode step only folds the new
 key into the last, partial page, or opens a new page.
+
+On CPUs, a step with no mask runs the choice and its attention in one C call: quest.c, beside
+this file (quest_decode_cpu).
 """
 from __future__ import annotations
 
