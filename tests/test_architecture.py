@@ -1,9 +1,11 @@
-"""Layering checks: the package's module-level imports form no cycle, and the benchmarks reach
-the runtime only through sparse_infer.bench helpers."""
+"""Layering checks: the package's module-level imports form no cycle, the kernels (Python and C)
+hold no method's choosing, and the benchmarks reach the runtime only through sparse_infer.bench
+helpers."""
 from __future__ import annotations
 
 import ast
 import importlib
+import re
 from pathlib import Path
 
 import pytest
@@ -144,3 +146,37 @@ def test_benchmarks_do_not_construct_layer_runtime():
             if name == "LayerRuntime":
                 offenders.append(f"{path.name}:{node.lineno}")
     assert not offenders, f"benchmarks build LayerRuntime directly (use sparse_infer.bench.layer): {offenders}"
+
+
+def test_kernels_never_import_decode_or_methods():
+    # the executors compute attention over rows they are given; choosing lives above them
+    offenders = []
+    for name, path in MODULES.items():
+        if not name.startswith("sparse_infer.kernels"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):     # function bodies too
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                for target in _targets(node, name, path.name == "__init__.py"):
+                    if target.startswith(("sparse_infer.decode", "sparse_infer.prefill", "sparse_infer.methods")):
+                        offenders.append(f"{name} imports {target}")
+    assert not offenders, offenders
+
+
+def _c_code(path: Path) -> str:
+    """C source without its comments (they may name the methods that use it)."""
+    return re.sub(r"/\*.*?\*/|//[^\n]*", "", path.read_text(encoding="utf-8"), flags=re.S)
+
+
+def test_the_c_executor_holds_no_method_code():
+    """kernels/cpu_decode.c exports the executor alone, and neither it nor the machinery it
+    shares (cpu_attend.h) names a method's selection: that C lives beside its selector."""
+    defined = re.findall(r"^(?:int|void)\s+(\w+)\s*\(", _c_code(PACKAGE / "kernels" / "cpu_decode.c"), flags=re.M)
+    hidden = re.findall(r'visibility\("hidden"\)+\s*(?:int|void)\s+(\w+)',
+                        _c_code(PACKAGE / "kernels" / "cpu_attend.h"))
+    assert [name for name in defined if name not in hidden] == ["sparse_decode_rows"]
+    for path in (PACKAGE / "kernels").glob("*.[ch]"):
+        names = set(re.findall(r"\b[A-Za-z_]\w*\b", _c_code(path)))
+        method_names = {n for n in names if re.search(r"quest|ds_|double|fingerprint|page|label|vote|top_k", n)}
+        assert not method_names, f"{path.name} names method code: {sorted(method_names)}"
+    method_files = {p.name for p in (PACKAGE / "decode").glob("*.c")}
+    assert {"quest.c", "double_sparsity.c", "fingerprint.c"} <= method_files

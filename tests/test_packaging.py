@@ -1,4 +1,5 @@
-"""The wheel carries what the package reads at run time: the shipped plans and the C decode kernel.
+"""The wheel carries what the package reads at run time: the shipped plans and the C decode kernel
+(every source and header the library is built from).
 (.ci/wheel_check goes further: it installs the wheel in a fresh venv and runs a patched forward.)"""
 import shutil
 import subprocess
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import sparse_infer
+from sparse_infer.kernels.cpu_decode import HEADERS, SOURCES
 from sparse_infer.plan import CONFIGS_DIR
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,7 +33,7 @@ def test_wheel_ships_the_plans_and_the_kernel_source(tmp_path):
     assert plans and all(package in p.resolve().parents for p in plans), "shipped plans live inside the package"
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
-        for path in [*plans, *sorted((package / "kernels").glob("*.c"))]:
+        for path in [*plans, *SOURCES, *HEADERS]:
             member = path.resolve().relative_to(package.parent).as_posix()
             assert member in names, f"{member} is not in the wheel"
             assert zf.read(member) == path.read_bytes()

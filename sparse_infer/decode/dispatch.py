@@ -18,7 +18,7 @@ keys: a step continues the sequence held in the side state only if the kv length
 exactly one since the previous step of this layer AND a fingerprint (full rows of K, all
 batch rows and heads, at the last-processed position and at the first, last and 7 evenly
 spread positions of the sequence when its side state was built) still matches; on CPUs the
-rows are compared and kept by two small C helpers (sparse_infer.kernels.cpu_decode). Anything
+rows are compared and kept by two small C helpers (sparse_infer.decode.fingerprint). Anything
 else (a new `generate` call, a new cache, beam reordering, a rolled sliding-window cache, a
 crop) rebuilds the state from the full K. `reset_decode_state(model)` drops it explicitly.
 """
@@ -29,6 +29,7 @@ import torch
 import dataclasses
 from dataclasses import dataclass
 
+from sparse_infer.decode import fingerprint
 from sparse_infer.decode.common import GroupInputs, GrowBuffer, grouped_dense_decode, pad_indices
 from sparse_infer.kernels import cpu_decode, registry
 from sparse_infer.kernels.dispatch import resolve_decode_backend, resolve_dense_above, sparse_decode
@@ -65,7 +66,7 @@ def _sequence_continues(state: DecodeState, key: torch.Tensor) -> bool:
     # the spread rows and, in the last slot, the previous last row: one C call on CPUs (a gather
     # and a compare in torch cost ~30 us per layer and step), else one gather and one compare
     if prev.in_c and key.stride(-1) == 1:
-        return cpu_decode.fingerprint_matches(key, prev.positions, prev.rows)
+        return fingerprint.fingerprint_matches(key, prev.positions, prev.rows)
     return torch.equal(key.index_select(2, prev.positions), prev.rows)
 
 
@@ -79,7 +80,7 @@ def _remember_sequence(state: DecodeState, key: torch.Tensor, continued: bool) -
         seq = state.sequence = Fingerprint((B, Hkv, D), positions, key.index_select(2, positions),
                                            _fingerprint_in_c(key))
     elif seq.in_c and key.stride(-1) == 1:
-        cpu_decode.fingerprint_keep(key, n - 1, seq.positions, seq.rows, len(seq.positions) - 1)
+        fingerprint.fingerprint_keep(key, n - 1, seq.positions, seq.rows, len(seq.positions) - 1)
     else:
         seq.positions[-1] = n - 1
         seq.rows[:, :, -1] = key[:, :, n - 1]

@@ -13,9 +13,13 @@ Channels (`channels` in the plan):
     the rest of the sequence (the label cache is laid out for them). r >= head_dim keeps all.
 Selection then follows token_select (soft vote over the group, `budget` best plus sinks
 and the local window), with approximate scores.
+
+On CPUs, a step with no mask runs the choice and its attention in one C call: double_sparsity.c,
+beside this file (double_sparsity_decode_cpu).
 """
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +27,8 @@ import torch
 from sparse_infer.decode.common import (
     SELECTOR_LOCAL, SELECTOR_SINK, BudgetedSelector, GroupInputs, GrowBuffer, forced_and_eligible, top_tokens, vote,
 )
+from sparse_infer.decode.fused_cpu import check_fused_step, fused_argtypes, fused_step
+from sparse_infer.kernels.cpu_decode import refuse_unsupported
 from sparse_infer.methods import Param, SideState, register, resolve
 from sparse_infer.params import PlanError, bounded, is_int, positive_int
 
@@ -91,12 +97,45 @@ def select(inp: GroupInputs, rule, state: LabelCacheState) -> torch.Tensor:
     return torch.cat([forced.expand(*picked.shape[:2], -1), picked], dim=-1)
 
 
+_DS_ARGS = fused_argtypes(
+    side=[ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,     # labels, strides b h n
+          ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64],                    # channels, strides b h
+    sizes=[ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64])      # r sink local budget
+
+
+def double_sparsity_decode_cpu(query, key, value, labels, channels, *, sink: int, local: int, budget: int,
+                               scaling: float, softcap=None, index_heads: int, fold_from: int | None = None):
+    """Double Sparsity's key choice and the attention over it in one C call (double_sparsity.c),
+    for a step with no mask.
+
+    query (B, h, D); key/value (B, hk, n, D); labels (B, hk, n, r), the label cache in key's
+    dtype (its rows [fold_from, n) are written here: label[t][c] = key[t][channels[c]]);
+    channels int64 (B, hk, r). index_heads: hk for one selection per GQA group, h for one per
+    query head. Chooses what select() chooses (the sinks, the local window and the `budget` best
+    keys by approximate score, or by the group's summed softmaxes of it) and attends to exactly
+    those keys. Returns (out (B, h, 1, D), keys read (B, index_heads))."""
+    B, _, D = query.shape
+    hk, n = key.shape[1], key.shape[2]
+    check_fused_step(query, key, index_heads, fold_from)
+    r = channels.shape[-1]
+    if tuple(labels.shape) != (B, hk, n, r) or tuple(channels.shape) != (B, hk, r):
+        raise ValueError(f"labels must be (B, hk, n, r) = {(B, hk, n, r)} and channels (B, hk, r), "
+                         f"got {tuple(labels.shape)} and {tuple(channels.shape)}")
+    if channels.dtype != torch.int64 or channels.stride(-1) != 1:
+        raise ValueError("channels must be int64 with unit last stride")
+    refuse_unsupported(query, key, value, labels)
+    return fused_step("ds_decode_rows", _DS_ARGS, query, key, value,
+                      (labels.data_ptr(), labels.stride(0), labels.stride(1), labels.stride(2),
+                       channels.data_ptr(), channels.stride(0), channels.stride(1)),
+                      (r, sink, local, budget), index_heads=index_heads, fold_from=fold_from,
+                      scaling=scaling, softcap=softcap,
+                      bad_sizes=f"the CPU kernel takes head dims up to 1024 and 1 <= r <= D, got D={D}, r={r}")
+
+
 def select_and_attend_cpu(inp: GroupInputs, rule, state: LabelCacheState, value: torch.Tensor):
-    """select() and the attention over its choice in one C call (sparse_infer.kernels.cpu_decode),
+    """select() and the attention over its choice in one C call (double_sparsity_decode_cpu),
     for a step with no mask; the C call also writes this step's label rows. Returns (out
     (B, h, 1, D), keys read per index row (B, Hi))."""
-    from sparse_infer.kernels.cpu_decode import double_sparsity_decode_cpu
-
     n = inp.n
     cache = state.labels
     if inp.fresh or cache is None or cache.length >= n:

@@ -11,9 +11,13 @@ in full, plus the first `sink` and last `local` valid tokens.
 Side state is built once per sequence from the full K (masked keys, e.g. left padding,
 left out of the bounds) and then kept incrementally: each decode step only folds the new
 key into the last, partial page, or opens a new page.
+
+On CPUs, a step with no mask runs the choice and its attention in one C call: quest.c, beside
+this file (quest_decode_cpu).
 """
 from __future__ import annotations
 
+import ctypes
 import math
 from dataclasses import dataclass
 
@@ -23,6 +27,8 @@ from sparse_infer.decode.common import (
     NEG_INF, SELECTOR_LOCAL, SELECTOR_SINK, BudgetedSelector, GroupInputs, GrowBuffer, KeyRange, forced_and_eligible,
     vote,
 )
+from sparse_infer.decode.fused_cpu import check_fused_step, fused_argtypes, fused_step
+from sparse_infer.kernels.cpu_decode import refuse_unsupported
 from sparse_infer.methods import Param, SideState, curve_at, pow2_grid, register, resolve
 from sparse_infer.params import positive_int
 
@@ -121,12 +127,42 @@ def select(inp: GroupInputs, rule, state: PageBoundsState) -> torch.Tensor:
     return torch.cat([forced.expand(B, Hi, -1), picked], dim=-1)
 
 
-def select_and_attend_cpu(inp: GroupInputs, rule, state: PageBoundsState, value: torch.Tensor):
-    """select() and the attention over its choice in one C call (sparse_infer.kernels.cpu_decode),
-    for a step with no mask: no index tensors, one pass over the bounds, one over the chosen
-    rows. Returns (out (B, h, 1, D), keys read per index row (B, Hi))."""
-    from sparse_infer.kernels.cpu_decode import quest_decode_cpu
+_BOUNDS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]     # a page bound, strides b h page
+_QUEST_ARGS = fused_argtypes(side=[*_BOUNDS, *_BOUNDS],                          # kmin, kmax
+                             sizes=[ctypes.c_int64] * 4)                         # page sink local budget_pages
 
+
+def quest_decode_cpu(query, key, value, kmin, kmax, *, page: int, sink: int, local: int, budget: int,
+                     scaling: float, softcap=None, index_heads: int, fold_from: int | None = None):
+    """Quest's page choice and the attention over it in one C call (quest.c), for a step with no mask.
+
+    query (B, h, D); key/value (B, hk, n, D); kmin/kmax (B, hk, ceil(n / page), D) page bounds
+    in key's dtype (update_bounds). index_heads: hk for one selection per GQA group, h for one
+    per query head. Chooses what select() chooses (the sinks, the local window, and the best
+    pages up to `budget` tokens by upper bound, or by the group's summed softmaxes of it) and
+    attends to exactly those keys. Returns (out (B, h, 1, D), keys read (B, index_heads)).
+
+    fold_from: the bounds hold keys [0, fold_from) only; keys [fold_from, n) are folded into
+    them first, in place (a page that starts there is written whole). None: they hold all n."""
+    B, _, D = query.shape
+    hk, n = key.shape[1], key.shape[2]
+    pages = -(-n // page)
+    check_fused_step(query, key, index_heads, fold_from)
+    if tuple(kmin.shape) != (B, hk, pages, D) or kmax.shape != kmin.shape:
+        raise ValueError(f"page bounds must be (B, hk, {pages}, D), got {tuple(kmin.shape)}")
+    refuse_unsupported(query, key, value, kmin, kmax)
+    return fused_step("quest_decode_rows", _QUEST_ARGS, query, key, value,
+                      (kmin.data_ptr(), kmin.stride(0), kmin.stride(1), kmin.stride(2),
+                       kmax.data_ptr(), kmax.stride(0), kmax.stride(1), kmax.stride(2)),
+                      (page, sink, local, -(-budget // page)), index_heads=index_heads, fold_from=fold_from,
+                      scaling=scaling, softcap=softcap,
+                      bad_sizes=f"the CPU kernel takes head dims up to 1024, got {D}")
+
+
+def select_and_attend_cpu(inp: GroupInputs, rule, state: PageBoundsState, value: torch.Tensor):
+    """select() and the attention over its choice in one C call (quest_decode_cpu), for a step
+    with no mask: no index tensors, one pass over the bounds, one over the chosen rows.
+    Returns (out (B, h, 1, D), keys read per index row (B, Hi))."""
     page, n = rule.page, inp.n
     pages = -(-n // page)
     held = state.n

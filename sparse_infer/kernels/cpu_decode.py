@@ -1,15 +1,22 @@
-"""Sparse decode on the CPU without copying the selected rows (a small C kernel).
+"""Sparse decode on the CPU without copying the selected rows (a small C kernel), and the
+loader of the package's C code.
 
 The torch executor gathers the selected K/V rows into a buffer and then reads the buffer,
 which on a memory-bound CPU costs about three passes over the selected bytes plus a few
 dozen small ops. cpu_decode.c reads each selected row in place, once per GQA group, with
-OpenMP over (batch row, index row). It is compiled with the system C compiler at first use
-and cached in a directory of this user's only (SPARSE_INFER_CACHE, else ~/.cache/sparse_infer,
-then kernels-<uid>, mode 0700) with the library's sha256 recorded beside it; it is loaded only
-when the directory and file belong to this user, nobody else can write them, and the hash
-matches. Without a compiler, or when that check fails, the decode path stays on the torch
-executor (with one warning). Same contract as sparse_decode_torch. Inference only:
-the outputs carry no autograd history (the model's decode runs under no_grad anyway).
+OpenMP over (batch row, index row). Same contract as sparse_decode_torch: it attends to the
+rows it is given and chooses nothing. Inference only: the outputs carry no autograd history
+(the model's decode runs under no_grad anyway).
+
+The decode methods that choose in C as well (Quest, Double Sparsity, the continuity
+fingerprint) keep their C next to their Python in sparse_infer/decode/ and share the attention
+machinery of cpu_attend.h; they get their entry points here with `c_function`. All of it is
+compiled with the system C compiler into one library at first use and cached in a directory of
+this user's only (SPARSE_INFER_CACHE, else ~/.cache/sparse_infer, then kernels-<uid>, mode 0700)
+with the library's sha256 recorded beside it, under a name keyed by every source and header,
+the flags, the compiler and the host; it is loaded only when the directory and file belong to
+this user, nobody else can write them, and the hash matches. Without a compiler, or when that
+check fails, the decode path stays on the torch executor (with one warning).
 """
 from __future__ import annotations
 
@@ -27,10 +34,17 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["cpu_kernel_available", "cpu_kernel_problem", "cpu_kernel_refuses", "cpu_kernel_supports", "sparse_decode_cpu", "quest_decode_cpu",
-           "double_sparsity_decode_cpu", "fingerprint_matches", "fingerprint_keep", "CpuKernelUnavailable"]
+__all__ = ["cpu_kernel_available", "cpu_kernel_problem", "cpu_kernel_refuses", "cpu_kernel_supports",
+           "sparse_decode_cpu", "c_function", "dtype_code", "refuse_unsupported", "check_status",
+           "CpuKernelUnavailable"]
 
-_SOURCE = Path(__file__).with_name("cpu_decode.c")
+_PACKAGE = Path(__file__).resolve().parents[1]
+# One library for the executor and the decode methods' C (kept beside their selectors): one
+# build, one hash check and one availability answer for all of them. Paths only, no imports:
+# kernels stays below decode.
+SOURCES = (_PACKAGE / "kernels" / "cpu_decode.c", _PACKAGE / "decode" / "quest.c",
+           _PACKAGE / "decode" / "double_sparsity.c", _PACKAGE / "decode" / "fingerprint.c")
+HEADERS = (_PACKAGE / "kernels" / "cpu_attend.h", _PACKAGE / "decode" / "cpu_select.h")
 # reassociation lets the dot-product and softmax-sum loops vectorize; no -ffinite-math-only: the
 # kernel marks unused slots with -inf
 _FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math",
@@ -148,9 +162,13 @@ def _compile(cc: str, directory: Path, key: str) -> None:
     os.close(fd)
     record_tmp = None
     try:
-        done = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SOURCE), "-lm"], capture_output=True, text=True)
+        # every header's directory: decode/cpu_select.h includes kernels/cpu_attend.h
+        includes = [f"-I{d}" for d in sorted({h.parent for h in HEADERS})]
+        done = subprocess.run([cc, *_FLAGS, *includes, "-o", tmp, *map(str, SOURCES), "-lm"],
+                              capture_output=True, text=True)
         if done.returncode:
-            raise CpuKernelUnavailable(f"compiling {_SOURCE.name} failed:\n{done.stderr.strip()}")
+            names = ", ".join(s.name for s in SOURCES)
+            raise CpuKernelUnavailable(f"compiling {names} failed:\n{done.stderr.strip()}")
         os.chmod(tmp, 0o700)                       # the linker's mode follows the umask
         fd = os.open(tmp, os.O_RDONLY)
         try:
@@ -168,18 +186,26 @@ def _compile(cc: str, directory: Path, key: str) -> None:
                 os.unlink(leftover)
 
 
-# torch.utils.cpp_extension.load is not used: it needs ninja and the torch headers (a much slower
-# build of a Python extension where a plain shared library does), and it neither checks the build
-# dir's owner and mode nor verifies the built file before loading it, which this module must do.
+def build_key(cc: str) -> str:
+    """The name a build is cached under: a change in any source or header, the flags, the
+    compiler or the host gives another name, so a stale library is never loaded for it."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    parts = [" ".join(_FLAGS).encode(), version.encode(), platform.machine().encode(), platform.node().encode()]
+    for path in (*SOURCES, *HEADERS):        # named, so that moving code between files counts too
+        parts += [f"{path.parent.name}/{path.name}".encode(), path.read_bytes()]
+    # -march=native: the library is only valid on this kind of CPU, so the host is in the key
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+
+
+# torch.utils.cpp_extension.load is not used: it needs a C++ compiler, ninja and the torch headers
+# (a much slower build of a Python extension where a plain C shared library does), and it neither
+# checks the build dir's owner and mode nor verifies the built file before loading it, which this
+# module must do.
 def _build() -> ctypes.CDLL:
     cc = os.environ.get("CC", "cc")
     if shutil.which(cc) is None:
         raise CpuKernelUnavailable(f"no C compiler ({cc!r} not on PATH; set CC)")
-    source = _SOURCE.read_bytes()
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    # -march=native: the library is only valid on this kind of CPU, so the host is in the key
-    key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), version.encode(),
-                                     platform.machine().encode(), platform.node().encode()])).hexdigest()[:16]
+    key = build_key(cc)
     directory = _private_dir()
     lib = _load_recorded(directory, key)
     if lib is None:
@@ -187,49 +213,19 @@ def _build() -> ctypes.CDLL:
         lib = _load_recorded(directory, key)
         if lib is None:
             raise CpuKernelUnavailable(f"the CPU kernel built in {directory} failed its own hash check")
-    fn = lib.sparse_decode_rows
-    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-    fn.argtypes = [p, i64, i64,                  # query, strides b h
-                   p, i64, i64, i64,             # key, strides b h n
-                   p, i64, i64, i64,             # value
-                   p, i64, i64,                  # indices, strides b r
-                   p,                            # kv_heads
-                   p, i64, i64, i64,             # mask, strides b h n
-                   p, i64, i64,                  # out, strides b h
-                   i32, i32, i32, i32, i64, i32,  # B Hi G K n D
-                   f32, f32, i32, i32]           # scaling softcap dtype threads
-    fn.restype = i32
-    fn = lib.quest_decode_rows
-    fn.argtypes = [p, i64, i64,                  # query, strides b h
-                   p, i64, i64, i64,             # kmin, strides b h page
-                   p, i64, i64, i64,             # kmax
-                   p, i64, i64, i64,             # key, strides b h n
-                   p, i64, i64, i64,             # value
-                   p, i64, i64,                  # out, strides b h
-                   p,                            # selected (B * Hi) int64
-                   i32, i32, i32, i32, i64, i32,  # B Hi G Hkv n D
-                   i64, i64, i64, i64, i64,      # page sink local budget_pages fold_from
-                   f32, f32, i32, i32]           # scaling softcap dtype threads
-    fn.restype = i32
-    fn = lib.ds_decode_rows
-    fn.argtypes = [p, i64, i64,                  # query, strides b h
-                   p, i64, i64, i64,             # labels, strides b h n
-                   p, i64, i64,                  # channels, strides b h
-                   p, i64, i64, i64,             # key, strides b h n
-                   p, i64, i64, i64,             # value
-                   p, i64, i64,                  # out, strides b h
-                   p,                            # selected (B * Hi) int64
-                   i32, i32, i32, i32, i64, i32, i32,  # B Hi G Hkv n D r
-                   i64, i64, i64, i64,           # sink local budget fold_from
-                   f32, f32, i32, i32]           # scaling softcap dtype threads
-    fn.restype = i32
-    fn = lib.fingerprint_matches
-    fn.argtypes = [p, i64, i64, i64, i32, i32, i32, i32, p, i32, p]   # key strides B H D elem positions P stored
-    fn.restype = i32
-    fn = lib.fingerprint_keep
-    fn.argtypes = [p, i64, i64, i64, i32, i32, i32, i32, i64, p, i32, i32, p]   # ... pos positions P slot stored
-    fn.restype = None
     return lib
+
+
+_p, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+_EXECUTOR_ARGS = [_p, _i64, _i64,                   # query, strides b h
+                  _p, _i64, _i64, _i64,             # key, strides b h n
+                  _p, _i64, _i64, _i64,             # value
+                  _p, _i64, _i64,                   # indices, strides b r
+                  _p,                               # kv_heads
+                  _p, _i64, _i64, _i64,             # mask, strides b h n
+                  _p, _i64, _i64,                   # out, strides b h
+                  _i32, _i32, _i32, _i32, _i64, _i32,  # B Hi G K n D
+                  _f32, _f32, _i32, _i32]           # scaling softcap dtype threads
 
 
 def _library() -> ctypes.CDLL:
@@ -255,6 +251,15 @@ def cpu_kernel_problem() -> str | None:
     except CpuKernelUnavailable as err:
         return f"the C decode kernel is unavailable ({err})"
     return None
+
+
+def c_function(name: str, argtypes: list, restype=ctypes.c_int):
+    """The library's entry point `name` with its C prototype (building the library on first
+    use; raises CpuKernelUnavailable when it cannot be built or loaded)."""
+    fn = getattr(_library(), name)
+    if fn.argtypes is None:             # once per loaded library (ctypes keeps the object)
+        fn.argtypes, fn.restype = argtypes, restype
+    return fn
 
 
 def cpu_kernel_available() -> bool:
@@ -288,7 +293,8 @@ def _unsupported(query: torch.Tensor, *rows: torch.Tensor):
     return None
 
 
-def _refuse_unsupported(query: torch.Tensor, *rows: torch.Tensor) -> None:
+def refuse_unsupported(query: torch.Tensor, *rows: torch.Tensor) -> None:
+    """Raise what _unsupported names, if anything (TypeError for dtypes, ValueError otherwise)."""
     problem = _unsupported(query, *rows)
     if problem is not None:
         raise problem[0](problem[1])
@@ -311,16 +317,17 @@ def cpu_kernel_supports(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     return cpu_kernel_refuses(query, key, value) is None and cpu_kernel_available()
 
 
-def _raise_for(status: int, bad_sizes: str) -> None:
+def dtype_code(dtype: torch.dtype) -> int:
+    """The C code's dtype argument: 0 float32, 1 bfloat16, 2 float16."""
+    return _DTYPES[dtype]
+
+
+def check_status(status: int, bad_sizes: str) -> None:
     """The C entry points return 0, 1 for sizes they do not take, 2 when scratch allocation failed."""
     if status == 1:
         raise ValueError(bad_sizes)
     if status:
         raise MemoryError("the CPU kernel could not allocate its scratch")
-
-
-def _strides3(x: torch.Tensor):
-    return x.stride(0), x.stride(1), x.stride(2)
 
 
 def sparse_decode_cpu(query, key, value, indices, *, scaling, attention_mask=None, softcap=None,
@@ -332,12 +339,12 @@ def sparse_decode_cpu(query, key, value, indices, *, scaling, attention_mask=Non
     from sparse_infer.kernels.sparse_decode import check_decode_mask, check_decode_rows
 
     B, Hq, D, Hkv, n, Hi, kv_heads = check_decode_rows(query, key, value, indices, kv_heads)
-    _refuse_unsupported(query, key, value)
+    refuse_unsupported(query, key, value)
     attention_mask = check_decode_mask(attention_mask, B, Hq, n)
     K = indices.shape[-1]
     if K == 0:
         return torch.zeros_like(query)
-    lib = _library()
+    entry = c_function("sparse_decode_rows", _EXECUTOR_ARGS)
     q = query if query.stride(-1) == 1 else query.contiguous()
     idx = indices.to(torch.int64)
     idx = idx if idx.stride(-1) == 1 else idx.contiguous()
@@ -349,118 +356,15 @@ def sparse_decode_cpu(query, key, value, indices, *, scaling, attention_mask=Non
         mask = attention_mask.view(torch.uint8)      # bool and uint8 share the byte layout
         mask_ptr, msb, msn = mask.data_ptr(), mask.stride(0), mask.stride(3)
         msh = 0 if mask.shape[1] == 1 else mask.stride(1)
-    status = lib.sparse_decode_rows(
+    status = entry(
         q.data_ptr(), q.stride(0), q.stride(1),
-        key.data_ptr(), *_strides3(key),
-        value.data_ptr(), *_strides3(value),
+        key.data_ptr(), key.stride(0), key.stride(1), key.stride(2),
+        value.data_ptr(), value.stride(0), value.stride(1), value.stride(2),
         idx.data_ptr(), idx.stride(0), idx.stride(1),
         kvh.data_ptr(),
         mask_ptr, msb, msh, msn,
         out.data_ptr(), out.stride(0), out.stride(1),
         B, Hi, Hq // Hi, K, n, D,
         float(scaling), float(softcap or 0.0), _DTYPES[query.dtype], torch.get_num_threads())
-    _raise_for(status, f"the CPU kernel takes head dims up to 1024, got {D}")
+    check_status(status, f"the CPU kernel takes head dims up to 1024, got {D}")
     return out
-
-
-def _check_fused_step(query, key, index_heads: int, fold_from) -> None:
-    """The checks every fused method step shares: the index rows' layout and fold_from's range."""
-    h, hk, n = query.shape[1], key.shape[1], key.shape[2]
-    if h % index_heads or index_heads % hk:
-        raise ValueError(f"index_heads={index_heads} must divide h={h} and be a multiple of hk={hk}")
-    if fold_from is not None and not 0 <= fold_from <= n:
-        raise ValueError(f"fold_from must be in [0, n={n}], got {fold_from}")
-
-
-def _fused_step(entry, query, key, value, side_args: tuple, method_args: tuple, *, index_heads: int, fold_from,
-                scaling: float, softcap, bad_sizes: str):
-    """Call a fused method's C entry point, whose arguments are: the query, the method's side
-    state (`side_args`), K, V, the output, the per-row key counts, B Hi G Hkv n D, the method's
-    sizes (`method_args`), fold_from, scaling, softcap, dtype and threads.
-    Returns (out (B, h, 1, D), keys read (B, index_heads))."""
-    B, h, D = query.shape
-    hk, n = key.shape[1], key.shape[2]
-    q = query if query.stride(-1) == 1 else query.contiguous()
-    out = torch.empty(B, h, 1, D, dtype=query.dtype)
-    selected = torch.empty(B, index_heads, dtype=torch.int64)
-    status = entry(
-        q.data_ptr(), q.stride(0), q.stride(1), *side_args,
-        key.data_ptr(), *_strides3(key), value.data_ptr(), *_strides3(value),
-        out.data_ptr(), out.stride(0), out.stride(1), selected.data_ptr(),
-        B, index_heads, h // index_heads, hk, n, D, *method_args, n if fold_from is None else fold_from,
-        float(scaling), float(softcap or 0.0), _DTYPES[query.dtype], torch.get_num_threads())
-    _raise_for(status, bad_sizes)
-    return out, selected
-
-
-def quest_decode_cpu(query, key, value, kmin, kmax, *, page: int, sink: int, local: int, budget: int,
-                     scaling: float, softcap=None, index_heads: int, fold_from: int | None = None):
-    """Quest's page choice and the attention over it in one C call, for a step with no mask.
-
-    query (B, h, D); key/value (B, hk, n, D); kmin/kmax (B, hk, ceil(n / page), D) page bounds
-    in key's dtype (quest.update_bounds). index_heads: hk for one selection per GQA group, h
-    for one per query head. Chooses what quest.select chooses (the sinks, the local window, and
-    the best pages up to `budget` tokens by upper bound, or by the group's summed softmaxes of
-    it) and attends to exactly those keys. Returns (out (B, h, 1, D), keys read (B, index_heads)).
-
-    fold_from: the bounds hold keys [0, fold_from) only; keys [fold_from, n) are folded into
-    them first, in place (a page that starts there is written whole). None: they hold all n."""
-    B, _, D = query.shape
-    hk, n = key.shape[1], key.shape[2]
-    pages = -(-n // page)
-    _check_fused_step(query, key, index_heads, fold_from)
-    if tuple(kmin.shape) != (B, hk, pages, D) or kmax.shape != kmin.shape:
-        raise ValueError(f"page bounds must be (B, hk, {pages}, D), got {tuple(kmin.shape)}")
-    _refuse_unsupported(query, key, value, kmin, kmax)
-    return _fused_step(_library().quest_decode_rows, query, key, value,
-                       (kmin.data_ptr(), *_strides3(kmin), kmax.data_ptr(), *_strides3(kmax)),
-                       (page, sink, local, -(-budget // page)), index_heads=index_heads, fold_from=fold_from,
-                       scaling=scaling, softcap=softcap,
-                       bad_sizes=f"the CPU kernel takes head dims up to 1024, got {D}")
-
-
-def double_sparsity_decode_cpu(query, key, value, labels, channels, *, sink: int, local: int, budget: int,
-                               scaling: float, softcap=None, index_heads: int, fold_from: int | None = None):
-    """Double Sparsity's key choice and the attention over it in one C call, for a step with no mask.
-
-    query (B, h, D); key/value (B, hk, n, D); labels (B, hk, n, r), the label cache in key's
-    dtype (its rows [fold_from, n) are written here: label[t][c] = key[t][channels[c]]);
-    channels int64 (B, hk, r). index_heads: hk for one selection per GQA group, h for one per
-    query head. Chooses what double_sparsity.select chooses (the sinks, the local window and the
-    `budget` best keys by approximate score, or by the group's summed softmaxes of it) and
-    attends to exactly those keys. Returns (out (B, h, 1, D), keys read (B, index_heads))."""
-    B, _, D = query.shape
-    hk, n = key.shape[1], key.shape[2]
-    _check_fused_step(query, key, index_heads, fold_from)
-    r = channels.shape[-1]
-    if tuple(labels.shape) != (B, hk, n, r) or tuple(channels.shape) != (B, hk, r):
-        raise ValueError(f"labels must be (B, hk, n, r) = {(B, hk, n, r)} and channels (B, hk, r), "
-                         f"got {tuple(labels.shape)} and {tuple(channels.shape)}")
-    if channels.dtype != torch.int64 or channels.stride(-1) != 1:
-        raise ValueError("channels must be int64 with unit last stride")
-    _refuse_unsupported(query, key, value, labels)
-    return _fused_step(_library().ds_decode_rows, query, key, value,
-                       (labels.data_ptr(), *_strides3(labels), channels.data_ptr(), channels.stride(0),
-                        channels.stride(1)),
-                       (r, sink, local, budget), index_heads=index_heads, fold_from=fold_from,
-                       scaling=scaling, softcap=softcap,
-                       bad_sizes=f"the CPU kernel takes head dims up to 1024 and 1 <= r <= D, got D={D}, r={r}")
-
-
-def _fingerprint_args(key: torch.Tensor):
-    B, H, _, D = key.shape
-    return (key.data_ptr(), *_strides3(key), B, H, D, key.element_size())
-
-
-def fingerprint_matches(key: torch.Tensor, positions: torch.Tensor, stored: torch.Tensor) -> bool:
-    """Whether key[:, :, positions] equals `stored` byte for byte (the decode continuity check
-    in one C call). key (B, H, n, D) on the CPU with unit last stride; positions int64 (P,),
-    contiguous, each in [0, n); stored (B, H, P, D) contiguous, key's dtype."""
-    P = positions.shape[0]
-    return bool(_library().fingerprint_matches(*_fingerprint_args(key), positions.data_ptr(), P, stored.data_ptr()))
-
-
-def fingerprint_keep(key: torch.Tensor, pos: int, positions: torch.Tensor, stored: torch.Tensor, slot: int) -> None:
-    """stored[:, :, slot] = key[:, :, pos] and positions[slot] = pos, in place (one C call)."""
-    _library().fingerprint_keep(*_fingerprint_args(key), pos, positions.data_ptr(), positions.shape[0], slot,
-                                stored.data_ptr())

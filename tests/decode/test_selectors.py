@@ -376,9 +376,10 @@ def test_sliding_window_without_mask_is_respected(recorder):
     torch.testing.assert_close(out, dense_masked_attention(q, k, v, sel & window, SCALING), atol=1e-5, rtol=1e-5)
 
 
-FUSED = {"quest": ("quest_decode_cpu", {}), "double_sparsity": ("double_sparsity_decode_cpu", {"channels": 16}),
-         "double_sparsity_r8": ("double_sparsity_decode_cpu", {"channels": 8}),
-         "double_sparsity_list": ("double_sparsity_decode_cpu", {"channels": [0, 5, 9, 33]})}
+FUSED = {"quest": (quest, "quest_decode_cpu", {}),
+         "double_sparsity": (double_sparsity, "double_sparsity_decode_cpu", {"channels": 16}),
+         "double_sparsity_r8": (double_sparsity, "double_sparsity_decode_cpu", {"channels": 8}),
+         "double_sparsity_list": (double_sparsity, "double_sparsity_decode_cpu", {"channels": [0, 5, 9, 33]})}
 
 
 @pytest.mark.parametrize("method", list(FUSED))
@@ -394,9 +395,9 @@ def test_fused_c_path_equals_selector_and_executor(method, case, monkeypatch):
     if not cpu_decode.cpu_kernel_available():
         pytest.skip("no C compiler: the C decode kernel is not built here")
     calls = []
-    entry, extra = FUSED[method]
-    real = getattr(cpu_decode, entry)
-    monkeypatch.setattr(cpu_decode, entry, lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    module, entry, extra = FUSED[method]
+    real = getattr(module, entry)
+    monkeypatch.setattr(module, entry, lambda *a, **kw: calls.append(1) or real(*a, **kw))
     rule = {**RULES["quest" if method == "quest" else "double_sparsity"], **extra}
     n = 60 if case == "short" else N                       # short: sinks + window cover most keys
     if case == "short":

@@ -1,10 +1,13 @@
 """The C decode kernel (sparse_infer/kernels/cpu_decode.c) vs the dense masked reference and
-the torch executor: same contract, rows read in place."""
+the torch executor: same contract, rows read in place. Also the build's trust rules and its key
+(tests/decode/test_fused_cpu.py calls the methods' C entry points of the same library)."""
 
 import hashlib
 import math
 import os
+import re
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -270,60 +273,57 @@ def test_kernel_dir_others_could_write_is_refused(fresh_kernel, monkeypatch, tmp
     assert not marker.exists(), "the planted library ran"
 
 
-def test_quest_call_refuses_mismatched_bounds():
-    from sparse_infer.kernels.cpu_decode import quest_decode_cpu
-
-    q, k, v, _ = make_case(1, 4, 2, 2, 64, 10)
-    kmin = torch.zeros(1, 2, 3, 32)                       # 64 keys in pages of 16 need 4 pages
-    with pytest.raises(ValueError, match="page bounds"):
-        quest_decode_cpu(q[:, :, 0], k, v, kmin, kmin, page=16, sink=4, local=8, budget=32, scaling=0.2,
-                         index_heads=2)
-    kmin = torch.zeros(1, 2, 4, 32, dtype=torch.float64)
-    with pytest.raises(TypeError, match="dtype"):
-        quest_decode_cpu(q[:, :, 0], k, v, kmin, kmin, page=16, sink=4, local=8, budget=32, scaling=0.2,
-                         index_heads=2)
+KERNEL_FILES = [f"{p.parent.name}/{p.name}" for p in (*cpu_decode.SOURCES, *cpu_decode.HEADERS)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_quest_call_folds_new_keys_into_the_bounds(dtype):
-    """fold_from: the bounds hold keys [0, fold_from); the call folds in the rest (across page
-    starts, several keys at once) and gives the bounds and output of bounds built from all keys."""
-    from sparse_infer.decode.quest import page_bounds_from_keys
-    from sparse_infer.kernels.cpu_decode import quest_decode_cpu
-
-    q, k, v, _ = make_case(2, 6, 2, 2, 70, 10, seed=4)
-    q, k, v = (t.to(dtype) for t in (q, k, v))
-    held, page, n = 37, 16, 70
-    full_min, full_max = page_bounds_from_keys(k, page)
-    old_min, old_max = page_bounds_from_keys(k[:, :, :held], page)
-    pages = -(-n // page)
-    # rows past the held pages start as garbage: the fold must write them whole
-    kmin = torch.full((2, 2, pages, 32), 7.0, dtype=dtype)
-    kmax = torch.full((2, 2, pages, 32), -7.0, dtype=dtype)
-    kmin[:, :, : old_min.shape[2]], kmax[:, :, : old_max.shape[2]] = old_min, old_max
-    kw = dict(page=page, sink=4, local=8, budget=32, scaling=0.2, index_heads=2)
-    out, count = quest_decode_cpu(q[:, :, 0], k, v, kmin, kmax, fold_from=held, **kw)
-    assert torch.equal(kmin, full_min) and torch.equal(kmax, full_max)     # min/max pick values: exact
-    ref, ref_count = quest_decode_cpu(q[:, :, 0], k, v, full_min, full_max, **kw)
-    assert torch.equal(out, ref) and torch.equal(count, ref_count)
-    with pytest.raises(ValueError, match="fold_from"):
-        quest_decode_cpu(q[:, :, 0], k, v, kmin, kmax, fold_from=n + 1, **kw)
+def _copied_sources(monkeypatch, tmp_path):
+    """The library's sources and headers copied into a tree of this test's own (same layout) and
+    made the ones built: editing a copy is then a change to the shipped source."""
+    copies = {}
+    for path in (*cpu_decode.SOURCES, *cpu_decode.HEADERS):
+        copy = tmp_path / "src" / path.parent.name / path.name
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        copy.write_bytes(path.read_bytes())
+        copies[f"{path.parent.name}/{path.name}"] = copy
+    monkeypatch.setattr(cpu_decode, "SOURCES", tuple(copies[f"{p.parent.name}/{p.name}"] for p in cpu_decode.SOURCES))
+    monkeypatch.setattr(cpu_decode, "HEADERS", tuple(copies[f"{p.parent.name}/{p.name}"] for p in cpu_decode.HEADERS))
+    return copies
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fingerprint_rows_compare_and_keep_in_place(dtype):
-    from sparse_infer.kernels.cpu_decode import fingerprint_keep, fingerprint_matches
+def test_the_build_covers_every_c_file_and_include():
+    # a method's .c or .h left out of the lists would be missing from the library or its key
+    package = Path(cpu_decode.__file__).resolve().parents[1]
+    assert set(package.rglob("*.c")) == set(cpu_decode.SOURCES)
+    assert set(package.rglob("*.h")) == set(cpu_decode.HEADERS)
+    headers = {h.name for h in cpu_decode.HEADERS}
+    for path in (*cpu_decode.SOURCES, *cpu_decode.HEADERS):
+        for included in re.findall(r'^#include "([^"]+)"', path.read_text(), flags=re.M):
+            assert included in headers, f"{path.name} includes {included}, which the build key does not hash"
 
-    key = torch.randn(2, 3, 50, 16, generator=torch.Generator().manual_seed(3)).to(dtype)
-    view = key[:, :, :40]                                   # a cache prefix: strided view
-    positions = torch.tensor([0, 7, 39])
-    stored = view.index_select(2, positions)
-    assert fingerprint_matches(view, positions, stored)
-    for b, h, p in [(0, 0, 0), (1, 2, 7), (1, 1, 39)]:     # any batch row, head, position
-        changed = view.clone()
-        changed[b, h, p, 5] += 1
-        assert not fingerprint_matches(changed, positions, stored)
-    fingerprint_keep(key[:, :, :41], 40, positions, stored, 2)
-    assert positions.tolist() == [0, 7, 40] and torch.equal(stored[:, :, 2], key[:, :, 40])
-    assert torch.equal(stored[:, :, :2], view.index_select(2, positions[:2]))   # other slots untouched
-    assert fingerprint_matches(key[:, :, :41], positions, stored)
+
+@pytest.mark.parametrize("name", KERNEL_FILES)
+def test_a_change_to_any_source_or_header_changes_the_build_key(name, monkeypatch, tmp_path):
+    copies = _copied_sources(monkeypatch, tmp_path)
+    before = cpu_decode.build_key("cc")
+    assert cpu_decode.build_key("cc") == before
+    copies[name].write_bytes(copies[name].read_bytes() + b"\n/* edited */\n")
+    assert cpu_decode.build_key("cc") != before
+
+
+def test_a_changed_method_source_is_rebuilt(fresh_kernel, monkeypatch, tmp_path):
+    copies = _copied_sources(monkeypatch, tmp_path)
+    assert cpu_kernel_available()
+    directory = fresh_kernel / f"kernels-{os.getuid()}"
+    first = set(directory.iterdir())
+    assert len(first) == 2                             # one library and its record
+    edited = copies["decode/quest.c"]
+    edited.write_text(edited.read_text() + "\n/* edited */\n")
+    _forget_library(monkeypatch)
+    compiled = []
+    real_compile = cpu_decode._compile
+    monkeypatch.setattr(cpu_decode, "_compile", lambda *a: compiled.append(1) or real_compile(*a))
+    assert cpu_kernel_available()
+    assert compiled == [1]
+    added = sorted(p.name for p in set(directory.iterdir()) - first)
+    assert len(added) == 2 and added[0].endswith(".so") and added[1].endswith(".sha256")
+    _check_still_correct()
