@@ -124,7 +124,8 @@ def _ramp_curves(n, full_at_per_head):
     """Curves where head i's recall grows linearly to 1 after full_at_per_head[i] ranked keys."""
     import torch
 
-    from sparse_infer.profiler.decode import QUEST_PAGE, STREAMING_SINKS
+    from sparse_infer.decode.quest import QUEST_PAGE
+    from sparse_infer.decode.streaming import STREAMING_SINKS
 
     def ramp(points, full_at):
         return torch.clamp((torch.arange(points, dtype=torch.float64) + 1) / full_at, max=1.0)
