@@ -10,17 +10,19 @@ declares everything the rest of the package needs to know about the method:
                                 cross-field checks (messages start with the YAML path)
   * prefill: build_index        (query, key, rule, ...) -> BlockSparseIndex
     decode:  select, State, select_and_attend_cpu, expected_rows
-  * profiler hooks              search_grid, search_cost / search_recall, search_combine, ...
+  * profiler hooks              search_grid, search_cost / search_recall, search_combine, search_session, ...
   * report hooks                expected density at a length
+  * bench hooks (decode)        bench_cases (rules at a token budget), bytes_read (traffic model)
 
-plan.py, the prefill and decode dispatchers, the profiler search and the report loop over
-PREFILL_PATTERNS / DECODE_SELECTORS instead of switching on names (in the spirit of
-transformers' AttentionInterface: the registry maps a name to the implementation).
+plan.py, the prefill and decode dispatchers, the profiler search, the report and the decode
+benchmark loop over PREFILL_PATTERNS / DECODE_SELECTORS instead of switching on names (in the
+spirit of transformers' AttentionInterface: the registry maps a name to the implementation).
 This module imports no method file and no torch, so method files, plan.py and the
 dispatchers can all import it.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import MISSING, dataclass, fields
 from typing import Any, Callable, ClassVar
@@ -61,9 +63,18 @@ class PrefillPattern(Method):
     section = "prefill"
     # how the profiler measures the grid (sparse_infer.profiler.search.evaluate_prefill_run):
     # "build" one index per grid point; "static" the index ignores q/k values, so it is built
-    # once per length and cached (and the report's density is exact); "separable" the
-    # {vertical, slash} budget product of vertical_slash, measured from one build per budget
+    # once per length and cached (and the report's density is exact); "separable" the grid
+    # crosses two budgets, `search_separable` = (blocks param, columns param), where the built
+    # index's kv blocks depend only on the first and its columns only on the second, so the
+    # k x k grid points are measured from 2k builds
     search_evaluation: ClassVar[str] = "build"
+    search_separable: ClassVar[tuple[str, str] | None] = None
+
+    def search_session(self):
+        """A context manager the profiler holds while it measures one prompt (every pattern's grid,
+        then the chosen rules; every registered pattern's session at once): the place to keep work
+        that builds for different params share, e.g. an estimate that does not depend on them."""
+        return contextlib.nullcontext()
 
     def build_index(self, query, key, rule, **kwargs):
         """(query (B, Hq, q, D), key (B, Hkv, n, D), rule, block_size=, scaling=, attention_mask=,
@@ -161,15 +172,47 @@ class DecodeSelector(Method):
         """Share of the cached tokens read at kv length n."""
         return min(1.0, self.expected_rows(rule, n) / n)
 
+    # ---- benchmark hooks (sparse_infer.bench.attention.bench_decode_methods)
+    def bench_cases(self, budget: int) -> list[BenchCase]:
+        """The rules the decode micro-benchmark times for a token budget: the method reading
+        `budget` chosen tokens, or nothing for a method without a `budget` (its own hook says
+        how to size it)."""
+        if "budget" not in self.params:
+            return []
+        return [BenchCase(self.name, {"budget": budget})]
+
+    def bytes_read(self, rule, n: int, rows: float, *, cache_heads: int, head_dim: int, elem_size: int,
+                   counters: dict) -> float:
+        """K/V bytes one decode step reads at kv length n over `cache_heads` cache heads (batch rows
+        x kv heads), the method's scoring data included: `rows` is the K/V rows it selected over
+        them, `counters` how much each side-state counter grew during the step. By default the
+        selected rows' K and V (a method that scores from other data adds it)."""
+        selected = rows * head_dim * elem_size
+        return 2 * selected
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    """One row of the decode micro-benchmark: its label, the rule's params, a note for the table."""
+
+    label: str
+    params: dict
+    note: str = ""
+
 
 PREFILL_PATTERNS: dict[str, PrefillPattern] = {}
 DECODE_SELECTORS: dict[str, DecodeSelector] = {}
 _TABLES = {"prefill": PREFILL_PATTERNS, "decode": DECODE_SELECTORS}
+SEARCH_EVALUATIONS = ("build", "static", "separable")
 
 
 def register(cls):
     """Class decorator: register one instance of a PrefillPattern or DecodeSelector subclass."""
     table = _TABLES[cls.section]
+    if cls.section == "prefill" and cls.search_evaluation not in SEARCH_EVALUATIONS:
+        raise ValueError(f"{cls.name}: search_evaluation must be one of {', '.join(SEARCH_EVALUATIONS)}")
+    if cls.section == "prefill" and cls.search_evaluation == "separable" and cls.search_separable is None:
+        raise ValueError(f"{cls.name}: a separable search names its (blocks, columns) params in search_separable")
     if cls.name == DENSE:
         raise ValueError(f"{DENSE!r} is the plan's name for no method; pick another name")
     if cls.name in table:
@@ -256,6 +299,6 @@ def curve_at(curve, count: int):
     return curve[:, max(1, min(count, curve.shape[1])) - 1]
 
 
-__all__ = ["DENSE", "REQUIRED", "Param", "Method", "PrefillPattern", "DecodeSelector", "SideState",
+__all__ = ["DENSE", "REQUIRED", "Param", "Method", "PrefillPattern", "DecodeSelector", "SideState", "BenchCase",
            "PREFILL_PATTERNS", "DECODE_SELECTORS", "register", "unregister", "methods_of",
            "prefill_pattern", "decode_selector", "PlanError"]

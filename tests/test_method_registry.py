@@ -1,9 +1,14 @@
 """Adding a method is one class in one file: a toy decode selector ("last_k": the last `budget`
-valid tokens) and a toy prefill pattern ("recent_blocks": the last `blocks` kv blocks of every
-query block) are defined here, registered for the test and unregistered afterwards. The plan
-schema, both dispatchers, the profiler search and the report then handle them with no other edit."""
+valid tokens), a toy prefill pattern ("recent_blocks": the last `blocks` kv blocks of every
+query block) and a toy separable one ("recent_and_first": those blocks plus the first `cols`
+keys as columns) are defined here, registered for the test and unregistered afterwards. The plan
+schema, both dispatchers, the profiler search, the report and the decode benchmark then handle
+them with no other edit."""
 from __future__ import annotations
 
+import ast
+import contextlib
+import inspect
 from dataclasses import dataclass
 
 import pytest
@@ -91,6 +96,37 @@ class RecentBlocks(PrefillPattern):
         return params, params
 
 
+class RecentAndFirst(PrefillPattern):
+    """The last `blocks` causal kv blocks of every query block plus the first `cols` keys as
+    columns: blocks depend only on `blocks`, columns only on `cols`, so the profiler measures
+    its grid separably. Counts its builds and search sessions."""
+
+    name = "recent_and_first"
+    label = "r+f"
+    params = {"blocks": Param(positive_int), "cols": Param(positive_int)}
+    search_evaluation = "separable"
+    search_separable = ("blocks", "cols")
+    builds: list = []
+    sessions: list = []
+
+    def build_index(self, query, key, rule, *, block_size, granularity="group", **kwargs):
+        self.builds.append(dict(rule.params))
+        index = RecentBlocks().build_index(query, key, rule, block_size=block_size, granularity=granularity)
+        heads = index.kv_blocks.shape[1]
+        cols = torch.arange(min(rule.cols, key.shape[2]), device=key.device)
+        index.columns = cols.expand(key.shape[0], heads, -1).contiguous()
+        return index
+
+    @contextlib.contextmanager
+    def search_session(self):
+        self.sessions.append("open")
+        yield
+        self.sessions.append("closed")
+
+    def search_grid(self, n, block_size):
+        return [{"blocks": b, "cols": c} for b in (1, 2, 4) for c in (8, 32, 64)]
+
+
 @pytest.fixture
 def toys():
     register(LastK)
@@ -100,6 +136,17 @@ def toys():
     finally:
         unregister("decode", "last_k")
         unregister("prefill", "recent_blocks")
+
+
+@pytest.fixture
+def separable_toy():
+    register(RecentAndFirst)
+    RecentAndFirst.builds.clear()
+    RecentAndFirst.sessions.clear()
+    try:
+        yield
+    finally:
+        unregister("prefill", "recent_and_first")
 
 
 def _plan(decode=None, prefill=None, **extra):
@@ -231,3 +278,93 @@ def test_search_and_report_list_the_toy_methods(toys):
     cells = [list(column.cells) for column in table.columns]
     assert cells[1][0] == "recent:2" and cells[3][0] == "last:2"
     assert cells[4][0] == "0.250"
+
+
+def test_a_separable_toy_pattern_is_measured_from_one_build_per_budget(separable_toy):
+    """3 x 3 grid points from 3 + 3 builds per granularity, each entry what the builder's own index
+    gives, all inside the pattern's search session."""
+    from sparse_infer.prefill import build_index
+    from sparse_infer.profiler.search import evaluate_prefill_run, make_rule, measure_rules, params_key
+    from sparse_infer.profiler.stats import attention_stats, index_head_density, index_recall, index_tail_recall
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(4, 256, 16, generator=g), torch.randn(2, 256, 16, generator=g)
+    st = attention_stats(q, k, scaling=0.25, block_size=32)
+    table = evaluate_prefill_run(q, k, st, scaling=0.25, granularities=("head", "group"))
+    assert len(RecentAndFirst.builds) == 2 * (3 + 3)
+    assert RecentAndFirst.sessions == ["open", "closed"]
+    assert {b["blocks"] for b in RecentAndFirst.builds} == {1, 2, 4}
+    RecentAndFirst.builds.clear()
+    for gran in ("head", "group"):
+        for params in RecentAndFirst().search_grid(256, 32):
+            index = build_index(make_rule("recent_and_first", params), q[None], k[None], block_size=32,
+                                scaling=0.25, granularity=gran)
+            recall, tail, density = table[(gran, "recent_and_first", params_key(params))]
+            torch.testing.assert_close(recall, index_recall(index, st), atol=1e-6, rtol=0)
+            torch.testing.assert_close(tail, index_tail_recall(index, st), atol=1e-6, rtol=0)
+            torch.testing.assert_close(density, index_head_density(index, 256, 4), atol=1e-6, rtol=0)
+    rules = [make_rule("recent_and_first", {"blocks": 2, "cols": 8})] * 4
+    measure_rules(rules, ["group"] * 4, q, k, st, scaling=0.25)
+    assert RecentAndFirst.sessions == ["open", "closed"] * 2
+
+
+def test_a_separable_pattern_must_name_its_params():
+    class Unnamed(PrefillPattern):
+        name = "unnamed"
+        label = "u"
+        search_evaluation = "separable"
+
+    class Misspelt(PrefillPattern):
+        name = "misspelt"
+        label = "m"
+        search_evaluation = "seperable"
+
+    for cls in (Unnamed, Misspelt):
+        with pytest.raises(ValueError, match=cls.name):
+            register(cls)
+        assert cls.name not in PREFILL_PATTERNS
+
+
+def test_generic_modules_name_no_method():
+    """The profiler search, the report, the profiler's layer analysis and decode curves, the
+    decode benchmarks and the dispatchers loop over the registry: no registered method's name
+    appears in them as a string, and none imports a method's own file."""
+    import sparse_infer.bench.attention
+    import sparse_infer.bench.decode
+    import sparse_infer.decode.dispatch
+    import sparse_infer.prefill.dispatch
+    import sparse_infer.profiler.decode
+    import sparse_infer.profiler.layer
+    import sparse_infer.profiler.report
+    import sparse_infer.profiler.search
+
+    names = set(PREFILL_PATTERNS) | set(DECODE_SELECTORS)
+    method_files = {type(m).__module__ for m in [*PREFILL_PATTERNS.values(), *DECODE_SELECTORS.values()]}
+    # bench.attention's synthetic_index names its own stand-in shapes (an "a_shape" window, random
+    # blocks) for timing the executors, not registered patterns; its decode part is checked
+    modules = [sparse_infer.bench.decode, sparse_infer.decode.dispatch, sparse_infer.prefill.dispatch,
+               sparse_infer.profiler.decode, sparse_infer.profiler.layer, sparse_infer.profiler.report,
+               sparse_infer.profiler.search]
+    sources = {m.__name__: inspect.getsource(m) for m in modules}
+    bench = sparse_infer.bench.attention
+    for fn in (bench.bench_cases, bench._case_plan, bench.bench_decode_methods):
+        sources[f"{bench.__name__}.{fn.__name__}"] = inspect.getsource(fn)
+    for where, source in sources.items():
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Constant):
+                assert node.value not in names, f"{where}:{node.lineno} names {node.value!r}"
+            if isinstance(node, ast.ImportFrom):
+                assert node.module not in method_files, f"{where}:{node.lineno} imports {node.module}"
+            if isinstance(node, ast.Import):
+                assert not {a.name for a in node.names} & method_files, f"{where}:{node.lineno}"
+
+
+def test_the_toy_selector_joins_the_decode_benchmark(toys):
+    """A selector with a `budget` gets the default bench case and bytes model: K and V of its rows."""
+    from sparse_infer.bench.attention import bench_cases, bench_decode_methods
+
+    assert "last_k" in bench_cases(32)
+    (row,) = bench_decode_methods(kv_lens=(256,), budget=32, heads=(4, 2), head_dim=16, methods=("last_k",),
+                                  repeats=2)
+    assert row["method"] == "last_k" and row["selected"] == 32.0 and row["reuse_rate"] is None
+    assert row["bytes_read"] == 2 * (2 * 32) * 16 * 4          # K and V, 2 kv heads x 32 rows, fp32

@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from sparse_infer.kernels.index import BlockSparseIndex, index_density, num_query_blocks
 from sparse_infer.kernels.torch_executor import block_sparse_attention_torch
 from sparse_infer.kernels.triton_executor import block_sparse_attention_triton, triton_available
-from sparse_infer.bench.layer import StandInAttention, decode_counters, label_channels, layer_runtime
+from sparse_infer.bench.layer import StandInAttention, decode_counters, layer_runtime
 from sparse_infer.bench.timing import time_once_ms
 from sparse_infer.kernels.sparse_decode import sparse_decode_torch, sparse_decode_triton
+from sparse_infer.methods import DECODE_SELECTORS
 
 __all__ = [
     "synthetic_a_shape_index",
@@ -280,19 +281,28 @@ def bench_decode_attention(kv_lens=(16384, 32768, 65536), budget=2048, heads=(32
 # --------------------------------------------------------------------------
 
 
-def _method_plan(method, budget):
-    """One-layer plan dict for a decode method (min_kv_len 0)."""
-    if method == "streaming":  # no budget key: sink + local = budget
-        sink = min(128, max(1, budget // 8))
-        rule = {"method": "streaming", "sink": sink, "local": max(1, budget - sink)}
-    elif method == "token_select_reuse":
-        rule = {"method": "token_select", "budget": budget, "reuse": 0.9}
-    else:
-        rule = {"method": method, "budget": budget}
-    return {"sparse_infer_plan": 1, "decode": {"min_kv_len": 0, "default": rule}}
+QUERY_DRIFT = 0.3     # how far each decode query moves from the last (see _drifting_queries)
 
 
-def _drifting_queries(steps, batch, heads, head_dim, generator, drift=0.3):
+def bench_cases(budget: int) -> dict:
+    """{label: (selector name, BenchCase)} of every registered selector's bench_cases at a token
+    budget, in registration order."""
+    cases = {}
+    for selector in DECODE_SELECTORS.values():
+        for case in selector.bench_cases(budget):
+            if case.label in cases:
+                raise ValueError(f"decode bench case {case.label!r} is given by {cases[case.label][0]!r} "
+                                 f"and {selector.name!r}")
+            cases[case.label] = (selector.name, case)
+    return cases
+
+
+def _case_plan(method, params):
+    """One-layer plan dict for a decode rule (min_kv_len 0)."""
+    return {"sparse_infer_plan": 1, "decode": {"min_kv_len": 0, "default": {"method": method, **params}}}
+
+
+def _drifting_queries(steps, batch, heads, head_dim, generator, drift=QUERY_DRIFT):
     """q_t = normalize(q_{t-1} + drift * noise), per head, norm sqrt(head_dim) (unit element scale),
     so consecutive queries have cosine ~ 1 / sqrt(1 + drift^2) (~0.96 for drift 0.3)."""
     def norm(x):
@@ -306,10 +316,12 @@ def _drifting_queries(steps, batch, heads, head_dim, generator, drift=0.3):
 
 
 def bench_decode_methods(kv_lens=(16384, 32768, 65536), budget=2048, heads=(32, 8), head_dim=128,
-                         methods=("token_select", "token_select_reuse", "double_sparsity", "quest", "streaming"),
-                         repeats=5, dtype=torch.float32, device="cpu", seed=0):
+                         methods=None, repeats=5, dtype=torch.float32, device="cpu", seed=0):
     """Dense SDPA vs `decode_attention` per decode method, on a cache that grows one key per step.
 
+    methods: labels of the registered selectors' bench cases (DecodeSelector.bench_cases: each
+    selector's rule reading about `budget` tokens, e.g. token_select and token_select_reuse, i.e.
+    token_select with reuse threshold 0.9); None runs every case, in registration order.
     For each kv length n: synthetic K/V (1, Hkv, n + repeats, D); step t (t = 0..repeats) sees the
     first n + t keys (a fresh contiguous tensor per step, as DynamicCache's cat produces) and a
     query drifting slowly (see _drifting_queries). Step 0 is a warm-up that builds the method's
@@ -317,19 +329,23 @@ def bench_decode_methods(kv_lens=(16384, 32768, 65536), budget=2048, heads=(32, 
     selection); steps 1..repeats continue the sequence, so the incremental paths run as in
     generation. Each step times dense SDPA (enable_gqa) then the method; times are means over
     the `repeats` steps (a mean, so reuse's occasional full scorings are amortised).
-    token_select_reuse is token_select with reuse threshold 0.9 (cosine).
 
-    bytes_read: K/V bytes per step, incl. the method's scoring data, averaged over the timed steps:
-      token_select   all of K (only on steps that score; reuse skips it) + selected V
-      double_sparsity label cache (r/D of K) + selected K and V
-      quest          page min/max bounds (2 x pages x D) + selected K and V
-      streaming      selected K and V
-    The selected count is measured (sink + local + budget for the top-k methods). Index bytes
-    are not counted. dense_bytes = all of K and V (at the mean length of the timed steps).
+    bytes_read: K/V bytes per step, incl. the method's scoring data, averaged over the timed steps,
+    from each selector's DecodeSelector.bytes_read model (e.g. token_select: all of K on the steps
+    that score + selected V; quest: page bounds + selected K and V). The selected count is
+    measured (sink + local + budget for the top-k methods). Index bytes are not counted.
+    dense_bytes = all of K and V (at the mean length of the timed steps). reuse_rate: for a
+    method whose side state counts reuses and full scorings, the share of reuses.
     """
     from sparse_infer.decode import decode_attention
     from sparse_infer.plan import plan_from_dict
 
+    cases = bench_cases(budget)
+    if methods is None:
+        methods = tuple(cases)
+    unknown = [m for m in methods if m not in cases]
+    if unknown:
+        raise ValueError(f"unknown decode bench case(s) {', '.join(unknown)}; registered: {', '.join(cases)}")
     Hq, Hkv = heads
     batch = 1
     scaling = 1.0 / math.sqrt(head_dim)
@@ -344,7 +360,9 @@ def bench_decode_methods(kv_lens=(16384, 32768, 65536), budget=2048, heads=(32, 
         queries = [q.to(device=device, dtype=dtype)
                    for q in _drifting_queries(repeats + 1, batch, Hq, head_dim, g)]
         for method in methods:
-            plan = plan_from_dict(_method_plan(method, budget))
+            name, case = cases[method]
+            selector = DECODE_SELECTORS[name]
+            plan = plan_from_dict(_case_plan(name, case.params))
             rt = layer_runtime(plan, 0, Hq, Hkv)
             rule = rt.decode_groups[0][0]
             dense_t, sparse_t, bytes_read, selected_tokens = [], [], [], []
@@ -365,23 +383,11 @@ def bench_decode_methods(kv_lens=(16384, 32768, 65536), budget=2048, heads=(32, 
                 kv_rows = (rt.stats.decode_selected - selected_before) * Hkv / Hq   # per kv head row
                 selected_tokens.append(kv_rows / (batch * Hkv))
                 counters = decode_counters(rt)
-                d_reuse = counters.get("reuses", 0) - counters_before.get("reuses", 0)
-                d_score = counters.get("full_scorings", 0) - counters_before.get("full_scorings", 0)
-                reuses += d_reuse
-                scorings += d_score
-                k_bytes = batch * Hkv * m * head_dim * elem
-                sel_bytes = kv_rows * head_dim * elem
-                if rule.kind == "token_select":
-                    b = sel_bytes + (k_bytes if d_score > 0 else 0)
-                elif rule.kind == "double_sparsity":
-                    r = label_channels(rt)
-                    b = 2 * sel_bytes + k_bytes * min(r, head_dim) / head_dim
-                elif rule.kind == "quest":
-                    pages = -(-m // rule.page)
-                    b = 2 * sel_bytes + 2 * batch * Hkv * pages * head_dim * elem
-                else:
-                    b = 2 * sel_bytes
-                bytes_read.append(b)
+                grown = {key: value - counters_before.get(key, 0) for key, value in counters.items()}
+                reuses += grown.get("reuses", 0)
+                scorings += grown.get("full_scorings", 0)
+                bytes_read.append(selector.bytes_read(rule, m, kv_rows, cache_heads=batch * Hkv, head_dim=head_dim,
+                                                      elem_size=elem, counters=grown))
             dense_ms = statistics.mean(dense_t)
             sparse_ms = statistics.mean(sparse_t)
             row = {
@@ -389,10 +395,10 @@ def bench_decode_methods(kv_lens=(16384, 32768, 65536), budget=2048, heads=(32, 
                 "ratio": dense_ms / sparse_ms, "bytes_read": int(statistics.mean(bytes_read)),
                 "dense_bytes": 2 * batch * Hkv * (n + (repeats + 1) // 2) * head_dim * elem,
                 "selected": round(statistics.mean(selected_tokens), 1),
-                "reuse_rate": (reuses / (reuses + scorings)) if rule.kind == "token_select" and reuses + scorings
-                else None,
+                "reuse_rate": reuses / (reuses + scorings) if reuses + scorings else None,
                 "budget": budget, "steps": repeats,
-                "note": "reuse=0.9, q drift 0.3" if method == "token_select_reuse" else "",
+                # a variant's note says what it changes; the query drift is what a reuse rate depends on
+                "note": f"{case.note}, q drift {QUERY_DRIFT}" if case.note else "",
                 "heads": f"{Hq}/{Hkv}", "head_dim": head_dim, "dtype": str(dtype).replace("torch.", ""),
                 "device": str(device), "threads": torch.get_num_threads(), "stat": "mean",
             }

@@ -47,11 +47,6 @@ def decode_counters(runtime, group: int = 0) -> dict:
     return dict(getattr(runtime.decode_state.groups.get(group), "counters", {}))
 
 
-def label_channels(runtime, group: int = 0) -> int:
-    """How many channels Double Sparsity's label cache keeps for a decode rule group."""
-    return int(runtime.decode_state.groups[group].channels.shape[-1])
-
-
 def parse_dense_above(text: str) -> float | str:
     """A dense_above setting as scripts take it from the environment: "auto" or a number."""
     return text if text == "auto" else float(text)

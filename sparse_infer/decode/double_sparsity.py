@@ -209,3 +209,9 @@ class DoubleSparsity(BudgetedSelector):
 
     def search_combine(self, points, channel_list):
         return {"channels": list(channel_list), **super().search_combine(points, channel_list)}
+
+    def bytes_read(self, rule, n, rows, *, cache_heads, head_dim, elem_size, counters):
+        # the label cache (r of D channels of every key), then K and V of the selected rows
+        r = len(rule.channels) if isinstance(rule.channels, list) else min(rule.channels, head_dim)
+        selected = rows * head_dim * elem_size
+        return 2 * selected + cache_heads * n * head_dim * elem_size * r / head_dim

@@ -233,3 +233,8 @@ class Quest(BudgetedSelector):
 
     def search_combine(self, points, channel_list):
         return {"page": QUEST_PAGE, **super().search_combine(points, channel_list)}
+
+    def bytes_read(self, rule, n, rows, *, cache_heads, head_dim, elem_size, counters):
+        # every page's min and max keys, then K and V of the selected rows
+        selected = rows * head_dim * elem_size
+        return 2 * selected + 2 * cache_heads * -(-n // rule.page) * head_dim * elem_size

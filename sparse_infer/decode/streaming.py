@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from sparse_infer.decode.common import GroupInputs, forced_and_eligible
-from sparse_infer.methods import DecodeSelector, Param, curve_at, fixed_size_ok, pow2_grid, register
+from sparse_infer.methods import BenchCase, DecodeSelector, Param, curve_at, fixed_size_ok, pow2_grid, register
 from sparse_infer.params import positive_int
 
 # sinks the profiler's recall curves are computed for (the streaming search grid)
@@ -59,6 +59,11 @@ class Streaming(DecodeSelector):
 
     def search_recall(self, curves, params, n):
         return curve_at(curves["streaming"][params["sink"]], params["local"])
+
+    def bench_cases(self, budget):
+        # no budget param: a sink of an eighth of the budget (at most the default 128), the rest window
+        sink = min(128, max(1, budget // 8))
+        return [BenchCase(self.name, {"sink": sink, "local": max(1, budget - sink)})]
 
     def search_combine(self, points, channel_list):
         if not fixed_size_ok({L: p["local"] for L, p in points.items()}):

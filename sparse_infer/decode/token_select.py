@@ -31,7 +31,7 @@ from sparse_infer.decode.common import (
     top_tokens,
     vote,
 )
-from sparse_infer.methods import Param, SideState, register, resolve
+from sparse_infer.methods import BenchCase, Param, SideState, register, resolve
 from sparse_infer.params import PlanError
 
 
@@ -125,3 +125,13 @@ class TokenSelect(BudgetedSelector):
     def search_cost(self, params, n, head_dim, channels):
         # scores every key (reads all of K), then reads V of the chosen ones
         return min(1.0, 0.5 + (resolve(params["budget"], n) + SELECTOR_SINK + SELECTOR_LOCAL) / (2 * n))
+
+    def bench_cases(self, budget):
+        return [BenchCase(self.name, {"budget": budget}),
+                BenchCase("token_select_reuse", {"budget": budget, "reuse": 0.9}, "reuse=0.9")]
+
+    def bytes_read(self, rule, n, rows, *, cache_heads, head_dim, elem_size, counters):
+        # V of the selected rows; all of K only on a step that scored (a reused selection reads none)
+        selected = rows * head_dim * elem_size
+        scored = counters.get("full_scorings", 0) > 0
+        return selected + (cache_heads * n * head_dim * elem_size if scored else 0)

@@ -28,7 +28,9 @@ from sparse_infer.prefill.common import (
     Geometry, block_mask_to_index, coverage_keep, dense_tail_blocks, group_mean, real_key_blocks,
     real_key_span, sink_and_diagonal_blocks,
 )
-from sparse_infer.prefill.vertical_slash import last_query_attention, slash_sums, vertical_slash_blocks
+from sparse_infer.prefill.vertical_slash import (
+    estimate_memo, last_query_attention, slash_sums, vertical_slash_blocks,
+)
 
 
 def js_distance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -113,6 +115,10 @@ class Adaptive(PrefillPattern):
         "local": Param(nonneg_int, 64),        # nearest diagonals always kept (vertical-slash heads)
         "dense_tail": Param(nonneg_int, 0),    # last rows of the call see every key
     }
+
+    def search_session(self):
+        # every gamma of a prompt (and vertical_slash's budgets) asks for the same last-query estimate
+        return estimate_memo()
 
     def build_index(self, query, key, rule, **kwargs):
         return adaptive_index(query, key, rule, **kwargs)

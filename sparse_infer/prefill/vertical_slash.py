@@ -10,7 +10,9 @@ small budget can still leave the question unable to reach the fact it asks for.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from contextvars import ContextVar
 
 import torch
 
@@ -21,6 +23,32 @@ from sparse_infer.prefill.common import (
 )
 
 
+# the memo of estimate_memo() while one is open, else None
+_ESTIMATES: ContextVar[dict | None] = ContextVar("last_query_estimates", default=None)
+
+
+@contextlib.contextmanager
+def estimate_memo():
+    """Within the block, last_query_attention computes each distinct estimate once.
+
+    The estimate does not depend on the budgets, yet it is most of a build's cost, and the
+    profiler builds one prompt's index for many budgets (and for the patterns sharing this
+    estimate). Repeated calls get a copy of the first result, so indexes are exactly what
+    the builders produce. Nested blocks share the outermost memo."""
+    if _ESTIMATES.get() is not None:
+        yield
+        return
+    token = _ESTIMATES.set({})
+    try:
+        yield
+    finally:
+        _ESTIMATES.reset(token)
+
+
+def _signature(t: torch.Tensor | None):
+    return None if t is None else (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device)
+
+
 def last_query_attention(query, key, *, scaling, attention_mask=None, last_q=64, softcap=None, end=None):
     """Softmax attention of each batch row's last `last_q` real queries over all keys.
 
@@ -29,6 +57,21 @@ def last_query_attention(query, key, *, scaling, attention_mask=None, last_q=64,
     real queries sit before the pad rows. A batch row with fewer than L real queries in the
     call gets zero weight on the missing ones.
     """
+    memo = _ESTIMATES.get()
+    if memo is None:
+        return _last_query_attention(query, key, scaling=scaling, attention_mask=attention_mask, last_q=last_q,
+                                     softcap=softcap, end=end)
+    sig = (_signature(query), _signature(key), _signature(attention_mask), scaling, last_q, softcap,
+           None if end is None else tuple(end.tolist()))
+    if sig not in memo:
+        result = _last_query_attention(query, key, scaling=scaling, attention_mask=attention_mask, last_q=last_q,
+                                       softcap=softcap, end=end)
+        # the inputs are held with the result: while they live, their addresses in `sig` stay theirs
+        memo[sig] = ((query, key, attention_mask), result)
+    return tuple(t.clone() for t in memo[sig][1])
+
+
+def _last_query_attention(query, key, *, scaling, attention_mask, last_q, softcap, end):
     batch, n, q_len = key.shape[0], key.shape[2], query.shape[2]
     last = min(last_q, q_len)
     q0 = n - q_len
@@ -187,9 +230,13 @@ class VerticalSlash(PrefillPattern):
         "local": Param(nonneg_int, 64),   # nearest diagonals always kept
         "dense_tail": Param(nonneg_int, 0),    # last rows of the call see every key
     }
-    # columns depend only on the vertical budget and blocks only on the slash one, so the
-    # search measures k^2 budget pairs from 2k builds (profiler.search._evaluate_separable)
+    # blocks depend only on the slash budget and columns only on the vertical one, so the
+    # search measures k^2 budget pairs from 2k builds
     search_evaluation = "separable"
+    search_separable = ("slash", "vertical")
+
+    def search_session(self):
+        return estimate_memo()              # every budget pair of a prompt asks for the same estimate
 
     def build_index(self, query, key, rule, **kwargs):
         return vertical_slash_index(query, key, rule, **kwargs)

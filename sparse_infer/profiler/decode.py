@@ -3,7 +3,7 @@
 A decode step is one query over the whole cache, so the profiler uses the last `dq`
 prompt queries (for needle prompts: the queries that copy the answer) as stand-ins
 and asks, per head, how much of their true attention each selector keeps (each registered
-selector's `search_curves` hook computes its curves from a CurveInputs):
+selector's `search_curves` hook computes its curves from a CurveInputs; the built-in ones):
 
   streaming       {sink, local}       fixed sinks + recent window
   token_select    {budget}            exact top-budget keys (oracle ranking)
@@ -24,24 +24,10 @@ share of the traffic against dense, which reads each kv head once for the whole 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
 from sparse_infer.decode.common import SELECTOR_LOCAL, SELECTOR_SINK
 from sparse_infer.methods import DECODE_SELECTORS
-
-
-@dataclass
-class DecodeCurves:
-    """Per head (rows) recall curves of one prompt, averaged over its last queries."""
-
-    n: int
-    base: torch.Tensor                    # (Hq,) mass of sink + local tokens kept by every selector
-    token_select: torch.Tensor            # (Hq, n) recall after the b best extra keys, b = index + 1
-    quest: torch.Tensor                   # (Hq, npages) after the k best extra pages
-    double_sparsity: torch.Tensor | None  # (Hq, n), once channels are known
-    streaming: dict = field(default_factory=dict)   # sink -> (Hq, n): recall with window w = index + 1
 
 
 def _base_mask(pos: torch.Tensor, n: int, sink: int, local: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,25 +106,6 @@ def curve_entries(inputs: CurveInputs, channels: torch.Tensor | None = None) -> 
         if method.search_needs_channels == (channels is not None):
             entries.update(method.search_curves(inputs, channels))
     return entries
-
-
-def decode_curves(probs: torch.Tensor, pos: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
-                  *, scaling: float, size: int | None = None, shared: bool = False) -> DecodeCurves:
-    """The built-in selectors' curves as one DecodeCurves (arguments as CurveInputs)."""
-    inputs = CurveInputs(probs, pos, query, key, scaling=scaling, size=size, shared=shared)
-    entries = curve_entries(inputs)
-    streaming = {key[1]: curve for key, curve in entries.items() if key[0] == "streaming"}
-    return DecodeCurves(inputs.n, inputs.base_mass, entries[("token_select",)], entries[("quest",)], None,
-                        streaming)
-
-
-def double_sparsity_curve(probs: torch.Tensor, pos: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
-                          channels: torch.Tensor, size: int | None = None, *, scaling: float = 1.0,
-                          shared: bool = False) -> torch.Tensor:
-    """(Hq, size) recall curve ranking keys by q.k over `channels` (Hq, r) only, plus sink/local
-    (see decode.double_sparsity.DoubleSparsity.search_curves)."""
-    inputs = CurveInputs(probs, pos, query, key, scaling=scaling, size=size, shared=shared)
-    return DECODE_SELECTORS["double_sparsity"].search_curves(inputs, channels)[("double_sparsity",)]
 
 
 def retrieval_hits(probs: torch.Tensor, pos: torch.Tensor, input_ids: torch.Tensor,

@@ -6,6 +6,7 @@ from typing import Callable
 
 import torch
 
+from sparse_infer.methods import DECODE_SELECTORS
 from sparse_infer.profiler.decode import CurveInputs, curve_entries, group_sum, retrieval_hits
 from sparse_infer.profiler.search import (
     DENSE, HeadReport, MeanTable, SearchSettings, choose_decode, decide_prefill, decode_cost_factor, decode_costs,
@@ -160,7 +161,8 @@ def analyze_layer(runs: list[LayerRun], settings: SearchSettings, *, block_size:
             prefill_density={L: float(v[h]) for L, v in den.items()},
             decode_recall=d_rec, decode_cost=d_cost,
             retrieval_score=float(retrieval[h]),
-            channels=chans if dec.pattern == "double_sparsity" else None,
+            # the calibrated channels, for a method that was chosen with them
+            channels=chans if getattr(DECODE_SELECTORS.get(dec.pattern), "search_needs_channels", False) else None,
             vertical_share=float(vshare[h] / len(runs)), slash_share=float(sshare[h] / len(runs)),
         ))
     return reports

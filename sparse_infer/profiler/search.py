@@ -22,7 +22,6 @@ import torch
 from sparse_infer.methods import DECODE_SELECTORS, PREFILL_PATTERNS
 from sparse_infer.plan import Rule, parse_rule
 from sparse_infer.prefill import build_index
-from sparse_infer.prefill.vertical_slash import VS_MIN      # the separable evaluation builds at the smallest budget
 from sparse_infer.profiler.stats import (
     AttentionStats, block_bitmap, block_part, column_gain, column_map, index_head_density, index_recall,
     index_tail_recall, uniform_stats,
@@ -74,9 +73,6 @@ def evaluate_prefill_run(query: torch.Tensor, key: torch.Tensor, stats: Attentio
     Returns {(granularity, pattern, params_key): (recall, tail recall, density)}, each (Hq,):
     recall over all queries, over the last query block (see stats.index_tail_recall), and
     the share of causal pairs computed.
-    vertical_slash indexes are the union of the builder's blocks for a slash budget
-    and its columns for a vertical budget (columns depend only on the vertical
-    budget, blocks only on the slash budget), so 2k builds give all k^2 pairs exactly.
     The grid follows the nominal `length` (a prompt may be a few tokens shorter), so
     every prompt of one length fills the same table entries.
     """
@@ -95,8 +91,8 @@ def evaluate_prefill_run(query: torch.Tensor, key: torch.Tensor, stats: Attentio
     # how each pattern's grid is measured (its `search_evaluation`):
     #   "static"     the index ignores q/k: one bitmap per (n, bs, params), built once and cached
     #   "build"      one build per grid point and granularity
-    #   "separable"  {vertical, slash} budgets: columns depend only on one, blocks only on the
-    #                other, so k^2 pairs come from 2k builds (vertical_slash)
+    #   "separable"  two budgets, kv blocks depending only on one and columns only on the other,
+    #                so k^2 points come from 2k builds (_evaluate_separable)
     for name, pattern in PREFILL_PATTERNS.items():
         if pattern.search_evaluation != "static":
             continue
@@ -106,7 +102,7 @@ def evaluate_prefill_run(query: torch.Tensor, key: torch.Tensor, stats: Attentio
                      block_part(bitmap[:, -1:], stats.block_mass[:, -1:]) / stats.tail_rows, density)
             for gran in granularities:
                 out[(gran, name, params_key(params))] = entry
-    with _reuse_vertical_slash_estimate():
+    with search_sessions():
         for gran in granularities:
             for name, pattern in PREFILL_PATTERNS.items():
                 evaluation = pattern.search_evaluation
@@ -123,24 +119,37 @@ def evaluate_prefill_run(query: torch.Tensor, key: torch.Tensor, stats: Attentio
 
 
 def _evaluate_separable(build, name, grid, gran, stats, hq, n, bs, ublocks, ucols, total_pairs) -> dict:
-    """{vertical, slash} grids: the union of the builder's blocks for a slash budget and its
-    columns for a vertical budget (see evaluate_prefill_run)."""
-    out = {}
-    budgets = sorted({p["vertical"] for p in grid})
-    per_slash, per_vertical = {}, {}
-    for s in budgets:
-        bitmap = block_bitmap(build(name, {"vertical": VS_MIN, "slash": s}, gran), n)
-        tail = bitmap[:, -1:]
-        per_slash[s] = (block_part(bitmap, stats.block_mass), column_gain(bitmap, stats.col_mass, bs),
-                        block_part(tail, stats.block_mass[:, -1:]),
-                        column_gain(tail, stats.col_mass[:, -1:], bs),
-                        block_part(bitmap, ublocks), column_gain(bitmap, ucols, bs))
-    for v in budgets:
-        cmap = column_map(build(name, {"vertical": v, "slash": VS_MIN}, gran), n)
-        per_vertical[v] = cmap.repeat_interleave(hq // cmap.shape[0], 0)
+    """A grid crossing a blocks budget and a columns budget (PrefillPattern.search_separable): the
+    index of a grid point is the union of the kv blocks built for its blocks budget and the
+    columns built for its columns budget, each built once with the other budget at its smallest
+    grid value (the cheapest build; what it selects there is not used)."""
+    blocks_key, columns_key = PREFILL_PATTERNS[name].search_separable
+    least = {k: min(p[k] for p in grid) for k in (blocks_key, columns_key)}
+
+    def blocks_of(params):          # the build whose kv blocks are those of `params`
+        return params_key({**params, columns_key: least[columns_key]})
+
+    def columns_of(params):         # the build whose columns are those of `params`
+        return params_key({**params, blocks_key: least[blocks_key]})
+
+    per_blocks, per_columns = {}, {}
     for params in grid:
-        bmass, gain, tmass, tgain, upairs, ugain = per_slash[params["slash"]]
-        cmap = per_vertical[params["vertical"]]
+        b, c = blocks_of(params), columns_of(params)
+        if b not in per_blocks:
+            bitmap = block_bitmap(build(name, dict(b), gran), n)
+            tail = bitmap[:, -1:]
+            per_blocks[b] = (block_part(bitmap, stats.block_mass), column_gain(bitmap, stats.col_mass, bs),
+                             block_part(tail, stats.block_mass[:, -1:]),
+                             column_gain(tail, stats.col_mass[:, -1:], bs),
+                             block_part(bitmap, ublocks), column_gain(bitmap, ucols, bs))
+        if c not in per_columns:
+            cmap = column_map(build(name, dict(c), gran), n)
+            cmap = torch.zeros(1, n, dtype=torch.bool) if cmap is None else cmap
+            per_columns[c] = cmap.repeat_interleave(hq // cmap.shape[0], 0)
+    out = {}
+    for params in grid:
+        bmass, gain, tmass, tgain, upairs, ugain = per_blocks[blocks_of(params)]
+        cmap = per_columns[columns_of(params)]
         recall = (bmass + (cmap * gain).sum(-1)) / stats.num_queries
         tail = (tmass + (cmap * tgain).sum(-1)) / stats.tail_rows
         pairs = upairs.repeat_interleave(hq // upairs.shape[0], 0) + (
@@ -160,37 +169,12 @@ def _static_index(pattern: str, key: tuple, n: int, bs: int, num_heads: int):
 
 
 @contextlib.contextmanager
-def _reuse_vertical_slash_estimate():
-    """While one prompt's grid is evaluated, compute the vertical_slash estimate once.
-
-    The builder's estimate (softmax of the last `last_q` queries over all keys) does not
-    depend on the budgets, yet it is most of the builder's cost; every budget pair asks for
-    the same one. The builder's module-level function is wrapped by a memo for the duration
-    (same function, same arguments, a copy of the same result), so the indexes are still
-    exactly what the builder produces."""
-    import sparse_infer.prefill.vertical_slash as vs
-
-    original = getattr(vs, "last_query_attention", None)
-    if original is None:
+def search_sessions():
+    """Every registered pattern's search_session, held while one prompt is measured."""
+    with contextlib.ExitStack() as stack:
+        for pattern in PREFILL_PATTERNS.values():
+            stack.enter_context(pattern.search_session())
         yield
-        return
-    memo: dict = {}
-
-    def memoized(query, key, **kwargs):
-        mask = kwargs.get("attention_mask")
-        sig = (query.data_ptr(), tuple(query.shape), key.data_ptr(), tuple(key.shape),
-               None if mask is None else (mask.data_ptr(), tuple(mask.shape)),
-               tuple(sorted((k, tuple(v.tolist()) if torch.is_tensor(v) else v)
-                            for k, v in kwargs.items() if k != "attention_mask")))
-        if sig not in memo:
-            memo[sig] = original(query, key, **kwargs)
-        return tuple(t.clone() if torch.is_tensor(t) else t for t in memo[sig])
-
-    vs.last_query_attention = memoized
-    try:
-        yield
-    finally:
-        vs.last_query_attention = original
 
 
 class MeanTable:
@@ -334,7 +318,7 @@ def measure_rules(rules: list[Rule], grans: list[str], query, key, stats: Attent
     recall, tail, density = torch.ones(hq), torch.ones(hq), torch.ones(hq)
     m4 = None if mask is None else mask.reshape(1, -1, *mask.shape[-2:])
     done: dict = {}
-    with _reuse_vertical_slash_estimate():
+    with search_sessions():
         for h, (rule, gran) in enumerate(zip(rules, grans)):
             if rule.kind == "dense":
                 continue

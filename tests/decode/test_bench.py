@@ -25,16 +25,64 @@ def test_bench_decode_end_to_end_rows(cache):
 
 
 def test_bench_decode_methods_smoke():
-    from sparse_infer.bench.attention import bench_decode_methods
+    from sparse_infer.bench.attention import bench_cases, bench_decode_methods
 
-    methods = ("token_select", "token_select_reuse", "double_sparsity", "quest", "streaming")
-    rows = bench_decode_methods(kv_lens=(512,), budget=64, heads=(4, 2), head_dim=16, methods=methods, repeats=1)
-    assert [r["method"] for r in rows] == list(methods)
+    rows = bench_decode_methods(kv_lens=(512,), budget=64, heads=(4, 2), head_dim=16, repeats=1)
+    # every registered selector's cases, in registration order
+    assert [r["method"] for r in rows] == list(bench_cases(64)) == [
+        "streaming", "token_select", "token_select_reuse", "double_sparsity", "quest"]
+    by = {r["method"]: r for r in rows}
     for r in rows:
         assert r["kv_len"] == 512 and r["dense_ms"] > 0 and r["sparse_ms"] > 0 and r["bytes_read"] > 0
         if r["method"] in ("quest", "double_sparsity", "streaming"):
             assert r["bytes_read"] < r["dense_bytes"]
-    assert rows[1]["reuse_rate"] is not None and rows[2]["reuse_rate"] is None
+    assert by["token_select_reuse"]["reuse_rate"] is not None and by["double_sparsity"]["reuse_rate"] is None
+    assert by["token_select_reuse"]["note"] == "reuse=0.9, q drift 0.3" and by["token_select"]["note"] == ""
+    # the one timed step sees 513 keys: token_select (which scored) read V of its 16 + 64 + 64 rows
+    # per kv head and all of K; streaming K and V of its 8 + 56 rows (fp32, head_dim 16, 2 kv heads)
+    assert by["token_select"]["selected"] == 144.0
+    assert by["token_select"]["bytes_read"] == (2 * 144) * 16 * 4 + 2 * 513 * 16 * 4
+    assert by["streaming"]["selected"] == 64.0 and by["streaming"]["bytes_read"] == 2 * (2 * 64) * 16 * 4
+    with pytest.raises(ValueError, match="unknown decode bench case.*no_such.*registered: streaming"):
+        bench_decode_methods(kv_lens=(512,), budget=64, heads=(4, 2), head_dim=16, methods=("no_such",))
+
+
+def test_every_budgeted_selector_has_a_bench_case_whose_plan_validates():
+    from sparse_infer.bench.attention import _case_plan, bench_cases
+    from sparse_infer.methods import DECODE_SELECTORS
+    from sparse_infer.plan import plan_from_dict
+
+    cases = bench_cases(2048)
+    named = {name for name, _ in cases.values()}
+    assert {m for m, s in DECODE_SELECTORS.items() if "budget" in s.params} <= named
+    for label, (name, case) in cases.items():
+        rule = plan_from_dict(_case_plan(name, case.params)).decode.default
+        assert rule.kind == name and case.label == label
+    streaming = plan_from_dict(_case_plan("streaming", cases["streaming"][1].params)).decode.default
+    assert (streaming.sink, streaming.local) == (128, 1920)               # sink + window = the budget
+    assert cases["token_select_reuse"][1].params == {"budget": 2048, "reuse": 0.9}
+
+
+def test_bytes_read_models_match_a_hand_computation():
+    """Two cache heads, 1000 keys of head_dim 64 in bf16, 300 selected rows per head."""
+    from sparse_infer.methods import DECODE_SELECTORS
+    from sparse_infer.profiler.search import make_rule
+
+    def bytes_read(method, counters=None, **params):
+        return DECODE_SELECTORS[method].bytes_read(make_rule(method, params, "decode"), 1000, 2 * 300,
+                                                   cache_heads=2, head_dim=64, elem_size=2, counters=counters or {})
+
+    rows_kv = 2 * 300 * 64 * 2          # K (or V) of the selected rows: 76800 bytes
+    all_k = 2 * 1000 * 64 * 2           # all of K: 256000 bytes
+    assert bytes_read("token_select", {"full_scorings": 2, "reuses": 0}, budget=256) == rows_kv + all_k
+    assert bytes_read("token_select", {"full_scorings": 0, "reuses": 2}, budget=256, reuse=0.9) == rows_kv
+    assert bytes_read("double_sparsity", channels=16, budget=256) == 2 * rows_kv + all_k / 4   # 16 of 64 channels
+    assert bytes_read("double_sparsity", channels=[1, 5, 9], budget=256) == 2 * rows_kv + all_k * 3 / 64
+    assert bytes_read("double_sparsity", channels=128, budget=256) == 2 * rows_kv + all_k   # at most all channels
+    # quest: min and max keys of ceil(1000 / 16) = 63 pages per head
+    assert bytes_read("quest", budget=256) == 2 * rows_kv + 2 * 2 * 63 * 64 * 2
+    assert bytes_read("quest", budget=256, page=32) == 2 * rows_kv + 2 * 2 * 32 * 64 * 2
+    assert bytes_read("streaming", sink=16, local=284) == 2 * rows_kv
 
 
 def test_bench_decode_end_to_end_rejects_unknown_cache():

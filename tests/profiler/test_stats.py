@@ -4,7 +4,8 @@ import torch
 
 from sparse_infer.kernels.index import index_density, index_to_mask
 from sparse_infer.prefill import build_index
-from sparse_infer.profiler.decode import decode_curves, double_sparsity_curve, retrieval_hits
+from sparse_infer.methods import curve_at
+from sparse_infer.profiler.decode import CurveInputs, curve_entries, retrieval_hits
 from sparse_infer.profiler.search import evaluate_prefill_run, make_rule, params_key
 from sparse_infer.profiler.stats import (
     attention_stats, channel_scores, index_head_density, index_recall, index_tail_recall,
@@ -81,20 +82,69 @@ def test_recall_with_padding_mask_equals_dense_map():
     torch.testing.assert_close(index_recall(index, st), (P * sel).sum((-1, -2)) / n, atol=1e-5, rtol=0)
 
 
-def test_vertical_slash_grid_union_is_the_builder_index():
-    """The grid evaluates vertical_slash pairs as blocks(slash) | columns(vertical); check
-    that this equals the builder's own index for the pair."""
+def test_every_grid_point_measures_the_builder_index():
+    """However a pattern's grid is measured (built, cached static bitmaps, vertical_slash's
+    separable blocks(slash) | columns(vertical), builds sharing one estimate in a search
+    session), each entry is the recall and density of the builder's own index."""
+    from sparse_infer.methods import PREFILL_PATTERNS
+    from sparse_infer.profiler.search import prefill_grid
+
     q, k = _inputs(n=512, d=16)
     st = attention_stats(q, k, scaling=0.25, block_size=32)
     table = evaluate_prefill_run(q, k, st, scaling=0.25, granularities=("head", "group"))
+    grid = prefill_grid(512, 32)
+    assert set(grid) == set(PREFILL_PATTERNS) and all(grid.values())
     for gran in ("head", "group"):
-        for params in ({"vertical": 32, "slash": 64}, {"vertical": 128, "slash": 16}):
-            index = build_index(make_rule("vertical_slash", params), q[None], k[None], block_size=32,
-                                scaling=0.25, granularity=gran)
-            recall, tail, density = table[(gran, "vertical_slash", params_key(params))]
-            torch.testing.assert_close(recall, index_recall(index, st), atol=1e-6, rtol=0)
-            torch.testing.assert_close(tail, index_tail_recall(index, st), atol=1e-6, rtol=0)
-            torch.testing.assert_close(density, index_head_density(index, 512, 4), atol=1e-6, rtol=0)
+        for name, points in grid.items():
+            for params in points:
+                index = build_index(make_rule(name, params), q[None], k[None], block_size=32, scaling=0.25,
+                                    granularity=gran)
+                recall, tail, density = table[(gran, name, params_key(params))]
+                torch.testing.assert_close(recall, index_recall(index, st), atol=1e-6, rtol=0)
+                torch.testing.assert_close(tail, index_tail_recall(index, st), atol=1e-6, rtol=0)
+                torch.testing.assert_close(density, index_head_density(index, 512, 4), atol=1e-6, rtol=0)
+
+
+def test_one_prompt_computes_its_last_query_estimate_once(monkeypatch):
+    """vertical_slash and adaptive share the last-query estimate through their search sessions:
+    one prompt's whole grid (both granularities, every budget and gamma) computes it once, and
+    outside a session every build computes its own."""
+    from sparse_infer.methods import PREFILL_PATTERNS
+    from sparse_infer.prefill import vertical_slash
+
+    calls = []
+    original = vertical_slash._last_query_attention
+    monkeypatch.setattr(vertical_slash, "_last_query_attention",
+                        lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    q, k = _inputs(n=256, d=16)
+    st = attention_stats(q, k, scaling=0.25, block_size=32)
+    evaluate_prefill_run(q, k, st, scaling=0.25, granularities=("head", "group"))
+    assert len(calls) == 1
+    for params in ({"vertical": 16, "slash": 16}, {"vertical": 32, "slash": 16}):
+        build_index(make_rule("vertical_slash", params), q[None], k[None], block_size=32, scaling=0.25)
+    assert len(calls) == 3
+    with PREFILL_PATTERNS["adaptive"].search_session():       # adaptive's own session, without vertical_slash's
+        for gamma in (0.9, 0.95):
+            build_index(make_rule("adaptive", {"gamma": gamma}), q[None], k[None], block_size=32, scaling=0.25)
+    assert len(calls) == 4
+
+
+def test_the_estimate_memo_answers_copies_and_tells_inputs_apart():
+    from sparse_infer.prefill.vertical_slash import estimate_memo, last_query_attention
+
+    q, k = _inputs(n=64, d=8)
+    q4, k4 = q[None], k[None]
+    plain = last_query_attention(q4, k4, scaling=0.25, last_q=8)
+    with estimate_memo():
+        first = last_query_attention(q4, k4, scaling=0.25, last_q=8)
+        first[0].zero_()                                       # a caller's change stays its own
+        again = last_query_attention(q4, k4, scaling=0.25, last_q=8)
+        other = last_query_attention(q4, k4, scaling=0.5, last_q=8)
+        shorter = last_query_attention(q4, k4, scaling=0.25, last_q=4)
+    for x, y in zip(again, plain):
+        assert torch.equal(x, y)
+    assert torch.equal(other[0], last_query_attention(q4, k4, scaling=0.5, last_q=8)[0])
+    assert shorter[0].shape[2] == 4
 
 
 def test_channel_scores_are_mean_abs_products_over_causal_pairs():
@@ -105,6 +155,20 @@ def test_channel_scores_are_mean_abs_products_over_causal_pairs():
     causal = torch.ones(40, 40, dtype=torch.bool).tril()[None, :, :, None]
     want = (prod * causal).sum((1, 2)) / (40 * 41 / 2)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def _curves(P, pos, q, k, *, scaling=1.0, shared=False, channels=None):
+    """One prompt's recall curves as the profiler hands them to search_recall ({name: curve} or
+    {name: {key: curve}}), from every registered selector's search_curves; with `channels`,
+    only those of the selectors that need them."""
+    inputs = CurveInputs(P[:, -1:], pos, q[:, -1:], k, scaling=scaling, shared=shared)
+    out = {}
+    for key, curve in curve_entries(inputs, channels).items():
+        if len(key) == 1:
+            out[key[0]] = curve
+        else:
+            out.setdefault(key[0], {})[key[1]] = curve
+    return out
 
 
 def _selector_recall(kind, params, q, k, P, scaling, per_head=True):
@@ -131,20 +195,16 @@ def test_decode_curves_match_the_decode_selectors(kind, params):
     q, k = _inputs(n=400)
     P = _dense_probs(q, k, 0.25)
     pos = torch.tensor([399])
-    curves = decode_curves(P[:, -1:], pos, q[:, -1:], k, scaling=0.25)
-    table = {"token_select": curves.token_select, "quest": curves.quest, "streaming": curves.streaming}
-    got = decode_recall(table, kind, params, 400)
+    got = decode_recall(_curves(P, pos, q, k, scaling=0.25), kind, params, 400)
     torch.testing.assert_close(got, _selector_recall(kind, params, q, k, P, 0.25), atol=1e-5, rtol=0)
 
 
 def test_double_sparsity_curve_matches_the_selector():
-    from sparse_infer.methods import curve_at
     q, k = _inputs(n=400, hq=2, hkv=2)
     P = _dense_probs(q, k, 0.25)
     channels = [1, 4, 7, 9]
-    curve = double_sparsity_curve(P[:, -1:], torch.tensor([399]), q[:, -1:], k,
-                                  torch.tensor([channels, channels]))
-    got = curve_at(curve, 48)
+    curves = _curves(P, torch.tensor([399]), q, k, channels=torch.tensor([channels, channels]))
+    got = curve_at(curves["double_sparsity"], 48)
     want = _selector_recall("double_sparsity", {"channels": channels, "budget": 48}, q, k, P, 0.25)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
@@ -154,23 +214,14 @@ def test_double_sparsity_curve_matches_the_selector():
 def test_shared_decode_curves_match_one_selection_per_gqa_group(kind, params):
     """With shared=True each head is scored on its group's soft-vote selection, as the runtime
     selects for a whole GQA group; the per-head curves would overstate what a head keeps."""
-    from sparse_infer.methods import curve_at
     from sparse_infer.profiler.search import decode_recall
     q, k = _inputs(hq=6, hkv=2, n=400, seed=3)
     P = _dense_probs(q, k, 0.25)
     pos = torch.tensor([399])
     want = _selector_recall(kind, params, q, k, P, 0.25, per_head=False)
-    if kind == "double_sparsity":
-        chans = torch.tensor([params["channels"]] * 6)
-        curve = double_sparsity_curve(P[:, -1:], pos, q[:, -1:], k, chans, scaling=0.25, shared=True)
-        got = curve_at(curve, params["budget"])
-        alone = curve_at(double_sparsity_curve(P[:, -1:], pos, q[:, -1:], k, chans), params["budget"])
-    else:
-        table = {}
-        for shared in (True, False):
-            c = decode_curves(P[:, -1:], pos, q[:, -1:], k, scaling=0.25, shared=shared)
-            table[shared] = decode_recall({"token_select": c.token_select, "quest": c.quest}, kind, params, 400)
-        got, alone = table[True], table[False]
+    chans = torch.tensor([params["channels"]] * 6) if kind == "double_sparsity" else None
+    got, alone = (decode_recall(_curves(P, pos, q, k, scaling=0.25, shared=shared, channels=chans), kind, params,
+                                400) for shared in (True, False))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     assert (got < alone - 1e-4).any()                  # sharing costs some heads recall here
 
