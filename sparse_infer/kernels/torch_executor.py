@@ -138,8 +138,11 @@ def block_sparse_attention_torch(query, key, value, index: BlockSparseIndex, *, 
     use_flat = norm.column_usable_count.reshape(-1) if C else torch.zeros_like(cnt_flat)
     key_len = (cnt_flat + 1) * bs + use_flat
     items_all = act_idx[torch.argsort(key_len[act_idx], stable=True)]
-    # softcap (tanh of the scores) has no place in SDPA: those calls keep the explicit scores
-    fused = FUSED_SOFTMAX and softcap is None
+    # softcap (tanh of the scores) has no place in SDPA: those calls keep the explicit scores. So
+    # do per-head indices (Gi 1): their bias is as large as the scores it replaces, and SDPA's
+    # short query tiles made them slower (benchmarks/executor_paths.py: 2.6 against 2.5 x SDPA's
+    # cost per unit of density; group-shared indices 1.3-1.7 against 1.6-2.0)
+    fused = FUSED_SOFTMAX and softcap is None and Gi > 1
     mask_heads = Gi if attention_mask is not None and attention_mask.shape[1] > 1 else 1
     workers = torch.get_num_threads() if num_workers is None else num_workers
     plan = _chunk_plan(cnt_flat[items_all].tolist(), use_flat[items_all].tolist(), Gi, bs, chunk_elems, workers)

@@ -9,7 +9,7 @@ import torch
 from sparse_infer.methods import DECODE_SELECTORS
 from sparse_infer.profiler.decode import CurveInputs, curve_entries, group_sum, retrieval_hits
 from sparse_infer.profiler.search import (
-    DENSE, HeadReport, MeanTable, SearchSettings, choose_decode, decide_prefill, decode_cost_factor, decode_costs,
+    DENSE_CHOICE, HeadReport, MeanTable, SearchSettings, choose_decode, decide_prefill, decode_cost_factor, decode_costs,
     decode_recall,
     evaluate_prefill_run, measure_rules, runtime_granularity,
 )
@@ -127,7 +127,7 @@ def analyze_layer(runs: list[LayerRun], settings: SearchSettings, *, block_size:
         if not failing:
             break
         for h in failing:
-            choices[h] = DENSE
+            choices[h] = DENSE_CHOICE
 
     decode_at = {L: _curves_at(t) for L, t in decode_tables.items()}
     retrieval = hits / copies if copies else torch.zeros(hq)
@@ -138,7 +138,7 @@ def analyze_layer(runs: list[LayerRun], settings: SearchSettings, *, block_size:
         if any(is_retrieval[h] for h in members):
             # a retrieval head keeps the whole cache; in a shared group the others read it
             # anyway, so selecting for them would only add work
-            dec = DENSE
+            dec = DENSE_CHOICE
         else:
             dec = choose_decode(decode_at, members, head_dim, settings, channels[members[0]].tolist(), factor)
         decisions.update({h: dec for h in members})

@@ -225,7 +225,7 @@ class Choice:
         return {name_key: self.pattern, **self.params}
 
 
-DENSE = Choice("dense", {}, 1.0)
+DENSE_CHOICE = Choice("dense", {}, 1.0)
 
 
 def _best_point(table: MeanTable, n: int, bs: int, gran: str, pattern: str, heads, target: float):
@@ -248,7 +248,7 @@ def choose_prefill(tables: dict[int, MeanTable], heads: list[int], gran: str, se
     """Cheapest pattern (with budgets combined over lengths) for the head set, or dense."""
     lengths = sorted(tables)
     longest, bs = lengths[-1], settings.block_size
-    best = DENSE
+    best = DENSE_CHOICE
     for pattern, method in PREFILL_PATTERNS.items():
         points = {}
         for L in lengths:
@@ -267,7 +267,7 @@ def choose_prefill(tables: dict[int, MeanTable], heads: list[int], gran: str, se
         if cost < best.cost - 1e-12:
             best = Choice(pattern, params, cost, gran)
     if best.cost >= settings.dense_cutoff:
-        return DENSE
+        return DENSE_CHOICE
     return best
 
 
@@ -365,7 +365,7 @@ def choose_decode(curves: dict[int, dict], heads: int | list[int], head_dim: int
     heads = [heads] if isinstance(heads, int) else list(heads)
     lengths = sorted(curves)
     longest = lengths[-1]
-    best = DENSE
+    best = DENSE_CHOICE
     for name in decode_candidates():
         method = DECODE_SELECTORS[name]
         if not method.search_available(channel_list):
@@ -390,7 +390,7 @@ def choose_decode(curves: dict[int, dict], heads: int | list[int], head_dim: int
         if cost < best.cost - 1e-12:
             best = Choice(name, params, cost)
     if best.cost * cost_factor >= settings.decode_cutoff:
-        return DENSE
+        return DENSE_CHOICE
     return best
 
 

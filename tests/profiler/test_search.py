@@ -109,14 +109,14 @@ def test_decode_cost_counts_per_head_selections_once_per_query_head():
     of a 7-head GQA group the same selection costs more than dense reads, so it stays dense."""
     import torch
 
-    from sparse_infer.profiler.search import DENSE, choose_decode, decode_cost_factor
+    from sparse_infer.profiler.search import DENSE_CHOICE, choose_decode, decode_cost_factor
 
     curves = {n: _ramp_curves(n, [n // 16]) for n in LENGTHS}
     settings = SearchSettings(target_recall=0.95)
     alone = choose_decode(curves, 0, 64, settings, None, cost_factor=1)
     assert alone.pattern == "quest" and alone.cost < 0.3
     assert choose_decode(curves, 0, 64, settings, None, cost_factor=3).pattern == "quest"
-    assert choose_decode(curves, 0, 64, settings, None, cost_factor=7) == DENSE
+    assert choose_decode(curves, 0, 64, settings, None, cost_factor=7) == DENSE_CHOICE
     assert decode_cost_factor(SearchSettings(decode_granularity="head"), 14, 2) == 7
     assert decode_cost_factor(SearchSettings(), 14, 2) == 1                 # group: one selection per kv head
 
