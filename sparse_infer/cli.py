@@ -222,12 +222,26 @@ def bench_decode(
     new_tokens: int = 32,
     cache: str = typer.Option("dynamic", help="end-to-end KV cache for dense and sparse alike: 'dynamic' "
                                                "(DynamicCache, copies K/V every step) or 'append' (AppendCache)"),
+    plans: Optional[str] = typer.Option(None, help="with --model: time whole decode steps of these plans "
+                                                   "(shipped names, presets, YAML files, or decode method names) "
+                                                   "over synthetic caches of each --kv-lens and --batch"),
+    batch: str = typer.Option("1", help="with --model --plans: batch sizes of the step benchmark"),
     json_out: Optional[str] = typer.Option(None, "--json", help="write all rows to this new JSON file"),
 ):
-    """Dense vs each decode method: per-step attention time, bytes read; then tokens/s."""
+    """Dense vs each decode method: per-step attention time, bytes read; then tokens/s, or with
+    --plans whole decode steps per cache length and batch (ratio, K/V bytes read, selection ms,
+    attention's share of dense's step)."""
     from sparse_infer.bench.attention import bench_decode_attention, bench_decode_methods
 
     target = _json_target(json_out)
+    plan_names = [p for p in (plans or "").split(",") if p.strip()]
+    if plan_names:
+        if not model:
+            console.print("[red]error:[/red] --plans needs --model")
+            raise typer.Exit(2)
+        from sparse_infer.bench.decode import method_or_plan
+        from sparse_infer.methods import DECODE_SELECTORS
+        _check_bench_plans([p for p in plan_names if p not in DECODE_SELECTORS])
     hq, hkv = _ints(heads)
     rows = bench_decode_attention(kv_lens=_ints(kv_lens), budget=budget, heads=(hq, hkv), head_dim=head_dim)
     _table(rows, [c for c in ("kv_len", "budget", "dense_ms", "dense_grouped_ms", "sparse_ms", "ratio", "ratio_grouped",
@@ -239,6 +253,19 @@ def bench_decode(
            f"decode attention per method (decode_attention, growing cache, mean of "
            f"{methods[0]['steps'] if methods else 0} steps), budget {budget}")
     e2e = []
+    if model and plan_names:
+        import sparse_infer
+        from sparse_infer.bench.decode import bench_decode_steps
+
+        m, _ = sparse_infer.load_model(model)
+        steps = bench_decode_steps(m, _ints(kv_lens), _ints(batch),
+                                   {name: method_or_plan(name, budget) for name in plan_names})
+        shown = [{**r, "attention_share": f"{r['attention_share']:.2f}", "kv_bytes": f"{r['kv_bytes'] / 2**20:.1f} MiB",
+                  "decode_density": f"{r['decode_density']:.2f}"} for r in steps]
+        _table(shown, ["kv_len", "batch", "plan", "step_ms", "ratio", "kv_bytes", "select_ms", "select_attend_ms",
+                       "decode_density", "attention_share"], f"decode step, {model} (synthetic cache)")
+        _write_bench_json(target, {"attention": rows, "methods": methods, "steps": steps})
+        return
     if model:
         from sparse_infer.bench.decode import bench_decode_end_to_end, decode_method_plan
         from sparse_infer.methods import DECODE_SELECTORS

@@ -33,6 +33,9 @@ class LayerStats:
     estimate_s: float = 0.0          # building the indices (the patterns' estimates)
     sparse_s: float = 0.0            # the block-sparse executor
     dense_s: float = 0.0             # heads run dense (dense rules, too-dense indices, short prompts)
+    # decode seconds, also only while timing is on
+    select_s: float = 0.0            # selectors choosing rows (index tensors for an executor)
+    select_attend_s: float = 0.0     # fused selection + attention calls (the C kernel's Quest, DS)
 
 
 @dataclass
@@ -134,6 +137,7 @@ def get_stats(model) -> dict:
         if rt.timed:
             layers[rt.layer_idx]["prefill_seconds"] = {"estimate": s.estimate_s, "sparse": s.sparse_s,
                                                        "dense": s.dense_s}
+            layers[rt.layer_idx]["decode_seconds"] = {"select": s.select_s, "select_attend": s.select_attend_s}
 
     def ratio(num: str, den: str):
         total = sum(getattr(rt.stats, den) for rt in runtimes)
@@ -144,8 +148,9 @@ def get_stats(model) -> dict:
 
 
 def set_timing(model, on: bool = True) -> None:
-    """Record where each layer's prefill attention time goes (estimate, sparse executor, dense
-    heads) in its stats. Off by default: on a GPU each reading waits for the device."""
+    """Record where each layer's attention time goes in its stats: prefill (estimate, sparse
+    executor, dense heads) and decode selection. Off by default: on a GPU each reading waits
+    for the device."""
     for rt in iter_runtimes(model):
         rt.timed = on
 

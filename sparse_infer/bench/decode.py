@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import time
+from statistics import median
 
 import torch
 
@@ -109,8 +110,6 @@ def bench_decode_end_to_end(model_spec, prompt_len: int, new_tokens: int, plans:
     cache: "dynamic" (transformers' DynamicCache: every step concatenates, i.e. copies the
     whole K/V once, for dense and sparse alike) or "append" (sparse_infer.AppendCache: rows
     written in place). Dense and every plan use the same kind."""
-    from statistics import median
-
     from transformers import DynamicCache
 
     import sparse_infer
@@ -157,3 +156,85 @@ def bench_decode_end_to_end(model_spec, prompt_len: int, new_tokens: int, plans:
             "same_tokens": sum(a == b for a, b in zip(mine[0]["tokens"], dense_tokens)) / len(dense_tokens),
         })
     return {"prompt_len": prompt_len, "new_tokens": new_tokens, "rounds": rounds, "rows": rows}
+
+
+def _zero_attention(module, query, key, value, attention_mask, **kwargs):
+    """An attention that computes nothing: a step without it is the bound for any decode method."""
+    batch, heads, q_len, head_dim = query.shape
+    return query.new_zeros(batch, q_len, heads, head_dim), None
+
+
+@torch.no_grad()
+def _step_ms(model, base_cache, batch: int, warmup: int, timed: int, after_warmup=None) -> list[float]:
+    """Milliseconds of `timed` decode steps (after `warmup`, then `after_warmup()`) on a copy of
+    the cache, growing by one row per step as in generation."""
+    device = next(model.parameters()).device
+    cache = copy.deepcopy(base_cache)
+    token = torch.full((batch, 1), 100, device=device)
+    times = []
+    for step in range(warmup + timed):
+        if step == warmup and after_warmup is not None:
+            after_warmup()
+        synchronize(device)
+        t0 = time.perf_counter()
+        model(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1)
+        synchronize(device)
+        if step >= warmup:
+            times.append(1e3 * (time.perf_counter() - t0))
+    return times
+
+
+def bench_decode_steps(model, kv_lens, batches, plans: dict, warmup: int = 2, timed: int = 6) -> list[dict]:
+    """Per decode step of the whole model over a synthetic cache (random K/V of the model's shape:
+    timing only), for each cache length and batch size: dense, no attention at all (the bound of
+    any decode method), and each plan (name -> plan, as patch takes it; plans run with patch's
+    defaults).
+
+    Rows {kv_len, batch, plan, step_ms (median), ratio (dense / plan), attention_share (of dense's
+    step: 1 - no-attention / dense), kv_bytes (K/V bytes read per step: the measured decode
+    density times the cache), select_ms (selectors choosing rows, per step), select_attend_ms
+    (fused selection + attention calls, per step), decode_density}."""
+    from transformers import AttentionInterface
+
+    import sparse_infer
+    from sparse_infer.runtime import set_timing
+
+    config = model.config.get_text_config()
+    elem = next(model.parameters()).element_size()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rows = []
+    for n in kv_lens:
+        for batch in batches:
+            base = synthetic_cache(config, n, batch)
+            cache_bytes = 2 * config.num_hidden_layers * batch * config.num_key_value_heads * n * head_dim * elem
+            dense_ms = median(_step_ms(model, base, batch, warmup, timed))
+            AttentionInterface.register("sparse_infer_zero", _zero_attention)
+            previous = model.config._attn_implementation
+            model.set_attn_implementation("sparse_infer_zero")
+            try:
+                bound_ms = median(_step_ms(model, base, batch, warmup, timed))
+            finally:
+                model.set_attn_implementation(previous)
+            share = max(0.0, 1 - bound_ms / dense_ms)
+            common = {"kv_len": n, "batch": batch, "attention_share": share}
+            rows.append({**common, "plan": "dense", "step_ms": dense_ms, "ratio": 1.0, "kv_bytes": cache_bytes,
+                         "select_ms": 0.0, "select_attend_ms": 0.0, "decode_density": 1.0})
+            rows.append({**common, "plan": "no attention (bound)", "step_ms": bound_ms, "ratio": dense_ms / bound_ms,
+                         "kv_bytes": 0, "select_ms": 0.0, "select_attend_ms": 0.0, "decode_density": 0.0})
+            for name, plan in plans.items():
+                with patched(model, plan):
+                    set_timing(model, True)
+                    # side state built from the whole cache in the warm-up steps, kept per step after:
+                    # the stats count the timed steps only
+                    times = _step_ms(model, base, batch, warmup, timed, lambda: sparse_infer.reset_stats(model))
+                    stats = sparse_infer.get_stats(model)
+                density = stats["decode_density"] if stats["decode_density"] is not None else 1.0
+                steps = timed
+                seconds = [layer.get("decode_seconds", {}) for layer in stats["layers"].values()]
+                rows.append({**common, "plan": name, "step_ms": median(times), "ratio": dense_ms / median(times),
+                             "kv_bytes": density * cache_bytes,
+                             "select_ms": 1e3 * sum(s.get("select", 0.0) for s in seconds) / steps,
+                             "select_attend_ms": 1e3 * sum(s.get("select_attend", 0.0) for s in seconds) / steps,
+                             "decode_density": density})
+    return rows
+

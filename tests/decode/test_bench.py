@@ -153,3 +153,44 @@ def test_bench_prefill_refuses_a_plan_it_cannot_find_before_timing(fake_benches,
     monkeypatch.setattr(sparse_infer, "load_model", lambda *a, **k: pytest.fail("model loaded"), raising=False)
     res = CliRunner().invoke(app, ["bench", "prefill", "--model", "tiny", "--plans", "a_shape,no/such.yaml"])
     assert res.exit_code == 2 and "plan file not found" in res.output and fake_benches == []
+
+
+def test_bench_decode_steps_rows():
+    from sparse_infer.bench.decode import bench_decode_steps
+
+    model = tiny_model("llama")
+    ts = {"sparse_infer_plan": 1, "decode": {"min_kv_len": 0, "default": {"method": "token_select", "budget": 24}}}
+    quest = {"sparse_infer_plan": 1, "decode": {"min_kv_len": 0, "default": {"method": "quest", "budget": 32}}}
+    rows = bench_decode_steps(model, [200], [1, 2], {"token_select": ts, "quest": quest}, warmup=1, timed=2)
+    assert [(r["batch"], r["plan"]) for r in rows] == [
+        (b, p) for b in (1, 2) for p in ("dense", "no attention (bound)", "token_select", "quest")]
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    for r in rows:
+        cache_bytes = 2 * config.num_hidden_layers * r["batch"] * config.num_key_value_heads * 200 * head_dim * 4
+        assert r["step_ms"] > 0 and 0 <= r["attention_share"] <= 1
+        assert r["kv_bytes"] == pytest.approx(r["decode_density"] * cache_bytes)
+        if r["plan"] == "dense":
+            assert r["ratio"] == 1.0 and r["decode_density"] == 1.0
+    by_plan = {r["plan"]: r for r in rows if r["batch"] == 2}
+    # a token budget of 24 of ~200 rows (+ sink and local): well under the whole cache
+    assert 0 < by_plan["token_select"]["decode_density"] < 0.6 and by_plan["token_select"]["select_ms"] > 0
+    assert 0 < by_plan["quest"]["decode_density"] < 0.6
+    assert by_plan["quest"]["select_ms"] + by_plan["quest"]["select_attend_ms"] > 0
+    assert model.config._attn_implementation == "sdpa"      # the bound's zero attention is undone
+
+
+def test_bench_decode_cli_step_table(fake_benches, monkeypatch):
+    from typer.testing import CliRunner
+
+    import sparse_infer
+    from sparse_infer.cli import app
+
+    res = CliRunner().invoke(app, ["bench", "decode", "--plans", "quest"])
+    assert res.exit_code == 2 and "--plans needs --model" in res.output and fake_benches == []
+    monkeypatch.setattr(sparse_infer, "load_model", lambda *a, **k: (tiny_model("llama"), None))
+    res = CliRunner().invoke(app, ["bench", "decode", "--model", "tiny", "--kv-lens", "160", "--batch", "1,2",
+                                   "--budget", "32", "--plans", "quest,token_select"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "decode step, tiny" in res.output and "no attention (bound)" in res.output
+    assert res.output.count("token_select") >= 2          # one row per batch size
