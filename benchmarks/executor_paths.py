@@ -6,6 +6,8 @@
 Per index (A-shape and random blocks shared per GQA group, random blocks per query head), the
 median of 5 interleaved rounds of: dense causal SDPA, the executor with its fused path (SDPA over
 the gathered tiles, masks as an additive bias) and with explicit scores (bmm, softmax, bmm).
+Per-head indices always take the explicit path (the executor keeps the fused one for indices
+shared by a GQA group), so their two columns time the same code.
 "cost/density" is the executor's time over dense's, divided by the index density: the share of
 dense's time one unit of density costs (1.0 would be as efficient per pair as SDPA itself). Its
 inverse is the density above which the executor is slower than dense.
@@ -46,11 +48,12 @@ def main(argv):
         F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
 
     def sparse(index, fused):
+        previous = torch_executor.FUSED_SOFTMAX
         torch_executor.FUSED_SOFTMAX = fused
         try:
             torch_executor.block_sparse_attention_torch(q, k, v, index, scaling=scaling)
         finally:
-            torch_executor.FUSED_SOFTMAX = True
+            torch_executor.FUSED_SOFTMAX = previous
 
     rows = []
     print(f"n={n} Hq={hq} Hkv={hkv} D={head_dim}, {torch.get_num_threads()} threads")

@@ -205,7 +205,7 @@ def _print_layer_detail(rows) -> None:
                 t = r["layers"].get(layer)
                 cells.append("-" if t is None else
                              f"{t['estimate'] * 1e3:.0f}+{t['sparse'] * 1e3:.0f}+{t['dense'] * 1e3:.0f}"
-                             f"={t['attention'] * 1e3:.0f} ({t['density']:.2f})")
+                             f"={t['attention'] * 1e3:.0f} ({'-' if t['density'] is None else format(t['density'], '.2f')})")
             table.add_row(str(layer), *cells)
         table.add_row("rest of the model", *[f"{r['other_s'] * 1e3:.0f}" for r in at])
         console.print(table)

@@ -59,21 +59,23 @@ def bench_prefill_end_to_end(model, tokenizer, lengths, plans: dict, repeats: in
     detail: each row also gets "layers", {layer: seconds per forward of its prefill attention,
     split into estimate (building indices), sparse (executor), dense (heads run dense)}, and
     the dense row gets the same from a forward under the all-dense plan (which runs every layer
-    through the patched path's dense call); "other" is the rest of the forward (projections,
-    MLP, norms, logits)."""
+    through the patched path's dense call); "other_s" is the rest of the forward (projections,
+    MLP, norms, logits): the mean forward of the same runs minus their mean attention time."""
     from sparse_infer.bench.patching import patched
     from sparse_infer.eval.fidelity import compare, next_token_logprobs, prose_prompt, scored_positions
     from sparse_infer.runtime import set_timing
 
     def timed(plan):
-        best, out = float("inf"), None
+        best, total, out = float("inf"), 0.0, None
         layers = {}
         with patched(model, plan):
             set_timing(model, detail)
             for _ in range(repeats):
                 t0 = time.perf_counter()
                 out = next_token_logprobs(model, prompt.input_ids, positions)
-                best = min(best, time.perf_counter() - t0)
+                elapsed = time.perf_counter() - t0
+                best, total = min(best, elapsed), total + elapsed
+            mean_forward[0] = total / repeats
             if plan is not None:
                 import sparse_infer
                 density = sparse_infer.get_stats(model)["prefill_density"]
@@ -83,6 +85,7 @@ def bench_prefill_end_to_end(model, tokenizer, lengths, plans: dict, repeats: in
         return out, best, density, layers
 
     rows = []
+    mean_forward = [0.0]          # of the last timed(): the layer times are means over the forwards too
     for n in lengths:
         prompt = prose_prompt(tokenizer, n, 0)
         positions = scored_positions(prompt, window)
@@ -94,6 +97,7 @@ def bench_prefill_end_to_end(model, tokenizer, lengths, plans: dict, repeats: in
                      "kl": 0.0, "top1": 100.0}
         if detail:
             dense_row["layers"] = timed("dense")[3]
+            dense_row["other_s"] = mean_forward[0] - _attention_total(dense_row["layers"])
         rows.append(dense_row)
         for name, plan in plans.items():
             out, seconds, density, layers = timed(plan)
@@ -102,8 +106,10 @@ def bench_prefill_end_to_end(model, tokenizer, lengths, plans: dict, repeats: in
                    "kl": figures["kl"], "top1": figures["top1"]}
             if detail:
                 row["layers"] = layers
+                row["other_s"] = mean_forward[0] - _attention_total(layers)
             rows.append(row)
-    if detail:
-        for row in rows:
-            row["other_s"] = row["seconds"] - sum(layer["attention"] for layer in row["layers"].values())
     return rows
+
+
+def _attention_total(layers: dict) -> float:
+    return sum(layer["attention"] for layer in layers.values())

@@ -256,6 +256,9 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
         all_dense = state.all_dense = all(rule.kind == DENSE for rule, _ in rt.decode_groups)
     if n < rt.plan.decode.min_len or all_dense:
         state.sequence = None                 # the next sparse step must rebuild, whatever it sees
+        # read whole, as prefill counts its dense layers: the measured density is the model's
+        rt.stats.decode_selected += float(B * Hq * n)
+        rt.stats.decode_total += float(B * Hq * n)
         return None
     layouts = _layer_layouts(rt, Hq, Hkv)
     softcap = kwargs.get("softcap") or None

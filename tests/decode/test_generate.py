@@ -315,3 +315,24 @@ def test_parts_over_limit_counts_per_head_selections_once_per_query_head():
     assert _parts_over_limit(layouts, 4, 2, 200, 0.3) == {pi for pi, kv in on_kv.items() if kv == 1}
     assert _parts_over_limit(layouts, 4, 2, 200, 0.25) == set(on_kv)
     assert _parts_over_limit(layouts, 4, 2, 200, 0.5) == set()
+
+
+def test_decode_density_counts_layers_the_plan_leaves_dense():
+    """A layer whose decode rules are all dense is read whole: the model's measured density
+    counts it as 1, as prefill counts its dense layers."""
+    model = tiny_model("llama")
+    ids = ids_of(1, 200, seed=33)
+    light = plan_for(dict(SPARSE["token_select"], budget=8), mixed=False)
+    sparse_infer.patch(model, light)
+    generate(model, ids)
+    everywhere = sparse_infer.get_stats(model)
+    sparse_infer.unpatch(model)
+    light["decode"]["layers"] = {0: {"*": {"method": "dense"}}}
+    sparse_infer.patch(model, light)
+    generate(model, ids)
+    layer0_dense = sparse_infer.get_stats(model)
+    sparse_infer.unpatch(model)
+    assert layer0_dense["layers"][0]["decode_density"] == 1.0
+    assert layer0_dense["layers"][1]["decode_density"] == pytest.approx(everywhere["layers"][1]["decode_density"])
+    # two layers, equal cache sizes: the model's density is the mean of the two
+    assert layer0_dense["decode_density"] == pytest.approx((1 + everywhere["layers"][1]["decode_density"]) / 2)
