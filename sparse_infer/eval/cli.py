@@ -362,6 +362,10 @@ def fidelity_cmd(
         "--as-patched", help="Run the plan as patch() does by default (dense where sparse would be slower here), "
                              "not as written.")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed for the prompts.")] = 0,
+    decode_tokens: Annotated[int, typer.Option(
+        "--decode-tokens", min=0,
+        help="Measure decode instead of prefill: dense continues each prompt by this many greedy tokens and "
+             "the plan (prefill dense) decodes them teacher-forced, one step per token.")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Skip prompts already in OUT/fidelity.json.")] = False,
 ) -> None:
     """Teacher-forced KL and top-1 agreement of PLAN against dense fp32, next to the bf16 noise floor.
@@ -389,7 +393,7 @@ def fidelity_cmd(
                 prompts = fidelity.make_prompts(tok, length_list, samples, kind_list, task_list, seed)
             rows = fidelity.run_fidelity(m, prompts, plan, _plan_label(plan), out, window=window, floor=floor,
                                          floor_cache=floor_cache, dense_above="auto" if as_patched else 1.0,
-                                         resume=resume)
+                                         decode_tokens=decode_tokens, resume=resume)
         finally:
             if created and not (out / fidelity.FIDELITY_FILE).exists():
                 try:

@@ -24,6 +24,7 @@ so a 32K prompt never materialises a (32K x vocabulary) logits tensor.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -168,6 +169,39 @@ def compare(reference: torch.Tensor, other: torch.Tensor, positions: Sequence[in
     return out
 
 
+@torch.no_grad()
+def greedy_continuation(model: Any, input_ids: Sequence[int], tokens: int) -> list[int]:
+    """`tokens` greedy next tokens of the model as it is (the reference continuation)."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([list(input_ids)], dtype=torch.long, device=device)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                         max_new_tokens=tokens, min_new_tokens=tokens, pad_token_id=0)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@torch.no_grad()
+def decode_logprobs(model: Any, input_ids: Sequence[int], continuation: Sequence[int]) -> torch.Tensor:
+    """Teacher-forced decode: prefill `input_ids`, then feed the continuation one token at a time
+    (each step a q_len-1 decode call); log-softmax of each step's next-token logits, in fp32:
+    (len(continuation) - 1, vocab), the distributions at positions len(input_ids) .. len - 2 + T."""
+    from sparse_infer.cache import AppendCache
+
+    device = next(model.parameters()).device
+    cache = AppendCache(config=model.config)
+    model(input_ids=torch.tensor([list(input_ids)], device=device), cache=cache, use_cache=True, logits_to_keep=1)
+    steps = []
+    for token in continuation[:-1]:
+        logits = model(input_ids=torch.tensor([[token]], device=device), cache=cache, use_cache=True).logits[0, -1]
+        steps.append(torch.log_softmax(logits.float(), dim=-1).cpu())
+    return torch.stack(steps)
+
+
+def decode_only(plan: Any) -> Any:
+    """The plan with its prefill section switched off (dense at every length): the decode
+    figures then measure decode selection alone."""
+    return dataclasses.replace(plan, prefill=dataclasses.replace(plan.prefill, min_len=1 << 62))
+
+
 # ---------------------------------------------------------------------------
 # Summary and gate
 # ---------------------------------------------------------------------------
@@ -257,7 +291,7 @@ class FloorCache:
                 self.entries = {}      # a damaged cache only costs a re-measure
 
     @staticmethod
-    def key(fingerprint: str, prompt: FidelityPrompt, window: int) -> str:
+    def key(fingerprint: str, prompt: FidelityPrompt, window: int | str) -> str:
         return f"{fingerprint[:16]}/{prompt.sha()}/{window}"
 
     def get(self, key: str) -> dict | None:
@@ -281,9 +315,9 @@ def bf16_copy(model: Any) -> Any:
     return copy.deepcopy(model).to(torch.bfloat16)
 
 
-def _plan_density(model: Any) -> float | None:
+def _plan_density(model: Any, phase: str = "prefill") -> float | None:
     import sparse_infer
-    value = sparse_infer.get_stats(model).get("prefill_density")
+    value = sparse_infer.get_stats(model).get(f"{phase}_density")
     return None if value is None else float(value)
 
 
@@ -298,6 +332,7 @@ def run_fidelity(
     floor: bool = True,
     floor_cache: str | Path | None = None,
     dense_above: float | str = 1.0,
+    decode_tokens: int = 0,
     resume: bool = False,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
@@ -307,22 +342,33 @@ def run_fidelity(
     returns the summary rows. With `resume`, prompts already recorded are skipped; the
     stored plan, weights and window must match. `dense_above=1.0` runs the plan as written;
     "auto" runs it as `patch` does by default. The model is left unpatched.
+
+    decode_tokens: measure decode instead of prefill. Dense (fp32, unpatched) continues each
+    prompt (a RULER prompt without its answer) by this many greedy tokens; the plan, with its
+    prefill dense, then decodes that continuation teacher-forced one token per step, and its
+    next-token distributions at the decode steps (decode_tokens - 1 of them) are compared with
+    dense's over the same tokens; the bf16 floor is dense bf16 over the same tokens.
     """
     from sparse_infer.plan import load_plan
 
     if window < 1:
         raise EvalError(f"--window must be at least 1, got {window}")
+    if decode_tokens and decode_tokens < 2:
+        raise EvalError(f"--decode-tokens must be at least 2 (one decode step is scored per token after the first), "
+                        f"got {decode_tokens}")
     loaded = load_plan(plan, model_config=model.config)
     out = Path(out_dir)
     path = out / FIDELITY_FILE
     header = {"version": FORMAT_VERSION, "weights_sha256": weights_fingerprint(model),
-              "dtype": str(next(model.parameters()).dtype), "plan": plan_name, "plan_sha256": plan_fingerprint(loaded), "window": window, "dense_above": dense_above}
+              "dtype": str(next(model.parameters()).dtype), "plan": plan_name, "plan_sha256": plan_fingerprint(loaded), "window": window, "dense_above": dense_above,
+              "decode_tokens": decode_tokens}
     created = check_out(out, resume)
     try:
         with locked_dir(out):
             check_out(out, resume)        # again under the lock: another run may have written meanwhile
             return _run_locked(model, prompts, loaded, plan_name, path, header, window=window, floor=floor,
-                               floor_cache=floor_cache, dense_above=dense_above, resume=resume, progress=progress)
+                               floor_cache=floor_cache, dense_above=dense_above, decode_tokens=decode_tokens,
+                               resume=resume, progress=progress)
     finally:
         if created and not path.exists():
             try:
@@ -343,15 +389,15 @@ def check_out(out: Path, resume: bool) -> bool:
 
 
 def _run_locked(model, prompts, loaded, plan_name, path, header, *, window, floor, floor_cache, dense_above,
-                resume, progress):
+                decode_tokens, resume, progress):
     import sparse_infer
 
     fingerprint = header["weights_sha256"]
     doc: dict[str, Any] = {**header, "records": [], "summary": []}
     if resume and path.exists():
         doc = json.loads(path.read_text())
-        for key in ("weights_sha256", "dtype", "plan_sha256", "window", "dense_above"):
-            if doc.get(key) != header[key]:
+        for key in ("weights_sha256", "dtype", "plan_sha256", "window", "dense_above", "decode_tokens"):
+            if doc.get(key, 0 if key == "decode_tokens" else None) != header[key]:
                 raise EvalError(f"--resume: {path} was run with another {key} ({doc.get(key)!r}, now "
                                 f"{header[key]!r}); use another --out")
     shas = {p.id: p.sha() for p in prompts}
@@ -374,35 +420,48 @@ def _run_locked(model, prompts, loaded, plan_name, path, header, *, window, floo
             task = bar.add_task("fidelity", total=len(pending))
             for prompt in pending:
                 bar.update(task, description=f"{plan_name} {prompt.id}")
-                positions = scored_positions(prompt, window)
+                scored = prompt
+                if decode_tokens:
+                    # the prompt without its gold answer, continued by dense: every scored
+                    # position is a decode step, none an answer token
+                    context = prompt.input_ids[:prompt.answer_positions[0] + 1] if prompt.answer_positions \
+                        else prompt.input_ids
+                    continuation = greedy_continuation(model, context, decode_tokens)
+                    scored = dataclasses.replace(prompt, input_ids=list(context) + continuation, answer_positions=[])
+                    positions = list(range(len(context), len(scored.input_ids) - 1))
+                else:
+                    positions = scored_positions(prompt, window)
                 t0 = time.perf_counter()
-                reference = next_token_logprobs(model, prompt.input_ids, positions)
+                reference = next_token_logprobs(model, scored.input_ids, positions)
                 dense_seconds = time.perf_counter() - t0
-                sparse_infer.patch(model, loaded, dense_above=dense_above)
+                sparse_infer.patch(model, decode_only(loaded) if decode_tokens else loaded, dense_above=dense_above)
                 try:
                     sparse_infer.reset_stats(model)
                     t0 = time.perf_counter()
-                    planned = next_token_logprobs(model, prompt.input_ids, positions)
+                    if decode_tokens:
+                        planned = decode_logprobs(model, context, continuation)
+                    else:
+                        planned = next_token_logprobs(model, scored.input_ids, positions)
                     plan_seconds = time.perf_counter() - t0
-                    density = _plan_density(model)
+                    density = _plan_density(model, "decode" if decode_tokens else "prefill")
                 finally:
                     sparse_infer.unpatch(model)
                 rec: dict[str, Any] = {
-                    "id": prompt.id, "kind": prompt.kind, "length": prompt.length, "tokens": len(prompt.input_ids),
+                    "id": prompt.id, "kind": prompt.kind, "length": prompt.length, "tokens": len(scored.input_ids),
                     "input_sha": prompt.sha(), "positions": len(positions),
-                    "answer_positions": len(prompt.answer_positions),
-                    "plan": compare(reference, planned, positions, prompt),
+                    "answer_positions": len(scored.answer_positions),
+                    "plan": compare(reference, planned, positions, scored),
                     "dense_seconds": round(dense_seconds, 3), "plan_seconds": round(plan_seconds, 3),
                     "density": density,
                 }
                 if floor:
-                    key = FloorCache.key(fingerprint, prompt, window)
+                    key = FloorCache.key(fingerprint, scored, f"decode{decode_tokens}" if decode_tokens else window)
                     figures = cache.get(key)
                     if figures is None:
                         if bf16_model is None:
                             bf16_model = bf16_copy(model)
-                        figures = compare(reference, next_token_logprobs(bf16_model, prompt.input_ids, positions),
-                                          positions, prompt)
+                        figures = compare(reference, next_token_logprobs(bf16_model, scored.input_ids, positions),
+                                          positions, scored)
                         cache.put(key, figures)
                     rec["bf16"] = figures
                 doc["records"].append(rec)

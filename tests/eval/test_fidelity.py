@@ -173,3 +173,42 @@ def test_fidelity_command_refuses_a_missing_plan_before_loading(tmp_path, fake_l
                                         str(tmp_path / "o")])
     assert res.exit_code == 2 and "missing/plan.yaml" in res.output
     assert fake_load == [] and not (tmp_path / "o").exists()
+
+
+def _decode_plan(method_rule):
+    return {"sparse_infer_plan": 1,
+            "prefill": {"min_seq_len": 0, "default": {"pattern": "a_shape", "sink": 16, "local": 16}},
+            "decode": {"min_kv_len": 0, "default": method_rule}}
+
+
+def test_decode_mode_full_budget_is_exact_and_a_small_budget_is_not(sharp_llama, tokenizer, tmp_path):
+    # the plan's prefill (a narrow a_shape) is switched off in decode mode: only decode is measured
+    prompts = fd.make_prompts(tokenizer, [256], samples=1, tasks=["niah_single_2"])
+    full = _decode_plan({"method": "token_select", "budget": 4096})
+    rows = fd.run_fidelity(sharp_llama, prompts, full, "full", tmp_path / "full", decode_tokens=12,
+                           floor_cache=tmp_path / "floor.json", progress=False)
+    doc = json.loads((tmp_path / "full" / fd.FIDELITY_FILE).read_text())
+    assert doc["decode_tokens"] == 12
+    for rec in doc["records"]:
+        assert rec["positions"] == 11 and rec["answer_positions"] == 0      # decode steps, no answer tokens
+        assert rec["plan"]["kl"] == pytest.approx(0.0, abs=1e-6) and rec["plan"]["top1"] == 100.0
+        assert rec["bf16"]["kl"] > 0
+    assert rows[0]["samples"] == 2 and rows[0]["passes"] is True
+    narrow = _decode_plan({"method": "streaming", "sink": 4, "local": 8})
+    rows = fd.run_fidelity(sharp_llama, prompts, narrow, "narrow", tmp_path / "narrow", decode_tokens=12,
+                           floor_cache=tmp_path / "floor.json", progress=False)
+    doc = json.loads((tmp_path / "narrow" / fd.FIDELITY_FILE).read_text())
+    assert all(rec["density"] < 0.2 for rec in doc["records"])              # decode density of the plan
+    assert rows[0]["plan_kl"] > 10 * rows[0]["bf16_kl"] and rows[0]["passes"] is False
+    assert not sparse_infer.is_patched(sharp_llama)
+
+
+def test_decode_logprobs_of_dense_equal_one_teacher_forced_forward(sharp_llama, tokenizer):
+    prompt = fd.prose_prompt(tokenizer, 120, 0)
+    continuation = fd.greedy_continuation(sharp_llama, prompt.input_ids, 6)
+    assert len(continuation) == 6
+    steps = fd.decode_logprobs(sharp_llama, prompt.input_ids, continuation)
+    forward = fd.next_token_logprobs(sharp_llama, prompt.input_ids + continuation, range(120, 125))
+    torch.testing.assert_close(steps, forward, atol=1e-4, rtol=0)
+    # greedy: each continuation token is the argmax of the step before it
+    assert steps.argmax(-1).tolist() == continuation[1:]
