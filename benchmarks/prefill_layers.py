@@ -105,7 +105,8 @@ def plan_layers(path: str, plan_name: str, thresholds: str, threads: str = "1"):
 def group_break_even(path: str, layers: str, coverages: str, threads: str = "1"):
     from sparse_infer.kernels.index import index_head_density
     from sparse_infer.kernels.torch_executor import block_sparse_attention_torch
-    from sparse_infer.plan import Rule, preset
+    from sparse_infer.plan import Rule
+    from sparse_infer.presets import preset
     from sparse_infer.prefill import build_index
 
     torch.set_num_threads(int(threads))

@@ -12,7 +12,8 @@ appends K/V in place instead of copying the whole cache every step (sparse_infer
 from sparse_infer.cache import AppendCache
 from sparse_infer.models import load_model
 from sparse_infer.patches import get_stats, is_patched, patch, reset_stats, unpatch
-from sparse_infer.plan import Plan, PlanError, load_plan, preset
+from sparse_infer.plan import Plan, PlanError, load_plan
+from sparse_infer.presets import preset
 
 __version__ = "0.1.0"
 __all__ = ["patch", "unpatch", "is_patched", "load_plan", "preset", "Plan", "PlanError", "load_model",

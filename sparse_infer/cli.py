@@ -84,7 +84,8 @@ def plan_preset(
     """Write a preset as an editable plan file, e.g. with a lower dense threshold."""
     from pathlib import Path
 
-    from sparse_infer.plan import PlanError, preset
+    from sparse_infer.plan import PlanError
+    from sparse_infer.presets import preset
 
     if Path(out).exists():
         _plan_fail(f"refused: {out} exists")
@@ -131,7 +132,8 @@ def _write_bench_json(target, doc) -> None:
 def _check_bench_plans(names) -> None:
     """A plan named for the end-to-end run must be found before any timing: presets are built
     from the model's config later, anything else must load as a plan now."""
-    from sparse_infer.plan import PRESETS, PlanError, load_plan
+    from sparse_infer.plan import PlanError, load_plan
+    from sparse_infer.presets import PRESETS
 
     for name in names:
         if name in PRESETS:

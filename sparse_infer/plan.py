@@ -10,7 +10,6 @@ field (e.g. ``prefill.layers.7.3.vertical``) and says what was expected.
 from __future__ import annotations
 
 import copy
-import datetime
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -28,7 +27,6 @@ from sparse_infer.params import Budget, PlanError, count_error, is_int, positive
 PLAN_VERSION = 1
 # shipped plans are package data, so they exist in a wheel install as in a checkout
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
-PRESETS = ("dense", "a_shape", "vertical_slash", "block")
 # The executors build (block_size x block_size) tiles per head: 1024 keeps one tile at 4 MiB,
 # where 65536 asked for tens of GiB even for a short prompt.
 MAX_BLOCK_SIZE = 1024
@@ -479,6 +477,7 @@ def write_plan_text(path, text: str, *, overwrite: bool = False) -> Path:
 
 def load_plan(plan, model_config=None) -> Plan:
     """Accept a Plan, a dict, a YAML path, a shipped plan name, or a preset name (needs model_config)."""
+    from sparse_infer import presets          # presets build plans with this module: imported on use
     if isinstance(plan, Plan):
         result = plan
     elif isinstance(plan, Mapping):
@@ -488,10 +487,10 @@ def load_plan(plan, model_config=None) -> Plan:
         path = Path(text)
         if path.is_file():
             result = plan_from_dict(read_plan_file(path), source=str(path))
-        elif isinstance(plan, str) and text in PRESETS:
+        elif isinstance(plan, str) and text in presets.PRESETS:
             if model_config is None:
                 raise PlanError("", f"preset {text!r} needs the model's config to be built")
-            result = preset(text, model_config)
+            result = presets.preset(text, model_config)
         elif isinstance(plan, str) and shipped_plan_path(text):
             shipped = shipped_plan_path(text)
             result = plan_from_dict(read_plan_file(shipped), source=str(shipped))
@@ -501,45 +500,9 @@ def load_plan(plan, model_config=None) -> Plan:
         else:
             raise PlanError("", f"plan file not found: {text!r} (give a YAML path, a shipped plan name "
                                 f"({', '.join(shipped_plan_names()) or 'none installed'}) "
-                                f"or a preset ({', '.join(PRESETS)}))")
+                                f"or a preset ({', '.join(presets.PRESETS)}))")
     else:
         raise PlanError("", f"cannot make a plan from {type(plan).__name__}")
     if model_config is not None:
         result.check_model(model_config)
     return result
-
-
-# --------------------------------------------------------------------------- presets
-def preset(name: str, model_config, min_seq_len: int = 4096, min_kv_len: int = 4096) -> Plan:
-    """A plan built from a model's config alone, without profiling.
-
-    Layer 0 stays dense in the sparse presets: its attention is diffuse in most
-    LLMs and it is a small share of the compute.
-    """
-    if name not in PRESETS:
-        raise PlanError("", f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
-    spec = model_spec_from_config(model_config)
-    defaults = {
-        "dense": {"pattern": "dense"},
-        # the dense tail lets the prompt's last rows (the question) reach the middle; without
-        # it these presets lost 10.5 (a_shape) and 7.9 (block) points to dense on RULER at
-        # SmolLM2 8K (docs/RESULTS.md)
-        "a_shape": {"pattern": "a_shape", "sink": 128, "local": 1024, "dense_tail": 128},
-        # slash lines become whole kv blocks in the executor, so their budget is kept small
-        "vertical_slash": {"pattern": "vertical_slash", "vertical": {"frac": 0.03, "min": 256, "max": 2048},
-                           "slash": {"frac": 0.02, "min": 256, "max": 2048}},
-        # the antidiagonal (XAttention) estimate, not the pooled one: at Qwen2.5-0.5B 8K on RULER it
-        # changed 3 of 55 answers against dense where pooled changed 7 (niah_multivalue 95 vs 75),
-        # for ~8% more prefill time at 16K (1.26x vs 1.36x over dense; docs/RESULTS.md)
-        "block": {"pattern": "block", "coverage": 0.95, "estimator": "antidiagonal", "dense_tail": 128},
-    }
-    raw = {
-        "sparse_infer_plan": PLAN_VERSION,
-        "model": {k: v for k, v in vars(spec).items() if v is not None},
-        "profile": {"preset": name, "created": datetime.date.today().isoformat()},
-        "prefill": {"min_seq_len": min_seq_len, "block_size": 64, "default": defaults[name]},
-        "decode": {"min_kv_len": min_kv_len, "default": {"method": "dense"}},
-    }
-    if name != "dense":
-        raw["prefill"]["layers"] = {0: {"*": {"pattern": "dense"}}}
-    return plan_from_dict(raw, source=f"preset:{name}")

@@ -5,7 +5,8 @@ import pytest
 import yaml
 
 from sparse_infer.params import Budget, parse_budget
-from sparse_infer.plan import PlanError, load_plan, plan_from_dict, preset
+from sparse_infer.plan import PlanError, load_plan, plan_from_dict
+from sparse_infer.presets import preset
 from tests.conftest import tiny_config
 
 GOOD = {

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import sparse_infer
-from sparse_infer.plan import preset
+from sparse_infer.presets import preset
 
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
 

@@ -29,7 +29,7 @@ def named_plans(names, model_config) -> dict:
     """{name: plan} for the end-to-end benches: sparse presets are built with min_seq_len 0 (so
     every benchmarked length runs sparse); any other name (shipped plan, YAML path) is passed on
     to patch as it is."""
-    from sparse_infer.plan import PRESETS, preset
+    from sparse_infer.presets import PRESETS, preset
 
     return {name: preset(name, model_config, min_seq_len=0) if name in PRESETS and name != "dense" else name
             for name in names}

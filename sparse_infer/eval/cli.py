@@ -112,7 +112,8 @@ def default_plan_for(model: str) -> str:
 
     No preset is put in its place: the needle grid of some preset, shown as if it were the
     model's plan, would answer a question nobody asked. The message names the choices."""
-    from sparse_infer.plan import CONFIGS_DIR, PRESETS
+    from sparse_infer.plan import CONFIGS_DIR
+    from sparse_infer.presets import PRESETS
 
     # only a bare name can be a shipped plan's; a path is a model of the user's own
     if model and not any(c in model for c in "/\\:"):
@@ -129,7 +130,8 @@ def default_plan_for(model: str) -> str:
 def check_plans_exist(plans: dict[str, Any]) -> None:
     """Every named plan must be found (and parse) before any model work: a preset name, a
     shipped plan name or a plan file. Nothing is substituted for a plan that is not found."""
-    from sparse_infer.plan import PRESETS, load_plan
+    from sparse_infer.plan import load_plan
+    from sparse_infer.presets import PRESETS
 
     for spec in plans.values():
         if spec is None or (spec in PRESETS and not Path(spec).exists()):

@@ -83,7 +83,7 @@ def tiny_llama(tokenizer):
 @pytest.fixture
 def sparse_plan(tiny_llama):
     """A vertical-slash plan that is really sparse at a few hundred tokens."""
-    from sparse_infer.plan import preset
+    from sparse_infer.presets import preset
 
     plan = preset("vertical_slash", tiny_llama.config, min_seq_len=128, min_kv_len=128).to_dict()
     # Budgets far below the prompt length so the prefill really skips pairs;

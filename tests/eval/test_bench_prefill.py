@@ -3,7 +3,7 @@ first, and the sparse rows report the density the patched model actually compute
 import pytest
 
 from sparse_infer.bench.prefill import bench_prefill_end_to_end, synthetic_prompt_ids
-from sparse_infer.plan import preset
+from sparse_infer.presets import preset
 
 
 def test_prompt_has_exact_length_and_no_short_period(tokenizer):

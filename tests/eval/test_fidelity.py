@@ -10,7 +10,7 @@ import torch
 import sparse_infer
 from sparse_infer.eval import fidelity as fd
 from sparse_infer.eval.errors import EvalError
-from sparse_infer.plan import preset
+from sparse_infer.presets import preset
 
 
 def _a_shape(config, sink, local, dense_tail=0, min_seq_len=64):

@@ -77,7 +77,7 @@ def test_resume_refuses_other_weights(tmp_path, fake_load, fast_generation):
 
 
 def _plan_file(path, model, **prefill):
-    from sparse_infer.plan import preset
+    from sparse_infer.presets import preset
 
     plan = preset("vertical_slash", model.config, min_seq_len=128).to_document()
     plan["prefill"]["default"].update(prefill)
@@ -276,7 +276,8 @@ def test_weights_fingerprint_sees_every_weight(tokenizer):
 
 
 def test_plan_fingerprint_is_the_content(tiny_llama):
-    from sparse_infer.plan import load_plan, preset
+    from sparse_infer.plan import load_plan
+    from sparse_infer.presets import preset
 
     one = preset("vertical_slash", tiny_llama.config)
     two = preset("vertical_slash", tiny_llama.config)

@@ -244,10 +244,11 @@ def test_unknown_task(tmp_path, tokenizer, tiny_llama, samples, no_generation):
 
 def test_plan_for_another_model(tmp_path, tokenizer, tiny_llama, samples, no_generation):
     import sparse_infer.plan as plan_mod
+    from sparse_infer import presets
 
     other = make_tiny_llama(tokenizer)
     other.config.num_hidden_layers = 3
-    foreign = plan_mod.preset("vertical_slash", other.config).to_dict()
+    foreign = presets.preset("vertical_slash", other.config).to_dict()
     with pytest.raises(plan_mod.PlanError, match="another model"):
         runner.run_eval(tiny_llama, tokenizer, samples, {"dense": None, "foreign": foreign}, tmp_path, progress=False)
     with pytest.raises(plan_mod.PlanError, match="not found"):
