@@ -12,15 +12,13 @@ incrementally, as in generation). Prints median and min ms per step. TIMED sets 
 timed steps (default 6). A method's backend defaults to "auto" (the C decode kernel on CPUs).
 DENSE_ABOVE sets patch's dense_above (default "auto").
 """
-import copy
 import os
 import sys
-import time
 
 import torch
-from transformers import AttentionInterface, DynamicCache
+from transformers import DynamicCache
 
-from sparse_infer.bench.decode import method_or_plan, split_backend, synthetic_cache
+from sparse_infer.bench.decode import method_or_plan, no_attention, split_backend, step_ms, synthetic_cache
 from sparse_infer.bench.layer import parse_dense_above
 from sparse_infer.bench.patching import patched
 from sparse_infer.cache import AppendCache
@@ -33,36 +31,19 @@ CACHE = os.environ.get("CACHE", "append")
 METHODS = tuple(os.environ.get("METHODS", "quest,double_sparsity,token_select,streaming").split(","))
 
 
-def zero_attention(module, query, key, value, attention_mask, **kwargs):
-    B, H, q, D = query.shape
-    return query.new_zeros(B, q, H, D), None
-
-
 def main(threads: str = "2"):
     torch.set_num_threads(int(threads))
     model, _ = load_model(os.environ.get("MODEL", "qwen2.5-0.5b"))
     base = synthetic_cache(model.config, N, BATCH, AppendCache if CACHE == "append" else DynamicCache)
-    token = torch.full((BATCH, 1), 100)
 
-    @torch.no_grad()
     def steps(name, warmup=3, timed=int(os.environ.get("TIMED", 6))):
-        cache = copy.deepcopy(base)
-        times = []
-        for i in range(warmup + timed):
-            t0 = time.perf_counter()
-            model(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1)
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-        times.sort()
-        print(f"{name:18s} median {times[len(times) // 2] * 1e3:7.1f} ms  min {times[0] * 1e3:7.1f} ms", flush=True)
+        times = sorted(step_ms(model, base, BATCH, warmup, timed))
+        print(f"{name:18s} median {times[len(times) // 2]:7.1f} ms  min {times[0]:7.1f} ms", flush=True)
 
     print(f"N={N} batch={BATCH} cache={CACHE} threads={threads}")
     steps("dense")
-    AttentionInterface.register("sparse_infer_zero", zero_attention)
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("sparse_infer_zero")
-    steps("no attention")
-    model.set_attn_implementation(previous)
+    with no_attention(model):
+        steps("no attention")
     for spec in METHODS:
         method, backend = split_backend(spec)
         dense_above = parse_dense_above(os.environ.get("DENSE_ABOVE", "auto"))

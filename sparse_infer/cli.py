@@ -254,7 +254,7 @@ def bench_decode(
                    "reuse_rate", "note"],
            f"decode attention per method (decode_attention, growing cache, mean of "
            f"{methods[0]['steps'] if methods else 0} steps), budget {budget}")
-    e2e = []
+    results = {"attention": rows, "methods": methods}
     if model and plan_names:
         import sparse_infer
         from sparse_infer.bench.decode import bench_decode_steps
@@ -266,9 +266,8 @@ def bench_decode(
                   "decode_density": f"{r['decode_density']:.2f}"} for r in steps]
         _table(shown, ["kv_len", "batch", "plan", "step_ms", "ratio", "kv_bytes", "select_ms", "select_attend_ms",
                        "decode_density", "attention_share"], f"decode step, {model} (synthetic cache)")
-        _write_bench_json(target, {"attention": rows, "methods": methods, "steps": steps})
-        return
-    if model:
+        results["steps"] = steps
+    elif model:
         from sparse_infer.bench.decode import bench_decode_end_to_end, decode_method_plan
         from sparse_infer.methods import DECODE_SELECTORS
         # every registered selector that reads a token budget (streaming keeps a fixed window)
@@ -276,7 +275,10 @@ def bench_decode(
                  if "budget" in selector.params}
         e2e = bench_decode_end_to_end(model, prompt_len, new_tokens, plans, cache=cache)["rows"]
         _table(e2e, list(e2e[0].keys()), f"end-to-end decode, {model}")
-    _write_bench_json(target, {"attention": rows, "methods": methods, "end_to_end": e2e})
+        results["end_to_end"] = e2e
+    else:
+        results["end_to_end"] = []
+    _write_bench_json(target, results)
 
 
 _mount_optional()

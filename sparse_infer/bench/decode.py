@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from statistics import median
 
 import torch
@@ -159,13 +161,27 @@ def bench_decode_end_to_end(model_spec, prompt_len: int, new_tokens: int, plans:
 
 
 def _zero_attention(module, query, key, value, attention_mask, **kwargs):
-    """An attention that computes nothing: a step without it is the bound for any decode method."""
     batch, heads, q_len, head_dim = query.shape
     return query.new_zeros(batch, q_len, heads, head_dim), None
 
 
+@contextmanager
+def no_attention(model) -> Iterator[None]:
+    """The model with every attention call replaced by zeros for the length of the block: a
+    decode step without attention is the bound for any decode method."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("sparse_infer_zero", _zero_attention)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("sparse_infer_zero")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
 @torch.no_grad()
-def _step_ms(model, base_cache, batch: int, warmup: int, timed: int, after_warmup=None) -> list[float]:
+def step_ms(model, base_cache, batch: int, warmup: int, timed: int, after_warmup=None) -> list[float]:
     """Milliseconds of `timed` decode steps (after `warmup`, then `after_warmup()`) on a copy of
     the cache, growing by one row per step as in generation."""
     device = next(model.parameters()).device
@@ -194,8 +210,6 @@ def bench_decode_steps(model, kv_lens, batches, plans: dict, warmup: int = 2, ti
     step: 1 - no-attention / dense), kv_bytes (K/V bytes read per step: the measured decode
     density times the cache), select_ms (selectors choosing rows, per step), select_attend_ms
     (fused selection + attention calls, per step), decode_density}."""
-    from transformers import AttentionInterface
-
     import sparse_infer
     from sparse_infer.runtime import set_timing
 
@@ -207,14 +221,9 @@ def bench_decode_steps(model, kv_lens, batches, plans: dict, warmup: int = 2, ti
         for batch in batches:
             base = synthetic_cache(config, n, batch)
             cache_bytes = 2 * config.num_hidden_layers * batch * config.num_key_value_heads * n * head_dim * elem
-            dense_ms = median(_step_ms(model, base, batch, warmup, timed))
-            AttentionInterface.register("sparse_infer_zero", _zero_attention)
-            previous = model.config._attn_implementation
-            model.set_attn_implementation("sparse_infer_zero")
-            try:
-                bound_ms = median(_step_ms(model, base, batch, warmup, timed))
-            finally:
-                model.set_attn_implementation(previous)
+            dense_ms = median(step_ms(model, base, batch, warmup, timed))
+            with no_attention(model):
+                bound_ms = median(step_ms(model, base, batch, warmup, timed))
             share = max(0.0, 1 - bound_ms / dense_ms)
             common = {"kv_len": n, "batch": batch, "attention_share": share}
             rows.append({**common, "plan": "dense", "step_ms": dense_ms, "ratio": 1.0, "kv_bytes": cache_bytes,
@@ -226,7 +235,7 @@ def bench_decode_steps(model, kv_lens, batches, plans: dict, warmup: int = 2, ti
                     set_timing(model, True)
                     # side state built from the whole cache in the warm-up steps, kept per step after:
                     # the stats count the timed steps only
-                    times = _step_ms(model, base, batch, warmup, timed, lambda: sparse_infer.reset_stats(model))
+                    times = step_ms(model, base, batch, warmup, timed, lambda: sparse_infer.reset_stats(model))
                     stats = sparse_infer.get_stats(model)
                 density = stats["decode_density"] if stats["decode_density"] is not None else 1.0
                 steps = timed

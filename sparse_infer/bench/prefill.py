@@ -35,16 +35,15 @@ def named_plans(names, model_config) -> dict:
             for name in names}
 
 
-def _layer_seconds(model, forwards: int) -> dict[int, dict[str, float]]:
-    """{layer: {estimate, sparse, dense, attention}}: seconds per forward, from the timed stats."""
-    import sparse_infer
-
+def _layer_seconds(stats: dict, forwards: int) -> dict[int, dict[str, float]]:
+    """{layer: {estimate, sparse, dense, attention, density}}: seconds per forward, from the
+    timed stats (get_stats)."""
     layers = {}
-    for idx, stats in sparse_infer.get_stats(model)["layers"].items():
-        seconds = {k: v / forwards for k, v in stats.get("prefill_seconds", {}).items()}
+    for idx, layer in stats["layers"].items():
+        seconds = {k: v / forwards for k, v in layer.get("prefill_seconds", {}).items()}
         if seconds:
             seconds["attention"] = sum(seconds.values())
-            seconds["density"] = stats["prefill_density"]
+            seconds["density"] = layer["prefill_density"]
             layers[idx] = seconds
     return layers
 
@@ -66,8 +65,10 @@ def bench_prefill_end_to_end(model, tokenizer, lengths, plans: dict, repeats: in
     from sparse_infer.runtime import set_timing
 
     def timed(plan):
-        best, total, out = float("inf"), 0.0, None
-        layers = {}
+        """(log-probs, fastest forward, density, {"layers", "other_s"} under detail)."""
+        import sparse_infer
+
+        best, total, out, stats = float("inf"), 0.0, None, None
         with patched(model, plan):
             set_timing(model, detail)
             for _ in range(repeats):
@@ -75,17 +76,17 @@ def bench_prefill_end_to_end(model, tokenizer, lengths, plans: dict, repeats: in
                 out = next_token_logprobs(model, prompt.input_ids, positions)
                 elapsed = time.perf_counter() - t0
                 best, total = min(best, elapsed), total + elapsed
-            mean_forward[0] = total / repeats
             if plan is not None:
-                import sparse_infer
-                density = sparse_infer.get_stats(model)["prefill_density"]
-                layers = _layer_seconds(model, repeats) if detail else {}
-            else:
-                density = 1.0
-        return out, best, density, layers
+                stats = sparse_infer.get_stats(model)
+        breakdown = {}
+        if detail and stats is not None:
+            # the layer times are means over the forwards: so is the forward they are taken from
+            layers = _layer_seconds(stats, repeats)
+            breakdown = {"layers": layers,
+                         "other_s": total / repeats - sum(layer["attention"] for layer in layers.values())}
+        return out, best, 1.0 if stats is None else stats["prefill_density"], breakdown
 
     rows = []
-    mean_forward = [0.0]          # of the last timed(): the layer times are means over the forwards too
     for n in lengths:
         prompt = prose_prompt(tokenizer, n, 0)
         positions = scored_positions(prompt, window)
@@ -96,20 +97,11 @@ def bench_prefill_end_to_end(model, tokenizer, lengths, plans: dict, repeats: in
         dense_row = {"n": n, "plan": "dense", "seconds": dense_s, "ratio": 1.0, "density": 1.0,
                      "kl": 0.0, "top1": 100.0}
         if detail:
-            dense_row["layers"] = timed("dense")[3]
-            dense_row["other_s"] = mean_forward[0] - _attention_total(dense_row["layers"])
+            dense_row.update(timed("dense")[3])
         rows.append(dense_row)
         for name, plan in plans.items():
-            out, seconds, density, layers = timed(plan)
+            out, seconds, density, breakdown = timed(plan)
             figures = compare(reference, out, positions, prompt)
-            row = {"n": n, "plan": name, "seconds": seconds, "ratio": dense_s / seconds, "density": density,
-                   "kl": figures["kl"], "top1": figures["top1"]}
-            if detail:
-                row["layers"] = layers
-                row["other_s"] = mean_forward[0] - _attention_total(layers)
-            rows.append(row)
+            rows.append({"n": n, "plan": name, "seconds": seconds, "ratio": dense_s / seconds, "density": density,
+                         "kl": figures["kl"], "top1": figures["top1"], **breakdown})
     return rows
-
-
-def _attention_total(layers: dict) -> float:
-    return sum(layer["attention"] for layer in layers.values())

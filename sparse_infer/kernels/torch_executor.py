@@ -263,11 +263,13 @@ def acquire_workspace(spec: dict, device) -> dict:
 
 
 def _workspace_spec(s_elems, kv_elems, q_elems, fused=False, mask_heads=1, gi=1):
-    """Scratch per worker: the scores and probabilities (s, p) of the explicit path, or the
-    additive mask (m: s_elems / Gi per mask head, shared by the stacked heads) of the fused one."""
+    """Scratch per worker: the scores, probabilities and output (s, p, o) of the explicit path, or
+    the additive mask (m: s_elems / Gi per mask head, shared by the stacked heads) of the fused one,
+    whose output SDPA allocates."""
     f32 = torch.float32
-    scores = {"m": (s_elems * mask_heads // gi, f32)} if fused else {"s": (s_elems, f32), "p": (s_elems, f32)}
-    return {**scores, "k": (kv_elems, f32), "v": (kv_elems, f32), "q": (q_elems, f32), "o": (q_elems, f32)}
+    own = ({"m": (s_elems * mask_heads // gi, f32)} if fused
+           else {"s": (s_elems, f32), "p": (s_elems, f32), "o": (q_elems, f32)})
+    return {**own, "k": (kv_elems, f32), "v": (kv_elems, f32), "q": (q_elems, f32)}
 
 
 def release_workspace(ws: dict):
