@@ -9,7 +9,7 @@ declares everything the rest of the package needs to know about the method:
   * check / check_section / check_head_dim
                                 cross-field checks (messages start with the YAML path)
   * prefill: build_index        (query, key, rule, ...) -> BlockSparseIndex
-    decode:  select, State, select_and_attend_cpu, expected_rows
+    decode:  select (or attend), State, select_and_attend_cpu, expected_rows
   * profiler hooks              search_grid, search_cost / search_recall, search_combine, search_session, ...
   * report hooks                expected density at a length
   * bench hooks (decode)        bench_cases (rules at a token budget), bytes_read (traffic model)
@@ -52,8 +52,9 @@ class Method:
     def check(self, params: dict, path: str) -> None:
         """Cross-field checks on one rule's parsed params (raise PlanError(path, ...))."""
 
-    def check_section(self, rule, path: str, section) -> None:
-        """Checks that need the rule's section (e.g. prefill.block_size)."""
+    def check_section(self, rule, path: str, section, layer: int | None) -> None:
+        """Checks that need the rule's section (e.g. prefill.block_size, other layers' rules);
+        `layer` is the rule's layer, None for the section's default."""
 
     def check_head_dim(self, rule, path: str, head_dim: int, where: str) -> None:
         """Checks against the model's head_dim (known from the plan's model section or the model)."""
@@ -126,16 +127,25 @@ class DecodeSelector(Method):
     select_and_attend_cpu: ClassVar[Callable | None] = None
     # among equally cheap candidates the profiler keeps the one with the lowest priority
     search_priority: ClassVar[int] = 100
+    # True: the dispatcher calls attend() (the selector reads the whole cache itself) instead of select()
+    attends_whole_cache: ClassVar[bool] = False
 
     def new_state(self):
         return None if self.State is None else self.State()
 
     def select(self, inp, rule, state):
-        """GroupInputs -> int64 (B, Hi, K) absolute kv positions, -1 = unused, no duplicates."""
+        """GroupInputs -> int64 (B, Hi, K) absolute kv positions, -1 = unused, no duplicates;
+        or None: nothing to select from this step, the part runs dense."""
         raise NotImplementedError
 
-    def expected_rows(self, rule, n: int) -> int:
-        """Upper bound of the cache rows one selection holds at kv length n."""
+    def attend(self, inp, rule, state, value):
+        """For attends_whole_cache selectors: (out (B, h, 1, Dv), the token set (B, 1, K) it
+        publishes for later layers of the step, or None)."""
+        raise NotImplementedError
+
+    def expected_rows(self, rule, n: int) -> int | None:
+        """Upper bound of the cache rows one selection holds at kv length n; None when only the
+        selection itself tells (then dense_above is checked against it once made)."""
         raise NotImplementedError
 
     # ---- profiler hooks (sparse_infer.profiler.search)

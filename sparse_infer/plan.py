@@ -257,25 +257,25 @@ def _parse_section(raw, name: str) -> Section:
             entry[head] = parse_rule(rule, hpath, name)
         layers[layer] = entry
     section = Section(name, min_len, default, layers, block_size, granularity)
-    for rpath, rule in _section_rules(section):
+    for rpath, layer, rule in _section_rules(section):
         if rule.kind != DENSE:
-            methods_of(name)[rule.kind].check_section(rule, rpath, section)
+            methods_of(name)[rule.kind].check_section(rule, rpath, section, layer)
     return section
 
 
 def _section_rules(section: Section):
-    """(YAML path, rule) for the default and every layer/head rule of a section."""
-    yield f"{section.name}.default", section.default
+    """(YAML path, layer or None for the default, rule) for every rule of a section."""
+    yield f"{section.name}.default", None, section.default
     for layer, entry in section.layers.items():
         for head, rule in entry.items():
-            yield f"{section.name}.layers.{layer}.{head}", rule
+            yield f"{section.name}.layers.{layer}.{head}", layer, rule
 
 
 def _check_channels(section: Section, head_dim: int | None, where: str) -> None:
     """Checks of each rule against the model's head_dim (e.g. Double Sparsity's `channels`)."""
     if not head_dim:
         return
-    for rpath, rule in _section_rules(section):
+    for rpath, _, rule in _section_rules(section):
         if rule.kind != DENSE:
             methods_of(section.name)[rule.kind].check_head_dim(rule, rpath, head_dim, where)
 

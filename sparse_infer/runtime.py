@@ -65,6 +65,9 @@ class LayerRuntime:
     prefill_groups: list = field(default_factory=list)  # [(Rule, [q heads])], computed once
     decode_groups: list = field(default_factory=list)
     timed: bool = False                 # record prefill seconds in stats (set_timing)
+    # one dict for every layer of a patched model: what a layer hands to later layers of the
+    # same forward (decode: "selections", layer -> (kv length, token set), see decode.cross_layer)
+    shared: dict = field(default_factory=dict)
 
     def clock(self, tensor: torch.Tensor) -> float:
         """perf_counter once the device has finished the work queued so far (CUDA runs async)."""

@@ -16,7 +16,9 @@ def tiny_config(arch: str, **overrides):
     """A small config of each architecture that routes attention through AttentionInterface."""
     import transformers as tf
 
-    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    # the layer count goes to the constructor: configs derive per-layer fields (layer_types) from it
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=overrides.pop("num_hidden_layers", 2),
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
                   pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
     if arch == "llama":

@@ -176,7 +176,7 @@ def test_plan_schema_takes_the_toy_methods(toys):
                                         r"allowed: blocks"):
         load_plan(_plan(prefill={"pattern": "recent_blocks", "window": 3}))
     with pytest.raises(PlanError, match="expected one of dense, streaming, token_select, double_sparsity, quest, "
-                                        "last_k"):
+                                        "layer_select, layer_reuse, last_k"):
         load_plan(_plan({"method": "first_k"}))
 
 

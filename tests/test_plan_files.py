@@ -90,8 +90,11 @@ def test_directory_and_non_utf8_file_are_refused_in_one_line(tmp_path):
     _refused(bad, "is not UTF-8 text (byte 0xe9")
 
 
+PROFILED = "qwen2.5-0.5b"          # a shipped plan whose decode section has per-layer rules
+
+
 def _profiled_text() -> str:
-    return shipped_plan_path("smollm2-135m").read_text()
+    return shipped_plan_path(PROFILED).read_text()
 
 
 def test_shipped_plans_end_with_the_marker_and_read_back_exactly():
@@ -125,7 +128,7 @@ def test_a_profiled_plan_cut_anywhere_is_refused(tmp_path):
     inside = sum(len(x) for x in lines[:decode_at + 8])
     message = _refused(_hand_written(tmp_path, text[:inside]), "complete: missing", "cut short")
     assert "profile section" in message
-    assert load_plan(_hand_written(tmp_path, text, name="whole.yaml")).to_dict() == load_plan("smollm2-135m").to_dict()
+    assert load_plan(_hand_written(tmp_path, text, name="whole.yaml")).to_dict() == load_plan(PROFILED).to_dict()
 
 
 def test_the_marker_in_a_hand_written_plan_is_checked_too(tmp_path):

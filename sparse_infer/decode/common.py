@@ -34,6 +34,8 @@ class GroupInputs:
     scaling: float
     softcap: float | None
     fresh: bool                    # True: the cache is not the continuation of the one in the side state
+    published: dict | None = None  # layer -> (kv length, first cache head, (B, S, K) token sets) of this step
+    first_kv: int = 0              # the layer's cache head that key[:, 0] is
 
     @property
     def groups(self) -> int:

@@ -167,18 +167,22 @@ def _parts_over_limit(layouts, num_heads: int, num_kv: int, n: int, limit: float
     group = num_heads // num_kv
     load = [0] * num_kv
     touched = []
+    checked = []                          # parts whose rows are known before selecting
     for rule, q_heads, kv_slice, per_head in layouts:
         kvs = range(num_kv) if kv_slice is None else range(kv_slice.start, kv_slice.stop)
         touched.append(kvs)
-        if rule.kind == DENSE:
+        selector = None if rule.kind == DENSE else DECODE_SELECTORS[rule.kind]
+        # a selector reading the whole cache itself is exact and not slower than dense; one
+        # whose rows only its selection tells is checked once it has selected
+        rows = None if selector is None or selector.attends_whole_cache else selector.expected_rows(rule, n)
+        checked.append(rows is not None)
+        if rows is None:
             continue
         heads_per_kv = group if q_heads is None else len(q_heads) // len(kvs)
-        rows = DECODE_SELECTORS[rule.kind].expected_rows(rule, n)
         for kv in kvs:
             load[kv] += rows * (heads_per_kv if per_head else 1)
     over = {kv for kv in range(num_kv) if load[kv] > limit * n}
-    return {pi for pi, (rule, *_) in enumerate(layouts)
-            if rule.kind != DENSE and any(kv in over for kv in touched[pi])}
+    return {pi for pi in range(len(layouts)) if checked[pi] and any(kv in over for kv in touched[pi])}
 
 
 def _attend_pending(out, pending, query, key, value, mask, scaling, softcap, executor):
@@ -251,6 +255,9 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
     B, Hq = query.shape[:2]
     Hkv, n = key.shape[1], key.shape[2]
     state = rt.decode_state
+    published = rt.shared.get("selections")
+    if published:
+        published.pop(rt.layer_idx, None)     # a set lives for one step: this layer's is republished below
     all_dense = state.all_dense
     if all_dense is None:
         all_dense = state.all_dense = all(rule.kind == DENSE for rule, _ in rt.decode_groups)
@@ -320,10 +327,22 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
             selected += B * h * n
             continue
         inp = GroupInputs(query=q[:, :, 0], key=k, valid=_valid_for(m, B, k.shape[1], per_head, h, n),
-                          per_head=per_head, scaling=scaling, softcap=softcap, fresh=fresh)
+                          per_head=per_head, scaling=scaling, softcap=softcap, fresh=fresh, published=published,
+                          first_kv=0 if kv_slice is None else kv_slice.start)
         selector = DECODE_SELECTORS[rule.kind]
         if pi not in group_states:
             group_states[pi] = selector.new_state()
+        if selector.attends_whole_cache:
+            started = rt.clock(q) if rt.timed else 0.0
+            res, chosen = selector.attend(inp, rule, group_states[pi], v)
+            if rt.timed:
+                rt.stats.select_attend_s += rt.clock(q) - started
+            if chosen is not None:
+                published = rt.shared.setdefault("selections", {})
+                published[rt.layer_idx] = (n, 0 if kv_slice is None else kv_slice.start, chosen)
+            selected += B * h * n
+            out = _place(out, res, q_heads, query, value)
+            continue
         if executor == "cpu" and selector.select_and_attend_cpu is not None and inp.valid is None:
             # selection and attention in one C call: no index tensors, no per-op overhead
             started = rt.clock(q) if rt.timed else 0.0
@@ -337,6 +356,13 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
         indices = selector.select(inp, rule, group_states[pi])
         if rt.timed:
             rt.stats.select_s += rt.clock(q) - started
+        if indices is None or (limit < 1 and indices.shape[-1] > limit * n
+                               and selector.expected_rows(rule, n) is None):
+            # nothing to select from, or a selection known only now to read more than dense_above
+            for head, kv in zip(*_part_heads(q_heads, kv_slice, Hq, h // k.shape[1])):
+                dense_on_kv.setdefault(kv, []).append(head)
+            selected += B * h * n
+            continue
         selected += float((indices >= 0).sum()) * (h // indices.shape[1])
         if merge:
             heads, kvs = _part_heads(q_heads, kv_slice, Hq, h // k.shape[1])
@@ -406,6 +432,7 @@ def reset_decode_state(model) -> None:
     """Forget all decode side state and counters (the next step of every layer rebuilds)."""
     for rt in iter_runtimes(model):
         rt.decode_state = DecodeState()
+        rt.shared.pop("selections", None)
 
 
 __all__ = ["decode_attention", "decode_counters", "decode_state_bytes", "reset_decode_state"]

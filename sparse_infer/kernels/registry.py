@@ -28,7 +28,7 @@ from .flex_executor import flex_problem
 from .triton_executor import triton_problem, triton_refuses
 
 __all__ = ["Executor", "BackendUnavailable", "FEATURES", "register", "unregister", "backends", "executor",
-           "needs", "resolve", "check_backend", "check_available", "DENSE_ABOVE"]
+           "needs", "resolve", "check_backend", "check_available", "DENSE_ABOVE", "group_limit"]
 
 PHASES = ("prefill", "decode")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -116,7 +116,25 @@ _ORDER: list[str] = []          # backend names: the 'auto' preference order
 # Dense break-even per backend: {"head", "group"} for prefill indices per query head / per
 # GQA group, "decode" for the share of a cache head that decode selections may read in all.
 # The dict itself is what `dense_above="auto"` reads (tests replace entries in it).
-DENSE_ABOVE: dict[str, dict[str, float]] = {}
+DENSE_ABOVE: dict[str, dict] = {}
+
+
+def group_limit(limit, heads_per_index: int) -> float:
+    """A "group" threshold (a number, or {heads per group: limit}) for an index shared by
+    `heads_per_index` query heads: the entry of the largest measured group size at or below it
+    (the smallest one's below all of them)."""
+    if not isinstance(limit, dict):
+        return float(limit)
+    below = [g for g in limit if g <= heads_per_index]
+    return float(limit[max(below) if below else min(limit)])
+
+
+def _check_limit(value, what: str) -> None:
+    values = value.values() if isinstance(value, dict) else [value]
+    if isinstance(value, dict) and (not value or not all(isinstance(g, int) and g >= 2 for g in value)):
+        raise ValueError(f"dense_above[{what!r}] as a mapping needs group sizes >= 2 as keys")
+    if not all(isinstance(v, (int, float)) and 0 < v <= 1 for v in values):
+        raise ValueError(f"dense_above[{what!r}] must be in (0, 1], got {value!r}")
 
 
 def register(name: str, *, prefill: dict | None = None, decode: dict | None = None,
@@ -131,6 +149,11 @@ def register(name: str, *, prefill: dict | None = None, decode: dict | None = No
         raise ValueError(f"backend {name!r} is already registered")
     if set(dense_above) != {"head", "group", "decode"}:
         raise ValueError("dense_above needs 'head', 'group' and 'decode'")
+    _check_limit(dense_above["head"], "head")
+    _check_limit(dense_above["decode"], "decode")
+    _check_limit(dense_above["group"], "group")
+    if isinstance(dense_above["head"], dict) or isinstance(dense_above["decode"], dict):
+        raise ValueError("only dense_above['group'] may depend on the group size")
     if before is not None and before not in DENSE_ABOVE:
         raise ValueError(f"before={before!r} is not a registered backend")
     # every executor is built (and its arguments checked) before the table changes
@@ -237,7 +260,11 @@ def resolve(phase: str, backend: str, query, key=None, value=None, needs: frozen
 # torch executor against SDPA on a 2-core CPU with Qwen2.5-0.5B's real q/k/v at 16K
 # (docs/RESULTS.md, "Where sparse stops paying"): 0.4 for an index per query head (each tile feeds
 # one head), 0.7 for an index shared by a GQA group (a tile feeds the whole group's
-# stacked rows, so bigger, cheaper matmuls).
+# stacked rows, so bigger, cheaper matmuls). The smaller the group, the less a shared tile
+# saves: `python benchmarks/executor_paths.py 8192 9,3,64` (SmolLM2's 3 heads per group) puts
+# the fused path at 1.59-1.71x SDPA's cost per unit of density, a break-even near 0.6, where
+# Qwen2.5-0.5B's 7 heads per group give 1.28-1.44x. "group" maps heads per group to the limit
+# (group_limit reads the nearest measured group size at or below).
 # Decode: when the selections on one cache head add up to more than this share of the
 # cache, the torch path would read that head in place anyway (decode.IN_PLACE_SHARE),
 # i.e. as many bytes as dense attention, with the selection work on top: its heads run dense.
@@ -245,7 +272,7 @@ def resolve(phase: str, backend: str, query, key=None, value=None, needs: frozen
 # selectors' own work (TokenSelect scores every key) keeps the same decode threshold: the
 # shipped Qwen plan's step at 16K got slower with 0.5 and 0.7 (measured with benchmarks/decode_step_breakdown.py).
 # The Triton and flex executors have not been timed against FlashAttention: they never switch.
-_MEASURED_TORCH = {"head": 0.4, "group": 0.7, "decode": 1 / 3}
+_MEASURED_TORCH = {"head": 0.4, "group": {3: 0.6, 7: 0.7}, "decode": 1 / 3}
 _NEVER = {"head": 1.0, "group": 1.0, "decode": 1.0}
 
 _K = "sparse_infer.kernels."

@@ -83,6 +83,7 @@ def patch(model, plan, backend: str = "auto", dense_above: float | str = "auto")
     previous = model.config._attn_implementation
     _register()
     runtimes = []
+    shared: dict = {}
     for layer_idx, module in modules:
         cfg = module.config.get_text_config() if hasattr(module.config, "get_text_config") else module.config
         num_heads = cfg.num_attention_heads
@@ -90,6 +91,7 @@ def patch(model, plan, backend: str = "auto", dense_above: float | str = "auto")
         impl = getattr(module.config, "_attn_implementation", previous)
         dense_fn, dense_mask = _dense_function(impl if impl != IMPLEMENTATION else previous, module)
         rt = LayerRuntime(resolved, layer_idx, num_heads, num_kv, dense_fn, dense_mask, backend, dense_above)
+        rt.shared = shared
         rt.prefill_groups = group_heads(resolved.prefill, layer_idx, num_heads)
         rt.decode_groups = group_heads(resolved.decode, layer_idx, num_heads)
         runtimes.append((module, rt))

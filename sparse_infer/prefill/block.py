@@ -154,7 +154,7 @@ class Block(PrefillPattern):
         if (params["top_k"] is None) == (params["coverage"] is None):
             raise PlanError(path, "pattern 'block' needs exactly one of top_k or coverage")
 
-    def check_section(self, rule, path, section):
+    def check_section(self, rule, path, section, layer):
         if rule.estimator == "antidiagonal" and section.block_size % rule.stride:
             raise PlanError(f"{path}.stride", f"the antidiagonal stride {rule.stride} must divide "
                                               f"prefill.block_size {section.block_size}")

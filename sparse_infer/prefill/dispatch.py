@@ -60,6 +60,7 @@ def sparse_prefill(rt: LayerRuntime, query, key, value, mask, scaling, softcap=N
     # the executors are imported on use: importing them imports triton, which must wait for
     # TRITON_INTERPRET to be set on CPU machines
     from sparse_infer.kernels.dispatch import block_sparse_attention, prefill_needs, resolve_dense_above
+    from sparse_infer.kernels.registry import group_limit
     from sparse_infer.kernels.index import BlockSparseIndex, index_head_density
 
     section = rt.plan.prefill
@@ -90,7 +91,7 @@ def sparse_prefill(rt: LayerRuntime, query, key, value, mask, scaling, softcap=N
             rt.stats.estimate_s += rt.clock(q) - started
         density = index_head_density(index, q_len, n)                       # per index head
         per_index = len(heads) // index.num_index_heads                     # query heads per index head
-        limit = dense_above["group" if per_index > 1 else "head"]
+        limit = group_limit(dense_above["group"], per_index) if per_index > 1 else dense_above["head"]
         too_dense = (density > limit).repeat_interleave(per_index).tolist()
         if any(too_dense):
             keep = [i for i, d in enumerate(too_dense) if not d]

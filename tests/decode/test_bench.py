@@ -30,12 +30,13 @@ def test_bench_decode_methods_smoke():
     rows = bench_decode_methods(kv_lens=(512,), budget=64, heads=(4, 2), head_dim=16, repeats=1)
     # every registered selector's cases, in registration order
     assert [r["method"] for r in rows] == list(bench_cases(64)) == [
-        "streaming", "token_select", "token_select_reuse", "double_sparsity", "quest"]
+        "streaming", "token_select", "token_select_reuse", "double_sparsity", "quest", "layer_select"]
     by = {r["method"]: r for r in rows}
     for r in rows:
         assert r["kv_len"] == 512 and r["dense_ms"] > 0 and r["sparse_ms"] > 0 and r["bytes_read"] > 0
         if r["method"] in ("quest", "double_sparsity", "streaming"):
             assert r["bytes_read"] < r["dense_bytes"]
+    assert by["layer_select"]["bytes_read"] == by["layer_select"]["dense_bytes"]   # it reads everything
     assert by["token_select_reuse"]["reuse_rate"] is not None and by["double_sparsity"]["reuse_rate"] is None
     assert by["token_select_reuse"]["note"] == "reuse=0.9, q drift 0.3" and by["token_select"]["note"] == ""
     # the one timed step sees 513 keys: token_select (which scored) read V of its 16 + 64 + 64 rows

@@ -111,7 +111,7 @@ def test_backends_resolve_per_phase():
 
 def test_dense_above_comes_from_the_registry(monkeypatch):
     monkeypatch.undo()          # the autouse fixture keeps heads sparse; read the shipped table
-    measured = {"head": 0.4, "group": 0.7, "decode": 1 / 3}
+    measured = {"head": 0.4, "group": {3: 0.6, 7: 0.7}, "decode": 1 / 3}
     assert registry.DENSE_ABOVE["torch"] == measured and registry.DENSE_ABOVE["cpu"] == measured
     assert registry.DENSE_ABOVE["triton"] == registry.DENSE_ABOVE["flex"] == {"head": 1.0, "group": 1.0,
                                                                              "decode": 1.0}
@@ -120,6 +120,25 @@ def test_dense_above_comes_from_the_registry(monkeypatch):
     assert resolve_dense_above("auto", "flex", cpu) == registry.DENSE_ABOVE["flex"]
     monkeypatch.setitem(registry.DENSE_ABOVE, "flex", {"head": 0.5, "group": 0.6, "decode": 0.7})
     assert resolve_dense_above("auto", "flex", cpu) == {"head": 0.5, "group": 0.6, "decode": 0.7}
+
+
+def test_group_limit_follows_the_measured_group_sizes():
+    measured = {3: 0.6, 7: 0.7}
+    assert registry.group_limit(measured, 3) == registry.group_limit(measured, 6) == 0.6
+    assert registry.group_limit(measured, 7) == registry.group_limit(measured, 16) == 0.7
+    assert registry.group_limit(measured, 2) == 0.6           # below every measured size: the smallest
+    assert registry.group_limit(0.8, 5) == 0.8
+
+
+@pytest.mark.parametrize("table, message", [
+    ({"head": 0.4, "group": {1: 0.5}, "decode": 0.3}, "group sizes >= 2"),
+    ({"head": 0.4, "group": {3: 1.5}, "decode": 0.3}, r"must be in \(0, 1\]"),
+    ({"head": {3: 0.4}, "group": 0.5, "decode": 0.3}, "only dense_above\['group'\]"),
+])
+def test_bad_dense_above_tables_are_refused(table, message):
+    with pytest.raises(ValueError, match=message):
+        registry.register("toy_bad_limits", prefill=dict(target="x:y", devices=("cpu",)), dense_above=table)
+    assert "toy_bad_limits" not in registry.DENSE_ABOVE
 
 
 @needs_flex
