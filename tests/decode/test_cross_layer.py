@@ -12,7 +12,7 @@ from sparse_infer.decode.cross_layer import LayerReuse, attend_and_select
 from sparse_infer.params import PlanError
 from sparse_infer.plan import Rule, plan_from_dict
 from tests.conftest import tiny_model
-from tests.decode.test_generate import NEW, assert_same, generate, ids_of
+from tests.decode.test_generate import NEW, assert_same, generate, generate_patched, ids_of
 
 LAYERS = 4
 
@@ -36,12 +36,7 @@ def deep_model(request):
 def test_full_budget_equals_dense(deep_model, scope):
     ids = ids_of(1, 130, 0)
     dense = generate(deep_model, ids)
-    sparse_infer.patch(deep_model, reuse_plan(100000, scope=scope))
-    try:
-        sparse = generate(deep_model, ids)
-        stats = sparse_infer.get_stats(deep_model)
-    finally:
-        sparse_infer.unpatch(deep_model)
+    sparse, stats = generate_patched(deep_model, reuse_plan(100000, scope=scope), ids)
     assert_same(sparse, dense)
     for layer in range(2, LAYERS):
         assert stats["layers"][layer]["sparse_decode_calls"] == NEW - 1
@@ -169,12 +164,7 @@ def test_no_published_set_runs_dense(monkeypatch):
     dense = generate(model, ids)
     real = LayerSelect.attend
     monkeypatch.setattr(LayerSelect, "attend", lambda self, *a: (real(self, *a)[0], None))
-    sparse_infer.patch(model, reuse_plan(8))
-    try:
-        sparse = generate(model, ids)
-        stats = sparse_infer.get_stats(model)
-    finally:
-        sparse_infer.unpatch(model)
+    sparse, stats = generate_patched(model, reuse_plan(8), ids)
     assert_same(sparse, dense)
     assert stats["decode_density"] == pytest.approx(1.0)
 

@@ -47,6 +47,15 @@ def generate(model, ids, attention_mask=None, new=NEW):
                               do_sample=False, output_scores=True, return_dict_in_generate=True)
 
 
+def generate_patched(model, plan, ids, attention_mask=None):
+    """generate under `plan`, then unpatch: (output, get_stats of that run)."""
+    sparse_infer.patch(model, plan)
+    try:
+        return generate(model, ids, attention_mask), sparse_infer.get_stats(model)
+    finally:
+        sparse_infer.unpatch(model)
+
+
 def assert_same(a, b, atol=1e-5):
     assert torch.equal(a.sequences, b.sequences)
     for x, y in zip(a.scores, b.scores):
@@ -63,12 +72,7 @@ def test_full_budget_equals_dense(arch_model, method):
     _, model = arch_model
     ids = ids_of(1, 130, 0)
     dense = generate(model, ids)
-    sparse_infer.patch(model, plan_for(FULL[method]))
-    try:
-        sparse = generate(model, ids)
-        stats = sparse_infer.get_stats(model)
-    finally:
-        sparse_infer.unpatch(model)
+    sparse, stats = generate_patched(model, plan_for(FULL[method]), ids)
     assert_same(sparse, dense)
     assert stats["layers"][1]["sparse_decode_calls"] == NEW - 1
     assert stats["decode_density"] == pytest.approx(1.0)
