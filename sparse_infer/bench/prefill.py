@@ -59,13 +59,14 @@ def bench_prefill_end_to_end(model, tokenizer, lengths, plans: dict, repeats: in
     split into estimate (building indices), sparse (executor), dense (heads run dense)}, and
     the dense row gets the same from a forward under the all-dense plan (which runs every layer
     through the patched path's dense call); "other_s" is the rest of the forward (projections,
-    MLP, norms, logits): the mean forward of the same runs minus their mean attention time."""
+    MLP, norms, logits): "forward_s", the mean forward of the same runs (for the dense row not
+    the timed one), minus their mean attention time."""
     from sparse_infer.bench.patching import patched
     from sparse_infer.eval.fidelity import compare, next_token_logprobs, prose_prompt, scored_positions
     from sparse_infer.runtime import set_timing
 
     def timed(plan):
-        """(log-probs, fastest forward, density, {"layers", "other_s"} under detail)."""
+        """(log-probs, fastest forward, density, {"layers", "forward_s", "other_s"} under detail)."""
         import sparse_infer
 
         best, total, out, stats = float("inf"), 0.0, None, None
@@ -82,7 +83,7 @@ def bench_prefill_end_to_end(model, tokenizer, lengths, plans: dict, repeats: in
         if detail and stats is not None:
             # the layer times are means over the forwards: so is the forward they are taken from
             layers = _layer_seconds(stats, repeats)
-            breakdown = {"layers": layers,
+            breakdown = {"layers": layers, "forward_s": total / repeats,
                          "other_s": total / repeats - sum(layer["attention"] for layer in layers.values())}
         return out, best, 1.0 if stats is None else stats["prefill_density"], breakdown
 

@@ -51,7 +51,8 @@ def test_detail_splits_each_layers_attention_time(tiny_llama, tokenizer):
     assert layer1["estimate"] > 0 and layer1["sparse"] > 0 and layer1["density"] < 0.6
     assert layer1["attention"] == pytest.approx(layer1["estimate"] + layer1["sparse"] + layer1["dense"])
     for row in rows:
-        assert 0 < row["other_s"] < row["seconds"]
+        # the dense row's breakdown comes from its own forwards, not the timed unpatched one
+        assert 0 < row["other_s"] < row["forward_s"]
     # timing is switched off with the patch: a later patch of the same model records no seconds
     import sparse_infer
     sparse_infer.patch(tiny_llama, plan)

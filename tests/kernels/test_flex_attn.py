@@ -133,7 +133,7 @@ def test_group_limit_follows_the_measured_group_sizes():
 @pytest.mark.parametrize("table, message", [
     ({"head": 0.4, "group": {1: 0.5}, "decode": 0.3}, "group sizes >= 2"),
     ({"head": 0.4, "group": {3: 1.5}, "decode": 0.3}, r"must be in \(0, 1\]"),
-    ({"head": {3: 0.4}, "group": 0.5, "decode": 0.3}, "only dense_above\['group'\]"),
+    ({"head": {3: 0.4}, "group": 0.5, "decode": 0.3}, r"only dense_above\['group'\]"),
 ])
 def test_bad_dense_above_tables_are_refused(table, message):
     with pytest.raises(ValueError, match=message):
