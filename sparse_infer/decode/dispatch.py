@@ -228,6 +228,15 @@ def _attend_pending(out, pending, query, key, value, mask, scaling, softcap, exe
         out[:, hs] = res.to(out.dtype)
 
 
+def _collect_dense(dense_on_kv: dict, q_heads, kv_slice, num_heads: int, heads_per_kv: int) -> int:
+    """Add a part's query heads to the cache heads they read whole (run together after the
+    layer's sparse parts: one call per cache head, not per part); returns how many heads."""
+    heads, kvs = _part_heads(q_heads, kv_slice, num_heads, heads_per_kv)
+    for head, kv in zip(heads, kvs):
+        dense_on_kv.setdefault(kv, []).append(head)
+    return len(heads)
+
+
 def _selection_mask(indices, n: int, mask):
     """bool (B, h, 1, n): True at each query head's selected positions (and where `mask`, (B, 1|h, 1, n), allows)."""
     B, h = indices.shape[:2]
@@ -321,10 +330,7 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
         m = mask if whole_layer else heads_of(mask, q_heads)
         h = q.shape[1]
         if rule.kind == DENSE or pi in run_dense:
-            # collected per cache head and run together below: one call per cache head, not per part
-            for head, kv in zip(*_part_heads(q_heads, kv_slice, Hq, h // k.shape[1])):
-                dense_on_kv.setdefault(kv, []).append(head)
-            selected += B * h * n
+            selected += _collect_dense(dense_on_kv, q_heads, kv_slice, Hq, h // k.shape[1]) * B * n
             continue
         inp = GroupInputs(query=q[:, :, 0], key=k, valid=_valid_for(m, B, k.shape[1], per_head, h, n),
                           per_head=per_head, scaling=scaling, softcap=softcap, fresh=fresh, published=published,
@@ -359,9 +365,7 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
         if indices is None or (limit < 1 and indices.shape[-1] > limit * n
                                and selector.expected_rows(rule, n) is None):
             # nothing to select from, or a selection known only now to read more than dense_above
-            for head, kv in zip(*_part_heads(q_heads, kv_slice, Hq, h // k.shape[1])):
-                dense_on_kv.setdefault(kv, []).append(head)
-            selected += B * h * n
+            selected += _collect_dense(dense_on_kv, q_heads, kv_slice, Hq, h // k.shape[1]) * B * n
             continue
         selected += float((indices >= 0).sum()) * (h // indices.shape[1])
         if merge:
