@@ -30,7 +30,7 @@ config = transformers.Qwen2Config(
 config.architectures = ["Qwen2ForCausalLM"]
 torch.manual_seed(0)
 model = transformers.Qwen2ForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
-# the shipped thresholds (4096 tokens) lowered so that a short prompt takes the sparse paths
+# the shipped thresholds (16384 and 8192 tokens) lowered so that a short prompt takes the sparse paths
 plan.prefill.min_len = plan.decode.min_len = 128
 ids = torch.randint(3, 250, (1, 300), generator=torch.Generator().manual_seed(0))
 with torch.no_grad():

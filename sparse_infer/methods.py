@@ -122,8 +122,9 @@ class SideState:
 class DecodeSelector(Method):
     section = "decode"
     State: ClassVar[type | None] = None         # a SideState dataclass, or None for a stateless selector
-    # select_and_attend_cpu(inp, rule, state, value) -> (out (B, h, 1, D), keys read (B, Hi)):
-    # selection and attention in one C call, for steps with no mask on the cpu executor
+    # select_and_attend_cpu(inp, rule, state, value) -> (out (B, h, 1, D), keys read (B, Hi)), or
+    # None for a rule it does not cover: selection and attention in one C call, for steps with no
+    # mask on the cpu executor
     select_and_attend_cpu: ClassVar[Callable | None] = None
     # among equally cheap candidates the profiler keeps the one with the lowest priority
     search_priority: ClassVar[int] = 100

@@ -90,7 +90,7 @@ def test_directory_and_non_utf8_file_are_refused_in_one_line(tmp_path):
     _refused(bad, "is not UTF-8 text (byte 0xe9")
 
 
-PROFILED = "qwen2.5-0.5b"          # a shipped plan whose decode section has per-layer rules
+PROFILED = "qwen2.5-0.5b"          # a shipped profiler output: its prefill section has many per-layer rules
 
 
 def _profiled_text() -> str:
@@ -115,17 +115,20 @@ def test_a_profiled_plan_cut_anywhere_is_refused(tmp_path):
     loads as a smaller plan: without the final `complete: true` it is refused."""
     text = _profiled_text()
     lines = text.splitlines(keepends=True)
+    prefill_at = next(i for i, line in enumerate(lines) if line.startswith("prefill:"))
     decode_at = next(i for i, line in enumerate(lines) if line.startswith("decode:"))
-    # cut at line ends inside the decode layers (valid YAML, fewer layers) and at byte offsets throughout
-    cuts = [sum(len(x) for x in lines[:i]) for i in range(decode_at + 5, len(lines) - 1, 37)]
+    assert decode_at - prefill_at > 40                      # enough layer lines to cut inside
+    # cut at line ends inside the prefill layers (valid YAML: fewer layers, no decode section),
+    # after the last section, and at byte offsets throughout
+    cuts = [sum(len(x) for x in lines[:i]) for i in range(prefill_at + 7, len(lines) - 1, 37)]
     cuts += list(range(50, len(text) - 1, len(text) // 23))
     for cut in cuts:
         path = _hand_written(tmp_path, text[:cut], name=f"cut{cut}.yaml")
         with pytest.raises(PlanError) as err:
             load_plan(path)
         assert "\n" not in str(err.value)
-    # the same cut inside a layer mapping, reported by plan check with the field to add
-    inside = sum(len(x) for x in lines[:decode_at + 8])
+    # a cut inside the last section, reported by plan check with the field to add
+    inside = sum(len(x) for x in lines[:decode_at + 3])
     message = _refused(_hand_written(tmp_path, text[:inside]), "complete: missing", "cut short")
     assert "profile section" in message
     assert load_plan(_hand_written(tmp_path, text, name="whole.yaml")).to_dict() == load_plan(PROFILED).to_dict()

@@ -352,12 +352,14 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
         if executor == "cpu" and selector.select_and_attend_cpu is not None and inp.valid is None:
             # selection and attention in one C call: no index tensors, no per-op overhead
             started = rt.clock(q) if rt.timed else 0.0
-            res, counts = selector.select_and_attend_cpu(inp, rule, group_states[pi], v)
-            if rt.timed:
-                rt.stats.select_attend_s += rt.clock(q) - started
-            selected += float(sum(counts.view(-1).tolist())) * (h // counts.shape[1])   # no torch reduction op
-            out = _place(out, res, q_heads, query, value)
-            continue
+            fused = selector.select_and_attend_cpu(inp, rule, group_states[pi], v)
+            if fused is not None:                  # None: the rule needs the select() path
+                res, counts = fused
+                if rt.timed:
+                    rt.stats.select_attend_s += rt.clock(q) - started
+                selected += float(sum(counts.view(-1).tolist())) * (h // counts.shape[1])   # no torch reduction op
+                out = _place(out, res, q_heads, query, value)
+                continue
         started = rt.clock(q) if rt.timed else 0.0
         indices = selector.select(inp, rule, group_states[pi])
         if rt.timed:

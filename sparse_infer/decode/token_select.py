@@ -99,6 +99,26 @@ def select(inp: GroupInputs, rule, state: TokenSelectState) -> torch.Tensor:
     return out
 
 
+def select_and_attend_cpu(inp: GroupInputs, rule, state: TokenSelectState, value: torch.Tensor):
+    """select() and the attention over its choice in one C call, for a step with no mask: Double
+    Sparsity's kernel (decode/double_sparsity.c) with every channel, reading K itself as its label
+    cache, ranks keys by the exact q.k (the group's summed softmaxes when shared), as select() does.
+    None for the rules it does not cover: query reuse (it keeps the query history) and softcap
+    (the kernel ranks uncapped scores)."""
+    # imported here: importing double_sparsity registers it, and methods register in the order
+    # decode/__init__ lists them (the order plans and tables show)
+    from sparse_infer.decode.double_sparsity import double_sparsity_decode_cpu
+
+    if rule.reuse is not None or inp.softcap:
+        return None
+    B, hk, n, D = inp.key.shape
+    state.counters["full_scorings"] += B * inp.index_heads
+    every_channel = torch.arange(D, device=inp.key.device).expand(B, hk, D)
+    return double_sparsity_decode_cpu(inp.query, inp.key, value, inp.key, every_channel, sink=rule.sink,
+                                      local=rule.local, budget=rule.budget.resolve(n), scaling=inp.scaling,
+                                      index_heads=inp.index_heads, fold_from=n)
+
+
 def _reuse(value, path):
     if value is None or value is False:
         return None
@@ -113,6 +133,7 @@ class TokenSelect(BudgetedSelector):
     label = "tok"
     params = {**BudgetedSelector.budget_params, "reuse": Param(_reuse, None)}
     State = TokenSelectState
+    select_and_attend_cpu = staticmethod(select_and_attend_cpu)
     search_priority = 1
 
     def select(self, inp, rule, state):

@@ -179,7 +179,9 @@ def test_reuse_threshold_one_equals_no_reuse_and_reuse_saves_scorings():
     base = SPARSE["token_select"]
     results, counts = {}, {}
     for name, reuse in (("off", None), ("never", 1.0), ("on", 0.5)):
-        sparse_infer.patch(model, plan_for(dict(base, reuse=reuse), mixed=False))
+        # the torch executor for all three: without reuse the CPU executor would take the fused
+        # C call, whose float rounding differs from select() + executor
+        sparse_infer.patch(model, plan_for(dict(base, reuse=reuse), mixed=False), backend="torch")
         try:
             results[name] = generate(model, ids, new=10)
             counts[name] = decode_counters(model)
@@ -225,11 +227,13 @@ def test_mixed_layer_parts_in_one_call_equal_separate_calls(monkeypatch, executo
     cpu_kernel = importlib.import_module("sparse_infer.kernels.cpu_decode")
 
     model = tiny_model("llama")                     # 4 query heads, 2 kv heads
+    # token_select with reuse: its select() path (without, it would take its fused C call)
     if granularity == "head":
-        rules = {0: SPARSE["quest"], 1: SPARSE["token_select"], 2: SPARSE["streaming"],
+        rules = {0: SPARSE["quest"], 1: SPARSE["token_select_reuse"], 2: SPARSE["streaming"],
                  3: {"method": "dense"}}
     else:
-        rules = {0: SPARSE["quest"], 1: SPARSE["quest"], 2: SPARSE["token_select"], 3: SPARSE["token_select"]}
+        rules = {0: SPARSE["quest"], 1: SPARSE["quest"], 2: SPARSE["token_select_reuse"],
+                 3: SPARSE["token_select_reuse"]}
     monkeypatch.setattr(decode, "IN_PLACE_SHARE", in_place_share)
     in_place = []
     real_in_place = decode._selection_mask
