@@ -18,7 +18,7 @@ import sys
 import torch
 
 import sparse_infer
-from sparse_infer.eval.fidelity import prose_prompt
+from sparse_infer.eval.fidelity import greedy_continuation, prose_prompt
 
 SINK, LOCAL = 16, 64
 
@@ -53,7 +53,6 @@ def main():
     torch.set_num_threads(2)
     model, tok = sparse_infer.load_model(name)
     prompt = prose_prompt(tok, length, 0).input_ids
-    from sparse_infer.eval.fidelity import greedy_continuation
     ids = list(prompt) + greedy_continuation(model, prompt, steps)
     atts = step_attentions(model, ids, steps)
     layers, hq = atts[0].shape[:2]

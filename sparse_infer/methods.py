@@ -140,8 +140,8 @@ class DecodeSelector(Method):
         raise NotImplementedError
 
     def attend(self, inp, rule, state, value):
-        """For attends_whole_cache selectors: (out (B, h, 1, Dv), the token set (B, 1, K) it
-        publishes for later layers of the step, or None)."""
+        """For attends_whole_cache selectors: (out (B, h, 1, Dv), the token sets (B, S, K) it
+        publishes for later layers of the step, S = 1 or one per cache head of the part; or None)."""
         raise NotImplementedError
 
     def expected_rows(self, rule, n: int) -> int | None:

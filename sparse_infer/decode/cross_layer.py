@@ -115,7 +115,6 @@ class LayerSelect(BudgetedSelector):
         return []
 
 
-
 @register
 class LayerReuse(DecodeSelector):
     name = REUSE

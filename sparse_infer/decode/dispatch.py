@@ -345,7 +345,7 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
                 rt.stats.select_attend_s += rt.clock(q) - started
             if chosen is not None:
                 published = rt.shared.setdefault("selections", {})
-                published[rt.layer_idx] = (n, 0 if kv_slice is None else kv_slice.start, chosen)
+                published[rt.layer_idx] = (n, inp.first_kv, chosen)
             selected += B * h * n
             out = _place(out, res, q_heads, query, value)
             continue

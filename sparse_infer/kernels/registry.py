@@ -130,9 +130,13 @@ def group_limit(limit, heads_per_index: int) -> float:
 
 
 def _check_limit(value, what: str) -> None:
+    """A threshold in (0, 1]; only "group" may map group sizes (>= 2) to thresholds."""
+    if isinstance(value, dict):
+        if what != "group":
+            raise ValueError("only dense_above['group'] may depend on the group size")
+        if not value or not all(isinstance(g, int) and g >= 2 for g in value):
+            raise ValueError(f"dense_above[{what!r}] as a mapping needs group sizes >= 2 as keys")
     values = value.values() if isinstance(value, dict) else [value]
-    if isinstance(value, dict) and (not value or not all(isinstance(g, int) and g >= 2 for g in value)):
-        raise ValueError(f"dense_above[{what!r}] as a mapping needs group sizes >= 2 as keys")
     if not all(isinstance(v, (int, float)) and 0 < v <= 1 for v in values):
         raise ValueError(f"dense_above[{what!r}] must be in (0, 1], got {value!r}")
 
@@ -149,11 +153,8 @@ def register(name: str, *, prefill: dict | None = None, decode: dict | None = No
         raise ValueError(f"backend {name!r} is already registered")
     if set(dense_above) != {"head", "group", "decode"}:
         raise ValueError("dense_above needs 'head', 'group' and 'decode'")
-    _check_limit(dense_above["head"], "head")
-    _check_limit(dense_above["decode"], "decode")
-    _check_limit(dense_above["group"], "group")
-    if isinstance(dense_above["head"], dict) or isinstance(dense_above["decode"], dict):
-        raise ValueError("only dense_above['group'] may depend on the group size")
+    for what, value in dense_above.items():
+        _check_limit(value, what)
     if before is not None and before not in DENSE_ABOVE:
         raise ValueError(f"before={before!r} is not a registered backend")
     # every executor is built (and its arguments checked) before the table changes
