@@ -181,6 +181,21 @@ def test_plan_show_refuses_in_one_line_too(tmp_path):
                                                                       f"not a plan file"], res.output
 
 
+def test_plan_show_of_a_plan_for_any_model_asks_for_the_shape(tmp_path):
+    """A plan with no model section (written by hand for any model) has no layer count to lay its
+    rules out by: `plan show` says so in one line and takes the shape from --heads / --layers."""
+    path = tmp_path / "any.yaml"
+    path.write_text("sparse_infer_plan: 1\nprefill: {default: {pattern: dense}}\n"
+                    "decode:\n  min_kv_len: 0\n  default: {method: token_select, budget: {frac: 0.1}, scoring: int8}\n")
+    res = CliRunner().invoke(app, ["plan", "show", str(path)])
+    assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1, res.output
+    assert "--heads and --layers" in res.output
+    res = CliRunner().invoke(app, ["plan", "show", str(path), "--heads", "14", "--layers", "3"], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    rows = [line for line in res.output.splitlines() if "tok:14" in line]
+    assert len(rows) == 3 and all("0.102" in line for line in rows)       # 1638 + 80 of 16384 cached tokens
+
+
 def test_thresholds_may_exceed_the_count_bound():
     """min_seq_len / min_kv_len are only compared with lengths: 2**30 means 'never sparse'."""
     raw = copy.deepcopy(GOOD)

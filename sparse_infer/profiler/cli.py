@@ -83,17 +83,24 @@ def profile_command(
 
 def plan_show_command(
     plan: Annotated[str, typer.Argument(help="A plan YAML path or a shipped plan name.")],
+    heads: Annotated[Optional[int], typer.Option(min=1, help="query heads per layer, for a plan without a model "
+                                                               "section")] = None,
+    layers: Annotated[Optional[int], typer.Option(min=1, help="layers, for a plan without a model section")] = None,
 ) -> None:
     """Print per layer the pattern and method counts and the expected density at a few lengths."""
     from sparse_infer.plan import PlanError, load_plan
-    from sparse_infer.profiler.report import plan_table
+    from sparse_infer.profiler.report import ShapeUnknown, plan_table
 
     console = _console()
     try:
         loaded = load_plan(plan)
     except PlanError as exc:
         _fail(f"invalid plan: {exc}")
-    console.print(plan_table(loaded))
+    try:
+        table = plan_table(loaded, heads=heads, layers=layers)
+    except ShapeUnknown as exc:
+        _fail(str(exc))
+    console.print(table)
     if loaded.profile.get("command"):
         console.print(f"made by: {loaded.profile['command']}  ({loaded.profile.get('created', '?')})")
 

@@ -92,12 +92,25 @@ def show_lengths(plan: Plan) -> list[int]:
     return [4096, 8192, 16384, 32768]
 
 
-def expected_densities(plan: Plan, lengths: list[int]) -> list[dict[int, tuple[float, float]]]:
-    """Per layer {n: (prefill density, decode density)}, averaged over the layer's heads."""
-    heads = plan.model.num_attention_heads
-    layers = plan.model.num_hidden_layers
+class ShapeUnknown(ValueError):
+    """A plan written for any model (no model section) shown without the model's shape."""
+
+
+def model_shape(plan: Plan, heads: int | None = None, layers: int | None = None) -> tuple[int, int]:
+    """(query heads, layers) to show the plan for: as given, else from the plan's model section."""
+    heads = heads if heads is not None else plan.model.num_attention_heads
+    layers = layers if layers is not None else plan.model.num_hidden_layers
     if heads is None or layers is None:
-        raise ValueError("the plan's model section lacks num_attention_heads / num_hidden_layers")
+        raise ShapeUnknown("the plan has no model section (num_attention_heads, num_hidden_layers), so its "
+                           "per-layer rules cannot be laid out: give the model's shape with --heads and --layers")
+    return heads, layers
+
+
+def expected_densities(plan: Plan, lengths: list[int], heads: int | None = None,
+                       layers: int | None = None) -> list[dict[int, tuple[float, float]]]:
+    """Per layer {n: (prefill density, decode density)}, averaged over the layer's heads (the
+    model's shape from the plan unless given)."""
+    heads, layers = model_shape(plan, heads, layers)
     measured = (plan.profile.get("measured") or {}).get("head_prefill_density", {}) if plan.profile else {}
     if not isinstance(measured, dict):
         measured = {}
@@ -122,11 +135,12 @@ def expected_densities(plan: Plan, lengths: list[int]) -> list[dict[int, tuple[f
     return out
 
 
-def plan_table(plan: Plan, lengths: list[int] | None = None) -> Table:
+def plan_table(plan: Plan, lengths: list[int] | None = None, heads: int | None = None,
+               layers: int | None = None) -> Table:
     """Per layer: pattern/method counts and expected prefill/decode density at a few lengths."""
     lengths = lengths or show_lengths(plan)
-    heads = plan.model.num_attention_heads
-    dens = expected_densities(plan, lengths)
+    heads, layers = model_shape(plan, heads, layers)
+    dens = expected_densities(plan, lengths, heads, layers)
     title = f"plan {plan.source or ''}".strip()
     if plan.profile:
         name = (plan.profile.get("model") or {}).get("name") if isinstance(plan.profile.get("model"), dict) else None
