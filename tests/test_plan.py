@@ -73,6 +73,7 @@ def _bad(mutate):
     (lambda r: r["prefill"]["layers"][1].update({"x": {"pattern": "dense"}}), "prefill.layers.1.x", "head keys"),
     (lambda r: r["prefill"]["layers"][1][3].update(top_k=4), "prefill.layers.1.3", "exactly one of top_k or coverage"),
     (lambda r: r["decode"]["default"].update(method="oracle"), "decode.default.method", "unknown method"),
+    (lambda r: r["decode"]["default"].update(scoring="int4"), "decode.default.scoring", "one of exact, int8"),
     # an antidiagonal stride that does not divide the block size failed only at the first prompt
     (lambda r: r["prefill"]["layers"][1][3].update(estimator="antidiagonal", stride=24),
      "prefill.layers.1.3.stride", "must divide prefill.block_size 64"),

@@ -36,6 +36,9 @@ class GroupInputs:
     fresh: bool                    # True: the cache is not the continuation of the one in the side state
     published: dict | None = None  # layer -> (kv length, first cache head, (B, S, K) token sets) of this step
     first_kv: int = 0              # the layer's cache head that key[:, 0] is
+    # (B,) int64 when `valid` is a suffix [starts[b], n) of the keys for every head (left
+    # padding, a sliding window): the fused C steps take that range; None otherwise
+    starts: torch.Tensor | None = None
 
     @property
     def groups(self) -> int:

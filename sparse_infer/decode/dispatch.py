@@ -143,6 +143,19 @@ def _part_heads(q_heads, kv_slice, num_heads: int, heads_per_kv: int):
     return heads, [first_kv + j // heads_per_kv for j in range(len(heads))]
 
 
+def visible_suffix_starts(mask: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+    """(batch,) int64 first visible key per batch row when a (batch | 1, 1, 1, n) mask lets each
+    row see exactly the keys [start, n) (left padding, a sliding window), else None. The fused C
+    steps take such a mask as these starts."""
+    if mask is None or mask.shape[1] != 1 or mask.dtype != torch.bool:
+        return None
+    rows = mask[:, 0, 0]
+    n = rows.shape[-1]
+    starts = n - rows.sum(-1)
+    suffix = torch.arange(n, device=rows.device) >= starts[:, None]
+    return starts.expand(batch).contiguous() if torch.equal(suffix, rows) else None
+
+
 def _valid_for(mask_h: torch.Tensor | None, B: int, hk: int, per_head: bool, h: int, n: int):
     """(B, Hi, n) bool of keys the mask allows, from a (B, 1|h, 1, n) mask."""
     if mask_h is None:
@@ -303,8 +316,15 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
         # a window layer whose mask was skipped: the query (position n-1) sees the last `window` keys
         mask = torch.zeros(1, 1, 1, n, dtype=torch.bool, device=key.device)
         mask[..., n - window:] = True
-    if mask is not None and bool(mask.all()):
-        mask = None                            # nothing masked: selectors take their cheaper path
+    # a mask that hides a prefix of each row (left padding) is also given as per-row starts, which
+    # the fused C calls take; one that hides nothing is dropped: selectors take their cheaper path
+    starts = visible_suffix_starts(mask, B)
+    if starts is not None:
+        hides_nothing = not bool(starts.any())
+    else:
+        hides_nothing = mask is not None and bool(mask.all())
+    if hides_nothing:
+        mask = starts = None
     fresh = not _sequence_continues(state, key)
     group_states = state.groups
     if fresh:
@@ -334,7 +354,7 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
             continue
         inp = GroupInputs(query=q[:, :, 0], key=k, valid=_valid_for(m, B, k.shape[1], per_head, h, n),
                           per_head=per_head, scaling=scaling, softcap=softcap, fresh=fresh, published=published,
-                          first_kv=0 if kv_slice is None else kv_slice.start)
+                          first_kv=0 if kv_slice is None else kv_slice.start, starts=starts)
         selector = DECODE_SELECTORS[rule.kind]
         if pi not in group_states:
             group_states[pi] = selector.new_state()
@@ -349,7 +369,8 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
             selected += B * h * n
             out = _place(out, res, q_heads, query, value)
             continue
-        if executor == "cpu" and selector.select_and_attend_cpu is not None and inp.valid is None:
+        if executor == "cpu" and selector.select_and_attend_cpu is not None and (inp.valid is None
+                                                                                or starts is not None):
             # selection and attention in one C call: no index tensors, no per-op overhead
             started = rt.clock(q) if rt.timed else 0.0
             fused = selector.select_and_attend_cpu(inp, rule, group_states[pi], v)

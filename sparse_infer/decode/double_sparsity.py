@@ -14,7 +14,8 @@ Channels (`channels` in the plan):
 Selection then follows token_select (soft vote over the group, `budget` best plus sinks
 and the local window), with approximate scores.
 
-On CPUs, a step with no mask runs the choice and its attention in one C call: double_sparsity.c,
+On CPUs, a step with no mask, or one hiding a prefix of each row (left padding, a sliding
+window), runs the choice and its attention in one C call: double_sparsity.c,
 beside this file (double_sparsity_decode_cpu).
 """
 from __future__ import annotations
@@ -99,21 +100,31 @@ def select(inp: GroupInputs, rule, state: LabelCacheState) -> torch.Tensor:
 
 _DS_ARGS = fused_argtypes(
     side=[ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,     # labels, strides b h n
-          ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64],                    # channels, strides b h
+          ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,                     # channels, strides b h
+          ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,                     # int8 label scales or NULL
+          ctypes.c_void_p],                                                    # first visible key per row or NULL
     sizes=[ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64])      # r sink local budget
 
 
 def double_sparsity_decode_cpu(query, key, value, labels, channels, *, sink: int, local: int, budget: int,
-                               scaling: float, softcap=None, index_heads: int, fold_from: int | None = None):
+                               scaling: float, softcap=None, index_heads: int, fold_from: int | None = None,
+                               scales: torch.Tensor | None = None, starts: torch.Tensor | None = None):
     """Double Sparsity's key choice and the attention over it in one C call (double_sparsity.c),
-    for a step with no mask.
+    for a step with no mask or one hiding a prefix of each row (`starts`).
 
     query (B, h, D); key/value (B, hk, n, D); labels (B, hk, n, r), the label cache in key's
     dtype (its rows [fold_from, n) are written here: label[t][c] = key[t][channels[c]]);
     channels int64 (B, hk, r). index_heads: hk for one selection per GQA group, h for one per
     query head. Chooses what select() chooses (the sinks, the local window and the `budget` best
     keys by approximate score, or by the group's summed softmaxes of it) and attends to exactly
-    those keys. Returns (out (B, h, 1, D), keys read (B, index_heads))."""
+    those keys. Returns (out (B, h, 1, D), keys read (B, index_heads)).
+
+    scales: fp32 (B, hk, n) for int8 labels (token_select's `scoring: int8`, see quantize_keys in
+    decode/token_select.py): the call writes rows [fold_from, n) of both, and a label's score is
+    its scale times the dot product with its codes.
+
+    starts: int64 (B,) or None: batch row b sees only the keys [starts[b], n) (a left-padding or
+    sliding-window mask); the sinks are then that range's first keys, as select() has them."""
     B, _, D = query.shape
     hk, n = key.shape[1], key.shape[2]
     check_fused_step(query, key, index_heads, fold_from)
@@ -123,10 +134,26 @@ def double_sparsity_decode_cpu(query, key, value, labels, channels, *, sink: int
                          f"got {tuple(labels.shape)} and {tuple(channels.shape)}")
     if channels.dtype != torch.int64 or channels.stride(-1) != 1:
         raise ValueError("channels must be int64 with unit last stride")
-    refuse_unsupported(query, key, value, labels)
+    if scales is None:
+        refuse_unsupported(query, key, value, labels)
+        scale_args = (None, 0, 0)
+    else:
+        refuse_unsupported(query, key, value)
+        if labels.dtype != torch.int8 or labels.stride(-1) != 1:
+            raise ValueError("int8 labels (with scales) must be int8 with unit last stride")
+        if tuple(scales.shape) != (B, hk, n) or scales.dtype != torch.float32 or scales.stride(-1) != 1:
+            raise ValueError(f"scales must be float32 (B, hk, n) = {(B, hk, n)} with unit last stride, "
+                             f"got {scales.dtype} {tuple(scales.shape)}")
+        scale_args = (scales.data_ptr(), scales.stride(0), scales.stride(1))
+    if starts is not None:
+        if tuple(starts.shape) != (B,) or starts.dtype != torch.int64 or not starts.is_contiguous():
+            raise ValueError(f"starts must be contiguous int64 ({B},), got {starts.dtype} {tuple(starts.shape)}")
+        if B and not (0 <= int(starts.min()) and int(starts.max()) <= n):
+            raise ValueError(f"starts must lie in [0, n={n}]")
     return fused_step("ds_decode_rows", _DS_ARGS, query, key, value,
                       (labels.data_ptr(), labels.stride(0), labels.stride(1), labels.stride(2),
-                       channels.data_ptr(), channels.stride(0), channels.stride(1)),
+                       channels.data_ptr(), channels.stride(0), channels.stride(1), *scale_args,
+                       None if starts is None else starts.data_ptr()),
                       (r, sink, local, budget), index_heads=index_heads, fold_from=fold_from,
                       scaling=scaling, softcap=softcap,
                       bad_sizes=f"the CPU kernel takes head dims up to 1024 and 1 <= r <= D, got D={D}, r={r}")
@@ -134,8 +161,8 @@ def double_sparsity_decode_cpu(query, key, value, labels, channels, *, sink: int
 
 def select_and_attend_cpu(inp: GroupInputs, rule, state: LabelCacheState, value: torch.Tensor):
     """select() and the attention over its choice in one C call (double_sparsity_decode_cpu),
-    for a step with no mask; the C call also writes this step's label rows. Returns (out
-    (B, h, 1, D), keys read per index row (B, Hi))."""
+    for a step with no mask or one that hides a prefix of each row (inp.starts); the C call also
+    writes this step's label rows. Returns (out (B, h, 1, D), keys read per index row (B, Hi))."""
     n = inp.n
     cache = state.labels
     if inp.fresh or cache is None or cache.length >= n:
@@ -147,7 +174,7 @@ def select_and_attend_cpu(inp: GroupInputs, rule, state: LabelCacheState, value:
     result = double_sparsity_decode_cpu(inp.query, inp.key, value, cache.data[:, :, :n], state.channels,
                                         sink=rule.sink, local=rule.local, budget=rule.budget.resolve(n),
                                         scaling=inp.scaling, softcap=inp.softcap, index_heads=inp.index_heads,
-                                        fold_from=held)
+                                        fold_from=held, starts=inp.starts)
     cache.length = n
     return result
 

@@ -135,7 +135,7 @@ int quest_decode_rows(const void *q, int64_t q_sb, int64_t q_sh,
 #pragma omp parallel num_threads(num_threads) reduction(| : failed)
     {
         float *scratch = (float *)malloc(floats * sizeof(float));
-        int64_t *ids = (int64_t *)malloc(((size_t)eligible + (size_t)max_keys + 1) * sizeof(int64_t));
+        int64_t *ids = (int64_t *)malloc((2 * (size_t)eligible + (size_t)max_keys + 1) * sizeof(int64_t));
 #pragma omp for schedule(static)
         for (int task = 0; task < tasks; task++) {
             if (!scratch || !ids) { failed |= 2; continue; }
@@ -145,7 +145,7 @@ int quest_decode_rows(const void *q, int64_t q_sb, int64_t q_sh,
             float *score = bounds + (size_t)G * eligible;      /* eligible (+1) */
             float *qf = score + eligible + 1;                  /* G * D */
             float *attend_scratch = qf + (size_t)G * D;
-            int64_t *pages = ids, *keys = ids + eligible;
+            int64_t *pages = ids, *cand = ids + eligible, *keys = ids + 2 * eligible;
 
             /* unscaled: the bound is scaled after the sum, as quest.upper_bounds does */
             load_queries(qf, q, b, h0, q_sb, q_sh, G, D, dtype, 1.f);
@@ -158,8 +158,7 @@ int quest_decode_rows(const void *q, int64_t q_sb, int64_t q_sh,
 #undef BOUNDS
             /* page scores: the raw bound for one head, else the group's summed softmaxes */
             group_vote(score, bounds, G, eligible);
-            for (int64_t e = 0; e < eligible; e++) pages[e] = e;
-            if (take < eligible) top_k_first(score, pages, eligible, take);
+            top_k_ascending(score, eligible, take, 0, pages, cand);
             /* the keys: sinks, the chosen pages' keys inside [lo, hi), the local window */
             int64_t count = 0;
             for (int64_t t = 0; t < lo; t++) keys[count++] = t;

@@ -162,7 +162,10 @@ def quest_decode_cpu(query, key, value, kmin, kmax, *, page: int, sink: int, loc
 def select_and_attend_cpu(inp: GroupInputs, rule, state: PageBoundsState, value: torch.Tensor):
     """select() and the attention over its choice in one C call (quest_decode_cpu), for a step
     with no mask: no index tensors, one pass over the bounds, one over the chosen rows.
-    Returns (out (B, h, 1, D), keys read per index row (B, Hi))."""
+    Returns (out (B, h, 1, D), keys read per index row (B, Hi)); None under a mask (inp.starts:
+    pages are aligned to absolute positions, which the kernel does not shift per row)."""
+    if inp.starts is not None:
+        return None
     page, n = rule.page, inp.n
     pages = -(-n // page)
     held = state.n

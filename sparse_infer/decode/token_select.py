@@ -13,6 +13,16 @@ the threshold, the old selection plus every token appended since is used instead
 scoring again. Decisions are per (batch row, index head); the scoring pass is skipped only
 when all of them reuse. Counters: state.counters["full_scorings"] / ["reuses"] count
 those decisions.
+
+Scoring (`scoring: int8`): scoring reads every key, and at long caches those reads are most
+of the method's time. With int8, each key is ranked by its int8 copy (per key: codes
+rint(k * 127 / max|k|) and the scale max|k| / 127, kept as side state, a quarter of K's fp32
+bytes plus 4 bytes a key), and the query is quantized per head the same way: score =
+(q codes . k codes) * q scale * k scale, the integer products exact. The chosen keys are attended
+exactly, so only the choice can differ from `exact`, where two keys' scores are closer than
+the rounding of their codes. It is a CPU setting: on CPUs the C kernel scores the codes with
+8-bit dot products (AVX512-VNNI where present); on other devices the rule scores exactly, as a
+GPU reads K at a bandwidth where int8 codes would save little and cost a conversion.
 """
 from __future__ import annotations
 
@@ -25,6 +35,7 @@ from sparse_infer.decode.common import (
     SELECTOR_SINK,
     BudgetedSelector,
     GroupInputs,
+    GrowBuffer,
     forced_and_eligible,
     grouped_scores,
     pad_indices,
@@ -42,11 +53,56 @@ class TokenSelectState(SideState):
     last_query: torch.Tensor | None = None     # (B, h) fp32 query each index head's selection was made for
     last_indices: torch.Tensor | None = None   # (B, Hi, K) that selection
     last_n: torch.Tensor | None = None         # (B, Hi) kv length when it was made
+    codes: GrowBuffer | None = None            # scoring int8: (B, hk, n, D) int8 copy of K
+    scales: GrowBuffer | None = None           # and its (B, hk, n, 1) fp32 scale per key
 
 
-def score_and_select(inp: GroupInputs, rule) -> torch.Tensor:
+def quantize_keys(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """key (B, hk, m, D) -> int8 codes (B, hk, m, D) and fp32 scales (B, hk, m, 1), per key:
+    codes rint(k * (127 / max|k|)), scale max|k| / 127 (a zero key: zeros). The fp32 operations
+    are those of the C kernel (decode/double_sparsity.c), which writes the same bytes."""
+    x = key.float()
+    top = x.abs().amax(-1, keepdim=True)
+    # a tensor over a tensor: `127.0 / top` is reciprocal(top) * 127 in torch, another rounding
+    inv = torch.where(top > 0, torch.full_like(top, 127.0) / top, torch.zeros_like(top))
+    return torch.round(x * inv).clamp_(-127, 127).to(torch.int8), top / 127.0
+
+
+def update_int8_keys(inp: GroupInputs, state: TokenSelectState) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int8 copy of the cache's keys: made from the whole K for a new sequence (or a cache
+    that did not grow), else extended by the keys appended since. Returns (codes, scales) views."""
+    n = inp.n
+    if inp.fresh or state.codes is None or state.codes.length >= n:
+        codes, scales = quantize_keys(inp.key)
+        state.codes, state.scales = GrowBuffer(codes), GrowBuffer(scales)
+    elif state.codes.length < n:
+        codes, scales = quantize_keys(inp.key[:, :, state.codes.length: n])
+        state.codes.append(codes)
+        state.scales.append(scales)
+    return state.codes.view(), state.scales.view()
+
+
+def int8_scores(query: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, scaling: float, softcap):
+    """q.k per query head from int8 codes of both: (B, hk, G, n) fp32. The scaled query is
+    quantized per head as the keys are (quantize_keys); the integer dot products are exact in
+    fp32 (every partial sum is an integer below 2^24 for head dims up to 1040), then times the
+    query's scale and the key's, in that order: the bits the C kernel computes."""
+    B, h, D = query.shape
+    hk = codes.shape[1]
+    q8, q_scale = quantize_keys((query.float() * scaling).view(B, hk, h // hk, D))
+    s = torch.matmul(q8.float(), codes.float().transpose(-1, -2)) * q_scale * scales.transpose(-1, -2)
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    return s
+
+
+def score_and_select(inp: GroupInputs, rule, state: TokenSelectState) -> torch.Tensor:
     forced, eligible = forced_and_eligible(inp, rule.sink, rule.local)
-    scores = vote(grouped_scores(inp.query, inp.key, inp.scaling, inp.softcap), inp.valid, inp.per_head)
+    if rule.scoring == "int8" and inp.key.device.type == "cpu":
+        per_head = int8_scores(inp.query, *update_int8_keys(inp, state), inp.scaling, inp.softcap)
+    else:
+        per_head = grouped_scores(inp.query, inp.key, inp.scaling, inp.softcap)
+    scores = vote(per_head, inp.valid, inp.per_head)
     picked = top_tokens(scores, eligible, rule.budget.resolve(inp.n))
     return torch.cat([forced.expand(*picked.shape[:2], -1), picked], dim=-1)
 
@@ -63,7 +119,7 @@ def select(inp: GroupInputs, rule, state: TokenSelectState) -> torch.Tensor:
     counters = state.counters
     if rule.reuse is None:
         counters["full_scorings"] += inp.query.shape[0] * inp.index_heads
-        return score_and_select(inp, rule)
+        return score_and_select(inp, rule, state)
     if inp.fresh or state.last_query is None or state.last_query.shape != inp.query.shape:
         reuse = torch.zeros(inp.query.shape[0], inp.index_heads, dtype=torch.bool, device=inp.key.device)
     else:
@@ -83,7 +139,7 @@ def select(inp: GroupInputs, rule, state: TokenSelectState) -> torch.Tensor:
         if n_reuse == reuse.numel():
             return reused
 
-    fresh = score_and_select(inp, rule)
+    fresh = score_and_select(inp, rule, state)
     n_now = torch.full(reuse.shape, inp.n, dtype=torch.long, device=inp.key.device)
     if reused is None:
         state.last_query, state.last_indices, state.last_n = inp.query.float().clone(), fresh, n_now
@@ -100,23 +156,38 @@ def select(inp: GroupInputs, rule, state: TokenSelectState) -> torch.Tensor:
 
 
 def select_and_attend_cpu(inp: GroupInputs, rule, state: TokenSelectState, value: torch.Tensor):
-    """select() and the attention over its choice in one C call, for a step with no mask: Double
-    Sparsity's kernel (decode/double_sparsity.c) with every channel, reading K itself as its label
-    cache, ranks keys by the exact q.k (the group's summed softmaxes when shared), as select() does.
-    None for the rules it does not cover: query reuse (it keeps the query history) and softcap
-    (the kernel ranks uncapped scores)."""
+    """select() and the attention over its choice in one C call, for a step with no mask or one
+    that hides a prefix of each row (inp.starts): Double Sparsity's kernel
+    (decode/double_sparsity.c) with every channel, reading K itself (or its int8 codes) as its
+    label cache, ranks keys by q.k (the group's summed softmaxes when shared), as select() does.
+    None for the rules it does not cover: query reuse (it keeps the query history), softcap
+    (the kernel ranks uncapped scores) and int8 scoring of head dims over 512 (its float sums
+    of the codes' products would no longer be exact)."""
     # imported here: importing double_sparsity registers it, and methods register in the order
     # decode/__init__ lists them (the order plans and tables show)
     from sparse_infer.decode.double_sparsity import double_sparsity_decode_cpu
 
-    if rule.reuse is not None or inp.softcap:
-        return None
     B, hk, n, D = inp.key.shape
+    if rule.reuse is not None or inp.softcap or (rule.scoring == "int8" and D > 512):
+        return None
     state.counters["full_scorings"] += B * inp.index_heads
     every_channel = torch.arange(D, device=inp.key.device).expand(B, hk, D)
-    return double_sparsity_decode_cpu(inp.query, inp.key, value, inp.key, every_channel, sink=rule.sink,
-                                      local=rule.local, budget=rule.budget.resolve(n), scaling=inp.scaling,
-                                      index_heads=inp.index_heads, fold_from=n)
+    labels, scales, fold_from = inp.key, None, n
+    if rule.scoring == "int8":
+        if inp.fresh or state.codes is None or state.codes.length >= n:
+            update_int8_keys(inp, state)                 # a new sequence: codes of the whole K
+        else:
+            fold_from = state.codes.length               # rows [fold_from, n) are written by the call
+            state.codes.ensure(n)
+            state.scales.ensure(n)
+        labels, scales = state.codes.data[:, :, :n], state.scales.data[:, :, :n, 0]
+    result = double_sparsity_decode_cpu(inp.query, inp.key, value, labels, every_channel, sink=rule.sink,
+                                        local=rule.local, budget=rule.budget.resolve(n), scaling=inp.scaling,
+                                        index_heads=inp.index_heads, fold_from=fold_from, scales=scales,
+                                        starts=inp.starts)
+    if scales is not None:
+        state.codes.length = state.scales.length = n
+    return result
 
 
 def _reuse(value, path):
@@ -127,11 +198,21 @@ def _reuse(value, path):
     return float(value)
 
 
+SCORINGS = ("exact", "int8")
+
+
+def _scoring(value, path):
+    if value not in SCORINGS:
+        raise PlanError(path, f"must be one of {', '.join(SCORINGS)}, got {value!r}")
+    return value
+
+
 @register
 class TokenSelect(BudgetedSelector):
     name = "token_select"
     label = "tok"
-    params = {**BudgetedSelector.budget_params, "reuse": Param(_reuse, None)}
+    params = {**BudgetedSelector.budget_params, "reuse": Param(_reuse, None),
+              "scoring": Param(_scoring, "exact")}
     State = TokenSelectState
     select_and_attend_cpu = staticmethod(select_and_attend_cpu)
     search_priority = 1
@@ -149,10 +230,15 @@ class TokenSelect(BudgetedSelector):
 
     def bench_cases(self, budget):
         return [BenchCase(self.name, {"budget": budget}),
+                BenchCase("token_select_int8", {"budget": budget, "scoring": "int8"}, "scoring=int8"),
                 BenchCase("token_select_reuse", {"budget": budget, "reuse": 0.9}, "reuse=0.9")]
 
     def bytes_read(self, rule, n, rows, *, cache_heads, head_dim, elem_size, counters):
-        # V of the selected rows; all of K only on a step that scored (a reused selection reads none)
+        # V of the selected rows; the scored keys only on a step that scored (a reused selection
+        # reads none): all of K, or with int8 its codes and scales and then K of the selected rows
         selected = rows * head_dim * elem_size
-        scored = counters.get("full_scorings", 0) > 0
-        return selected + (cache_heads * n * head_dim * elem_size if scored else 0)
+        if counters.get("full_scorings", 0) == 0:
+            return selected
+        if rule.params["scoring"] == "int8":
+            return 2 * selected + cache_heads * n * (head_dim + 4)
+        return selected + cache_heads * n * head_dim * elem_size

@@ -105,6 +105,7 @@ static inline __attribute__((always_inline)) void attend_one(int b, int64_t kvh,
     for (int g = 0; g < G; g++) {
         float *s = scores + (int64_t)g * K;
         float m = -INFINITY, sum = 0.f;
+#pragma omp simd reduction(max : m)     /* vectorized only when told it may reorder the max */
         for (int j = 0; j < K; j++) m = s[j] > m ? s[j] : m;
         if (m == -INFINITY) {
             memset(s, 0, (size_t)K * sizeof(float));

@@ -30,7 +30,8 @@ def test_bench_decode_methods_smoke():
     rows = bench_decode_methods(kv_lens=(512,), budget=64, heads=(4, 2), head_dim=16, repeats=1)
     # every registered selector's cases, in registration order
     assert [r["method"] for r in rows] == list(bench_cases(64)) == [
-        "streaming", "token_select", "token_select_reuse", "double_sparsity", "quest", "layer_select"]
+        "streaming", "token_select", "token_select_int8", "token_select_reuse", "double_sparsity", "quest",
+        "layer_select"]
     by = {r["method"]: r for r in rows}
     for r in rows:
         assert r["kv_len"] == 512 and r["dense_ms"] > 0 and r["sparse_ms"] > 0 and r["bytes_read"] > 0
@@ -44,6 +45,9 @@ def test_bench_decode_methods_smoke():
     assert by["token_select"]["selected"] == 144.0
     assert by["token_select"]["bytes_read"] == (2 * 144) * 16 * 4 + 2 * 513 * 16 * 4
     assert by["streaming"]["selected"] == 64.0 and by["streaming"]["bytes_read"] == 2 * (2 * 64) * 16 * 4
+    # int8 scoring: K and V of the chosen rows, and every key's 16 codes and 4-byte scale
+    assert by["token_select_int8"]["selected"] == 144.0 and by["token_select_int8"]["note"].startswith("scoring=int8")
+    assert by["token_select_int8"]["bytes_read"] == 2 * (2 * 144) * 16 * 4 + 2 * 513 * (16 + 4)
     with pytest.raises(ValueError, match="unknown decode bench case.*no_such.*registered: streaming"):
         bench_decode_methods(kv_lens=(512,), budget=64, heads=(4, 2), head_dim=16, methods=("no_such",))
 

@@ -81,3 +81,77 @@ def test_double_sparsity_call_refuses_bad_labels_and_channels():
     with pytest.raises(ValueError, match="index_heads"):
         double_sparsity_decode_cpu(q[:, :, 0], k, v, torch.zeros(1, 2, 64, 4), channels,
                                    **{**kw, "index_heads": 3})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_label_rows_written_by_the_call_are_quantize_keys_bits(dtype):
+    """token_select's int8 scoring: the C call writes the code rows [fold_from, n) and their
+    scales with the bits quantize_keys computes (a zero key included), and leaves the rows
+    before fold_from alone."""
+    from sparse_infer.decode.token_select import quantize_keys
+
+    q, k, v, _ = make_case(2, 8, 2, 2, 64, 10, D=64, dtype=dtype)
+    k[1, 0, 50] = 0                                          # a zero key: codes and scale 0
+    codes, scales = quantize_keys(k)
+    written = torch.full_like(codes, 99)
+    written[:, :, :40] = codes[:, :, :40]
+    written_scales = torch.full_like(scales[..., 0], -1.0)
+    written_scales[:, :, :40] = scales[:, :, :40, 0]
+    channels = torch.arange(64).expand(2, 2, 64).contiguous()
+    double_sparsity_decode_cpu(q[:, :, 0], k, v, written, channels, sink=4, local=8, budget=16, scaling=0.125,
+                               index_heads=2, fold_from=40, scales=written_scales)
+    assert torch.equal(written, codes)
+    assert torch.equal(written_scales, scales[..., 0])
+    assert torch.equal(codes[1, 0, 50], torch.zeros(64, dtype=torch.int8)) and scales[1, 0, 50, 0] == 0
+
+
+def test_int8_scores_are_the_exact_products_of_the_codes():
+    """int8_scores: the integer dot products of the query's and the keys' codes are exact in fp32
+    (checked against int64 arithmetic), then scaled by both scales."""
+    from sparse_infer.decode.token_select import int8_scores, quantize_keys
+
+    g = torch.Generator().manual_seed(3)
+    query, key = torch.randn(2, 8, 128, generator=g) * 5, torch.randn(2, 2, 300, 128, generator=g) * 5
+    codes, scales = quantize_keys(key)
+    got = int8_scores(query, codes, scales, 0.1, None)                        # (2, 2, 4, 300)
+    q8, q_scale = quantize_keys((query * 0.1).view(2, 2, 4, 128))
+    exact = torch.matmul(q8.long(), codes.long().transpose(-1, -2))           # integers, no rounding
+    assert torch.equal(got, exact.float() * q_scale * scales.transpose(-1, -2))
+    # and close to the fp32 q.k they stand for: errors within 5% of the scores' spread
+    reference = (query * 0.1).view(2, 2, 4, 128) @ key.transpose(-1, -2)
+    assert (got - reference).abs().max() <= 0.05 * reference.std()
+
+
+def test_int8_call_refuses_bad_scales():
+    q, k, v, _ = make_case(1, 4, 2, 2, 64, 10, D=64)
+    channels = torch.arange(64).expand(1, 2, 64).contiguous()
+    kw = dict(sink=4, local=8, budget=16, scaling=0.2, index_heads=2)
+    codes = torch.zeros(1, 2, 64, 64, dtype=torch.int8)
+    with pytest.raises(ValueError, match="scales must be float32"):
+        double_sparsity_decode_cpu(q[:, :, 0], k, v, codes, channels, scales=torch.zeros(1, 2, 63), **kw)
+    with pytest.raises(ValueError, match="int8 labels"):
+        double_sparsity_decode_cpu(q[:, :, 0], k, v, codes.float(), channels, scales=torch.zeros(1, 2, 64), **kw)
+
+
+@pytest.mark.parametrize("scales", [False, True])
+def test_tied_scores_choose_the_lowest_positions(scales):
+    """The kernel's top-k (radix selection) breaks ties at the threshold by position: with every
+    key equal, the `budget` chosen are the first eligible ones, whose V rows the output averages."""
+    from sparse_infer.decode.token_select import quantize_keys
+
+    g = torch.Generator().manual_seed(5)
+    B, h, hk, n, D = 1, 4, 2, 300, 64
+    q = torch.randn(B, h, D, generator=g)
+    k = torch.randn(1, 1, 1, D, generator=g).expand(B, hk, n, D).contiguous()
+    v = torch.randn(B, hk, n, D, generator=g)
+    channels = torch.arange(D).expand(B, hk, D).contiguous()
+    kw = dict(sink=3, local=5, budget=10, scaling=0.125, index_heads=hk, fold_from=n)
+    if scales:
+        codes, key_scales = quantize_keys(k)
+        out, read = double_sparsity_decode_cpu(q, k, v, codes, channels, scales=key_scales[..., 0], **kw)
+    else:
+        out, read = double_sparsity_decode_cpu(q, k, v, k, channels, **kw)
+    chosen = list(range(3 + 10)) + list(range(n - 5, n))       # sinks, the first 10 eligible, the window
+    expected = v[:, :, chosen].mean(2).repeat_interleave(h // hk, dim=1)
+    torch.testing.assert_close(out[:, :, 0], expected, atol=1e-5, rtol=1e-5)
+    assert read.tolist() == [[18, 18]]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sparse_infer.decode import decode_attention, double_sparsity, quest
-from sparse_infer.decode.dispatch import _fingerprint_positions, _layer_layouts
+from sparse_infer.decode.dispatch import _fingerprint_positions, _layer_layouts, visible_suffix_starts
 from sparse_infer.decode.common import GroupInputs
 from sparse_infer.kernels.index import dense_masked_attention
 from sparse_infer.methods import DECODE_SELECTORS
@@ -381,17 +381,23 @@ FUSED = {"quest": (quest, "quest_decode_cpu", {}),
          "double_sparsity_r8": (double_sparsity, "double_sparsity_decode_cpu", {"channels": 8}),
          "double_sparsity_list": (double_sparsity, "double_sparsity_decode_cpu", {"channels": [0, 5, 9, 33]}),
          # token_select: the Double Sparsity kernel with every channel, K as its label cache
-         "token_select": (double_sparsity, "double_sparsity_decode_cpu", {})}
+         "token_select": (double_sparsity, "double_sparsity_decode_cpu", {}),
+         # scoring int8: int8 label rows with a scale each, written by the call; the C scores are
+         # the torch path's bits, so both choose the same keys
+         "token_select_int8": (double_sparsity, "double_sparsity_decode_cpu", {"scoring": "int8"})}
 
 
 @pytest.mark.parametrize("method", list(FUSED))
-@pytest.mark.parametrize("case", ["group", "head", "softcap", "short", "bf16", "dim40", "dim128"])
+@pytest.mark.parametrize("case", ["group", "head", "softcap", "short", "bf16", "dim40", "dim128", "padded",
+                                  "window"])
 def test_fused_c_path_equals_selector_and_executor(method, case, monkeypatch):
     """On CPUs, a Quest, Double Sparsity or token_select step with no mask runs the method's
     choice and its attention in one C call; it reads what the selector + the torch executor
     read, step after step (page bounds / label cache kept incrementally), and counts the same
     selected keys. Double Sparsity with 16 label channels takes the kernel's vector loops, with
-    8 or a list of 4 its scalar ones. token_select leaves softcap to its select() path."""
+    8 or a list of 4 its scalar ones. token_select leaves softcap to its select() path.
+    Under left padding or a sliding window (a mask hiding a prefix of each row) Double Sparsity
+    and token_select still take the C call, on each row's visible keys; Quest takes select()."""
     import sparse_infer.kernels.cpu_decode as cpu_decode
 
     if not cpu_decode.cpu_kernel_available():
@@ -400,7 +406,8 @@ def test_fused_c_path_equals_selector_and_executor(method, case, monkeypatch):
     module, entry, extra = FUSED[method]
     real = getattr(module, entry)
     monkeypatch.setattr(module, entry, lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    rule = {**RULES[method if method in ("quest", "token_select") else "double_sparsity"], **extra}
+    rule = {**RULES[method if method in ("quest", "token_select") else
+                    "token_select" if method.startswith("token_select") else "double_sparsity"], **extra}
     n = 60 if case == "short" else N                       # short: sinks + window cover most keys
     if case == "short":
         rule.update(budget=64, sink=8, local=24)
@@ -409,7 +416,8 @@ def test_fused_c_path_equals_selector_and_executor(method, case, monkeypatch):
     steps = 20                                              # crosses page boundaries (page 16)
     # dim40: head dims that are no multiple of 16 take the kernel's scalar loops; dim128 its widest vectors
     dim = {"dim40": 40, "dim128": 128}.get(case, D)
-    q, k, v, _ = tensors(11, n=n + steps, padded=False, dim=dim)
+    q, k, v, mask = tensors(11, n=n + steps, padded=case == "padded", dim=dim)
+    window = 200 if case == "window" else None
     if case == "bf16":
         # the C path ranks on the bf16 values in fp32; the torch path on the same values
         # upcast to fp32 must choose the same keys
@@ -418,11 +426,31 @@ def test_fused_c_path_equals_selector_and_executor(method, case, monkeypatch):
     fused.backend = "auto"
     for step in range(steps):                               # the cache grows by one key per step
         kk, vv = k[:, :, : n + step], v[:, :, : n + step]
-        out = decode_attention(fused, None, q, kk, vv, None, SCALING, {"softcap": softcap})
-        ref = decode_attention(reference, None, q.float(), kk.float(), vv.float(), None, SCALING,
-                               {"softcap": softcap})
+        m = None if mask is None else mask[..., : n + step]
+        kwargs = {"softcap": softcap, "sliding_window": window}
+        out = decode_attention(fused, None, q, kk, vv, m, SCALING, kwargs)
+        ref = decode_attention(reference, None, q.float(), kk.float(), vv.float(), m, SCALING, kwargs)
         atol = 1e-2 if case == "bf16" else 1e-5              # bf16: the output's own rounding
         torch.testing.assert_close(out.float(), ref, atol=atol, rtol=0 if case == "bf16" else 1e-5)
-    assert len(calls) == (0 if method == "token_select" and case == "softcap" else steps)
+    skipped = (method.startswith("token_select") and case == "softcap"
+               or method == "quest" and case in ("padded", "window"))
+    assert len(calls) == (0 if skipped else steps)
     assert fused.stats.decode_selected == reference.stats.decode_selected
     assert fused.stats.decode_total == reference.stats.decode_total
+
+
+def test_visible_suffix_starts_only_for_masks_hiding_a_prefix():
+    """The fused C calls take a mask as per-row starts only when each row sees exactly its last
+    keys: left padding, a sliding window (broadcast over the batch), a row that sees nothing."""
+    mask = torch.ones(3, 1, 1, 10, dtype=torch.bool)
+    mask[1, ..., :4] = False
+    mask[2, ...] = False
+    assert visible_suffix_starts(mask, 3).tolist() == [0, 4, 10]
+    window = torch.zeros(1, 1, 1, 10, dtype=torch.bool)
+    window[..., 7:] = True
+    assert visible_suffix_starts(window, 2).tolist() == [7, 7]
+    holes = mask.clone()
+    holes[0, ..., 5] = False                                   # a hidden key inside the row
+    assert visible_suffix_starts(holes, 3) is None
+    assert visible_suffix_starts(mask.expand(3, 2, 1, 10), 3) is None   # per-head masks: the select() path
+    assert visible_suffix_starts(None, 3) is None
