@@ -228,6 +228,9 @@ def bench_decode(
                                                    "(shipped names, presets, YAML files, or decode method names) "
                                                    "over synthetic caches of each --kv-lens and --batch"),
     batch: str = typer.Option("1", help="with --model --plans: batch sizes of the step benchmark"),
+    padding: int = typer.Option(0, min=0, help="with --model --plans: left-pad the odd rows of each batch by "
+                                                 "this many cached tokens (masked), as generate does for prompts "
+                                                 "of different lengths"),
     json_out: Optional[str] = typer.Option(None, "--json", help="write all rows to this new JSON file"),
 ):
     """Dense vs each decode method: per-step attention time, bytes read; then tokens/s, or with
@@ -260,12 +263,16 @@ def bench_decode(
         from sparse_infer.bench.decode import bench_decode_steps
 
         m, _ = sparse_infer.load_model(model)
+        if padding >= min(_ints(kv_lens)):
+            console.print(f"[red]error:[/red] --padding {padding} must be shorter than every --kv-lens")
+            raise typer.Exit(2)
         steps = bench_decode_steps(m, _ints(kv_lens), _ints(batch),
-                                   {name: method_or_plan(name, budget) for name in plan_names})
+                                   {name: method_or_plan(name, budget) for name in plan_names}, padding=padding)
         shown = [{**r, "attention_share": f"{r['attention_share']:.2f}", "kv_bytes": f"{r['kv_bytes'] / 2**20:.1f} MiB",
                   "decode_density": f"{r['decode_density']:.2f}"} for r in steps]
         _table(shown, ["kv_len", "batch", "plan", "step_ms", "ratio", "kv_bytes", "select_ms", "select_attend_ms",
-                       "decode_density", "attention_share"], f"decode step, {model} (synthetic cache)")
+                       "decode_density", "attention_share"],
+               f"decode step, {model} (synthetic cache{f', odd rows padded by {padding}' if padding else ''})")
         results["steps"] = steps
     elif model:
         from sparse_infer.bench.decode import bench_decode_end_to_end, decode_method_plan

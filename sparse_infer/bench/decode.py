@@ -180,31 +180,48 @@ def no_attention(model) -> Iterator[None]:
         model.set_attn_implementation(previous)
 
 
+def padding_mask(batch: int, length: int, padding: int, device=None) -> torch.Tensor | None:
+    """The (batch, length) attention mask of a batch whose odd rows are left-padded by `padding`
+    tokens (zeros there), as generate gives prompts of different lengths; None without padding."""
+    if padding <= 0 or batch < 2:
+        return None
+    if padding >= length:
+        raise ValueError(f"padding {padding} must be shorter than the cache ({length} tokens)")
+    mask = torch.ones(batch, length, dtype=torch.long, device=device)
+    mask[1::2, :padding] = 0
+    return mask
+
+
 @torch.no_grad()
-def step_ms(model, base_cache, batch: int, warmup: int, timed: int, after_warmup=None) -> list[float]:
+def step_ms(model, base_cache, batch: int, warmup: int, timed: int, after_warmup=None,
+            padding: int = 0) -> list[float]:
     """Milliseconds of `timed` decode steps (after `warmup`, then `after_warmup()`) on a copy of
-    the cache, growing by one row per step as in generation."""
+    the cache, growing by one row per step as in generation; with `padding`, the odd batch rows
+    are left-padded by that many cached tokens (padding_mask)."""
     device = next(model.parameters()).device
     cache = copy.deepcopy(base_cache)
+    held = cache.get_seq_length()
     token = torch.full((batch, 1), 100, device=device)
     times = []
     for step in range(warmup + timed):
         if step == warmup and after_warmup is not None:
             after_warmup()
+        mask = padding_mask(batch, held + step + 1, padding, device)
         synchronize(device)
         t0 = time.perf_counter()
-        model(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=token, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1)
         synchronize(device)
         if step >= warmup:
             times.append(1e3 * (time.perf_counter() - t0))
     return times
 
 
-def bench_decode_steps(model, kv_lens, batches, plans: dict, warmup: int = 2, timed: int = 6) -> list[dict]:
+def bench_decode_steps(model, kv_lens, batches, plans: dict, warmup: int = 2, timed: int = 6,
+                       padding: int = 0) -> list[dict]:
     """Per decode step of the whole model over a synthetic cache (random K/V of the model's shape:
     timing only), for each cache length and batch size: dense, no attention at all (the bound of
     any decode method), and each plan (name -> plan, as patch takes it; plans run with patch's
-    defaults).
+    defaults). `padding`: the odd rows of a batch are left-padded by that many cached tokens.
 
     Rows {kv_len, batch, plan, step_ms (median), ratio (dense / plan), attention_share (of dense's
     step: 1 - no-attention / dense), kv_bytes (K/V bytes read per step: the measured decode
@@ -221,11 +238,11 @@ def bench_decode_steps(model, kv_lens, batches, plans: dict, warmup: int = 2, ti
         for batch in batches:
             base = synthetic_cache(config, n, batch)
             cache_bytes = 2 * config.num_hidden_layers * batch * config.num_key_value_heads * n * head_dim * elem
-            dense_ms = median(step_ms(model, base, batch, warmup, timed))
+            dense_ms = median(step_ms(model, base, batch, warmup, timed, padding=padding))
             with no_attention(model):
-                bound_ms = median(step_ms(model, base, batch, warmup, timed))
+                bound_ms = median(step_ms(model, base, batch, warmup, timed, padding=padding))
             share = max(0.0, 1 - bound_ms / dense_ms)
-            common = {"kv_len": n, "batch": batch, "attention_share": share}
+            common = {"kv_len": n, "batch": batch, "padding": padding if batch > 1 else 0, "attention_share": share}
             rows.append({**common, "plan": "dense", "step_ms": dense_ms, "ratio": 1.0, "kv_bytes": cache_bytes,
                          "select_ms": 0.0, "select_attend_ms": 0.0, "decode_density": 1.0})
             rows.append({**common, "plan": "no attention (bound)", "step_ms": bound_ms, "ratio": dense_ms / bound_ms,
@@ -235,7 +252,8 @@ def bench_decode_steps(model, kv_lens, batches, plans: dict, warmup: int = 2, ti
                     set_timing(model, True)
                     # side state built from the whole cache in the warm-up steps, kept per step after:
                     # the stats count the timed steps only
-                    times = step_ms(model, base, batch, warmup, timed, lambda: sparse_infer.reset_stats(model))
+                    times = step_ms(model, base, batch, warmup, timed, lambda: sparse_infer.reset_stats(model),
+                                    padding=padding)
                     stats = sparse_infer.get_stats(model)
                 density = stats["decode_density"] if stats["decode_density"] is not None else 1.0
                 steps = timed

@@ -200,3 +200,25 @@ def test_bench_decode_cli_step_table(fake_benches, monkeypatch):
     assert res.exit_code == 0, res.output
     assert "decode step, tiny" in res.output and "no attention (bound)" in res.output
     assert res.output.count("token_select") >= 2          # one row per batch size
+
+
+def test_bench_decode_steps_with_padding_takes_the_c_call_where_it_can():
+    """--padding left-pads the odd rows of a batch under a mask: token_select still selects and
+    attends in the C call (per-row starts), Quest goes through select() and the executor."""
+    from sparse_infer.bench.decode import bench_decode_steps, padding_mask
+    from sparse_infer.kernels import cpu_kernel_available
+
+    assert padding_mask(1, 10, 3) is None and padding_mask(2, 10, 0) is None
+    assert padding_mask(3, 5, 2).tolist() == [[1] * 5, [0, 0, 1, 1, 1], [1] * 5]
+    with pytest.raises(ValueError, match="shorter than the cache"):
+        padding_mask(2, 5, 5)
+    model = tiny_model("llama")
+    ts = {"sparse_infer_plan": 1, "decode": {"min_kv_len": 0, "default": {"method": "token_select", "budget": 24}}}
+    quest = {"sparse_infer_plan": 1, "decode": {"min_kv_len": 0, "default": {"method": "quest", "budget": 32}}}
+    rows = bench_decode_steps(model, [200], [2], {"token_select": ts, "quest": quest}, warmup=1, timed=2, padding=50)
+    by_plan = {r["plan"]: r for r in rows}
+    assert all(r["padding"] == 50 for r in rows)
+    if cpu_kernel_available():
+        assert by_plan["token_select"]["select_attend_ms"] > 0 and by_plan["token_select"]["select_ms"] == 0
+    assert by_plan["quest"]["select_ms"] > 0 and by_plan["quest"]["select_attend_ms"] == 0
+    assert 0 < by_plan["token_select"]["decode_density"] < 0.6
