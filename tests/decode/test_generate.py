@@ -19,6 +19,7 @@ FULL = {
     "token_select": {"method": "token_select", "budget": 100000, "sink": 4, "local": 8},
     "token_select_reuse": {"method": "token_select", "budget": 100000, "reuse": 0.3},
     "token_select_int8": {"method": "token_select", "budget": 100000, "scoring": "int8"},
+    "token_select_int8_reuse": {"method": "token_select", "budget": 100000, "scoring": "int8", "reuse": 0.3},
     "double_sparsity": {"method": "double_sparsity", "channels": 4, "budget": 100000},
     "quest": {"method": "quest", "page": 16, "budget": 100000},
 }
@@ -27,6 +28,8 @@ SPARSE = {
     "token_select": {"method": "token_select", "budget": 24, "sink": 4, "local": 8},
     "token_select_reuse": {"method": "token_select", "budget": 24, "sink": 4, "local": 8, "reuse": 0.5},
     "token_select_int8": {"method": "token_select", "budget": 24, "sink": 4, "local": 8, "scoring": "int8"},
+    "token_select_int8_reuse": {"method": "token_select", "budget": 24, "sink": 4, "local": 8, "scoring": "int8",
+                                "reuse": 0.5},
     "double_sparsity": {"method": "double_sparsity", "channels": 4, "budget": 24, "sink": 4, "local": 8},
     "quest": {"method": "quest", "page": 8, "budget": 24, "sink": 4, "local": 8},
 }
