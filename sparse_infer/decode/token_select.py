@@ -68,15 +68,19 @@ def quantize_keys(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(x * inv).clamp_(-127, 127).to(torch.int8), top / 127.0
 
 
+def int8_keys_stale(inp: GroupInputs, state: TokenSelectState) -> bool:
+    """The held int8 copy cannot be extended: a new sequence, none yet, or a cache that did not grow."""
+    return inp.fresh or state.codes is None or state.codes.length >= inp.n
+
+
 def update_int8_keys(inp: GroupInputs, state: TokenSelectState) -> tuple[torch.Tensor, torch.Tensor]:
-    """The int8 copy of the cache's keys: made from the whole K for a new sequence (or a cache
-    that did not grow), else extended by the keys appended since. Returns (codes, scales) views."""
-    n = inp.n
-    if inp.fresh or state.codes is None or state.codes.length >= n:
+    """The int8 copy of the cache's keys: made from the whole K when stale, else extended by the
+    keys appended since. Returns (codes, scales) views."""
+    if int8_keys_stale(inp, state):
         codes, scales = quantize_keys(inp.key)
         state.codes, state.scales = GrowBuffer(codes), GrowBuffer(scales)
-    elif state.codes.length < n:
-        codes, scales = quantize_keys(inp.key[:, :, state.codes.length: n])
+    else:
+        codes, scales = quantize_keys(inp.key[:, :, state.codes.length: inp.n])
         state.codes.append(codes)
         state.scales.append(scales)
     return state.codes.view(), state.scales.view()
@@ -174,7 +178,7 @@ def select_and_attend_cpu(inp: GroupInputs, rule, state: TokenSelectState, value
     every_channel = torch.arange(D, device=inp.key.device).expand(B, hk, D)
     labels, scales, fold_from = inp.key, None, n
     if rule.scoring == "int8":
-        if inp.fresh or state.codes is None or state.codes.length >= n:
+        if int8_keys_stale(inp, state):
             update_int8_keys(inp, state)                 # a new sequence: codes of the whole K
         else:
             fold_from = state.codes.length               # rows [fold_from, n) are written by the call
