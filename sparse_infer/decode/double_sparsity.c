@@ -1,6 +1,6 @@
 /* Double Sparsity's key choice and the attention over it in one call, on the CPU (no mask, or
- * one hiding a prefix of each row; sparse_infer/decode/double_sparsity.py holds the method, the channels and the label cache,
- * and calls this through double_sparsity_decode_cpu). Per (batch row b, index row r), r serving
+ * one hiding a prefix of each row; sparse_infer/decode/double_sparsity.py holds the method, the
+ * channels and the label cache, and calls this through double_sparsity_decode_cpu). Per (batch row b, index row r), r serving
  * query heads r*G .. r*G+G-1 of cache head r*Hkv/Hi:
  *   approx_g(t) = sum_c (scaling * q_g[ch_c]) * label_t[c]        for every key t < n
  *   score(t)    = approx_0(t) when G == 1, else sum_g softmax_g(approx_g)(t) over all n keys
