@@ -1,7 +1,7 @@
 /* Double Sparsity's key choice and the attention over it in one call, on the CPU (no mask, or
  * one hiding a prefix of each row; sparse_infer/decode/double_sparsity.py holds the method, the
- * channels and the label cache, and calls this through double_sparsity_decode_cpu). Per (batch row b, index row r), r serving
- * query heads r*G .. r*G+G-1 of cache head r*Hkv/Hi:
+ * channels and the label cache, and calls this through double_sparsity_decode_cpu). Per (batch
+ * row b, index row r), r serving query heads r*G .. r*G+G-1 of cache head r*Hkv/Hi:
  *   approx_g(t) = sum_c (scaling * q_g[ch_c]) * label_t[c]        for every key t < n
  *   score(t)    = approx_0(t) when G == 1, else sum_g softmax_g(approx_g)(t) over all n keys
  * The best min(budget, hi - lo) keys of [lo, hi) = [min(sink, n), max(n - local, lo)) are read,
@@ -220,9 +220,13 @@ int ds_decode_rows(const void *q, int64_t q_sb, int64_t q_sh,
                     for (int i = 0; i < count; i++) {
                         int64_t off = l_base + (t0 + i) * l_sn;
                         if (dtype == 0) rows[i] = (const float *)labels + off;
-                        else { load_row(labels, off, dtype, R, lbuf + (int64_t)i * R); rows[i] = lbuf + (int64_t)i * R; }
+                        else {
+                            load_row(labels, off, dtype, R, lbuf + (int64_t)i * R);
+                            rows[i] = lbuf + (int64_t)i * R;
+                        }
                     }
-                    for (int g = 0; g < G; g++) dot_rows(approx + (int64_t)g * nv + t0, qlab + (int64_t)g * R, rows, count, R);
+                    for (int g = 0; g < G; g++)
+                        dot_rows(approx + (int64_t)g * nv + t0, qlab + (int64_t)g * R, rows, count, R);
                 }
             }
             /* key scores: the raw approximation for one head, else the group's summed softmaxes */
