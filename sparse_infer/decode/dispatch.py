@@ -317,8 +317,9 @@ def decode_attention(rt, module, query, key, value, mask, scaling, kwargs):
         mask = torch.zeros(1, 1, 1, n, dtype=torch.bool, device=key.device)
         mask[..., n - window:] = True
     # a mask that hides a prefix of each row (left padding) is also given as per-row starts, which
-    # the fused C calls take; one that hides nothing is dropped: selectors take their cheaper path
-    starts = visible_suffix_starts(mask, B)
+    # the fused C calls take (only the cpu executor has them); one that hides nothing is dropped:
+    # selectors take their cheaper path
+    starts = visible_suffix_starts(mask, B) if executor == "cpu" else None
     if starts is not None:
         hides_nothing = not bool(starts.any())
     else:
