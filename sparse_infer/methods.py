@@ -128,6 +128,9 @@ class DecodeSelector(Method):
     select_and_attend_cpu: ClassVar[Callable | None] = None
     # among equally cheap candidates the profiler keeps the one with the lowest priority
     search_priority: ClassVar[int] = 100
+    # ranks keys by the query: a retrieval head may take it (SearchSettings.retrieval_dense);
+    # a selector declares it, as one that keeps keys regardless of the query must not
+    query_aware: ClassVar[bool] = False
     # True: the dispatcher calls attend() (the selector reads the whole cache itself) instead of select()
     attends_whole_cache: ClassVar[bool] = False
 
@@ -165,6 +168,11 @@ class DecodeSelector(Method):
 
     def search_grid(self, n: int) -> list[dict]:
         return []
+
+    def search_variants(self, settings) -> list[dict]:
+        """Fixed params the search tries as candidates of their own (each its own grid and rule),
+        e.g. another scoring; `settings` is the profiler's SearchSettings."""
+        return [{}]
 
     def search_cost(self, params: dict, n: int, head_dim: int, channels: int) -> float:
         """Share of the dense decode K/V traffic (2*n*D values) the method reads."""
@@ -250,6 +258,12 @@ def decode_selector(name: str) -> DecodeSelector:
 
 
 # --------------------------------------------------------------------------- helpers for the profiler hooks
+def budget_grid(lo: int, hi: int) -> list[int]:
+    """Powers of two from lo and the points halfway between them in ratio (x1.5): budgets near
+    a tenth of a long cache are otherwise rounded up to an eighth (32K: 3,072, not 4,096)."""
+    return sorted({v for p in pow2_grid(lo, hi) for v in (p, p * 3 // 2) if v <= max(hi, lo)})
+
+
 def pow2_grid(lo: int, hi: int) -> list[int]:
     out, v = [], lo
     while v <= max(hi, lo):

@@ -240,7 +240,7 @@ def _flat_curves(heads: int, length: int) -> dict:
 
     half = length // 2
     ones = torch.ones(heads, half, dtype=torch.float64)
-    return {"token_select": ones, "quest": ones[:, : half // QUEST_PAGE],
+    return {"token_select": ones, "token_select_int8": ones, "quest": ones[:, : half // QUEST_PAGE],
             "streaming": {s: ones for s in STREAMING_SINKS}, "last_k": ones}
 
 

@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from sparse_infer.methods import DecodeSelector, Param, combine_budget, curve_at, pow2_grid, resolve
+from sparse_infer.methods import DecodeSelector, Param, budget_grid, combine_budget, curve_at, resolve
 from sparse_infer.params import nonneg_int, parse_budget
 
 NEG_INF = float("-inf")
@@ -216,7 +216,7 @@ class BudgetedSelector(DecodeSelector):
 
     def search_grid(self, n):
         half = max(n // 2, 64)              # the recall curves stop at half the cache (layer.curve_size)
-        return [{"budget": b} for b in pow2_grid(16, half)]
+        return [{"budget": b} for b in budget_grid(16, half)]
 
     def search_recall(self, curves, params, n):
         return curve_at(curves[self.name], resolve(params["budget"], n))

@@ -199,6 +199,7 @@ class DoubleSparsity(BudgetedSelector):
     State = LabelCacheState
     select_and_attend_cpu = staticmethod(select_and_attend_cpu)
     search_priority = 3
+    query_aware = True
 
     def check_head_dim(self, rule, path, head_dim, where):
         """The channels read of each key: a count or indices within head_dim."""

@@ -29,7 +29,7 @@ from sparse_infer.decode.common import (
 )
 from sparse_infer.decode.fused_cpu import check_fused_step, fused_argtypes, fused_step
 from sparse_infer.kernels.cpu_decode import refuse_unsupported
-from sparse_infer.methods import Param, SideState, curve_at, pow2_grid, register, resolve
+from sparse_infer.methods import Param, SideState, budget_grid, curve_at, register, resolve
 from sparse_infer.params import positive_int
 
 QUEST_PAGE = 16     # the default page, and the page the profiler's recall curves use
@@ -192,6 +192,7 @@ class Quest(BudgetedSelector):
     State = PageBoundsState
     select_and_attend_cpu = staticmethod(select_and_attend_cpu)
     search_priority = 2
+    query_aware = True
 
     def select(self, inp, rule, state):
         return select(inp, rule, state)
@@ -202,7 +203,7 @@ class Quest(BudgetedSelector):
 
     def search_grid(self, n):
         half = max(n // 2, 64)              # the recall curves stop at half the cache (layer.curve_size)
-        return [{"page": QUEST_PAGE, "budget": b} for b in pow2_grid(QUEST_PAGE, half)]
+        return [{"page": QUEST_PAGE, "budget": b} for b in budget_grid(QUEST_PAGE, half)]
 
     def search_cost(self, params, n, head_dim, channels):
         # reads per-page min and max keys, then K/V of the chosen pages

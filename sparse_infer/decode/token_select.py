@@ -42,7 +42,7 @@ from sparse_infer.decode.common import (
     top_tokens,
     vote,
 )
-from sparse_infer.methods import BenchCase, Param, SideState, register, resolve
+from sparse_infer.methods import BenchCase, Param, SideState, curve_at, register, resolve
 from sparse_infer.params import PlanError
 
 
@@ -220,17 +220,44 @@ class TokenSelect(BudgetedSelector):
     State = TokenSelectState
     select_and_attend_cpu = staticmethod(select_and_attend_cpu)
     search_priority = 1
+    query_aware = True
 
     def select(self, inp, rule, state):
         return select(inp, rule, state)
 
     def search_curves(self, inputs, channels=None):
-        # the scores are exact, so the ranking is the true attention (summed per group when shared)
-        return self.ranked_curve(inputs, inputs.group_sum(inputs.probs, inputs.groups) if inputs.shared else None)
+        # exact scores rank as the true attention does (summed per group when shared)
+        exact = self.ranked_curve(inputs, inputs.group_sum(inputs.probs, inputs.groups) if inputs.shared else None)
+        approx = self._int8_ranking(inputs)
+        if inputs.shared:
+            approx = inputs.group_vote(approx, inputs.visible.expand(approx.shape[0], -1, -1), inputs.groups)
+        int8 = self.ranked_curve(inputs, approx)
+        return {(self.name,): exact[(self.name,)], (self.name + "_int8",): int8[(self.name,)]}
+
+    @staticmethod
+    def _int8_ranking(inputs) -> torch.Tensor:
+        """(Hq, dq, n) the scores `scoring: int8` ranks by, for the stand-in queries: the same
+        int8_scores as decode, the dq queries of a head quantized one by one as decode does."""
+        hq, dq, D = inputs.query.shape
+        codes, scales = quantize_keys(inputs.key[None])                      # (1, Hkv, n, D)
+        scores = int8_scores(inputs.query.reshape(1, hq * dq, D), codes, scales, inputs.scaling, None)
+        return scores.reshape(hq, dq, -1)
+
+    def search_variants(self, settings):
+        return [{}, {"scoring": "int8"}] if getattr(settings, "int8_scoring", True) else [{}]
+
+    def search_recall(self, curves, params, n):
+        name = self.name + "_int8" if params.get("scoring") == "int8" else self.name
+        return curve_at(curves[name], resolve(params["budget"], n))
 
     def search_cost(self, params, n, head_dim, channels):
+        rows = resolve(params["budget"], n) + SELECTOR_SINK + SELECTOR_LOCAL
+        if params.get("scoring") == "int8":
+            # scores from int8 codes (D bytes a key, a quarter of an fp32 key) and a 4-byte scale,
+            # then reads K and V of the chosen keys (fp32 cache assumed)
+            return min(1.0, (head_dim + 4) / (8 * head_dim) + rows / n)
         # scores every key (reads all of K), then reads V of the chosen ones
-        return min(1.0, 0.5 + (resolve(params["budget"], n) + SELECTOR_SINK + SELECTOR_LOCAL) / (2 * n))
+        return min(1.0, 0.5 + rows / (2 * n))
 
     def bench_cases(self, budget):
         return [BenchCase(self.name, {"budget": budget}),

@@ -45,6 +45,21 @@ _PACKAGE = Path(__file__).resolve().parents[1]
 SOURCES = (_PACKAGE / "kernels" / "cpu_decode.c", _PACKAGE / "decode" / "quest.c",
            _PACKAGE / "decode" / "double_sparsity.c", _PACKAGE / "decode" / "fingerprint.c")
 HEADERS = (_PACKAGE / "kernels" / "cpu_attend.h", _PACKAGE / "decode" / "cpu_select.h")
+
+
+def read_sources() -> dict[str, bytes]:
+    """{"dir/name": bytes} of every source and header of the library."""
+    return {f"{path.parent.name}/{path.name}": path.read_bytes() for path in (*SOURCES, *HEADERS)}
+
+
+# Read once, when this module is imported (the library is built later, at its first use): the
+# library is then built from the code this process's ctypes prototypes were written against,
+# even if a file is edited while a long run goes on (which crashed such a run).
+try:
+    _TEXTS: dict[str, bytes] | None = read_sources()
+    _UNREADABLE = None
+except OSError as err:            # an install without them: decode runs without the C kernel
+    _TEXTS, _UNREADABLE = None, f"cannot read the CPU kernel's sources: {err}"
 # reassociation lets the dot-product and softmax-sum loops vectorize; no -ffinite-math-only: the
 # kernel marks unused slots with -inf
 _FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math",
@@ -162,10 +177,16 @@ def _compile(cc: str, directory: Path, key: str) -> None:
     os.close(fd)
     record_tmp = None
     try:
-        # every header's directory: decode/cpu_select.h includes kernels/cpu_attend.h
-        includes = [f"-I{d}" for d in sorted({h.parent for h in HEADERS})]
-        done = subprocess.run([cc, *_FLAGS, *includes, "-o", tmp, *map(str, SOURCES), "-lm"],
-                              capture_output=True, text=True)
+        with tempfile.TemporaryDirectory(prefix="sparse_infer-src-") as src:
+            # the texts read at import, in the package's layout
+            for name, text in _TEXTS.items():
+                (Path(src) / name).parent.mkdir(exist_ok=True)
+                (Path(src) / name).write_bytes(text)
+            sources = [str(Path(src) / f"{p.parent.name}/{p.name}") for p in SOURCES]
+            # every header's directory: decode/cpu_select.h includes kernels/cpu_attend.h
+            includes = sorted({f"-I{Path(src) / p.parent.name}" for p in HEADERS})
+            done = subprocess.run([cc, *_FLAGS, *includes, "-o", tmp, *sources, "-lm"],
+                                  capture_output=True, text=True)
         if done.returncode:
             names = ", ".join(s.name for s in SOURCES)
             raise CpuKernelUnavailable(f"compiling {names} failed:\n{done.stderr.strip()}")
@@ -187,12 +208,15 @@ def _compile(cc: str, directory: Path, key: str) -> None:
 
 
 def build_key(cc: str) -> str:
-    """The name a build is cached under: a change in any source or header, the flags, the
-    compiler or the host gives another name, so a stale library is never loaded for it."""
+    """The name a build is cached under: a change in any source or header (as read at import),
+    the flags, the compiler or the host gives another name, so a stale library is never loaded
+    for it."""
+    if _TEXTS is None:
+        raise CpuKernelUnavailable(_UNREADABLE)
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     parts = [" ".join(_FLAGS).encode(), version.encode(), platform.machine().encode(), platform.node().encode()]
-    for path in (*SOURCES, *HEADERS):        # named, so that moving code between files counts too
-        parts += [f"{path.parent.name}/{path.name}".encode(), path.read_bytes()]
+    for name, text in _TEXTS.items():         # named, so that moving code between files counts too
+        parts += [name.encode(), text]
     # -march=native: the library is only valid on this kind of CPU, so the host is in the key
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 

@@ -56,6 +56,19 @@ def profile_command(
         help="'group': one decode selection per GQA group (the group's soft vote), chosen so every head of the "
              "group keeps the target recall; 'head': one per query head, priced at (query heads per kv head) x "
              "its share of the cache, as it is gathered once per query head.")] = "group",
+    int8_scoring: Annotated[bool, typer.Option(
+        "--int8-scoring/--no-int8-scoring",
+        help="Let token_select rank keys by int8 codes (scoring: int8; it pays on CPU, where the cost model "
+             "is measured; other devices score exactly).")] = True,
+    retrieval_heads: Annotated[str, typer.Option(
+        "--retrieval-heads", help="'dense': a retrieval head's decode keeps the whole cache (with per-group "
+                                  "selections, its whole GQA group); 'select': it may take a query-aware "
+                                  "selector (not streaming) that keeps the target recall on the queries "
+                                  "copying the answer.")] = "dense",
+    decode_only: Annotated[bool, typer.Option(
+        "--decode-only", help="Profile decode only: prefill stays dense and its statistics (a whole causal "
+                              "attention per head) are skipped, so long lengths take about one dense forward "
+                              "per sample.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the progress bar.")] = True,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
 ) -> None:
@@ -64,10 +77,13 @@ def profile_command(
     from sparse_infer.profiler.report import summary_table
 
     console = _console(stderr=True)
+    if retrieval_heads not in ("dense", "select"):
+        raise typer.BadParameter(f"--retrieval-heads must be 'dense' or 'select', got {retrieval_heads!r}")
     config = ProfileConfig(seq_len=seq_len, samples=samples, target_recall=target_recall, min_seq_len=min_seq_len,
                            seed=seed, channels=channels, block_size=block_size,
                            retrieval_threshold=retrieval_threshold, group_slack=group_slack,
-                           decode_granularity=decode_granularity)
+                           decode_granularity=decode_granularity, int8_scoring=int8_scoring,
+                           decode_only=decode_only, retrieval_dense=retrieval_heads == "dense")
     try:
         config.validate()
     except ValueError as exc:

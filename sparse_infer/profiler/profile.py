@@ -47,9 +47,16 @@ class ProfileConfig:
     decode_granularity: str = "group"       # see SearchSettings.decode_granularity
     lengths: tuple[int, ...] | None = None  # default: (seq_len // 2, seq_len)
     decode_queries: int = 32      # last queries standing in for decode steps (answer tokens included)
-    # torch threads while profiling: per-block statistics are many small ops, and on a shared
-    # CPU extra threads mostly wait on each other (measured 25x slower with 2 busy cores)
-    threads: int | None = 1
+    # measure decode only: prefill stays dense and its blockwise statistics (a whole causal
+    # attention per head and prompt) are skipped, which makes long lengths affordable
+    decode_only: bool = False
+    int8_scoring: bool = True               # see SearchSettings.int8_scoring
+    retrieval_dense: bool = True            # see SearchSettings.retrieval_dense
+    # torch threads while profiling (None: leave torch's setting). "auto": one for a full
+    # profile, whose per-block statistics are many small ops that extra threads on a shared
+    # CPU mostly wait on (measured 25x slower with 2 busy cores); torch's setting for
+    # --decode-only, whose work is a few large matmuls and the layers' forwards
+    threads: int | str | None = "auto"
 
     def resolved_lengths(self) -> tuple[int, ...]:
         if self.lengths:
@@ -76,13 +83,16 @@ class ProfileConfig:
             raise ValueError(f"--group-slack must be >= 0 (inf = one rule per kv group), got {self.group_slack}")
         if self.decode_granularity not in ("group", "head"):
             raise ValueError(f"--decode-granularity must be 'group' or 'head', got {self.decode_granularity!r}")
+        if not (self.threads in ("auto", None) or (isinstance(self.threads, int) and self.threads >= 1)):
+            raise ValueError(f"threads must be 'auto', None or a positive int, got {self.threads!r}")
         if self.min_seq_len is not None and self.min_seq_len < 0:
             raise ValueError(f"--min-seq-len must be >= 0, got {self.min_seq_len}")
 
     def settings(self) -> SearchSettings:
         return SearchSettings(target_recall=self.target_recall, block_size=self.block_size,
                               retrieval_threshold=self.retrieval_threshold, channels=self.channels,
-                              group_slack=self.group_slack, decode_granularity=self.decode_granularity)
+                              group_slack=self.group_slack, decode_granularity=self.decode_granularity,
+                              int8_scoring=self.int8_scoring, retrieval_dense=self.retrieval_dense)
 
     def command(self, model_name: str, out: str | None) -> str:
         """The exact `sparse-infer profile` command line that reproduces this run."""
@@ -102,6 +112,12 @@ class ProfileConfig:
             parts += ["--group-slack", f"{self.group_slack:g}"]
         if self.decode_granularity != "group":
             parts += ["--decode-granularity", self.decode_granularity]
+        if not self.retrieval_dense:
+            parts += ["--retrieval-heads", "select"]
+        if not self.int8_scoring:
+            parts += ["--no-int8-scoring"]
+        if self.decode_only:
+            parts += ["--decode-only"]
         return shlex.join(parts)
 
 
@@ -168,7 +184,10 @@ def profile_model(model, tokenizer, config: ProfileConfig | None = None, *, name
     was_training = model.training
     model.eval()
     runs_per_layer = sum(len(s.turns) for s in samples)
-    with _progress(progress, console) as bar, layerwise(model) as runner, _threads(config.threads):
+    threads = config.threads
+    if threads == "auto":
+        threads = None if config.decode_only else 1
+    with _progress(progress, console) as bar, layerwise(model) as runner, _threads(threads):
         t_prep = bar.add_task("embedding prompts", total=len(samples))
         states = []
         for s in samples:
@@ -197,7 +216,8 @@ def profile_model(model, tokenizer, config: ProfileConfig | None = None, *, name
 
             bar.update(t_samples, description=f"layer {layer}: statistics {names[0]}")
             reports.append(analyze_layer(runs, settings, block_size=config.block_size,
-                                         decode_queries=config.decode_queries, on_run=on_run))
+                                         decode_queries=config.decode_queries, on_run=on_run,
+                                         prefill=not config.decode_only))
             del runs
             bar.advance(t_layers)
             if progress and not bar.console.is_terminal:
@@ -269,6 +289,9 @@ def build_plan(reports: list[list[HeadReport]], model, config: ProfileConfig, le
                                      for li, layer in enumerate(reports)} for L in lengths},
         "retrieval_heads": retrieval,
     }
+    if config.decode_only:          # nothing of prefill was measured
+        for key in ("prefill_density", "prefill_recall", "head_prefill_density"):
+            del measured[key]
     from sparse_infer import __version__
 
     profile = {
@@ -289,6 +312,9 @@ def build_plan(reports: list[list[HeadReport]], model, config: ProfileConfig, le
         "retrieval_threshold": config.retrieval_threshold,
         "group_slack": config.group_slack,
         "decode_granularity": config.decode_granularity,
+        "int8_scoring": config.int8_scoring,
+        "retrieval_dense": config.retrieval_dense,
+        "decode_only": config.decode_only,
         "measured": measured,
     }
     raw = {

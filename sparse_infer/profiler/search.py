@@ -44,6 +44,12 @@ class SearchSettings:
     # rule for the group) or one per query head ("head", priced at G x its own share of the
     # traffic: it is gathered once per query head, dense reads each kv head once)
     decode_granularity: str = "group"
+    # token_select may rank keys by int8 codes (a CPU setting: the cost model is the CPU
+    # kernel's, which reads a quarter of K's fp32 bytes to score); off for plans meant for GPUs
+    int8_scoring: bool = True
+    # a retrieval head (it copies from the context) keeps the whole cache; False lets it take a
+    # query-aware selector (never streaming) whose curves keep the target on the copying queries
+    retrieval_dense: bool = True
 
 
 def params_key(params: dict) -> tuple:
@@ -358,37 +364,44 @@ def decode_cost_factor(settings: SearchSettings, num_heads: int, num_kv_heads: i
     return num_heads // num_kv_heads if settings.decode_granularity == "head" else 1
 
 
+def _cheapest_rule(method, variant: dict, curves: dict[int, dict], heads: list[int], head_dim: int,
+                   settings: SearchSettings, channel_list) -> Choice | None:
+    """The cheapest params of one method variant keeping the target recall for `heads` at every
+    length, combined across lengths into one rule; None when some length has none."""
+    lengths = sorted(curves)
+    points = {}
+    for L in lengths:
+        found = None
+        for grid_params in method.search_grid(L):
+            params = {**grid_params, **variant}
+            if float(method.search_recall(curves[L], params, L)[heads].min()) >= settings.target_recall:
+                cost = method.search_cost(params, L, head_dim, settings.channels)
+                if found is None or cost < found[1] - 1e-12:
+                    found = (params, cost)
+        if found is None:
+            return None
+        points[L] = found[0]
+    params = method.search_combine(points, channel_list)
+    if params is None:
+        return None
+    params = {**params, **variant}
+    return Choice(method.name, params, method.search_cost(params, lengths[-1], head_dim, settings.channels))
+
+
 def choose_decode(curves: dict[int, dict], heads: int | list[int], head_dim: int, settings: SearchSettings,
-                  channel_list: list[int] | None, cost_factor: int = 1) -> Choice:
+                  channel_list: list[int] | None, cost_factor: int = 1, query_aware_only: bool = False) -> Choice:
     """The cheapest decode rule under which every head of `heads` (one head, or a GQA group
     sharing one selection, read from shared curves) keeps the target recall at every length."""
     heads = [heads] if isinstance(heads, int) else list(heads)
-    lengths = sorted(curves)
-    longest = lengths[-1]
     best = DENSE_CHOICE
     for name in decode_candidates():
         method = DECODE_SELECTORS[name]
-        if not method.search_available(channel_list):
+        if not method.search_available(channel_list) or (query_aware_only and not method.query_aware):
             continue
-        points = {}
-        for L in lengths:
-            found = None
-            for params in method.search_grid(L):
-                if float(method.search_recall(curves[L], params, L)[heads].min()) >= settings.target_recall:
-                    cost = method.search_cost(params, L, head_dim, settings.channels)
-                    if found is None or cost < found[1] - 1e-12:
-                        found = (params, cost)
-            if found is None:
-                break
-            points[L] = found[0]
-        if len(points) != len(lengths):
-            continue
-        params = method.search_combine(points, channel_list)
-        if params is None:
-            continue
-        cost = method.search_cost(params, longest, head_dim, settings.channels)
-        if cost < best.cost - 1e-12:
-            best = Choice(name, params, cost)
+        for variant in method.search_variants(settings):
+            found = _cheapest_rule(method, variant, curves, heads, head_dim, settings, channel_list)
+            if found is not None and found.cost < best.cost - 1e-12:
+                best = found
     if best.cost * cost_factor >= settings.decode_cutoff:
         return DENSE_CHOICE
     return best

@@ -119,6 +119,31 @@ def attention_stats(query: torch.Tensor, key: torch.Tensor, *, scaling: float, b
                           torch.arange(first_last, n))
 
 
+def last_attention(query: torch.Tensor, key: torch.Tensor, *, scaling: float, decode_queries: int = 64,
+                   mask: torch.Tensor | None = None, softcap: float | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Only the decode statistics of attention_stats: the exact attention rows (Hq, dq, n) of the
+    last dq queries and their positions (dq,), without the blockwise prefill reductions (which
+    cost a whole causal attention per head: the bulk of profiling a long prompt)."""
+    hq, n, d = query.shape
+    hkv = key.shape[0]
+    mask = _bool_mask(mask)
+    dq = min(decode_queries, n)
+    pos = torch.arange(n - dq, n)
+    # a group's query rows stacked against its one kv head: K is not copied per query head
+    q = (query[:, n - dq:].float() * scaling).reshape(hkv, -1, d)
+    s = (q @ key.float().transpose(-1, -2)).reshape(hq, dq, n)
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    allowed = torch.arange(n)[None, :] <= pos[:, None]                     # causal
+    if mask is not None:
+        allowed = allowed & mask.reshape(-1, *mask.shape[-2:])[..., -n:, -n:][:, n - dq:]
+    probs = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)
+    if mask is not None:
+        probs = probs.nan_to_num_(0.0)                                     # fully masked rows keep no mass
+    return probs, pos
+
+
 # --------------------------------------------------------------------------- index geometry
 def block_bitmap(index: BlockSparseIndex, n: int) -> torch.Tensor:
     """bool (Hi, NQB, NKB) of selected kv blocks (batch 1, full prefill: NQB == NKB)."""

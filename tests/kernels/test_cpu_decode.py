@@ -287,7 +287,13 @@ def _copied_sources(monkeypatch, tmp_path):
         copies[f"{path.parent.name}/{path.name}"] = copy
     monkeypatch.setattr(cpu_decode, "SOURCES", tuple(copies[f"{p.parent.name}/{p.name}"] for p in cpu_decode.SOURCES))
     monkeypatch.setattr(cpu_decode, "HEADERS", tuple(copies[f"{p.parent.name}/{p.name}"] for p in cpu_decode.HEADERS))
+    _reread(monkeypatch)
     return copies
+
+
+def _reread(monkeypatch):
+    """What a new process would read at import."""
+    monkeypatch.setattr(cpu_decode, "_TEXTS", cpu_decode.read_sources())
 
 
 def test_the_build_covers_every_c_file_and_include():
@@ -307,7 +313,20 @@ def test_a_change_to_any_source_or_header_changes_the_build_key(name, monkeypatc
     before = cpu_decode.build_key("cc")
     assert cpu_decode.build_key("cc") == before
     copies[name].write_bytes(copies[name].read_bytes() + b"\n/* edited */\n")
+    assert cpu_decode.build_key("cc") == before          # this process keeps what it read at import
+    _reread(monkeypatch)
     assert cpu_decode.build_key("cc") != before
+
+
+def test_a_source_edited_after_import_is_not_what_gets_built(fresh_kernel, monkeypatch, tmp_path):
+    """The library is built at its first use, maybe long after import: it is built from the
+    sources as read at import (which the ctypes prototypes match), not from the files then."""
+    copies = _copied_sources(monkeypatch, tmp_path)
+    for copy in copies.values():
+        copy.write_text("this is not C\n")
+    _forget_library(monkeypatch)
+    assert cpu_kernel_available(), cpu_decode.cpu_kernel_problem()
+    _check_still_correct()
 
 
 def test_a_changed_method_source_is_rebuilt(fresh_kernel, monkeypatch, tmp_path):
@@ -318,6 +337,7 @@ def test_a_changed_method_source_is_rebuilt(fresh_kernel, monkeypatch, tmp_path)
     assert len(first) == 2                             # one library and its record
     edited = copies["decode/quest.c"]
     edited.write_text(edited.read_text() + "\n/* edited */\n")
+    _reread(monkeypatch)
     _forget_library(monkeypatch)
     compiled = []
     real_compile = cpu_decode._compile
@@ -327,3 +347,13 @@ def test_a_changed_method_source_is_rebuilt(fresh_kernel, monkeypatch, tmp_path)
     added = sorted(p.name for p in set(directory.iterdir()) - first)
     assert len(added) == 2 and added[0].endswith(".so") and added[1].endswith(".sha256")
     _check_still_correct()
+
+
+def test_unreadable_sources_leave_decode_without_the_kernel_not_broken(fresh_kernel, monkeypatch):
+    monkeypatch.setattr(cpu_decode, "_TEXTS", None)
+    monkeypatch.setattr(cpu_decode, "_UNREADABLE", "cannot read the CPU kernel's sources: gone")
+    _forget_library(monkeypatch)
+    with pytest.warns(RuntimeWarning, match="cannot read the CPU kernel's sources"):
+        assert not cpu_kernel_available()
+    with pytest.raises(cpu_decode.CpuKernelUnavailable, match="gone"):
+        cpu_decode.build_key("cc")

@@ -183,3 +183,30 @@ def test_decode_granularity_head_is_recorded_in_the_command_and_the_plan(tiny_di
     plan = load_plan(out, tiny_model("llama").config)
     assert plan.decode.granularity == "head" and plan.profile["decode_granularity"] == "head"
     assert "--decode-granularity head" in plan.profile["command"]
+
+def test_decode_only_profile_keeps_prefill_dense_and_decides_decode_as_a_full_profile(cli_plan, tiny_dir,
+                                                                                     tmp_path):
+    out = tmp_path / "decode_only.yaml"
+    res = CliRunner().invoke(app, ["profile", str(tiny_dir), "--out", str(out), *ARGS, "--decode-only"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    config = tiny_model("llama").config
+    plan, full = load_plan(out, config), load_plan(cli_plan, config)
+    heads = [(layer, h) for layer in range(config.num_hidden_layers) for h in range(config.num_attention_heads)]
+    assert all(plan.prefill.rule(layer, h).kind == "dense" for layer, h in heads)
+    assert [repr(plan.decode.rule(*at)) for at in heads] == [repr(full.decode.rule(*at)) for at in heads]
+    prof = plan.profile
+    assert prof["decode_only"] is True and prof["command"].endswith("--decode-only")
+    assert "prefill_density" not in prof["measured"] and prof["measured"]["decode_cost"] == \
+        full.profile["measured"]["decode_cost"]
+
+
+def test_decode_options_are_recorded_and_checked(tiny_dir, tmp_path):
+    config = ProfileConfig(seq_len=1024, decode_only=True, retrieval_dense=False, int8_scoring=False)
+    assert config.command("m", None).endswith("--retrieval-heads select --no-int8-scoring --decode-only")
+    settings = config.settings()
+    assert settings.retrieval_dense is False and settings.int8_scoring is False
+    assert "--decode-only" not in ProfileConfig(seq_len=1024).command("m", None)
+    res = CliRunner().invoke(app, ["profile", str(tiny_dir), "--out", str(tmp_path / "x.yaml"), *ARGS,
+                                   "--retrieval-heads", "some"])
+    assert res.exit_code != 0 and "--retrieval-heads must be 'dense' or 'select'" in res.output
+    assert not (tmp_path / "x.yaml").exists()

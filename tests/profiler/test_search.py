@@ -132,7 +132,8 @@ def _ramp_curves(n, full_at_per_head):
         return torch.clamp((torch.arange(points, dtype=torch.float64) + 1) / full_at, max=1.0)
 
     half, heads = n // 2, len(full_at_per_head)
-    return {"token_select": torch.stack([ramp(half, f) for f in full_at_per_head]),
+    exact = torch.stack([ramp(half, f) for f in full_at_per_head])
+    return {"token_select": exact, "token_select_int8": exact,
             "quest": torch.stack([ramp(half // QUEST_PAGE, max(1, f // QUEST_PAGE)) for f in full_at_per_head]),
             "streaming": {s: torch.full((heads, half), 0.5, dtype=torch.float64) for s in STREAMING_SINKS}}
 
@@ -171,3 +172,124 @@ def test_decode_is_decided_per_gqa_group_and_priced_per_selection():
     for g, p in zip(grouped, per_head):
         if g.decode == p.decode:
             assert all(abs(min(1.0, 2 * g.decode_cost[n]) - p.decode_cost[n]) < 1e-9 for n in LENGTHS)
+
+
+def _int8_curves(n, exact_full_at, int8_full_at):
+    """Token-select curves only (quest and streaming never reach the target): the exact ranking
+    is complete after exact_full_at keys, the int8 one after int8_full_at."""
+    import torch
+
+    from sparse_infer.decode.quest import QUEST_PAGE
+    from sparse_infer.decode.streaming import STREAMING_SINKS
+
+    half = n // 2
+
+    def ramp(full_at):
+        return torch.clamp((torch.arange(half, dtype=torch.float64) + 1) / full_at, max=1.0)[None]
+
+    return {"token_select": ramp(exact_full_at), "token_select_int8": ramp(int8_full_at),
+            "quest": torch.full((1, half // QUEST_PAGE), 0.5, dtype=torch.float64),
+            "streaming": {s: torch.full((1, half), 0.5, dtype=torch.float64) for s in STREAMING_SINKS}}
+
+
+def test_int8_scoring_is_searched_as_a_candidate_of_its_own():
+    """int8 scoring reads codes (a quarter of K) instead of K: it wins at the budget its own
+    (coarser) ranking needs, and is left out when the settings exclude it (plans for GPUs)."""
+    from sparse_infer.methods import resolve
+    from sparse_infer.profiler.search import choose_decode, decode_recall
+
+    curves = {n: _int8_curves(n, n // 16, n // 8) for n in LENGTHS}
+    n = max(LENGTHS)
+    choice = choose_decode(curves, 0, 64, SearchSettings(target_recall=0.95), None)
+    assert choice.pattern == "token_select" and choice.params["scoring"] == "int8"
+    budget = resolve(choice.params["budget"], n)
+    assert budget >= 0.95 * n / 8 and float(decode_recall(curves[n], "token_select", choice.params, n)[0]) >= 0.95
+    assert choice.cost == pytest.approx((64 + 4) / (8 * 64) + (budget + 16 + 64) / n)
+    exact = choose_decode(curves, 0, 64, SearchSettings(target_recall=0.95, int8_scoring=False), None)
+    assert exact.pattern == "token_select" and "scoring" not in exact.params
+    assert resolve(exact.params["budget"], n) < budget and exact.cost > choice.cost
+    # the int8 ranking never reaching the target leaves exact scoring
+    never = {L: _int8_curves(L, L // 10, L) for L in LENGTHS}
+    assert "scoring" not in choose_decode(never, 0, 64, SearchSettings(target_recall=0.95), None).params
+
+
+def test_query_aware_only_leaves_streaming_out():
+    """A retrieval head allowed a selector (--retrieval-heads select) never gets streaming, which
+    does not look at the query, even where streaming would be cheapest."""
+    import torch
+
+    from sparse_infer.decode.streaming import STREAMING_SINKS
+    from sparse_infer.profiler.search import choose_decode
+
+    curves = {n: {**_int8_curves(n, n // 4, n // 4),
+                  "streaming": {s: torch.ones(1, n // 2, dtype=torch.float64) for s in STREAMING_SINKS}}
+              for n in LENGTHS}
+    settings = SearchSettings(target_recall=0.95)
+    assert choose_decode(curves, 0, 64, settings, None).pattern == "streaming"
+    assert choose_decode(curves, 0, 64, settings, None, query_aware_only=True).pattern == "token_select"
+
+
+def test_budget_grid_adds_the_points_halfway_in_ratio():
+    from sparse_infer.methods import budget_grid
+    assert budget_grid(16, 200) == [16, 24, 32, 48, 64, 96, 128, 192]
+    assert 3072 in budget_grid(16, 16384) and max(budget_grid(16, 16384)) == 16384
+
+
+def test_decode_only_analysis_keeps_prefill_dense_and_decides_decode_the_same():
+    import torch
+
+    runs = []
+    for n in LENGTHS:
+        q, k = planted_heads(n)
+        runs.append(LayerRun(n, q, k, scaling=1.0))
+    full = analyze_layer(runs, SearchSettings(block_size=BS), block_size=BS)
+    decode_only = analyze_layer(runs, SearchSettings(block_size=BS), block_size=BS, prefill=False)
+    assert any(r.prefill.pattern != "dense" for r in full)
+    assert all(r.prefill.pattern == "dense" for r in decode_only)
+    assert [r.decode for r in decode_only] == [r.decode for r in full]
+    for a, b in zip(full, decode_only):
+        assert a.decode_recall == pytest.approx(b.decode_recall, abs=1e-5)
+        assert a.channels == b.channels
+
+
+def _copying_runs():
+    """Two lengths of one kv group (2 query heads): head 0 copies a needle (its answer queries
+    look at the needle keys only); every other query looks at the first key, which every
+    selector keeps, so averaged over the decode queries a fixed window would do."""
+    import torch
+
+    runs = []
+    for n in LENGTHS:
+        d = 16
+        g = torch.Generator().manual_seed(n)
+        k = torch.randn(1, n, d, generator=g) * 0.1
+        needle = (n // 4, n // 4 + 3)
+        k[0, needle[0]:needle[1]] = torch.tensor([8.0] + [0.0] * (d - 1))
+        k[0, 0, 1] = 8.0                         # a sink every other query looks at
+        q = torch.randn(2, n, d, generator=g) * 0.1
+        q[:, :, 1] = 8.0
+        answer = [n - 2, n - 1]
+        for t in answer:
+            q[0, t - 1] = torch.tensor([8.0] + [0.0] * (d - 1))
+        ids = torch.arange(n)
+        ids[answer[0]:answer[1] + 1] = ids[needle[0]:needle[0] + 2]
+        runs.append(LayerRun(n, q, k, scaling=1.0, input_ids=ids[None], answer_positions=answer,
+                             needle_span=needle))
+    return runs
+
+
+def test_retrieval_heads_are_dense_or_take_a_query_aware_selector_that_keeps_the_answer():
+    from sparse_infer.methods import DECODE_SELECTORS
+    from sparse_infer.profiler.search import decode_recall
+
+    runs = _copying_runs()
+    settings = SearchSettings(block_size=BS, target_recall=0.9)
+    dense = analyze_layer(runs, settings, block_size=BS, prefill=False)
+    assert dense[0].retrieval_score >= 0.5
+    assert [r.decode.pattern for r in dense] == ["dense", "dense"]
+    chosen = analyze_layer(runs, SearchSettings(block_size=BS, target_recall=0.9, retrieval_dense=False),
+                           block_size=BS, prefill=False)
+    rule = chosen[0].decode
+    assert rule == chosen[1].decode and rule.pattern != "dense"
+    assert DECODE_SELECTORS[rule.pattern].query_aware
+    assert not DECODE_SELECTORS["streaming"].query_aware

@@ -8,7 +8,7 @@ from sparse_infer.methods import curve_at
 from sparse_infer.profiler.decode import CurveInputs, curve_entries, retrieval_hits
 from sparse_infer.profiler.search import evaluate_prefill_run, make_rule, params_key
 from sparse_infer.profiler.stats import (
-    attention_stats, channel_scores, index_head_density, index_recall, index_tail_recall,
+    attention_stats, channel_scores, index_head_density, index_recall, index_tail_recall, last_attention,
 )
 
 
@@ -189,7 +189,8 @@ def _selector_recall(kind, params, q, k, P, scaling, per_head=True):
 
 
 @pytest.mark.parametrize("kind,params", [("token_select", {"budget": 40}), ("quest", {"page": 16, "budget": 64}),
-                                         ("streaming", {"sink": 16, "local": 64})])
+                                         ("streaming", {"sink": 16, "local": 64}),
+                                         ("token_select", {"budget": 40, "scoring": "int8"})])
 def test_decode_curves_match_the_decode_selectors(kind, params):
     from sparse_infer.profiler.search import decode_recall
     q, k = _inputs(n=400)
@@ -210,7 +211,8 @@ def test_double_sparsity_curve_matches_the_selector():
 
 
 @pytest.mark.parametrize("kind,params", [("token_select", {"budget": 40}), ("quest", {"page": 16, "budget": 64}),
-                                         ("double_sparsity", {"channels": [1, 4, 7, 9], "budget": 48})])
+                                         ("double_sparsity", {"channels": [1, 4, 7, 9], "budget": 48}),
+                                         ("token_select", {"budget": 40, "scoring": "int8"})])
 def test_shared_decode_curves_match_one_selection_per_gqa_group(kind, params):
     """With shared=True each head is scored on its group's soft-vote selection, as the runtime
     selects for a whole GQA group; the per-head curves would overstate what a head keeps."""
@@ -238,3 +240,47 @@ def test_retrieval_hits_count_copying_heads():
     hits, count = retrieval_hits(probs, pos, ids, [45, 46, 47], (10, 13))
     assert count == 3
     assert hits.tolist() == [3.0, 0.0]
+
+
+def test_int8_curve_ranks_as_int8_scoring_does_not_as_the_true_attention():
+    """The int8 curve is measured on the int8 ranking: on keys whose scores differ by less than
+    int8 resolution it keeps less than the exact (oracle) curve for some head."""
+    q, k = _inputs(n=400, seed=5)
+    P = _dense_probs(q, k, 0.25)
+    curves = _curves(P, torch.tensor([399]), q, k, scaling=0.25)
+    exact, int8 = curves["token_select"], curves["token_select_int8"]
+    assert (int8 <= exact + 1e-6).all() and (int8 < exact - 1e-4).any()
+
+
+def test_int8_ranking_of_many_stand_in_queries_is_each_query_scored_as_decode_does():
+    from sparse_infer.decode.token_select import TokenSelect, int8_scores, quantize_keys
+    q, k = _inputs(hq=6, hkv=2, n=200, seed=4)
+    P = _dense_probs(q, k, 0.25)
+    pos = torch.arange(195, 200)
+    inputs = CurveInputs(P[:, 195:], pos, q[:, 195:], k, scaling=0.25)
+    got = TokenSelect._int8_ranking(inputs)                                      # (Hq, dq, n)
+    codes, scales = quantize_keys(k[None])
+    for j in range(5):
+        want = int8_scores(q[None, :, 195 + j], codes, scales, 0.25, None).reshape(6, -1)
+        assert torch.equal(got[:, j], want)
+
+
+@pytest.mark.parametrize("masked,softcap", [(None, None), ("bool", None), (None, 30.0), ("float", None),
+                                            ("per_head", None), ("longer", None)])
+def test_last_attention_equals_the_last_rows_of_the_blockwise_statistics(masked, softcap):
+    q, k = _inputs(n=300, seed=2)
+    mask = None
+    if masked:                                   # left padding of 20 keys
+        mask = torch.ones(300, 300, dtype=torch.bool)
+        mask[:, :20] = False
+        if masked == "float":                    # additive, as eager attention gets it
+            mask = torch.zeros(1, 1, 300, 300).masked_fill(~mask, torch.finfo(torch.float32).min)
+        elif masked == "per_head":               # and a window on head 1
+            mask = mask[None].repeat(4, 1, 1)
+            mask[1] &= torch.ones(300, 300, dtype=torch.bool).triu(-50)
+        elif masked == "longer":                 # a mask over more keys than the prompt's
+            mask = torch.cat([torch.zeros(300, 7, dtype=torch.bool), mask], 1)[None, None]
+    stats = attention_stats(q, k, scaling=0.3, block_size=32, decode_queries=40, mask=mask, softcap=softcap)
+    probs, pos = last_attention(q, k, scaling=0.3, decode_queries=40, mask=mask, softcap=softcap)
+    assert torch.equal(pos, stats.last_pos)
+    torch.testing.assert_close(probs, stats.last_probs, atol=1e-6, rtol=1e-5)
