@@ -203,7 +203,8 @@ class Quest(BudgetedSelector):
 
     def search_grid(self, n):
         half = max(n // 2, 64)              # the recall curves stop at half the cache (layer.curve_size)
-        return [{"page": QUEST_PAGE, "budget": b} for b in budget_grid(QUEST_PAGE, half)]
+        # whole pages only: a budget between two is read as the larger (selected_budget)
+        return [{"page": QUEST_PAGE, "budget": b} for b in budget_grid(QUEST_PAGE, half) if b % QUEST_PAGE == 0]
 
     def search_cost(self, params, n, head_dim, channels):
         # reads per-page min and max keys, then K/V of the chosen pages
