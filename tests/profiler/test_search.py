@@ -233,6 +233,9 @@ def test_budget_grid_adds_the_points_halfway_in_ratio():
     from sparse_infer.methods import budget_grid
     assert budget_grid(16, 200) == [16, 24, 32, 48, 64, 96, 128, 192]
     assert 3072 in budget_grid(16, 16384) and max(budget_grid(16, 16384)) == 16384
+    from sparse_infer.decode.quest import QUEST_PAGE, Quest
+    quest = [p["budget"] for p in Quest().search_grid(4096)]
+    assert 48 in quest and all(b % QUEST_PAGE == 0 for b in quest)      # whole pages: 24 is not one
 
 
 def test_decode_only_analysis_keeps_prefill_dense_and_decides_decode_the_same():
