@@ -87,7 +87,9 @@ def analyze_layer(runs: list[LayerRun], settings: SearchSettings, *, block_size:
     shared = settings.decode_granularity == "group" and G > 1     # one decode selection per kv head
     prefill_tables: dict[int, MeanTable] = {}
     decode_tables: dict[int, MeanTable] = {}
-    answer_tables: dict[int, MeanTable] = {}     # the answer-copying queries only
+    # the answer-copying queries only: needed when a retrieval head may take a selector
+    answer_tables: dict[int, MeanTable] = {}
+    answer_curves = not settings.retrieval_dense
     chan = torch.zeros(hq, head_dim)
     hits, copies = torch.zeros(hq), 0
     vshare, sshare = torch.zeros(hq), torch.zeros(hq)
@@ -111,7 +113,7 @@ def analyze_layer(runs: list[LayerRun], settings: SearchSettings, *, block_size:
         curves = CurveInputs(last_probs, last_pos, q_last, run.key, scaling=run.scaling,
                              size=curve_size(run.length), shared=shared)
         decode_tables.setdefault(run.length, MeanTable()).add(curve_entries(curves))
-        answer = _answer_inputs(run, last_probs, last_pos, shared)
+        answer = _answer_inputs(run, last_probs, last_pos, shared) if answer_curves else None
         if answer is not None:
             answer_tables.setdefault(run.length, MeanTable()).add(curve_entries(answer))
         chan += channel_scores(run.query, run.key)
@@ -134,7 +136,7 @@ def analyze_layer(runs: list[LayerRun], settings: SearchSettings, *, block_size:
         curves = CurveInputs(last_probs, last_pos, run.query[:, last_pos], run.key, scaling=run.scaling,
                              size=curve_size(run.length), shared=shared)
         decode_tables[run.length].add(curve_entries(curves, channels))
-        answer = _answer_inputs(run, last_probs, last_pos, shared)
+        answer = _answer_inputs(run, last_probs, last_pos, shared) if answer_curves else None
         if answer is not None:
             answer_tables[run.length].add(curve_entries(answer, channels))
 
