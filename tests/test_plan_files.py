@@ -232,3 +232,13 @@ def test_plan_check_with_a_model_bounds_channels_by_its_head_dim(tmp_path):
     res = CliRunner().invoke(app, ["plan", "check", str(path), "--model", str(tmp_path / "m")])
     assert res.exit_code == 1 and res.output.strip().splitlines() == [
         "invalid plan: decode.default.channels: 17 channels exceed the model's head_dim 16"], res.output
+
+
+def test_every_plan_the_docs_cite_loads():
+    from pathlib import Path
+
+    files = sorted((Path(__file__).resolve().parent.parent / "docs" / "data" / "plans").glob("*.yaml"))
+    assert files, "docs/data/plans holds the plans docs/RESULTS.md and docs/PROFILER.md cite"
+    for path in files:
+        plan = load_plan(path)
+        assert plan.prefill is not None and plan.decode is not None, path

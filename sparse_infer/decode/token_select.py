@@ -228,11 +228,14 @@ class TokenSelect(BudgetedSelector):
     def search_curves(self, inputs, channels=None):
         # exact scores rank as the true attention does (summed per group when shared)
         exact = self.ranked_curve(inputs, inputs.group_sum(inputs.probs, inputs.groups) if inputs.shared else None)
+        out = {(self.name,): exact[(self.name,)]}
+        if {"scoring": "int8"} not in self.search_variants(getattr(inputs, "settings", None)):
+            return out           # --no-int8-scoring: no variant reads the int8 curve
         approx = self._int8_ranking(inputs)
         if inputs.shared:
             approx = inputs.group_vote(approx, inputs.visible.expand(approx.shape[0], -1, -1), inputs.groups)
-        int8 = self.ranked_curve(inputs, approx)
-        return {(self.name,): exact[(self.name,)], (self.name + "_int8",): int8[(self.name,)]}
+        out[(self.name + "_int8",)] = self.ranked_curve(inputs, approx)[(self.name,)]
+        return out
 
     @staticmethod
     def _int8_ranking(inputs) -> torch.Tensor:

@@ -315,6 +315,19 @@ def bf16_copy(model: Any) -> Any:
     return copy.deepcopy(model).to(torch.bfloat16)
 
 
+def floor_figures(model: Any, prompt: FidelityPrompt, positions: Sequence[int], reference: torch.Tensor,
+                  cache: FloorCache, key: str, bf16_model: Any = None) -> tuple[dict, Any]:
+    """The bf16 floor's figures for `prompt` (from `cache`, else measured and cached) and the bf16
+    copy of the model, made only when needed and returned for reuse on the next prompt."""
+    figures = cache.get(key)
+    if figures is None:
+        if bf16_model is None:
+            bf16_model = bf16_copy(model)
+        figures = compare(reference, next_token_logprobs(bf16_model, prompt.input_ids, positions), positions, prompt)
+        cache.put(key, figures)
+    return figures, bf16_model
+
+
 def _plan_density(model: Any, phase: str = "prefill") -> float | None:
     import sparse_infer
     value = sparse_infer.get_stats(model).get(f"{phase}_density")
@@ -456,14 +469,7 @@ def _run_locked(model, prompts, loaded, plan_name, path, header, *, window, floo
                 }
                 if floor:
                     key = FloorCache.key(fingerprint, scored, f"decode{decode_tokens}" if decode_tokens else window)
-                    figures = cache.get(key)
-                    if figures is None:
-                        if bf16_model is None:
-                            bf16_model = bf16_copy(model)
-                        figures = compare(reference, next_token_logprobs(bf16_model, scored.input_ids, positions),
-                                          positions, scored)
-                        cache.put(key, figures)
-                    rec["bf16"] = figures
+                    rec["bf16"], bf16_model = floor_figures(model, scored, positions, reference, cache, key, bf16_model)
                 doc["records"].append(rec)
                 doc["summary"] = summarize(doc["records"], plan_name)
                 write_json(path, doc)

@@ -1,6 +1,7 @@
 """Typer commands of the profiler, mounted by the main CLI as
 
     sparse-infer profile MODEL --out NAME.yaml [--force] [--seq-len 8192] [--samples 4] ...
+    sparse-infer calibrate MODEL --out NAME.yaml [--length 8192] [--level RULE ...] ...
     sparse-infer plan show PLAN
 
 `app` also works on its own: ``python -m sparse_infer.profiler profile ...``.
@@ -97,6 +98,75 @@ def profile_command(
     console.print(f"plan written to [bold]{out}[/bold] ({result.seconds:.0f} s)")
 
 
+def calibrate_command(
+    model: Annotated[str, typer.Argument(help="Built-in name (smollm2-135m, qwen2.5-0.5b), a Hugging Face model "
+                                              "directory, DIR:FILE.gguf or a .gguf path.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the plan (YAML); checked before "
+                                                          "anything runs, never overwritten without --force. "
+                                                          "The trials go beside it (OUT.trials.json).")],
+    length: Annotated[int, typer.Option("--length", help="Tokens of the calibration prompt (long prose).")] = 8192,
+    level: Annotated[Optional[list[str]], typer.Option(
+        "--level", help="A candidate prefill rule as a YAML mapping, e.g. '{pattern: adaptive, gamma: 0.9}'; "
+                        "repeat, densest first (a level is skipped at a layer where a denser one already "
+                        "exceeded the target). Default: adaptive 0.95 and 0.85, the vertical_slash and "
+                        "a_shape presets' rules.")] = None,
+    target_kl: Annotated[Optional[float], typer.Option(
+        "--target-kl", help="Summed KL (nats per position) the plan may spend. Default: --floor-share x the "
+                            "bf16 floor of the calibration prompt, measured and cached.")] = None,
+    floor_share: Annotated[Optional[float], typer.Option(
+        "--floor-share", help="Target as a share of the bf16 floor (default 1; the fidelity gate allows 2).")] = None,
+    window: Annotated[int, typer.Option("--window", help="Last positions whose next-token KL is measured.")] = 256,
+    seed: Annotated[int, typer.Option("--seed", help="Prose prompt seed (eval fidelity's prompts use 0: "
+                                                     "calibrate on other text than the gate checks).")] = 1,
+    base: Annotated[Optional[str], typer.Option(
+        "--base", help="Plan whose decode section the new plan keeps (default: the shipped plan of a built-in "
+                       "model, else dense).")] = None,
+    min_seq_len: Annotated[Optional[int], typer.Option(
+        "--min-seq-len", help="Shorter prompts prefill dense (default: --length).")] = None,
+    as_written: Annotated[bool, typer.Option(
+        "--as-written", help="Measure the rules as written; by default as patch() runs them (heads whose "
+                             "index is denser than the executor's break-even run dense).")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Reuse the trials in OUT.trials.json.")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the progress bar.")] = True,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file and its trials.")] = False,
+) -> None:
+    """Choose each layer's prefill rule by the KL it costs: per layer and candidate rule, measure the
+    teacher-forced KL to dense and the layer's seconds, then keep the fastest per-layer mix whose
+    summed KL fits the target."""
+    import yaml
+
+    from sparse_infer.profiler.calibrate import DEFAULT_LEVELS, CalibrateConfig, calibrate
+    from sparse_infer.profiler.report import calibration_table
+
+    console = _console(stderr=True)
+    levels = []
+    for i, text in enumerate(level or []):
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise typer.BadParameter(f"--level {i + 1} is not YAML: {text!r}") from exc
+        if not isinstance(raw, dict):
+            raise typer.BadParameter(f"--level {i + 1} must be a mapping such as '{{pattern: a_shape}}', got {text!r}")
+        levels.append(raw)
+    config = CalibrateConfig(length=length, window=window, seed=seed, levels=tuple(levels) or DEFAULT_LEVELS,
+                             target_kl=target_kl, floor_share=floor_share, min_seq_len=min_seq_len,
+                             dense_above=1.0 if as_written else "auto")
+    try:
+        config.validate()
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    try:
+        plan, calibration = calibrate(model, out, config, base=base, resume=resume, overwrite=force,
+                                      progress=progress,
+                                      log=None if progress else lambda s: console.print(s, highlight=False))
+    except KeyboardInterrupt:
+        _fail(f"interrupted; the trials measured so far are in {out}.trials.json: rerun with --resume")
+    except (ValueError, OSError, RuntimeError) as exc:
+        _fail(f"error: {exc}")
+    console.print(calibration_table(plan))
+    console.print(f"plan written to [bold]{out}[/bold]")
+
+
 def plan_show_command(
     plan: Annotated[str, typer.Argument(help="A plan YAML path or a shipped plan name.")],
     heads: Annotated[Optional[int], typer.Option(min=1, help="query heads per layer, for a plan without a model "
@@ -122,6 +192,7 @@ def plan_show_command(
 
 
 app.command("profile")(profile_command)
+app.command("calibrate")(calibrate_command)
 plan_app = typer.Typer(help="Inspect plans.", no_args_is_help=True)
 plan_app.command("show")(plan_show_command)
 app.add_typer(plan_app, name="plan")

@@ -87,8 +87,10 @@ class CurveInputs:
     group_vote = staticmethod(group_vote)
 
     def __init__(self, probs: torch.Tensor, pos: torch.Tensor, query: torch.Tensor, key: torch.Tensor, *,
-                 scaling: float, size: int | None = None, shared: bool = False):
+                 scaling: float, size: int | None = None, shared: bool = False, settings=None):
         self.probs, self.pos, self.query, self.key, self.scaling = probs, pos, query, key, scaling
+        # the search settings (None: every variant), so a hook skips curves no variant will read
+        self.settings = settings
         self.n = probs.shape[-1]
         self.size = size or self.n
         self.groups = probs.shape[0] // key.shape[0]

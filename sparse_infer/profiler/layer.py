@@ -54,12 +54,12 @@ def _answer_rows(run: LayerRun, last_pos: torch.Tensor) -> list[int]:
     return [t - 1 - first for t in run.answer_positions if 0 <= t - 1 - first < dq]
 
 
-def _answer_inputs(run: LayerRun, last_probs, last_pos, shared: bool) -> CurveInputs | None:
+def _answer_inputs(run: LayerRun, last_probs, last_pos, shared: bool, settings=None) -> CurveInputs | None:
     rows = _answer_rows(run, last_pos)
     if run.needle_span is None or not rows:
         return None
     return CurveInputs(last_probs[:, rows], last_pos[rows], run.query[:, last_pos[rows]], run.key,
-                       scaling=run.scaling, size=curve_size(run.length), shared=shared)
+                       scaling=run.scaling, size=curve_size(run.length), shared=shared, settings=settings)
 
 
 def _min_curves(a, b):
@@ -111,9 +111,9 @@ def analyze_layer(runs: list[LayerRun], settings: SearchSettings, *, block_size:
                                                   mask=run.mask, softcap=run.softcap)
         q_last = run.query[:, last_pos]
         curves = CurveInputs(last_probs, last_pos, q_last, run.key, scaling=run.scaling,
-                             size=curve_size(run.length), shared=shared)
+                             size=curve_size(run.length), shared=shared, settings=settings)
         decode_tables.setdefault(run.length, MeanTable()).add(curve_entries(curves))
-        answer = _answer_inputs(run, last_probs, last_pos, shared) if answer_curves else None
+        answer = _answer_inputs(run, last_probs, last_pos, shared, settings) if answer_curves else None
         if answer is not None:
             answer_tables.setdefault(run.length, MeanTable()).add(curve_entries(answer))
         chan += channel_scores(run.query, run.key)
@@ -134,9 +134,9 @@ def analyze_layer(runs: list[LayerRun], settings: SearchSettings, *, block_size:
     channels = chan.topk(r, dim=-1).indices.sort(-1).values
     for run, (last_probs, last_pos, _) in zip(runs, kept):
         curves = CurveInputs(last_probs, last_pos, run.query[:, last_pos], run.key, scaling=run.scaling,
-                             size=curve_size(run.length), shared=shared)
+                             size=curve_size(run.length), shared=shared, settings=settings)
         decode_tables[run.length].add(curve_entries(curves, channels))
-        answer = _answer_inputs(run, last_probs, last_pos, shared) if answer_curves else None
+        answer = _answer_inputs(run, last_probs, last_pos, shared, settings) if answer_curves else None
         if answer is not None:
             answer_tables[run.length].add(curve_entries(answer, channels))
 

@@ -168,3 +168,31 @@ def plan_table(plan: Plan, lengths: list[int] | None = None, heads: int | None =
     table.add_row("mean", "", *[fmt(sum(r[n][0] for r in dens) / len(dens)) for n in lengths],
                   "", *[fmt(sum(r[n][1] for r in dens) / len(dens)) for n in lengths])
     return table
+
+
+def _level_label(number: int, rule: dict) -> str:
+    """'2: adaptive gamma=0.85 tau=0.1 dense_tail=128': the level's number and every parameter written."""
+    params = " ".join(f"{k}={v}" for k, v in rule.items() if k != "pattern")
+    return f"{number}: {rule.get('pattern', '?')} {params}".rstrip()
+
+
+def calibration_table(plan: Plan) -> Table:
+    """Per layer of a calibrated plan: the chosen rule, its measured KL, seconds and density."""
+    cal = plan.profile["calibration"]
+    measured = cal["measured"]
+    dense_s = measured["layer_dense_seconds"]
+    table = Table(title=f"calibration at {cal['length']} tokens: predicted KL {cal['predicted_kl']:.3g} of target "
+                        f"{cal['target_kl']:.3g}; layer seconds {cal['predicted_seconds']:.1f} vs dense "
+                        f"{cal['dense_seconds']:.1f}")
+    for col in ("layer", "rule", "KL", "seconds", "dense s", "density"):
+        table.add_column(col, justify="left" if col == "rule" else "right")
+    for layer, pick in enumerate(cal["choice"]):
+        if pick == 0:
+            table.add_row(str(layer), "dense", "0", f"{dense_s[layer]:.2f}", f"{dense_s[layer]:.2f}", "1")
+            continue
+        level = pick - 1
+        density = measured["density"][level][layer]
+        table.add_row(str(layer), _level_label(pick, cal["levels"][level]), f"{measured['kl'][level][layer]:.2e}",
+                      f"{measured['seconds'][level][layer]:.2f}", f"{dense_s[layer]:.2f}",
+                      "?" if density is None else f"{density:.2f}")
+    return table

@@ -252,6 +252,18 @@ def test_int8_curve_ranks_as_int8_scoring_does_not_as_the_true_attention():
     assert (int8 <= exact + 1e-6).all() and (int8 < exact - 1e-4).any()
 
 
+def test_int8_curve_is_skipped_when_the_search_will_not_read_it():
+    from sparse_infer.profiler.decode import curve_entries
+    from sparse_infer.profiler.search import SearchSettings
+    q, k = _inputs(n=200, seed=5)
+    P = _dense_probs(q, k, 0.25)
+    pos = torch.tensor([199])
+    keys = {s: set(curve_entries(CurveInputs(P[:, 199:], pos, q[:, 199:], k, scaling=0.25, settings=s)))
+            for s in (None, SearchSettings(int8_scoring=True), SearchSettings(int8_scoring=False))}
+    assert ("token_select_int8",) in keys[None] and keys[None] == keys[SearchSettings(int8_scoring=True)]
+    assert keys[SearchSettings(int8_scoring=False)] == keys[None] - {("token_select_int8",)}
+
+
 def test_int8_ranking_of_many_stand_in_queries_is_each_query_scored_as_decode_does():
     from sparse_infer.decode.token_select import TokenSelect, int8_scores, quantize_keys
     q, k = _inputs(hq=6, hkv=2, n=200, seed=4)
