@@ -418,13 +418,11 @@ def bf16_floor(model, prompt, window: int, floor_cache: Path | None) -> float:
 
     cache = FloorCache(floor_cache)
     key = FloorCache.key(weights_fingerprint(model), prompt, window)
-    if cache.get(key) is None:
+    figures = cache.get(key)
+    if figures is None:
         positions = scored_positions(prompt, window)
         reference = next_token_logprobs(model, prompt.input_ids, positions)
-        figures, low = floor_figures(model, prompt, positions, reference, cache, key)
-        del low
-    else:
-        figures = cache.get(key)
+        figures, _ = floor_figures(model, prompt, positions, reference, cache, key)
     return float(figures["kl"])
 
 
