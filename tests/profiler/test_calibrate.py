@@ -294,3 +294,19 @@ def test_cli_keeps_the_decode_section_of_its_base(tiny_dir, tmp_path):
     assert plan.decode.default.kind == "streaming" and plan.decode.min_len == 300
     assert plan.profile["decode_from"] == str(base)
     assert plan.prefill.min_len == LENGTH
+
+
+def test_the_default_target_is_the_bf16_floor_of_the_calibration_prompt_and_is_cached(tiny, tmp_path):
+    from sparse_infer.eval.fidelity import FloorCache
+    from sparse_infer.eval.results import weights_fingerprint
+    from sparse_infer.profiler.calibrate import calibrate_model
+
+    model, tok = tiny
+    cache = tmp_path / "floor.json"
+    config = CalibrateConfig(**CONFIG, levels=(NARROW,), floor_share=0.5)
+    plan, calibration = calibrate_model(model, tok, config, name="tiny", floor_cache=cache, progress=False)
+    key = FloorCache.key(weights_fingerprint(model), _prompt(tok), WINDOW)
+    floor = json.loads(cache.read_text())[key]["kl"]
+    assert floor > 0 and calibration.floor_kl == floor and calibration.target_kl == pytest.approx(0.5 * floor)
+    assert plan.profile["calibration"]["bf16_floor_kl"] == floor
+    assert next(model.parameters()).dtype == torch.float32      # the bf16 copy is apart
