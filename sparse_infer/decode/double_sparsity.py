@@ -225,6 +225,7 @@ class DoubleSparsity(BudgetedSelector):
         kc = k.gather(-1, channels[:, None, :].expand(hq, n, -1))
         approx = qc @ kc.transpose(-1, -2)
         if inputs.shared:
+            # uncapped even under a softcap: select() and the C kernel vote on uncapped approximations
             approx = inputs.group_vote(approx * inputs.scaling, inputs.visible.expand(hq, -1, -1), inputs.groups)
         return self.ranked_curve(inputs, approx)
 

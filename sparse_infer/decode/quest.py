@@ -227,7 +227,7 @@ class Quest(BudgetedSelector):
         # nor in the future
         page_ok = torch.nn.functional.pad(rankable, (0, npages * page - n)).view(dq, npages, page).any(-1)
         if inputs.shared:
-            bound = inputs.group_vote(bound * inputs.scaling, page_ok, inputs.groups)
+            bound = inputs.group_vote(inputs.capped(bound * inputs.scaling), page_ok, inputs.groups)
         page_mass = torch.nn.functional.pad(torch.where(rankable, probs, 0.0), (0, npages * page - n))
         page_mass = page_mass.view(hq, dq, npages, page).sum(-1)
         curve = inputs.ranked_curve(page_mass, bound, page_ok.expand(hq, -1, -1), math.ceil(inputs.size / page))

@@ -86,6 +86,26 @@ def update_int8_keys(inp: GroupInputs, state: TokenSelectState) -> tuple[torch.T
     return state.codes.view(), state.scales.view()
 
 
+def _code_products(q8: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """q8 (B, hk, G, D) . codes (B, hk, n, D) -> (B, hk, G, n) fp32, exact integers.
+
+    torch._int_mm reads the int8 codes as they are: converting the whole cache's codes to fp32
+    every step cost 4x the product itself (7 x 64 by 16K codes: 0.38 ms against 0.10 ms). It
+    is 2-D only, hence one call per (row, cache head); where a build lacks it, the fp32
+    product of the codes gives the same integers (partial sums stay below 2^24)."""
+    B, hk = codes.shape[:2]
+    if codes.device.type == "cpu" and hasattr(torch, "_int_mm"):
+        try:
+            out = torch.empty(B, hk, q8.shape[2], codes.shape[2], dtype=torch.int32)
+            for b in range(B):
+                for g in range(hk):
+                    torch._int_mm(q8[b, g], codes[b, g].transpose(0, 1), out=out[b, g])
+            return out.float()
+        except (RuntimeError, NotImplementedError):
+            pass
+    return torch.matmul(q8.float(), codes.float().transpose(-1, -2))
+
+
 def int8_scores(query: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, scaling: float, softcap):
     """q.k per query head from int8 codes of both: (B, hk, G, n) fp32. The scaled query is
     quantized per head as the keys are (quantize_keys); the integer dot products are exact in
@@ -94,7 +114,7 @@ def int8_scores(query: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, 
     B, h, D = query.shape
     hk = codes.shape[1]
     q8, q_scale = quantize_keys((query.float() * scaling).view(B, hk, h // hk, D))
-    s = torch.matmul(q8.float(), codes.float().transpose(-1, -2)) * q_scale * scales.transpose(-1, -2)
+    s = _code_products(q8, codes) * q_scale * scales.transpose(-1, -2)
     if softcap:
         s = softcap * torch.tanh(s / softcap)
     return s
@@ -243,7 +263,8 @@ class TokenSelect(BudgetedSelector):
         int8_scores as decode, the dq queries of a head quantized one by one as decode does."""
         hq, dq, D = inputs.query.shape
         codes, scales = quantize_keys(inputs.key[None])                      # (1, Hkv, n, D)
-        scores = int8_scores(inputs.query.reshape(1, hq * dq, D), codes, scales, inputs.scaling, None)
+        scores = int8_scores(inputs.query.reshape(1, hq * dq, D), codes, scales, inputs.scaling,
+                             getattr(inputs, "softcap", None))
         return scores.reshape(hq, dq, -1)
 
     def search_variants(self, settings):

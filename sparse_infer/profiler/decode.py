@@ -81,14 +81,22 @@ class CurveInputs:
     selector ranks (visible, outside the default sink and local window), `base_mass` (Hq,) the
     attention those always-kept keys hold. The helpers below are what the built-in hooks use."""
 
+    def capped(self, scores: torch.Tensor) -> torch.Tensor:
+        """Scaled scores as the runtime caps them before a group's vote (softcap * tanh(s / softcap))."""
+        return self.softcap * torch.tanh(scores / self.softcap) if self.softcap else scores
+
     ranked_curve = staticmethod(_ranked_curve)
     extend = staticmethod(_extend)
     group_sum = staticmethod(group_sum)
     group_vote = staticmethod(group_vote)
 
     def __init__(self, probs: torch.Tensor, pos: torch.Tensor, query: torch.Tensor, key: torch.Tensor, *,
-                 scaling: float, size: int | None = None, shared: bool = False, settings=None):
+                 scaling: float, size: int | None = None, shared: bool = False, settings=None,
+                 softcap: float | None = None):
         self.probs, self.pos, self.query, self.key, self.scaling = probs, pos, query, key, scaling
+        # the model's logit softcap: the selectors that cap their scores before the group's vote
+        # (token_select, quest) are ranked capped here too
+        self.softcap = softcap
         # the search settings (None: every variant), so a hook skips curves no variant will read
         self.settings = settings
         self.n = probs.shape[-1]

@@ -59,7 +59,8 @@ def _answer_inputs(run: LayerRun, last_probs, last_pos, shared: bool, settings=N
     if run.needle_span is None or not rows:
         return None
     return CurveInputs(last_probs[:, rows], last_pos[rows], run.query[:, last_pos[rows]], run.key,
-                       scaling=run.scaling, size=curve_size(run.length), shared=shared, settings=settings)
+                       scaling=run.scaling, size=curve_size(run.length), shared=shared, settings=settings,
+                       softcap=run.softcap)
 
 
 def _min_curves(a, b):
@@ -111,7 +112,7 @@ def analyze_layer(runs: list[LayerRun], settings: SearchSettings, *, block_size:
                                                   mask=run.mask, softcap=run.softcap)
         q_last = run.query[:, last_pos]
         curves = CurveInputs(last_probs, last_pos, q_last, run.key, scaling=run.scaling,
-                             size=curve_size(run.length), shared=shared, settings=settings)
+                             size=curve_size(run.length), shared=shared, settings=settings, softcap=run.softcap)
         decode_tables.setdefault(run.length, MeanTable()).add(curve_entries(curves))
         answer = _answer_inputs(run, last_probs, last_pos, shared, settings) if answer_curves else None
         if answer is not None:
@@ -134,7 +135,7 @@ def analyze_layer(runs: list[LayerRun], settings: SearchSettings, *, block_size:
     channels = chan.topk(r, dim=-1).indices.sort(-1).values
     for run, (last_probs, last_pos, _) in zip(runs, kept):
         curves = CurveInputs(last_probs, last_pos, run.query[:, last_pos], run.key, scaling=run.scaling,
-                             size=curve_size(run.length), shared=shared, settings=settings)
+                             size=curve_size(run.length), shared=shared, settings=settings, softcap=run.softcap)
         decode_tables[run.length].add(curve_entries(curves, channels))
         answer = _answer_inputs(run, last_probs, last_pos, shared, settings) if answer_curves else None
         if answer is not None:

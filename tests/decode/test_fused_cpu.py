@@ -117,6 +117,10 @@ def test_int8_scores_are_the_exact_products_of_the_codes():
     q8, q_scale = quantize_keys((query * 0.1).view(2, 2, 4, 128))
     exact = torch.matmul(q8.long(), codes.long().transpose(-1, -2))           # integers, no rounding
     assert torch.equal(got, exact.float() * q_scale * scales.transpose(-1, -2))
+    # the fp32 product of the codes, used where torch._int_mm is missing, gives the same bits
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delattr(torch, "_int_mm")
+        assert torch.equal(int8_scores(query, codes, scales, 0.1, None), got)
     # and close to the fp32 q.k they stand for: errors within 5% of the scores' spread
     reference = (query * 0.1).view(2, 2, 4, 128) @ key.transpose(-1, -2)
     assert (got - reference).abs().max() <= 0.05 * reference.std()

@@ -17,10 +17,12 @@ def _inputs(hq=4, hkv=2, n=300, d=16, seed=0):
     return torch.randn(hq, n, d, generator=g) * 1.5, torch.randn(hkv, n, d, generator=g)
 
 
-def _dense_probs(q, k, scaling, mask=None):
+def _dense_probs(q, k, scaling, mask=None, softcap=None):
     hq, n, _ = q.shape
     kk = k.repeat_interleave(hq // k.shape[0], 0)
     s = q @ kk.transpose(-1, -2) * scaling
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
     allowed = torch.ones(n, n, dtype=torch.bool).tril()
     if mask is not None:
         allowed = allowed & mask
@@ -157,11 +159,11 @@ def test_channel_scores_are_mean_abs_products_over_causal_pairs():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def _curves(P, pos, q, k, *, scaling=1.0, shared=False, channels=None):
+def _curves(P, pos, q, k, *, scaling=1.0, shared=False, channels=None, softcap=None):
     """One prompt's recall curves as the profiler hands them to search_recall ({name: curve} or
     {name: {key: curve}}), from every registered selector's search_curves; with `channels`,
     only those of the selectors that need them."""
-    inputs = CurveInputs(P[:, -1:], pos, q[:, -1:], k, scaling=scaling, shared=shared)
+    inputs = CurveInputs(P[:, -1:], pos, q[:, -1:], k, scaling=scaling, shared=shared, softcap=softcap)
     out = {}
     for key, curve in curve_entries(inputs, channels).items():
         if len(key) == 1:
@@ -171,14 +173,14 @@ def _curves(P, pos, q, k, *, scaling=1.0, shared=False, channels=None):
     return out
 
 
-def _selector_recall(kind, params, q, k, P, scaling, per_head=True):
+def _selector_recall(kind, params, q, k, P, scaling, per_head=True, softcap=None):
     """Recall of the project's own decode selector on the last query (per_head=False: one
     selection per kv head, shared by its query heads)."""
     from sparse_infer.decode.common import GroupInputs
     from sparse_infer.methods import DECODE_SELECTORS
     rule = make_rule(kind, params, "decode")
     inp = GroupInputs(query=q[None, :, -1], key=k[None], valid=None, per_head=per_head, scaling=scaling,
-                      softcap=None, fresh=True)
+                      softcap=softcap, fresh=True)
     selector = DECODE_SELECTORS[kind]
     idx = selector.select(inp, rule, selector.new_state())[0]                            # (Hi, K)
     if not per_head:
@@ -213,19 +215,25 @@ def test_double_sparsity_curve_matches_the_selector():
 @pytest.mark.parametrize("kind,params", [("token_select", {"budget": 40}), ("quest", {"page": 16, "budget": 64}),
                                          ("double_sparsity", {"channels": [1, 4, 7, 9], "budget": 48}),
                                          ("token_select", {"budget": 40, "scoring": "int8"})])
-def test_shared_decode_curves_match_one_selection_per_gqa_group(kind, params):
+@pytest.mark.parametrize("softcap", [None, 1.5])     # scaled scores here have a spread of ~1.5: into the bend
+def test_shared_decode_curves_match_one_selection_per_gqa_group(kind, params, softcap):
     """With shared=True each head is scored on its group's soft-vote selection, as the runtime
-    selects for a whole GQA group; the per-head curves would overstate what a head keeps."""
+    selects for a whole GQA group; the per-head curves would overstate what a head keeps. Under
+    a logit softcap the group votes on the scores as each selector caps them."""
     from sparse_infer.profiler.search import decode_recall
     q, k = _inputs(hq=6, hkv=2, n=400, seed=3)
-    P = _dense_probs(q, k, 0.25)
+    P = _dense_probs(q, k, 0.25, softcap=softcap)
     pos = torch.tensor([399])
-    want = _selector_recall(kind, params, q, k, P, 0.25, per_head=False)
+    want = _selector_recall(kind, params, q, k, P, 0.25, per_head=False, softcap=softcap)
     chans = torch.tensor([params["channels"]] * 6) if kind == "double_sparsity" else None
-    got, alone = (decode_recall(_curves(P, pos, q, k, scaling=0.25, shared=shared, channels=chans), kind, params,
-                                400) for shared in (True, False))
+    got, alone = (decode_recall(_curves(P, pos, q, k, scaling=0.25, shared=shared, channels=chans, softcap=softcap),
+                                kind, params, 400) for shared in (True, False))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     assert (got < alone - 1e-4).any()                  # sharing costs some heads recall here
+    if softcap and (kind == "quest" or params.get("scoring") == "int8"):
+        # the cap changes which keys the group votes for (the exact curve reads the capped attention itself)
+        uncapped = decode_recall(_curves(P, pos, q, k, scaling=0.25, shared=True, channels=chans), kind, params, 400)
+        assert not torch.allclose(uncapped, got, atol=1e-5, rtol=0)
 
 
 def test_retrieval_hits_count_copying_heads():
