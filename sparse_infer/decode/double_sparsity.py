@@ -28,7 +28,7 @@ import torch
 from sparse_infer.decode.common import (
     SELECTOR_LOCAL, SELECTOR_SINK, BudgetedSelector, GroupInputs, GrowBuffer, forced_and_eligible, top_tokens, vote,
 )
-from sparse_infer.decode.fused_cpu import check_fused_step, fused_argtypes, fused_step
+from sparse_infer.decode.fused_cpu import check_fused_step, fused_argtypes, fused_step, starts_arg
 from sparse_infer.kernels.cpu_decode import refuse_unsupported
 from sparse_infer.methods import Param, SideState, register, resolve
 from sparse_infer.params import PlanError, bounded, is_int, positive_int
@@ -145,15 +145,10 @@ def double_sparsity_decode_cpu(query, key, value, labels, channels, *, sink: int
             raise ValueError(f"scales must be float32 (B, hk, n) = {(B, hk, n)} with unit last stride, "
                              f"got {scales.dtype} {tuple(scales.shape)}")
         scale_args = (scales.data_ptr(), scales.stride(0), scales.stride(1))
-    if starts is not None:
-        if tuple(starts.shape) != (B,) or starts.dtype != torch.int64 or not starts.is_contiguous():
-            raise ValueError(f"starts must be contiguous int64 ({B},), got {starts.dtype} {tuple(starts.shape)}")
-        if B and not (0 <= int(starts.min()) and int(starts.max()) <= n):
-            raise ValueError(f"starts must lie in [0, n={n}]")
     return fused_step("ds_decode_rows", _DS_ARGS, query, key, value,
                       (labels.data_ptr(), labels.stride(0), labels.stride(1), labels.stride(2),
                        channels.data_ptr(), channels.stride(0), channels.stride(1), *scale_args,
-                       None if starts is None else starts.data_ptr()),
+                       starts_arg(starts, B, n)),
                       (r, sink, local, budget), index_heads=index_heads, fold_from=fold_from,
                       scaling=scaling, softcap=softcap,
                       bad_sizes=f"the CPU kernel takes head dims up to 1024 and 1 <= r <= D, got D={D}, r={r}")

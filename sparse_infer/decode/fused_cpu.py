@@ -42,6 +42,17 @@ def check_fused_step(query, key, index_heads: int, fold_from) -> None:
         raise ValueError(f"fold_from must be in [0, n={n}], got {fold_from}")
 
 
+def starts_arg(starts, B: int, n: int):
+    """The pointer a fused call takes for `starts` (int64 (B,): row b sees keys [starts[b], n)), or None."""
+    if starts is None:
+        return None
+    if tuple(starts.shape) != (B,) or starts.dtype != torch.int64 or not starts.is_contiguous():
+        raise ValueError(f"starts must be contiguous int64 ({B},), got {starts.dtype} {tuple(starts.shape)}")
+    if B and not (0 <= int(starts.min()) and int(starts.max()) <= n):
+        raise ValueError(f"starts must lie in [0, n={n}]")
+    return starts.data_ptr()
+
+
 def fused_step(name: str, argtypes: list, query, key, value, side_args: tuple, method_args: tuple, *,
                index_heads: int, fold_from, scaling: float, softcap, bad_sizes: str):
     """Call the fused entry point `name` (prototype `argtypes`) with the method's side state

@@ -1,4 +1,5 @@
-/* Quest's page choice and the attention over it in one call, on the CPU (no mask;
+/* Quest's page choice and the attention over it in one call, on the CPU (no mask, or one
+ * hiding a prefix of each row: `starts`;
  * sparse_infer/decode/quest.py holds the method and the page bounds, and calls this through
  * quest_decode_cpu). Per (batch row b, index row r), r serving query heads r*G .. r*G+G-1 of
  * cache head r*Hkv/Hi:
@@ -10,6 +11,10 @@
  * over the bounds and one over the selected rows, without index tensors. The keys
  * [fold_from, n) are first folded into kmin/kmax (quest.update_bounds' per-step update, without
  * its two torch ops); fold_from = n folds nothing.
+ * starts (B int64, or NULL for zeros): batch row b sees the keys [starts[b], n) only (left
+ * padding); its sinks are that range's first keys and its eligible pages hold a key in
+ * [starts[b] + sink, ...), as quest.select has them under the mask. Pages are aligned to
+ * absolute positions; the bounds (quest.update_bounds) leave the hidden keys out.
  */
 #include "cpu_select.h"
 
@@ -106,6 +111,7 @@ static void fold_key(void *kmin, int64_t min_off, void *kmax, int64_t max_off, c
 int quest_decode_rows(const void *q, int64_t q_sb, int64_t q_sh,
                       void *kmin, int64_t a_sb, int64_t a_sh, int64_t a_sp,
                       void *kmax, int64_t z_sb, int64_t z_sh, int64_t z_sp,
+                      const int64_t *starts,                   /* (B) first visible key per row, or NULL */
                       const void *k, int64_t k_sb, int64_t k_sh, int64_t k_sn,
                       const void *v, int64_t v_sb, int64_t v_sh, int64_t v_sn,
                       void *out, int64_t o_sb, int64_t o_sh,
@@ -120,6 +126,10 @@ int quest_decode_rows(const void *q, int64_t q_sb, int64_t q_sh,
             for (int64_t t = fold_from < 0 ? 0 : fold_from; t < n; t++)
                 fold_key(kmin, b * a_sb + h * a_sh + (t / page) * a_sp, kmax, b * z_sb + h * z_sh + (t / page) * z_sp,
                          k, b * k_sb + h * k_sh + t * k_sn, t % page == 0, D, dtype);
+    if (starts)
+        for (int b = 0; b < B; b++)
+            if (starts[b] < 0 || starts[b] > n) return 1;
+    /* sizes for a row that sees every key; a row seeing fewer needs no more */
     const int64_t lo = sink < n ? sink : n;
     const int64_t hi = n - local > lo ? n - local : lo;
     const int64_t first_page = lo / page, end_page = hi > lo ? (hi + page - 1) / page : first_page;
@@ -141,6 +151,13 @@ int quest_decode_rows(const void *q, int64_t q_sb, int64_t q_sh,
             if (!scratch || !ids) { failed |= 2; continue; }
             const int b = task / Hi, r = task % Hi, h0 = r * G;
             const int64_t kvh = (int64_t)r * Hkv / Hi;
+            /* this row's visible keys [first, n): the sinks, the pages that compete, the window */
+            const int64_t first = starts ? starts[b] : 0, nv = n - first;
+            const int64_t row_lo = first + (sink < nv ? sink : nv);
+            const int64_t row_hi = n - local > row_lo ? n - local : row_lo;
+            const int64_t row_first_page = row_lo / page;
+            const int64_t row_eligible = (row_hi > row_lo ? (row_hi + page - 1) / page : row_first_page) - row_first_page;
+            const int64_t row_take = budget_pages < row_eligible ? budget_pages : row_eligible;
             float *bounds = scratch;                           /* head g, page e at g * eligible + e */
             float *score = bounds + (size_t)G * eligible;      /* eligible (+1) */
             float *qf = score + eligible + 1;                  /* G * D */
@@ -151,23 +168,24 @@ int quest_decode_rows(const void *q, int64_t q_sb, int64_t q_sh,
             load_queries(qf, q, b, h0, q_sb, q_sh, G, D, dtype, 1.f);
             /* bounds: one pass over the eligible pages' min/max rows (head dim constant when common) */
 #define BOUNDS(DIM) page_bounds(bounds, qf, kmin, kmax, b, kvh, a_sb, a_sh, a_sp, z_sb, z_sh, z_sp, \
-                                first_page, eligible, G, DIM, scaling, softcap, dtype, attend_scratch)
+                                row_first_page, row_eligible, G, DIM, scaling, softcap, dtype, attend_scratch)
             if (D == 64) BOUNDS(64);
             else if (D == 128) BOUNDS(128);
             else BOUNDS(D);
 #undef BOUNDS
             /* page scores: the raw bound for one head, else the group's summed softmaxes */
-            group_vote(score, bounds, G, eligible);
-            top_k_ascending(score, eligible, take, 0, pages, cand);
-            /* the keys: sinks, the chosen pages' keys inside [lo, hi), the local window */
+            group_vote(score, bounds, G, row_eligible);
+            top_k_ascending(score, row_eligible, row_take, 0, pages, cand);
+            /* the keys: sinks, the chosen pages' keys inside [row_lo, row_hi), the local window */
             int64_t count = 0;
-            for (int64_t t = 0; t < lo; t++) keys[count++] = t;
-            for (int64_t i = 0; i < take; i++) {
-                int64_t p = first_page + pages[i];
-                int64_t start = p * page > lo ? p * page : lo, stop = (p + 1) * page < hi ? (p + 1) * page : hi;
+            for (int64_t t = first; t < row_lo; t++) keys[count++] = t;
+            for (int64_t i = 0; i < row_take; i++) {
+                int64_t p = row_first_page + pages[i];
+                int64_t start = p * page > row_lo ? p * page : row_lo;
+                int64_t stop = (p + 1) * page < row_hi ? (p + 1) * page : row_hi;
                 for (int64_t t = start; t < stop; t++) keys[count++] = t;
             }
-            for (int64_t t = hi; t < n; t++) keys[count++] = t;
+            for (int64_t t = row_hi; t < n; t++) keys[count++] = t;
             selected[task] = count;
             attend_chosen(b, kvh, h0, keys, count, q, q_sb, q_sh, k, k_sb, k_sh, k_sn, v, v_sb, v_sh, v_sn,
                           out, o_sb, o_sh, G, n, D, scaling, softcap, dtype, attend_scratch);

@@ -12,8 +12,8 @@ Side state is built once per sequence from the full K (masked keys, e.g. left pa
 left out of the bounds) and then kept incrementally: each decode step only folds the new
 key into the last, partial page, or opens a new page.
 
-On CPUs, a step with no mask runs the choice and its attention in one C call: quest.c, beside
-this file (quest_decode_cpu).
+On CPUs, a step with no mask, or one hiding a prefix of each row (left padding), runs the choice
+and its attention in one C call: quest.c, beside this file (quest_decode_cpu).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from sparse_infer.decode.common import (
     NEG_INF, SELECTOR_LOCAL, SELECTOR_SINK, BudgetedSelector, GroupInputs, GrowBuffer, KeyRange, forced_and_eligible,
     vote,
 )
-from sparse_infer.decode.fused_cpu import check_fused_step, fused_argtypes, fused_step
+from sparse_infer.decode.fused_cpu import check_fused_step, fused_argtypes, fused_step, starts_arg
 from sparse_infer.kernels.cpu_decode import refuse_unsupported
 from sparse_infer.methods import Param, SideState, budget_grid, curve_at, register, resolve
 from sparse_infer.params import positive_int
@@ -128,13 +128,15 @@ def select(inp: GroupInputs, rule, state: PageBoundsState) -> torch.Tensor:
 
 
 _BOUNDS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]     # a page bound, strides b h page
-_QUEST_ARGS = fused_argtypes(side=[*_BOUNDS, *_BOUNDS],                          # kmin, kmax
+_QUEST_ARGS = fused_argtypes(side=[*_BOUNDS, *_BOUNDS, ctypes.c_void_p],         # kmin, kmax, starts
                              sizes=[ctypes.c_int64] * 4)                         # page sink local budget_pages
 
 
 def quest_decode_cpu(query, key, value, kmin, kmax, *, page: int, sink: int, local: int, budget: int,
-                     scaling: float, softcap=None, index_heads: int, fold_from: int | None = None):
-    """Quest's page choice and the attention over it in one C call (quest.c), for a step with no mask.
+                     scaling: float, softcap=None, index_heads: int, fold_from: int | None = None,
+                     starts: torch.Tensor | None = None):
+    """Quest's page choice and the attention over it in one C call (quest.c), for a step with no
+    mask or one hiding a prefix of each row (`starts`).
 
     query (B, h, D); key/value (B, hk, n, D); kmin/kmax (B, hk, ceil(n / page), D) page bounds
     in key's dtype (update_bounds). index_heads: hk for one selection per GQA group, h for one
@@ -143,7 +145,11 @@ def quest_decode_cpu(query, key, value, kmin, kmax, *, page: int, sink: int, loc
     attends to exactly those keys. Returns (out (B, h, 1, D), keys read (B, index_heads)).
 
     fold_from: the bounds hold keys [0, fold_from) only; keys [fold_from, n) are folded into
-    them first, in place (a page that starts there is written whole). None: they hold all n."""
+    them first, in place (a page that starts there is written whole). None: they hold all n.
+
+    starts: int64 (B,) or None: batch row b sees only the keys [starts[b], n) (left padding); its
+    sinks are that range's first keys, as select() has them, and the bounds must leave the hidden
+    keys out (update_bounds does under the mask)."""
     B, _, D = query.shape
     hk, n = key.shape[1], key.shape[2]
     pages = -(-n // page)
@@ -153,7 +159,7 @@ def quest_decode_cpu(query, key, value, kmin, kmax, *, page: int, sink: int, loc
     refuse_unsupported(query, key, value, kmin, kmax)
     return fused_step("quest_decode_rows", _QUEST_ARGS, query, key, value,
                       (kmin.data_ptr(), kmin.stride(0), kmin.stride(1), kmin.stride(2),
-                       kmax.data_ptr(), kmax.stride(0), kmax.stride(1), kmax.stride(2)),
+                       kmax.data_ptr(), kmax.stride(0), kmax.stride(1), kmax.stride(2), starts_arg(starts, B, n)),
                       (page, sink, local, -(-budget // page)), index_heads=index_heads, fold_from=fold_from,
                       scaling=scaling, softcap=softcap,
                       bad_sizes=f"the CPU kernel takes head dims up to 1024, got {D}")
@@ -161,11 +167,8 @@ def quest_decode_cpu(query, key, value, kmin, kmax, *, page: int, sink: int, loc
 
 def select_and_attend_cpu(inp: GroupInputs, rule, state: PageBoundsState, value: torch.Tensor):
     """select() and the attention over its choice in one C call (quest_decode_cpu), for a step
-    with no mask: no index tensors, one pass over the bounds, one over the chosen rows.
-    Returns (out (B, h, 1, D), keys read per index row (B, Hi)); None under a mask (inp.starts:
-    pages are aligned to absolute positions, which the kernel does not shift per row)."""
-    if inp.starts is not None:
-        return None
+    with no mask or one hiding a prefix of each row (inp.starts): no index tensors, one pass over
+    the bounds, one over the chosen rows. Returns (out (B, h, 1, D), keys read per index row (B, Hi))."""
     page, n = rule.page, inp.n
     pages = -(-n // page)
     held = state.n
@@ -178,7 +181,7 @@ def select_and_attend_cpu(inp: GroupInputs, rule, state: PageBoundsState, value:
     result = quest_decode_cpu(inp.query, inp.key, value, kmin.data[:, :, :pages], kmax.data[:, :, :pages],
                               page=page, sink=rule.sink, local=rule.local, budget=rule.budget.resolve(n),
                               scaling=inp.scaling, softcap=inp.softcap, index_heads=inp.index_heads,
-                              fold_from=held)
+                              fold_from=held, starts=inp.starts)
     kmin.length = kmax.length = pages            # only once the new rows are written
     state.n = n
     return result

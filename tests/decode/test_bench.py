@@ -204,7 +204,7 @@ def test_bench_decode_cli_step_table(fake_benches, monkeypatch):
 
 def test_bench_decode_steps_with_padding_takes_the_c_call_where_it_can():
     """--padding left-pads the odd rows of a batch under a mask: token_select still selects and
-    attends in the C call (per-row starts), Quest goes through select() and the executor."""
+    attends in the C call (per-row starts), and so does Quest."""
     from sparse_infer.bench.decode import bench_decode_steps, padding_mask
     from sparse_infer.kernels import cpu_kernel_available
 
@@ -220,5 +220,5 @@ def test_bench_decode_steps_with_padding_takes_the_c_call_where_it_can():
     assert all(r["padding"] == 50 for r in rows)
     if cpu_kernel_available():
         assert by_plan["token_select"]["select_attend_ms"] > 0 and by_plan["token_select"]["select_ms"] == 0
-    assert by_plan["quest"]["select_ms"] > 0 and by_plan["quest"]["select_attend_ms"] == 0
+        assert by_plan["quest"]["select_attend_ms"] > 0 and by_plan["quest"]["select_ms"] == 0
     assert 0 < by_plan["token_select"]["decode_density"] < 0.6

@@ -396,8 +396,8 @@ def test_fused_c_path_equals_selector_and_executor(method, case, monkeypatch):
     read, step after step (page bounds / label cache kept incrementally), and counts the same
     selected keys. Double Sparsity with 16 label channels takes the kernel's vector loops, with
     8 or a list of 4 its scalar ones. token_select leaves softcap to its select() path.
-    Under left padding or a sliding window (a mask hiding a prefix of each row) Double Sparsity
-    and token_select still take the C call, on each row's visible keys; Quest takes select()."""
+    Under left padding or a sliding window (a mask hiding a prefix of each row) every method
+    still takes the C call, on each row's visible keys."""
     import sparse_infer.kernels.cpu_decode as cpu_decode
 
     if not cpu_decode.cpu_kernel_available():
@@ -432,8 +432,7 @@ def test_fused_c_path_equals_selector_and_executor(method, case, monkeypatch):
         ref = decode_attention(reference, None, q.float(), kk.float(), vv.float(), m, SCALING, kwargs)
         atol = 1e-2 if case == "bf16" else 1e-5              # bf16: the output's own rounding
         torch.testing.assert_close(out.float(), ref, atol=atol, rtol=0 if case == "bf16" else 1e-5)
-    skipped = (method.startswith("token_select") and case == "softcap"
-               or method == "quest" and case in ("padded", "window"))
+    skipped = method.startswith("token_select") and case == "softcap"
     assert len(calls) == (0 if skipped else steps)
     assert fused.stats.decode_selected == reference.stats.decode_selected
     assert fused.stats.decode_total == reference.stats.decode_total
