@@ -24,7 +24,6 @@ import hashlib
 import json
 import math
 import os
-import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -125,15 +124,6 @@ def weights_fingerprint(model: Any) -> str:
     named_parameters lists them once."""
     import torch
 
-    # the digest is kept per model for as long as no parameter was replaced or written in place
-    # (torch bumps a tensor's _version on every in-place write): a calibration asks three times
-    state = tuple((name, p.data_ptr(), p._version, p.dtype, tuple(p.shape)) for name, p in model.named_parameters())
-    try:
-        memo = _FINGERPRINTS.get(model)
-    except TypeError:                   # not weak-referenceable: no memo
-        memo = None
-    if memo is not None and memo[0] == state:
-        return memo[1]
     digest = hashlib.sha256()
     for name, param in model.named_parameters():
         tensor = param.detach()
@@ -141,15 +131,7 @@ def weights_fingerprint(model: Any) -> str:
         if tensor.numel():
             raw = tensor.contiguous().reshape(-1).view(torch.uint8).cpu()
             digest.update(memoryview(raw.numpy()))
-    value = digest.hexdigest()
-    try:
-        _FINGERPRINTS[model] = (state, value)
-    except TypeError:
-        pass
-    return value
-
-
-_FINGERPRINTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+    return digest.hexdigest()
 
 
 def plan_fingerprint(plan: Any) -> str:

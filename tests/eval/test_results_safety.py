@@ -272,14 +272,6 @@ def test_weights_fingerprint_sees_every_weight(tokenizer):
     with torch.no_grad():
         b.model.layers[1].mlp.down_proj.weight[3, 5] += 1e-3                   # one weight of one layer
     assert results.weights_fingerprint(a) != results.weights_fingerprint(b)
-    # the memo of an unchanged model is reused, and sees a replaced tensor as well as an in-place write
-    first = results.weights_fingerprint(b)
-    assert results.weights_fingerprint(b) == first
-    weight = b.model.layers[0].self_attn.q_proj.weight
-    weight.data = weight.data.clone()
-    assert results.weights_fingerprint(b) == first, "same bytes, same digest"
-    weight.data = weight.data + 1e-3
-    assert results.weights_fingerprint(b) != first
     assert results.weights_fingerprint(a) != results.weights_fingerprint(a.to(torch.bfloat16))
 
 
