@@ -128,6 +128,10 @@ int ds_decode_rows(const void *q, int64_t q_sb, int64_t q_sh,
                    float scaling, float softcap, int dtype, int num_threads) {
     const int quantized = scales != NULL;
     if (D > MAX_D || D <= 0 || G <= 0 || R <= 0 || R > D || n <= 0 || dtype < 0 || dtype > 2) return 1;
+    /* before anything is written: a refused call changes no state */
+    if (starts)
+        for (int b = 0; b < B; b++)
+            if (starts[b] < 0 || starts[b] > n) return 1;
     if (quantized && R > 512) return 1;
     const int64_t elem = dtype == 0 ? 4 : 2;
     for (int b = 0; b < B; b++)
@@ -147,9 +151,6 @@ int ds_decode_rows(const void *q, int64_t q_sb, int64_t q_sh,
                 for (int c = 0; c < R; c++) memcpy(dst + c * elem, src + ch[c] * elem, (size_t)elem);
             }
         }
-    if (starts)
-        for (int b = 0; b < B; b++)
-            if (starts[b] < 0 || starts[b] > n) return 1;
     /* sizes for a row that sees every key; a row seeing fewer needs no more */
     const int64_t lo = sink < n ? sink : n;
     const int64_t hi = n - local > lo ? n - local : lo;

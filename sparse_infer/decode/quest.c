@@ -14,7 +14,8 @@
  * starts (B int64, or NULL for zeros): batch row b sees the keys [starts[b], n) only (left
  * padding); its sinks are that range's first keys and its eligible pages hold a key in
  * [starts[b] + sink, ...), as quest.select has them under the mask. Pages are aligned to
- * absolute positions; the bounds (quest.update_bounds) leave the hidden keys out.
+ * absolute positions; the bounds leave out the keys hidden when the sequence started
+ * (quest.update_bounds); keys a sliding window hides later stay in them, as in select().
  */
 #include "cpu_select.h"
 
@@ -120,15 +121,16 @@ int quest_decode_rows(const void *q, int64_t q_sb, int64_t q_sh,
                       int64_t sink, int64_t local, int64_t budget_pages, int64_t fold_from,
                       float scaling, float softcap, int dtype, int num_threads) {
     if (D > MAX_D || D <= 0 || G <= 0 || page <= 0 || n <= 0 || dtype < 0 || dtype > 2) return 1;
+    /* before anything is written: a refused call changes no state */
+    if (starts)
+        for (int b = 0; b < B; b++)
+            if (starts[b] < 0 || starts[b] > n) return 1;
     /* the keys that arrived since the last step, into the bounds (a few rows: one thread) */
     for (int b = 0; b < B; b++)
         for (int64_t h = 0; h < Hkv; h++)
             for (int64_t t = fold_from < 0 ? 0 : fold_from; t < n; t++)
                 fold_key(kmin, b * a_sb + h * a_sh + (t / page) * a_sp, kmax, b * z_sb + h * z_sh + (t / page) * z_sp,
                          k, b * k_sb + h * k_sh + t * k_sn, t % page == 0, D, dtype);
-    if (starts)
-        for (int b = 0; b < B; b++)
-            if (starts[b] < 0 || starts[b] > n) return 1;
     /* sizes for a row that sees every key; a row seeing fewer needs no more */
     const int64_t lo = sink < n ? sink : n;
     const int64_t hi = n - local > lo ? n - local : lo;

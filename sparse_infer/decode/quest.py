@@ -147,9 +147,10 @@ def quest_decode_cpu(query, key, value, kmin, kmax, *, page: int, sink: int, loc
     fold_from: the bounds hold keys [0, fold_from) only; keys [fold_from, n) are folded into
     them first, in place (a page that starts there is written whole). None: they hold all n.
 
-    starts: int64 (B,) or None: batch row b sees only the keys [starts[b], n) (left padding); its
-    sinks are that range's first keys, as select() has them, and the bounds must leave the hidden
-    keys out (update_bounds does under the mask)."""
+    starts: int64 (B,) or None: batch row b sees only the keys [starts[b], n) (left padding, a
+    sliding window); its sinks are that range's first keys, as select() has them. The bounds are
+    select()'s: built under the mask when the sequence starts (keys hidden then are left out, keys
+    a window hides later stay in), then folded step by step."""
     B, _, D = query.shape
     hk, n = key.shape[1], key.shape[2]
     pages = -(-n // page)

@@ -91,19 +91,47 @@ def _code_products(q8: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
 
     torch._int_mm reads the int8 codes as they are: converting the whole cache's codes to fp32
     every step cost 4x the product itself (7 x 64 by 16K codes: 0.38 ms against 0.10 ms). It
-    is 2-D only, hence one call per (row, cache head); where a build lacks it, the fp32
-    product of the codes gives the same integers (partial sums stay below 2^24)."""
+    is 2-D only, hence one call per (row, cache head). Where it is missing or not exact (see
+    _int_mm_is_exact), the fp32 product of the codes gives the same integers (partial sums
+    stay below 2^24 for head dims up to 1040)."""
     B, hk = codes.shape[:2]
-    if codes.device.type == "cpu" and hasattr(torch, "_int_mm"):
-        try:
-            out = torch.empty(B, hk, q8.shape[2], codes.shape[2], dtype=torch.int32)
-            for b in range(B):
-                for g in range(hk):
-                    torch._int_mm(q8[b, g], codes[b, g].transpose(0, 1), out=out[b, g])
-            return out.float()
-        except (RuntimeError, NotImplementedError):
-            pass
+    if codes.device.type == "cpu" and _int_mm_is_exact():
+        out = torch.empty(B, hk, q8.shape[2], codes.shape[2], dtype=torch.int32)
+        for b in range(B):
+            for g in range(hk):
+                torch._int_mm(q8[b, g], codes[b, g].transpose(0, 1), out=out[b, g])
+        return out.float()
     return torch.matmul(q8.float(), codes.float().transpose(-1, -2))
+
+
+_INT_MM_EXACT: bool | None = None
+
+
+def _int_mm_is_exact() -> bool:
+    """Whether this build's CPU torch._int_mm returns exact int32 products, checked once.
+
+    On x86 CPUs without VNNI, oneDNN's int8 GEMM adds pairs of u8 x s8 products in 16 bits and
+    saturates (127 x 127 rows of 64 gave 8,160 instead of 1,032,256): a wrong ranking, and one
+    that differs from the C kernel's. The probe holds the products that saturate there (every
+    code at +-127, both signs) and random codes, at the shapes decode uses."""
+    global _INT_MM_EXACT
+    if _INT_MM_EXACT is None:
+        _INT_MM_EXACT = False
+        if hasattr(torch, "_int_mm"):
+            g = torch.Generator().manual_seed(0)
+            try:
+                exact = True
+                for rows, dim in ((1, 64), (7, 64), (8, 128)):
+                    q = torch.randint(-127, 128, (rows, dim), generator=g, dtype=torch.int8)
+                    q[0] = 127
+                    k = torch.randint(-127, 128, (40, dim), generator=g, dtype=torch.int8)
+                    k[0], k[1] = 127, -127
+                    got = torch._int_mm(q, k.transpose(0, 1))
+                    exact &= torch.equal(got.long(), q.long() @ k.long().transpose(0, 1))
+                _INT_MM_EXACT = bool(exact)
+            except (RuntimeError, NotImplementedError):
+                pass
+    return _INT_MM_EXACT
 
 
 def int8_scores(query: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, scaling: float, softcap):

@@ -117,13 +117,37 @@ def test_int8_scores_are_the_exact_products_of_the_codes():
     q8, q_scale = quantize_keys((query * 0.1).view(2, 2, 4, 128))
     exact = torch.matmul(q8.long(), codes.long().transpose(-1, -2))           # integers, no rounding
     assert torch.equal(got, exact.float() * q_scale * scales.transpose(-1, -2))
-    # the fp32 product of the codes, used where torch._int_mm is missing, gives the same bits
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delattr(torch, "_int_mm")
-        assert torch.equal(int8_scores(query, codes, scales, 0.1, None), got)
     # and close to the fp32 q.k they stand for: errors within 5% of the scores' spread
     reference = (query * 0.1).view(2, 2, 4, 128) @ key.transpose(-1, -2)
     assert (got - reference).abs().max() <= 0.05 * reference.std()
+    # the fp32 product of the codes, used where torch._int_mm is missing or inexact, gives the same bits
+    import sparse_infer.decode.token_select as token_select
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(token_select, "_INT_MM_EXACT", False)
+        assert torch.equal(int8_scores(query, codes, scales, 0.1, None), got)
+
+
+def test_int8_scores_stay_exact_where_onednn_saturates_int8_products():
+    """Without VNNI, oneDNN's int8 GEMM saturates 16-bit pair sums; the probe must then keep
+    torch._int_mm out. Run where oneDNN is limited to AVX2 (a fresh process: the limit is read once)."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from sparse_infer.decode.token_select import int8_scores, quantize_keys, _int_mm_is_exact\n"
+        "g = torch.Generator().manual_seed(3)\n"
+        "query, key = torch.randn(2, 8, 64, generator=g) * 5, torch.randn(2, 2, 300, 64, generator=g) * 5\n"
+        "codes, scales = quantize_keys(key)\n"
+        "got = int8_scores(query, codes, scales, 0.1, None)\n"
+        "q8, q_scale = quantize_keys((query * 0.1).view(2, 2, 4, 64))\n"
+        "exact = torch.matmul(q8.long(), codes.long().transpose(-1, -2)).float() * q_scale * scales.transpose(-1, -2)\n"
+        "print(_int_mm_is_exact(), torch.equal(got, exact))\n")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split()[-1] == "True", res.stdout
 
 
 def test_int8_call_refuses_bad_scales():

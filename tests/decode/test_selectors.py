@@ -453,3 +453,38 @@ def test_visible_suffix_starts_only_for_masks_hiding_a_prefix():
     assert visible_suffix_starts(holes, 3) is None
     assert visible_suffix_starts(mask.expand(3, 2, 1, 10), 3) is None   # per-head masks: the select() path
     assert visible_suffix_starts(None, 3) is None
+
+
+@pytest.mark.parametrize("granularity", ["group", "head"])
+def test_quest_c_call_under_mixed_left_padding_equals_select(granularity, monkeypatch):
+    """Rows padded on and off page boundaries, a row that sees fewer keys than sinks + window and
+    one that sees a single key: Quest's C call (per-row starts) attends as select() + the torch
+    executor do, step after step."""
+    import sparse_infer.kernels.cpu_decode as cpu_decode
+
+    if not cpu_decode.cpu_kernel_available():
+        pytest.skip("no C compiler: the C decode kernel is not built here")
+    calls = []
+    real = quest.quest_decode_cpu
+    monkeypatch.setattr(quest, "quest_decode_cpu", lambda *a, **kw: calls.append(kw["starts"]) or real(*a, **kw))
+    n, steps, batch = 400, 6, 6
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(batch, HQ, 1, D, generator=g)
+    k = torch.randn(batch, HKV, n + steps, D, generator=g)
+    v = torch.randn(batch, HKV, n + steps, D, generator=g)
+    k[:, :, torch.randint(0, n, (20,), generator=g)] *= 3
+    pads = [0, 137, 144, 152, n - 30, n - 1]          # off / on a page boundary, < sinks + window, one key
+    mask = torch.ones(batch, 1, 1, n + steps, dtype=torch.bool)
+    for row, pad in enumerate(pads):
+        mask[row, ..., :pad] = False
+    rule = RULES["quest"]
+    fused, reference = make_rt(rule, granularity=granularity), make_rt(rule, granularity=granularity)
+    fused.backend = "auto"
+    for step in range(steps):
+        m = mask[..., : n + step]
+        kk, vv = k[:, :, : n + step], v[:, :, : n + step]
+        out = decode_attention(fused, None, q, kk, vv, m, SCALING, {})
+        ref = decode_attention(reference, None, q, kk, vv, m, SCALING, {})
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert len(calls) == steps and calls[0].tolist() == pads
+    assert fused.stats.decode_selected == reference.stats.decode_selected
