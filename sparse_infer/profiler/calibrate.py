@@ -22,6 +22,13 @@ Calibration measures what the gate measures, one layer at a time:
 Cost: per level, the layers after each L once: about (layers + 1) / 2 forwards. A level is
 not tried at a layer where an earlier level of the same pattern (listed densest first) already
 exceeded the target alone.
+
+`phase="decode"` chooses decode rules the same way, by the measure of `eval fidelity
+--decode-tokens`: dense greedily continues the prompt by `tokens` tokens; the prompt is
+prefilled dense once into a cache, and each trial crops the cache back to the prompt and feeds
+the continuation one token at a time (teacher-forced decode steps) with the level on layer L
+only. Its KL is over the decode steps' next-token distributions, its seconds are layer L's per
+step. A trial costs `tokens` decode steps, not a forward: no replay is needed.
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ import math
 import shlex
 import statistics
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -38,17 +46,41 @@ from typing import Any, Sequence
 import torch
 
 from sparse_infer.params import PlanError
-from sparse_infer.plan import DENSE, Plan, Rule, load_plan, parse_rule, plan_from_dict
+from sparse_infer.plan import DENSE, Plan, Rule, load_plan, parse_rule, plan_from_dict, schema
 from sparse_infer.presets import PRESET_RULES
 
 # candidate rules when none are given: adaptive at two thresholds (densest first), then the
-# rules of the two presets whose density falls with length (sparse_infer.presets)
+# rules of the two presets whose density falls with length (sparse_infer.presets); their dense
+# tail is left out so that it follows --window (see tail_covers_window)
 DEFAULT_LEVELS: tuple[dict, ...] = (
-    {"pattern": "adaptive", "gamma": 0.95, "tau": 0.1, "dense_tail": 128},
-    {"pattern": "adaptive", "gamma": 0.85, "tau": 0.1, "dense_tail": 128},
-    PRESET_RULES["vertical_slash"],
-    PRESET_RULES["a_shape"],
+    {"pattern": "adaptive", "gamma": 0.95, "tau": 0.1},
+    {"pattern": "adaptive", "gamma": 0.85, "tau": 0.1},
+    {k: v for k, v in PRESET_RULES["vertical_slash"].items() if k != "dense_tail"},
+    {k: v for k, v in PRESET_RULES["a_shape"].items() if k != "dense_tail"},
 )
+# decode: token selection ranked by int8 codes (the shipped plans' method) at a tenth of the cache
+# and less, densest first
+DEFAULT_DECODE_LEVELS: tuple[dict, ...] = tuple(
+    {"method": "token_select", "budget": {"frac": frac}, "scoring": "int8"} for frac in (0.1, 0.05, 0.025))
+PHASES = ("prefill", "decode")
+
+
+def tail_covers_window(raw: dict, window: int) -> dict:
+    """`raw` with `dense_tail: window` when it names no dense tail.
+
+    An answer is read from the prompt's last row and from decode steps, which attend exactly
+    to the cache the prefill wrote; the other prompt rows reach it only through the K/V they
+    write in later layers. With the window's rows dense, the KL measured over the window is
+    what the plan does to answers, not the error of sparse rows no answer is read from (on
+    SmolLM2 at 8K the shipped plan's KL fell from 0.00147 to 0.00034 with its tail raised
+    from 128 to 256 rows). It costs window x length scores per head (3% of dense causal
+    attention at 16K).
+    """
+    if not isinstance(raw, Mapping) or "dense_tail" in raw:
+        return raw
+    if "dense_tail" not in schema("prefill").get(raw.get("pattern"), {}):
+        return raw     # dense, an unknown pattern (parse_rule names it) or one without a tail
+    return {**raw, "dense_tail": window}
 TRIALS_VERSION = 1
 
 
@@ -57,14 +89,26 @@ class CalibrateConfig:
     length: int = 8192                 # prompt tokens of the calibration forward
     window: int = 256                  # last positions whose next-token KL is measured
     seed: int = 1                      # prose prompt seed (eval fidelity's prompts use seed 0)
-    levels: Sequence[dict] = DEFAULT_LEVELS
+    levels: Sequence[dict] | None = None   # None: DEFAULT_LEVELS, or DEFAULT_DECODE_LEVELS in decode
     target_kl: float | None = None     # summed KL the plan may spend; None: floor_share x bf16 floor
     floor_share: float | None = None   # of the bf16 floor (default 1.0; the gate allows 2: half as margin)
     dense_above: float | str = "auto"  # as patch() runs the plan
     min_seq_len: int | None = None     # shorter prompts prefill dense (default: the calibration length)
     block_size: int = 64
+    phase: str = "prefill"             # which section the levels and the plan's choice are of
+    tokens: int = 64                   # decode: the dense continuation's tokens (tokens - 1 steps scored)
+
+    @property
+    def level_list(self) -> tuple[dict, ...]:
+        if self.levels is not None:
+            return tuple(self.levels)
+        return self.level_list_default()
 
     def validate(self) -> list[Rule]:
+        if self.phase not in PHASES:
+            raise ValueError(f"--phase must be one of {', '.join(PHASES)}, got {self.phase!r}")
+        if self.phase == "decode" and self.tokens < 2:
+            raise ValueError(f"--tokens must be at least 2 (the first token is the prefill's), got {self.tokens}")
         if self.length < 2 * self.block_size:
             raise ValueError(f"--length must be at least {2 * self.block_size} tokens, got {self.length}")
         if not 1 <= self.window < self.length:
@@ -78,12 +122,14 @@ class CalibrateConfig:
                 raise ValueError(f"--floor-share must be a positive number, got {self.floor_share}")
         if self.min_seq_len is not None and self.min_seq_len < 1:
             raise ValueError(f"--min-seq-len must be positive, got {self.min_seq_len}")
-        if not self.levels:
-            raise ValueError("at least one level (candidate prefill rule) is needed")
+        if not self.level_list:
+            raise ValueError(f"at least one level (candidate {self.phase} rule) is needed")
         rules = []
-        for i, raw in enumerate(self.levels):
+        for i, raw in enumerate(self.level_list):
             try:
-                rule = parse_rule(raw, f"--level {i + 1}", "prefill")
+                if self.phase == "prefill":
+                    raw = tail_covers_window(raw, self.window)
+                rule = parse_rule(raw, f"--level {i + 1}", self.phase)
             except PlanError as exc:
                 raise ValueError(str(exc)) from exc
             if rule.kind == DENSE:
@@ -94,6 +140,9 @@ class CalibrateConfig:
             rules.append(rule)
         return rules
 
+    def level_list_default(self) -> tuple[dict, ...]:
+        return DEFAULT_DECODE_LEVELS if self.phase == "decode" else DEFAULT_LEVELS
+
     @property
     def share(self) -> float:
         return 1.0 if self.floor_share is None else self.floor_share
@@ -103,8 +152,13 @@ class CalibrateConfig:
         parts = ["sparse-infer", "calibrate", model_name]
         if out is not None:
             parts += ["--out", str(out)]
-        parts += ["--length", str(self.length), "--window", str(self.window), "--seed", str(self.seed)]
-        if tuple(self.levels) != DEFAULT_LEVELS:
+        if self.phase != "prefill":
+            parts += ["--phase", self.phase, "--tokens", str(self.tokens)]
+        parts += ["--length", str(self.length)]
+        if self.phase == "prefill":
+            parts += ["--window", str(self.window)]
+        parts += ["--seed", str(self.seed)]
+        if self.levels is not None and tuple(self.levels) != self.level_list_default():
             for raw in self.levels:
                 parts += ["--level", json.dumps(raw)]
         if self.target_kl is not None:
@@ -124,7 +178,7 @@ class CalibrateConfig:
 class Trial:
     kl: float
     top1: float
-    seconds: float          # layer L's forward (attention and MLP) under the level
+    seconds: float          # layer L's forward (attention and MLP) under the level; decode: per step
     density: float | None   # layer L's measured prefill density (dense heads count 1)
 
 
@@ -194,10 +248,12 @@ def allocate(dense_seconds: Sequence[float], trials: dict[tuple[int, int], Trial
 
 
 class _LayerClock:
-    """Seconds of each decoder layer's forward in the last model call (hooks on every layer)."""
+    """Seconds of each decoder layer's forwards since the clock was made, summed over calls, and
+    the calls counted (hooks on every layer)."""
 
     def __init__(self, layers):
         self.seconds: dict[int, float] = {}
+        self.calls: dict[int, int] = {}
         self._start: dict[int, float] = {}
         self._handles = []
         for idx, layer in enumerate(layers):
@@ -218,7 +274,8 @@ class _LayerClock:
 
     def _post(self, idx):
         def hook(module, args, output):
-            self.seconds[idx] = self._now(module) - self._start.pop(idx)
+            self.seconds[idx] = self.seconds.get(idx, 0.0) + self._now(module) - self._start.pop(idx)
+            self.calls[idx] = self.calls.get(idx, 0) + 1
         return hook
 
     def close(self):
@@ -249,32 +306,43 @@ class _Replay:
         return False
 
 
-def _layer_plan(model_config, rule: Rule | None, layer: int, block_size: int) -> Plan:
-    """`rule` on every head of `layer`, the rest dense (rule None: every layer dense)."""
+def _layer_plan(model_config, rule: Rule | None, layer: int, block_size: int, phase: str = "prefill") -> Plan:
+    """`rule` (of `phase`) on every head of `layer`, the rest dense (rule None: every layer dense)."""
     from sparse_infer.plan import model_spec_from_config
 
     spec = model_spec_from_config(model_config)
     prefill = {"min_seq_len": 1, "block_size": block_size, "default": {"pattern": "dense"}}
+    decode = {"min_kv_len": 1, "default": {"method": "dense"}}
     if rule is not None:
-        prefill["layers"] = {layer: {"*": rule.to_yaml("pattern")}}
+        section, name_key = (prefill, "pattern") if phase == "prefill" else (decode, "method")
+        section["layers"] = {layer: {"*": rule.to_yaml(name_key)}}
     plan = plan_from_dict({
         "sparse_infer_plan": 1,
         "model": {k: v for k, v in vars(spec).items() if v is not None},
         "prefill": prefill,
-        "decode": {"min_kv_len": 1, "default": {"method": "dense"}},
+        "decode": decode,
     }, source=f"calibration:layer{layer}")
     plan.check_model(model_config)
     return plan
 
 
-def _trials_header(model, prompt, levels: Sequence[Rule], config: CalibrateConfig) -> dict:
+def _trials_header(model, prompt, levels: Sequence[Rule], config: CalibrateConfig,
+                   fingerprint: str | None = None) -> dict:
     from sparse_infer.eval.results import weights_fingerprint
 
     param = next(model.parameters())
-    return {"version": TRIALS_VERSION, "weights_sha256": weights_fingerprint(model), "input_sha": prompt.sha(),
-            "window": config.window, "dense_above": config.dense_above, "block_size": config.block_size,
-            "device": str(param.device), "threads": torch.get_num_threads(),
-            "levels": [r.to_yaml("pattern") for r in levels]}
+    header = {"version": TRIALS_VERSION, "weights_sha256": fingerprint or weights_fingerprint(model),
+              "input_sha": prompt.sha(),
+              "window": config.window, "dense_above": config.dense_above, "block_size": config.block_size,
+              "device": str(param.device), "threads": torch.get_num_threads(),
+              "levels": [r.to_yaml(_name_key(config.phase)) for r in levels]}
+    if config.phase != "prefill":            # prefill records keep the keys they were written with
+        header.update(phase=config.phase, tokens=config.tokens)
+    return header
+
+
+def _name_key(phase: str) -> str:
+    return "pattern" if phase == "prefill" else "method"
 
 
 def read_record(record: Path | None, header: dict, resume: bool) -> dict | None:
@@ -301,25 +369,129 @@ def _skipped(done: dict[tuple[int, int], Trial], levels: Sequence[Rule], layer: 
                for v in range(level))
 
 
+class _Trials:
+    """What a trial runs: `_logprobs(first)` under a patched plan, timed per layer."""
+
+    phase = "prefill"
+    model: Any
+    config: CalibrateConfig
+    layers: Any
+
+    def _logprobs(self, first: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def run(self, plan: Plan | None, first: int = 0) -> tuple[torch.Tensor, dict[int, float], float | None]:
+        """The scored log-probs, each layer's seconds per call (a prefill forward calls each layer
+        once, a decode step once a step) and layer `first`'s density, with `plan` patched (None:
+        the model as it is)."""
+        import sparse_infer
+
+        clock = _LayerClock(self.layers)
+        try:
+            if plan is not None:
+                sparse_infer.patch(self.model, plan, dense_above=self.config.dense_above)
+                sparse_infer.reset_stats(self.model)
+            logprobs = self._logprobs(first)
+            density = None
+            if plan is not None:
+                density = sparse_infer.get_stats(self.model)["layers"].get(first, {}).get(f"{self.phase}_density")
+        finally:
+            clock.close()
+            sparse_infer.unpatch(self.model)
+        per_call = {idx: sec / max(clock.calls.get(idx, 1), 1) for idx, sec in clock.seconds.items()}
+        return logprobs, per_call, density
+
+
+class _PrefillTrials(_Trials):
+    """Prefill trials: one teacher-forced forward of the prompt per trial, the layers before the
+    trial's layer replayed from the recorded dense outputs."""
+
+    def __init__(self, model, prompt, config: CalibrateConfig):
+        from sparse_infer.eval.fidelity import next_token_logprobs, scored_positions
+        from sparse_infer.profiler.capture import decoder_layers
+
+        self.model, self.prompt, self.config = model, prompt, config
+        self.layers = decoder_layers(model)
+        self.positions = scored_positions(prompt, config.window)
+        self.outputs: list[Any] = [None] * len(self.layers)
+
+        def keep(idx):
+            def hook(module, args, output):
+                self.outputs[idx] = output
+            return hook
+
+        handles = [layer.register_forward_hook(keep(i)) for i, layer in enumerate(self.layers)]
+        try:
+            next_token_logprobs(model, prompt.input_ids, self.positions[-1:])   # warm-up: a first call is slower
+            self.reference, _, _ = self.run(None)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _logprobs(self, first: int) -> torch.Tensor:
+        from sparse_infer.eval.fidelity import next_token_logprobs
+
+        with _Replay(self.layers, self.outputs, first):
+            return next_token_logprobs(self.model, self.prompt.input_ids, self.positions)
+
+
+class _DecodeTrials(_Trials):
+    """Decode trials: the prompt (the scored prompt's first len - tokens ids) is prefilled dense
+    once into a cache; each trial decodes from a copy of it (a crop would not bring back what a
+    sliding-window layer dropped), feeding the continuation one token at a time with the plan
+    patched. Seconds are per decode step."""
+
+    phase = "decode"
+
+    def __init__(self, model, prompt, config: CalibrateConfig):
+        from sparse_infer.cache import AppendCache
+        from sparse_infer.eval.fidelity import next_token_logprobs
+        from sparse_infer.profiler.capture import decoder_layers
+
+        self.model, self.prompt, self.config = model, prompt, config
+        self.layers = decoder_layers(model)
+        ids = list(prompt.input_ids)
+        self.context, self.continuation = ids[:-config.tokens], ids[-config.tokens:]
+        self.positions = list(range(len(self.context), len(ids) - 1))
+        self.device = next(model.parameters()).device
+        self.reference = next_token_logprobs(model, ids, self.positions)
+        self.prefilled = AppendCache(config=model.config)
+        with torch.no_grad():
+            model(input_ids=torch.tensor([self.context], device=self.device), cache=self.prefilled, use_cache=True,
+                  logits_to_keep=1)
+
+    @torch.no_grad()
+    def _logprobs(self, first: int) -> torch.Tensor:
+        import copy
+
+        cache = copy.deepcopy(self.prefilled)
+        steps = []
+        for token in self.continuation[:-1]:
+            logits = self.model(input_ids=torch.tensor([[token]], device=self.device), cache=cache,
+                                use_cache=True).logits[0, -1]
+            steps.append(torch.log_softmax(logits.float(), dim=-1).cpu())
+        return torch.stack(steps)
+
+
 def run_trials(model, prompt, levels: Sequence[Rule], config: CalibrateConfig, *, target_kl: float,
                record: Path | None = None, resume: bool = False, progress: bool = True,
-               log=None) -> tuple[list[float], dict[tuple[int, int], Trial]]:
+               log=None, fingerprint: str | None = None) -> tuple[list[float], dict[tuple[int, int], Trial]]:
     """Measure every (layer, level) trial; see the module docstring. With `record`, each trial is
     written there as it finishes, and `resume` takes the trials a previous run recorded
-    for the same weights, prompt, levels and machine. The model is left unpatched."""
+    for the same weights, prompt, levels and machine. The model is left unpatched. In decode,
+    `prompt` is the scored prompt: the context followed by dense's `config.tokens` next tokens
+    (decode_prompt). `fingerprint`: the weights' digest when the caller has it (hashing the weights
+    takes seconds)."""
     import sparse_infer
-    from sparse_infer.eval.fidelity import compare, next_token_logprobs, scored_positions
+    from sparse_infer.eval.fidelity import compare
     from sparse_infer.eval.outputs import write_json
     from sparse_infer.eval.progress import ProgressBar
-    from sparse_infer.profiler.capture import decoder_layers
 
-    layers = decoder_layers(model)
-    last = len(layers) - 1
-    positions = scored_positions(prompt, config.window)
-    header = _trials_header(model, prompt, levels, config)
+    header = _trials_header(model, prompt, levels, config, fingerprint)
     previous = read_record(record, header, resume)
+    n_layers = len(_decoder_layers(model))
     done: dict[tuple[int, int], Trial] = {}
-    dense_runs: dict[int, list[float]] = {i: [] for i in range(len(layers))}
+    dense_runs: dict[int, list[float]] = {i: [] for i in range(n_layers)}
     if previous is not None:
         for row in previous.get("trials", []):
             done[(row["layer"], row["level"])] = Trial(row["kl"], row["top1"], row["seconds"], row["density"])
@@ -327,43 +499,16 @@ def run_trials(model, prompt, levels: Sequence[Rule], config: CalibrateConfig, *
             dense_runs[int(idx)] = list(runs)
     if sparse_infer.is_patched(model):
         sparse_infer.unpatch(model)
-    dense_plan = _layer_plan(model.config, None, 0, config.block_size)
+    phase = config.phase
+    trials = _PrefillTrials(model, prompt, config) if phase == "prefill" else _DecodeTrials(model, prompt, config)
+    last = n_layers - 1
 
-    def forward(plan: Plan | None, first: int = 0) -> tuple[torch.Tensor, dict[int, float], float | None]:
-        """Log-probs over the window, each layer's seconds and layer `first`'s density, with `plan`
-        patched (None: the model as it is) and the layers before `first` replayed."""
-        clock = _LayerClock(layers)
-        try:
-            if plan is not None:
-                sparse_infer.patch(model, plan, dense_above=config.dense_above)
-                sparse_infer.reset_stats(model)
-            with _Replay(layers, outputs, first):
-                logprobs = next_token_logprobs(model, prompt.input_ids, positions)
-            density = None
-            if plan is not None:
-                density = sparse_infer.get_stats(model)["layers"].get(first, {}).get("prefill_density")
-        finally:
-            clock.close()
-            sparse_infer.unpatch(model)
-        return logprobs, clock.seconds, density
+    def layer_plan(level: int | None, layer: int) -> Plan:
+        return _layer_plan(model.config, None if level is None else levels[level], layer, config.block_size, phase)
 
-    outputs: list[Any] = [None] * len(layers)
-
-    def keep(idx):
-        def hook(module, args, output):
-            outputs[idx] = output
-        return hook
-
-    handles = [layer.register_forward_hook(keep(i)) for i, layer in enumerate(layers)]
-    try:
-        next_token_logprobs(model, prompt.input_ids, positions[-1:])     # warm-up: a first call is slower
-        reference, _, _ = forward(None)
-    finally:
-        for h in handles:
-            h.remove()
     if previous is None or not any(dense_runs.values()):
-        # every layer's dense time as the trials' later layers run (through patch), once more
-        _, seconds, _ = forward(dense_plan)
+        # every layer's dense time as the trials' other layers run (through patch), once more
+        _, seconds, _ = trials.run(layer_plan(None, 0))
         for idx, sec in seconds.items():
             dense_runs[idx].append(sec)
 
@@ -375,8 +520,9 @@ def run_trials(model, prompt, levels: Sequence[Rule], config: CalibrateConfig, *
             "dense_runs": {str(i): runs for i, runs in sorted(dense_runs.items())}})
 
     save()
-    pending = [(layer, level) for layer in range(len(layers)) for level in range(len(levels))]
-    weight = {key: len(layers) - key[0] for key in pending}
+    pending = [(layer, level) for layer in range(n_layers) for level in range(len(levels))]
+    # prefill trials run the layers from L on; decode trials every layer
+    weight = {key: n_layers - key[0] if phase == "prefill" else n_layers for key in pending}
     warmed: set[int] = set()
     with ProgressBar(progress, sum(weight.values()), len(pending)) as bar:
         for layer, level in pending:
@@ -390,37 +536,62 @@ def run_trials(model, prompt, levels: Sequence[Rule], config: CalibrateConfig, *
                 continue
             if level not in warmed:
                 # a level's first call pays one-off costs (kernel builds, compiles): pay them on
-                # the last layer, the cheapest trial, untimed
-                forward(_layer_plan(model.config, levels[level], last, config.block_size), last)
+                # the last layer, the cheapest prefill trial, untimed
+                trials.run(layer_plan(level, last), last)
                 warmed.add(level)
-            trial_lp, seconds, density = forward(_layer_plan(model.config, levels[level], layer, config.block_size),
-                                                 layer)
-            figures = compare(reference, trial_lp, positions, prompt)
+            trial_lp, seconds, density = trials.run(layer_plan(level, layer), layer)
+            figures = compare(trials.reference, trial_lp, trials.positions, prompt)
             done[key] = Trial(float(figures["kl"]), float(figures["top1"]), seconds[layer],
                               None if density is None else float(density))
             for idx, sec in seconds.items():
-                if idx > layer:
+                if idx > layer or (phase != "prefill" and idx != layer):
                     dense_runs[idx].append(sec)
             save()
             t = done[key]
-            summary = f"KL {t.kl:.2e}, density {'?' if t.density is None else f'{t.density:.2f}'}, {t.seconds:.2f} s"
+            unit = "s" if phase == "prefill" else "s a step"
+            summary = (f"KL {t.kl:.2e}, density {'?' if t.density is None else f'{t.density:.2f}'}, "
+                       f"{t.seconds:.3g} {unit}")
             bar.advance(weight[key], summary)
             if log is not None:
                 log(f"layer {layer} level {level + 1}: {summary}")
-    dense_seconds = [statistics.median(dense_runs[i]) for i in range(len(layers))]
+    dense_seconds = [statistics.median(dense_runs[i]) for i in range(n_layers)]
     return dense_seconds, done
 
 
-def bf16_floor(model, prompt, window: int, floor_cache: Path | None) -> float:
-    """The bf16 floor KL of this prompt and window (cached as `eval fidelity` caches it)."""
+def _decoder_layers(model):
+    from sparse_infer.profiler.capture import decoder_layers
+
+    return decoder_layers(model)
+
+
+def decode_prompt(model, prompt, tokens: int):
+    """`prompt` followed by dense's `tokens` greedy next tokens, as `eval fidelity --decode-tokens`
+    scores decode (no answer positions)."""
+    import dataclasses
+
+    from sparse_infer.eval.fidelity import greedy_continuation
+
+    continuation = greedy_continuation(model, prompt.input_ids, tokens)
+    return dataclasses.replace(prompt, input_ids=list(prompt.input_ids) + continuation, answer_positions=[])
+
+
+def bf16_floor(model, prompt, window: int, floor_cache: Path | None, decode_tokens: int = 0,
+               fingerprint: str | None = None) -> float:
+    """The bf16 floor KL of this prompt and window, or of its last `decode_tokens - 1` decode
+    positions (a decode prompt), cached as `eval fidelity` caches it."""
     from sparse_infer.eval.fidelity import FloorCache, floor_figures, next_token_logprobs, scored_positions
     from sparse_infer.eval.results import weights_fingerprint
 
     cache = FloorCache(floor_cache)
-    key = FloorCache.key(weights_fingerprint(model), prompt, window)
+    key = FloorCache.key(fingerprint or weights_fingerprint(model), prompt,
+                         f"decode{decode_tokens}" if decode_tokens else window)
     figures = cache.get(key)
     if figures is None:
-        positions = scored_positions(prompt, window)
+        if decode_tokens:
+            n = len(prompt.input_ids)
+            positions = list(range(n - decode_tokens, n - 1))
+        else:
+            positions = scored_positions(prompt, window)
         reference = next_token_logprobs(model, prompt.input_ids, positions)
         figures, _ = floor_figures(model, prompt, positions, reference, cache, key)
     return float(figures["kl"])
@@ -431,14 +602,19 @@ def bf16_floor(model, prompt, window: int, floor_cache: Path | None) -> float:
 
 def build_plan(model_config, base: Plan, levels: Sequence[Rule], calibration: Calibration,
                config: CalibrateConfig, command: str | None, model_name: str, base_name: str = "") -> Plan:
-    """`base` with its prefill replaced by the chosen rule per layer; the measurements go in
-    profile.calibration."""
+    """`base` with its prefill (or decode) section replaced by the chosen rule per layer; the
+    measurements go in profile.calibration."""
     raw = base.to_dict()
-    layers = {i: {"*": levels[c].to_yaml("pattern")} for i, c in enumerate(calibration.choice) if c is not None}
-    raw["prefill"] = {"min_seq_len": config.min_seq_len or config.length, "block_size": config.block_size,
-                      "default": {"pattern": "dense"}}
+    name_key = _name_key(config.phase)
+    layers = {i: {"*": levels[c].to_yaml(name_key)} for i, c in enumerate(calibration.choice) if c is not None}
+    if config.phase == "prefill":
+        raw["prefill"] = {"min_seq_len": config.min_seq_len or config.length, "block_size": config.block_size,
+                          "default": {"pattern": "dense"}}
+    else:
+        # selection per GQA group, as the trials ran it (the plan's default granularity)
+        raw["decode"] = {"min_kv_len": config.min_seq_len or config.length, "default": {"method": "dense"}}
     if layers:
-        raw["prefill"]["layers"] = layers
+        raw[config.phase]["layers"] = layers
     n = len(calibration.dense_seconds)
 
     def per_level(attr):
@@ -452,17 +628,19 @@ def build_plan(model_config, base: Plan, levels: Sequence[Rule], calibration: Ca
         "created": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
         **({"command": command} if command else {}),
         "model": model_name,
-        "decode_from": base_name,          # as given (a shipped name or the user's path), not resolved
+        # the other section's source, as given (a shipped name or the user's path), not resolved
+        ("decode_from" if config.phase == "prefill" else "prefill_from"): base_name,
         "calibration": {
+            **({} if config.phase == "prefill" else {"phase": config.phase, "tokens": config.tokens}),
             "length": config.length, "window": config.window, "seed": config.seed,
             "dense_above": config.dense_above, "target_kl": calibration.target_kl,
             "bf16_floor_kl": calibration.floor_kl,
-            "levels": [r.to_yaml("pattern") for r in levels],
+            "levels": [r.to_yaml(name_key) for r in levels],
             "choice": [0 if c is None else c + 1 for c in calibration.choice],   # 0: dense, k: level k
             "predicted_kl": round(calibration.predicted_kl, 8),
-            "predicted_seconds": round(calibration.predicted_seconds, 3),
-            "dense_seconds": round(sum(calibration.dense_seconds), 3),
-            "measured": {"layer_dense_seconds": [round(s, 4) for s in calibration.dense_seconds],
+            "predicted_seconds": round(calibration.predicted_seconds, 6),
+            "dense_seconds": round(sum(calibration.dense_seconds), 6),
+            "measured": {"layer_dense_seconds": [round(s, 6) for s in calibration.dense_seconds],
                          "kl": per_level("kl"), "seconds": per_level("seconds"), "density": per_level("density")},
         },
     }
@@ -484,6 +662,7 @@ def calibrate_model(model, tokenizer, config: CalibrateConfig, *, name: str, bas
     model is unpatched first (the reference is the model's own attention) and left unpatched."""
     import sparse_infer
     from sparse_infer.eval.fidelity import prose_prompt
+    from sparse_infer.eval.results import weights_fingerprint
 
     levels = config.validate()
     dtype = next(model.parameters()).dtype
@@ -491,27 +670,35 @@ def calibrate_model(model, tokenizer, config: CalibrateConfig, *, name: str, bas
         raise ValueError(f"calibrate a float32 model (this one is {dtype}): the KLs are measured against its "
                          "fp32 dense run, and the bf16 floor against fp32")
     limit = getattr(model.config, "max_position_embeddings", None)
-    if limit and config.length > limit:
-        raise ValueError(f"--length {config.length} is beyond the model's context ({limit} positions)")
+    extra = config.tokens if config.phase == "decode" else 0
+    if limit and config.length + extra > limit:
+        raise ValueError(f"--length {config.length}{f' + --tokens {extra}' if extra else ''} is beyond the model's "
+                         f"context ({limit} positions)")
     for level in levels:
-        _layer_plan(model.config, level, 0, config.block_size)      # a rule this model cannot take fails now
+        _layer_plan(model.config, level, 0, config.block_size, config.phase)   # a rule this model cannot take fails now
     base_name = base or _default_base(name)
     base_plan = load_plan(base_name, model.config)
     prompt = prose_prompt(tokenizer, config.length, 0, config.seed)
     if sparse_infer.is_patched(model):
         sparse_infer.unpatch(model)
-    read_record(record, _trials_header(model, prompt, levels, config), resume)   # a mismatch fails before the floor
+    decode_tokens = config.tokens if config.phase == "decode" else 0
+    if decode_tokens:
+        if log is not None:
+            log(f"continuing the prompt by {decode_tokens} tokens (dense, greedy)")
+        prompt = decode_prompt(model, prompt, decode_tokens)
+    fingerprint = weights_fingerprint(model)        # once: hashing the weights takes seconds
+    read_record(record, _trials_header(model, prompt, levels, config, fingerprint), resume)   # fails before the floor
     floor = None
     target = config.target_kl
     if target is None:
         if log is not None:
             log("measuring the bf16 floor of the calibration prompt (cached for later runs)")
-        floor = bf16_floor(model, prompt, config.window, floor_cache)
+        floor = bf16_floor(model, prompt, config.window, floor_cache, decode_tokens, fingerprint)
         if not floor > 0:
             raise ValueError(f"the bf16 floor of the calibration prompt is {floor}; give --target-kl")
         target = config.share * floor
     dense_seconds, trials = run_trials(model, prompt, levels, config, target_kl=target, record=record,
-                                       resume=resume, progress=progress, log=log)
+                                       resume=resume, progress=progress, log=log, fingerprint=fingerprint)
     choice, kl, seconds = allocate(dense_seconds, trials, len(levels), target)
     calibration = Calibration(dense_seconds, trials, target, floor, choice, kl, seconds)
     plan = build_plan(model.config, base_plan, levels, calibration, config, command, name, base_name)
@@ -545,4 +732,4 @@ def calibrate(model_spec: str, out: str | Path, config: CalibrateConfig | None =
 
 
 __all__ = ["CalibrateConfig", "Calibration", "Trial", "allocate", "calibrate", "calibrate_model", "run_trials",
-           "DEFAULT_LEVELS"]
+           "decode_prompt", "DEFAULT_LEVELS", "DEFAULT_DECODE_LEVELS"]

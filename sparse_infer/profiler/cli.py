@@ -106,10 +106,18 @@ def calibrate_command(
                                                           "The trials go beside it (OUT.trials.json).")],
     length: Annotated[int, typer.Option("--length", help="Tokens of the calibration prompt (long prose).")] = 8192,
     level: Annotated[Optional[list[str]], typer.Option(
-        "--level", help="A candidate prefill rule as a YAML mapping, e.g. '{pattern: adaptive, gamma: 0.9}'; "
-                        "repeat, densest first (a level is skipped at a layer where a denser one already "
-                        "exceeded the target). Default: adaptive 0.95 and 0.85, the vertical_slash and "
-                        "a_shape presets' rules.")] = None,
+        "--level", help="A candidate rule of --phase as a YAML mapping, e.g. '{pattern: adaptive, gamma: 0.9}' "
+                        "or '{method: quest, budget: {frac: 0.05}}'; repeat, densest first (a level is skipped "
+                        "at a layer where a denser one of its kind already exceeded the target). Default: "
+                        "prefill adaptive 0.95 and 0.85, the vertical_slash and a_shape presets' rules (dense "
+                        "tail = --window); decode token_select (int8 scoring) at 0.1, 0.05 and 0.025 of the "
+                        "cache.")] = None,
+    phase: Annotated[str, typer.Option(
+        "--phase", help="prefill: choose prefill rules, KL over the prompt's last --window positions; decode: "
+                        "choose decode rules, KL over --tokens teacher-forced decode steps after a dense "
+                        "prefill (as eval fidelity --decode-tokens).")] = "prefill",
+    tokens: Annotated[int, typer.Option("--tokens", help="Decode: tokens dense continues the prompt by "
+                                                         "(tokens - 1 decode steps are scored).")] = 64,
     target_kl: Annotated[Optional[float], typer.Option(
         "--target-kl", help="Summed KL (nats per position) the plan may spend. Default: --floor-share x the "
                             "bf16 floor of the calibration prompt, measured and cached.")] = None,
@@ -119,10 +127,11 @@ def calibrate_command(
     seed: Annotated[int, typer.Option("--seed", help="Prose prompt seed (eval fidelity's prompts use 0: "
                                                      "calibrate on other text than the gate checks).")] = 1,
     base: Annotated[Optional[str], typer.Option(
-        "--base", help="Plan whose decode section the new plan keeps (default: the shipped plan of a built-in "
-                       "model, else dense).")] = None,
+        "--base", help="Plan whose other section (decode, or prefill with --phase decode) the new plan keeps "
+                       "(default: the shipped plan of a built-in model, else dense).")] = None,
     min_seq_len: Annotated[Optional[int], typer.Option(
-        "--min-seq-len", help="Shorter prompts prefill dense (default: --length).")] = None,
+        "--min-seq-len", help="Shorter prompts prefill dense, or shorter caches decode dense with --phase "
+                              "decode (default: --length).")] = None,
     as_written: Annotated[bool, typer.Option(
         "--as-written", help="Measure the rules as written; by default as patch() runs them (heads whose "
                              "index is denser than the executor's break-even run dense).")] = False,
@@ -130,12 +139,12 @@ def calibrate_command(
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the progress bar.")] = True,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file and its trials.")] = False,
 ) -> None:
-    """Choose each layer's prefill rule by the KL it costs: per layer and candidate rule, measure the
-    teacher-forced KL to dense and the layer's seconds, then keep the fastest per-layer mix whose
-    summed KL fits the target."""
+    """Choose each layer's prefill (or decode) rule by the KL it costs: per layer and candidate rule,
+    measure the teacher-forced KL to dense and the layer's seconds, then keep the fastest per-layer
+    mix whose summed KL fits the target."""
     import yaml
 
-    from sparse_infer.profiler.calibrate import DEFAULT_LEVELS, CalibrateConfig, calibrate
+    from sparse_infer.profiler.calibrate import CalibrateConfig, calibrate
     from sparse_infer.profiler.report import calibration_table
 
     console = _console(stderr=True)
@@ -148,9 +157,9 @@ def calibrate_command(
         if not isinstance(raw, dict):
             raise typer.BadParameter(f"--level {i + 1} must be a mapping such as '{{pattern: a_shape}}', got {text!r}")
         levels.append(raw)
-    config = CalibrateConfig(length=length, window=window, seed=seed, levels=tuple(levels) or DEFAULT_LEVELS,
+    config = CalibrateConfig(length=length, window=window, seed=seed, levels=tuple(levels) or None,
                              target_kl=target_kl, floor_share=floor_share, min_seq_len=min_seq_len,
-                             dense_above=1.0 if as_written else "auto")
+                             dense_above=1.0 if as_written else "auto", phase=phase, tokens=tokens)
     try:
         config.validate()
     except ValueError as exc:

@@ -172,8 +172,8 @@ def plan_table(plan: Plan, lengths: list[int] | None = None, heads: int | None =
 
 def _level_label(number: int, rule: dict) -> str:
     """'2: adaptive gamma=0.85 tau=0.1 dense_tail=128': the level's number and every parameter written."""
-    params = " ".join(f"{k}={v}" for k, v in rule.items() if k != "pattern")
-    return f"{number}: {rule.get('pattern', '?')} {params}".rstrip()
+    params = " ".join(f"{k}={v}" for k, v in rule.items() if k not in ("pattern", "method"))
+    return f"{number}: {rule.get('pattern', rule.get('method', '?'))} {params}".rstrip()
 
 
 def calibration_table(plan: Plan) -> Table:
@@ -181,18 +181,23 @@ def calibration_table(plan: Plan) -> Table:
     cal = plan.profile["calibration"]
     measured = cal["measured"]
     dense_s = measured["layer_dense_seconds"]
-    table = Table(title=f"calibration at {cal['length']} tokens: predicted KL {cal['predicted_kl']:.3g} of target "
-                        f"{cal['target_kl']:.3g}; layer seconds {cal['predicted_seconds']:.1f} vs dense "
-                        f"{cal['dense_seconds']:.1f}")
-    for col in ("layer", "rule", "KL", "seconds", "dense s", "density"):
+    decode = cal.get("phase") == "decode"
+    what = f"decode after {cal['length']} tokens ({cal['tokens']} steps)" if decode else f"{cal['length']} tokens"
+    seconds = (f"layer ms a step {1e3 * cal['predicted_seconds']:.1f} vs dense {1e3 * cal['dense_seconds']:.1f}"
+               if decode else f"layer seconds {cal['predicted_seconds']:.1f} vs dense {cal['dense_seconds']:.1f}")
+    table = Table(title=f"calibration at {what}: predicted KL {cal['predicted_kl']:.3g} of target "
+                        f"{cal['target_kl']:.3g}; {seconds}")
+    scale, unit = (1e3, "ms") if decode else (1.0, "seconds")
+    for col in ("layer", "rule", "KL", unit, f"dense {'ms' if decode else 's'}", "density"):
         table.add_column(col, justify="left" if col == "rule" else "right")
     for layer, pick in enumerate(cal["choice"]):
+        dense = f"{scale * dense_s[layer]:.2f}"
         if pick == 0:
-            table.add_row(str(layer), "dense", "0", f"{dense_s[layer]:.2f}", f"{dense_s[layer]:.2f}", "1")
+            table.add_row(str(layer), "dense", "0", dense, dense, "1")
             continue
         level = pick - 1
         density = measured["density"][level][layer]
         table.add_row(str(layer), _level_label(pick, cal["levels"][level]), f"{measured['kl'][level][layer]:.2e}",
-                      f"{measured['seconds'][level][layer]:.2f}", f"{dense_s[layer]:.2f}",
+                      f"{scale * measured['seconds'][level][layer]:.2f}", dense,
                       "?" if density is None else f"{density:.2f}")
     return table

@@ -20,7 +20,8 @@ from tests.profiler.helpers import char_tokenizer
 
 LENGTH, WINDOW = 512, 32
 COVERS_ALL = {"pattern": "a_shape", "sink": 64, "local": 4096}         # every causal block
-NARROW = {"pattern": "a_shape", "sink": 64, "local": 64}
+NARROW = {"pattern": "a_shape", "sink": 64, "local": 64, "dense_tail": 0}
+NARROW_TAIL_UNSET = {"pattern": "a_shape", "sink": 64, "local": 64}      # calibrate gives it the window
 CONFIG = dict(length=LENGTH, window=WINDOW, block_size=64)
 
 
@@ -79,6 +80,13 @@ def test_allocate_keeps_dense_where_nothing_fits_or_nothing_is_faster():
 def test_bad_levels_are_refused_naming_the_field(levels, message):
     with pytest.raises(ValueError, match=message):
         CalibrateConfig(levels=levels).validate()
+
+
+def test_levels_that_name_no_dense_tail_get_the_scored_window():
+    rules = CalibrateConfig(window=256, levels=(NARROW_TAIL_UNSET, {**NARROW, "local": 128})).validate()
+    assert rules[0].params["dense_tail"] == 256 and "dense_tail" in rules[0].explicit
+    assert rules[1].params["dense_tail"] == 0, "a dense tail the level names is kept"
+    assert all(rule.params["dense_tail"] == 512 for rule in CalibrateConfig(window=512).validate())
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -142,6 +150,19 @@ def test_trials_replay_equals_a_whole_forward_and_full_cover_costs_nothing(tiny)
         assert compare(reference, whole, positions, prompt)["kl"] == pytest.approx(trials[(layer, 1)].kl, rel=1e-5,
                                                                                     abs=1e-10)
     assert not sparse_infer.is_patched(model)
+
+
+def test_a_tail_covering_the_window_measures_only_what_later_rows_read(tiny):
+    """At the last layer nothing reads the sparse rows but their own logits: with the window's
+    rows dense the trial's KL is exactly 0 (up to fp32 rounding); without the tail it is not."""
+    model, tok = tiny
+    prompt = _prompt(tok)
+    config = CalibrateConfig(**CONFIG, levels=(NARROW_TAIL_UNSET, NARROW))
+    rules = config.validate()
+    _, trials = run_trials(model, prompt, rules, config, target_kl=1.0, progress=False)
+    assert trials[(2, 0)].kl < 1e-6 and trials[(2, 0)].density < 0.75, "sparse rows, none in the window"
+    assert trials[(2, 1)].kl > 1e-5
+    assert trials[(0, 0)].kl > 1e-6, "earlier layers still reach the window through the K/V they write"
 
 
 def test_sparser_levels_of_a_pattern_are_skipped_where_a_denser_one_spent_the_target(tiny):
@@ -213,8 +234,9 @@ def test_build_plan_writes_the_chosen_rules_and_missing_figures():
                            "decode": {"min_kv_len": 300, "default": {"method": "streaming", "sink": 4, "local": 64}}})
     plan = build_plan(model_config, base, levels, calibration, config, "cmd", "tiny")
     assert [plan.prefill.rule(layer, h).to_yaml("pattern") for layer in range(3) for h in (0, 3)] == \
-        [COVERS_ALL, COVERS_ALL, NARROW, NARROW, {"pattern": "dense"}, {"pattern": "dense"}]
+        [{**COVERS_ALL, "dense_tail": WINDOW}] * 2 + [NARROW, NARROW, {"pattern": "dense"}, {"pattern": "dense"}]
     cal = plan.profile["calibration"]
+    assert cal["levels"] == [{**COVERS_ALL, "dense_tail": WINDOW}, NARROW], "the levels as they ran"
     assert cal["choice"] == [1, 2, 0] and cal["bf16_floor_kl"] == 5e-4 and plan.profile["command"] == "cmd"
     assert cal["measured"]["density"] == [[1.0, None, 0.9], [None, None, None]]
     assert cal["measured"]["kl"] == [[0.0, None, 0.001], [None, 0.0002, None]]
@@ -310,3 +332,89 @@ def test_the_default_target_is_the_bf16_floor_of_the_calibration_prompt_and_is_c
     assert floor > 0 and calibration.floor_kl == floor and calibration.target_kl == pytest.approx(0.5 * floor)
     assert plan.profile["calibration"]["bf16_floor_kl"] == floor
     assert next(model.parameters()).dtype == torch.float32      # the bf16 copy is apart
+
+
+# ---------------------------------------------------------------------------- decode
+
+TOKENS = 12
+COVER_CACHE = {"method": "token_select", "budget": {"frac": 1.0}}
+FEW_KEYS = {"method": "token_select", "budget": 8, "sink": 4, "local": 4}
+DECODE = dict(length=LENGTH, block_size=64, phase="decode", tokens=TOKENS)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(phase="both"), "--phase"), (dict(phase="decode", tokens=1), "--tokens"),
+    (dict(phase="decode", levels=({"pattern": "a_shape"},)), "--level 1.method"),
+    (dict(phase="decode", levels=({"method": "token_select", "budget": 0},)), "--level 1.budget"),
+])
+def test_bad_decode_settings_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        CalibrateConfig(**settings).validate()
+
+
+def test_decode_trials_equal_a_patched_decode_and_a_full_budget_costs_nothing(tiny):
+    """Decode trials crop one dense prefill's cache and decode the continuation teacher-forced with
+    the level on one layer: the KL equals that of a fresh patched decode (eval fidelity's decode
+    measure), a budget covering the cache costs nothing, a few keys cost some KL."""
+    from sparse_infer.eval.fidelity import decode_logprobs
+    from sparse_infer.profiler.calibrate import decode_prompt
+
+    model, tok = tiny
+    config = CalibrateConfig(**DECODE, levels=(COVER_CACHE, FEW_KEYS))
+    rules = config.validate()
+    scored = decode_prompt(model, _prompt(tok), TOKENS)
+    assert len(scored.input_ids) == LENGTH + TOKENS and scored.answer_positions == []
+    dense_s, trials = run_trials(model, scored, rules, config, target_kl=1.0, progress=False)
+    assert len(dense_s) == 3 and all(0 < s < 1 for s in dense_s)          # seconds per step
+    positions = list(range(LENGTH, LENGTH + TOKENS - 1))
+    reference = next_token_logprobs(model, scored.input_ids, positions)
+    for layer in range(3):
+        assert trials[(layer, 0)].kl < 1e-6 and trials[(layer, 0)].density == pytest.approx(1.0)
+        assert trials[(layer, 1)].density < 0.2
+        sparse_infer.patch(model, _layer_plan(model.config, rules[1], layer, 64, "decode"))
+        try:
+            fresh = decode_logprobs(model, scored.input_ids[:LENGTH], scored.input_ids[LENGTH:])
+        finally:
+            sparse_infer.unpatch(model)
+        assert compare(reference, fresh, positions, scored)["kl"] == pytest.approx(trials[(layer, 1)].kl, rel=1e-4,
+                                                                                  abs=1e-9)
+    assert max(trials[(layer, 1)].kl for layer in range(3)) > 1e-5, "a few keys should cost some KL"
+    assert not sparse_infer.is_patched(model)
+
+
+def test_cli_calibrates_decode_and_keeps_the_prefill_of_its_base(tiny_dir, tmp_path):
+    base = tmp_path / "base.yaml"
+    sparse_infer.plan.plan_from_dict({
+        "sparse_infer_plan": 1, "prefill": {"min_seq_len": 300, "default": {"pattern": "a_shape"}},
+        "decode": {"min_kv_len": 300, "default": {"method": "streaming", "sink": 4, "local": 64}}}).save(base)
+    out = tmp_path / "dec.yaml"
+    res = CliRunner().invoke(app, ["calibrate", str(tiny_dir), "--out", str(out), "--phase", "decode", "--tokens",
+                                   str(TOKENS), "--length", str(LENGTH), "--target-kl", "1e-3", "--base", str(base),
+                                   "--level", json.dumps(COVER_CACHE), "--level", json.dumps(FEW_KEYS),
+                                   "--no-progress"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    plan = load_plan(out)
+    cal = plan.profile["calibration"]
+    assert cal["phase"] == "decode" and cal["tokens"] == TOKENS and plan.profile["prefill_from"] == str(base)
+    assert plan.prefill.default.kind == "a_shape" and plan.prefill.min_len == 300
+    assert plan.decode.min_len == LENGTH and plan.decode.granularity == "group"
+    for layer, pick in enumerate(cal["choice"]):
+        rule = plan.decode.rule(layer, 0)
+        assert rule.kind == "dense" if pick == 0 else rule.to_yaml("method") == cal["levels"][pick - 1]
+    assert cal["predicted_kl"] <= 1e-3
+    assert "--phase decode --tokens 12" in plan.profile["command"] and "--window" not in plan.profile["command"]
+    assert "calibration at decode after 512 tokens (12 steps)" in res.output
+
+
+def test_the_decode_target_is_the_floor_eval_fidelity_caches_for_decode(tiny, tmp_path):
+    from sparse_infer.eval.fidelity import FloorCache
+    from sparse_infer.eval.results import weights_fingerprint
+    from sparse_infer.profiler.calibrate import calibrate_model, decode_prompt
+
+    model, tok = tiny
+    cache = tmp_path / "floor.json"
+    config = CalibrateConfig(**DECODE, levels=(FEW_KEYS,))
+    plan, calibration = calibrate_model(model, tok, config, name="tiny", floor_cache=cache, progress=False)
+    key = FloorCache.key(weights_fingerprint(model), decode_prompt(model, _prompt(tok), TOKENS), f"decode{TOKENS}")
+    floor = json.loads(cache.read_text())[key]["kl"]
+    assert floor > 0 and calibration.target_kl == floor and plan.decode.min_len == LENGTH
