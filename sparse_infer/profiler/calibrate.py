@@ -68,8 +68,8 @@ PHASES = ("prefill", "decode")
 def tail_covers_window(raw: dict, window: int) -> dict:
     """`raw` with `dense_tail: window` when it names no dense tail.
 
-    An answer is read from the prompt's last row and from decode steps, which attend exactly
-    to the cache the prefill wrote; the other prompt rows reach it only through the K/V they
+    An answer is read from the prompt's last row and from decode steps, which read the cache
+    the prefill wrote; the other prompt rows reach it only through the K/V they
     write in later layers. With the window's rows dense, the KL measured over the window is
     what the plan does to answers, not the error of sparse rows no answer is read from (on
     SmolLM2 at 8K the shipped plan's KL fell from 0.00147 to 0.00034 with its tail raised
@@ -576,7 +576,7 @@ def decode_prompt(model, prompt, tokens: int):
 
 
 def bf16_floor(model, prompt, window: int, floor_cache: Path | None, decode_tokens: int = 0,
-               fingerprint: str | None = None) -> float:
+               fingerprint: str | None = None, log=None) -> float:
     """The bf16 floor KL of this prompt and window, or of its last `decode_tokens - 1` decode
     positions (a decode prompt), cached as `eval fidelity` caches it."""
     from sparse_infer.eval.fidelity import FloorCache, floor_figures, next_token_logprobs, scored_positions
@@ -587,6 +587,8 @@ def bf16_floor(model, prompt, window: int, floor_cache: Path | None, decode_toke
                          f"decode{decode_tokens}" if decode_tokens else window)
     figures = cache.get(key)
     if figures is None:
+        if log is not None:
+            log("measuring the bf16 floor of the calibration prompt (cached for later runs)")
         if decode_tokens:
             n = len(prompt.input_ids)
             positions = list(range(n - decode_tokens, n - 1))
@@ -691,9 +693,7 @@ def calibrate_model(model, tokenizer, config: CalibrateConfig, *, name: str, bas
     floor = None
     target = config.target_kl
     if target is None:
-        if log is not None:
-            log("measuring the bf16 floor of the calibration prompt (cached for later runs)")
-        floor = bf16_floor(model, prompt, config.window, floor_cache, decode_tokens, fingerprint)
+        floor = bf16_floor(model, prompt, config.window, floor_cache, decode_tokens, fingerprint, log)
         if not floor > 0:
             raise ValueError(f"the bf16 floor of the calibration prompt is {floor}; give --target-kl")
         target = config.share * floor
