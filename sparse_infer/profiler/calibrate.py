@@ -486,10 +486,11 @@ def run_trials(model, prompt, levels: Sequence[Rule], config: CalibrateConfig, *
     from sparse_infer.eval.fidelity import compare
     from sparse_infer.eval.outputs import write_json
     from sparse_infer.eval.progress import ProgressBar
+    from sparse_infer.profiler.capture import decoder_layers
 
     header = _trials_header(model, prompt, levels, config, fingerprint)
     previous = read_record(record, header, resume)
-    n_layers = len(_decoder_layers(model))
+    n_layers = len(decoder_layers(model))
     done: dict[tuple[int, int], Trial] = {}
     dense_runs: dict[int, list[float]] = {i: [] for i in range(n_layers)}
     if previous is not None:
@@ -556,12 +557,6 @@ def run_trials(model, prompt, levels: Sequence[Rule], config: CalibrateConfig, *
                 log(f"layer {layer} level {level + 1}: {summary}")
     dense_seconds = [statistics.median(dense_runs[i]) for i in range(n_layers)]
     return dense_seconds, done
-
-
-def _decoder_layers(model):
-    from sparse_infer.profiler.capture import decoder_layers
-
-    return decoder_layers(model)
 
 
 def decode_prompt(model, prompt, tokens: int):
