@@ -19,6 +19,8 @@ import torch
 
 import sparse_infer
 from sparse_infer.eval.fidelity import greedy_continuation, prose_prompt
+from sparse_infer.plan import parse_rule
+from sparse_infer.profiler.reuse import held_mass, published_sets
 
 SINK, LOCAL = 16, 64
 
@@ -38,14 +40,9 @@ def step_attentions(model, ids, steps):
     return kept
 
 
-def top_set(weights, budget, n):
-    """bool (..., n): sinks, window and the `budget` best of the rest by `weights` (..., n)."""
-    keep = torch.zeros_like(weights, dtype=torch.bool)
-    keep[..., :SINK] = True
-    keep[..., n - LOCAL:] = True
-    rest = weights.masked_fill(keep, float("-inf"))
-    keep.scatter_(-1, rest.topk(min(budget, n - SINK - LOCAL), dim=-1).indices, True)
-    return keep
+def select_rule(budget, scope):
+    return parse_rule({"method": "layer_select", "budget": budget, "sink": SINK, "local": LOCAL, "scope": scope},
+                      "overlap", "decode")
 
 
 def main():
@@ -57,18 +54,15 @@ def main():
     atts = step_attentions(model, ids, steps)
     layers, hq = atts[0].shape[:2]
     hk = model.config.num_key_value_heads
-    g = hq // hk
     oracle = torch.zeros(layers)
     layer_scope = torch.zeros(layers, layers)
     kv_scope = torch.zeros(layers, layers)
+    by_layer, per_head = select_rule(budget, "layer"), select_rule(budget, "kv_head")
     for probs in atts:                                                  # (layers, Hq, n)
-        n = probs.shape[-1]
-        own = top_set(probs, budget, n)
-        oracle += (probs * own).sum(-1).mean(-1)
-        by_layer = top_set(probs.sum(1), budget, n)                    # (layers, n)
-        by_kv = top_set(probs.view(layers, hk, g, n).sum(2), budget, n).repeat_interleave(g, dim=1)
-        layer_scope += torch.einsum("lhn,sn->sl", probs, by_layer.float()) / hq
-        kv_scope += torch.einsum("lhn,shn->sl", probs, by_kv.float()) / hq
+        # a set per query head (kv_head scope with one head a set): each head's own best set
+        oracle += held_mass(probs, published_sets(probs, per_head, hq)).diagonal()
+        layer_scope += held_mass(probs, published_sets(probs, by_layer, hk))
+        kv_scope += held_mass(probs, published_sets(probs, per_head, hk))
     result = {"model": name, "length": length, "budget": budget, "steps": steps, "sink": SINK, "local": LOCAL,
               "oracle": (oracle / steps).tolist(), "layer": (layer_scope / steps).tolist(),
               "kv_head": (kv_scope / steps).tolist()}

@@ -25,10 +25,11 @@ exceeded the target alone.
 
 `phase="decode"` chooses decode rules the same way, by the measure of `eval fidelity
 --decode-tokens`: dense greedily continues the prompt by `tokens` tokens; the prompt is
-prefilled dense once into a cache, and each trial crops the cache back to the prompt and feeds
+prefilled dense once into a cache, and each trial decodes from a copy of that cache, feeding
 the continuation one token at a time (teacher-forced decode steps) with the level on layer L
 only. Its KL is over the decode steps' next-token distributions, its seconds are layer L's per
-step. A trial costs `tokens` decode steps, not a forward: no replay is needed.
+step. A trial costs `tokens` decode steps, not a forward: no replay is needed. With a `reuse`
+rule, each layer is also tried reusing an earlier layer's token set (profiler/reuse.py).
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ from typing import Any, Sequence
 
 import torch
 
+from sparse_infer.decode.cross_layer import REUSE, SELECT
 from sparse_infer.params import PlanError
 from sparse_infer.plan import DENSE, Plan, Rule, load_plan, parse_rule, plan_from_dict, schema
 from sparse_infer.presets import PRESET_RULES
@@ -97,6 +99,7 @@ class CalibrateConfig:
     block_size: int = 64
     phase: str = "prefill"             # which section the levels and the plan's choice are of
     tokens: int = 64                   # decode: the dense continuation's tokens (tokens - 1 steps scored)
+    reuse: Mapping | None = None       # decode: a layer_select rule whose sets later layers may reuse
 
     @property
     def level_list(self) -> tuple[dict, ...]:
@@ -124,6 +127,7 @@ class CalibrateConfig:
             raise ValueError(f"--min-seq-len must be positive, got {self.min_seq_len}")
         if not self.level_list:
             raise ValueError(f"at least one level (candidate {self.phase} rule) is needed")
+        self.reuse_rule()
         rules = []
         for i, raw in enumerate(self.level_list):
             try:
@@ -139,6 +143,23 @@ class CalibrateConfig:
                     raise ValueError(f"--level {j + 1} and --level {i + 1} are the same rule")
             rules.append(rule)
         return rules
+
+    def reuse_rule(self) -> Rule | None:
+        """The layer_select rule of --reuse (its method implied), None without --reuse."""
+        if self.reuse is None:
+            return None
+        if self.phase != "decode":
+            raise ValueError("--reuse chooses cross-layer reuse of decode selections: it needs --phase decode")
+        if not isinstance(self.reuse, Mapping):
+            raise ValueError(f"--reuse must be a mapping such as '{{budget: {{frac: 0.1}}}}', got {self.reuse!r}")
+        raw = dict(self.reuse)
+        method = raw.pop("method", SELECT)
+        if method != SELECT:
+            raise ValueError(f"--reuse.method must be {SELECT} (the rule of the selecting layers), got {method!r}")
+        try:
+            return parse_rule({"method": SELECT, **raw}, "--reuse", "decode")
+        except PlanError as exc:
+            raise ValueError(str(exc)) from exc
 
     def level_list_default(self) -> tuple[dict, ...]:
         return DEFAULT_DECODE_LEVELS if self.phase == "decode" else DEFAULT_LEVELS
@@ -161,6 +182,8 @@ class CalibrateConfig:
         if self.levels is not None and tuple(self.levels) != self.level_list_default():
             for raw in self.levels:
                 parts += ["--level", json.dumps(raw)]
+        if self.reuse is not None:
+            parts += ["--reuse", json.dumps(dict(self.reuse))]
         if self.target_kl is not None:
             parts += ["--target-kl", f"{self.target_kl:g}"]
         elif self.floor_share is not None:
@@ -180,6 +203,11 @@ class Trial:
     top1: float
     seconds: float          # layer L's forward (attention and MLP) under the level; decode: per step
     density: float | None   # layer L's measured prefill density (dense heads count 1)
+    # reuse trials (decode): the layer whose set L reuses, its seconds a step as the selecting
+    # layer, and the share of L's dense attention that set holds
+    source: int | None = None
+    source_seconds: float | None = None
+    held: float | None = None
 
 
 @dataclass
@@ -193,6 +221,8 @@ class Calibration:
     choice: list[int | None] = field(default_factory=list)   # per layer: level index, None = dense
     predicted_kl: float = 0.0
     predicted_seconds: float = 0.0
+    # with reuse: the selecting layers (their choice is None), and choice len(levels) = reuse
+    selecting: list[int] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------- allocation
@@ -209,32 +239,34 @@ def allocate(dense_seconds: Sequence[float], trials: dict[tuple[int, int], Trial
         raise ValueError("target_kl must be positive")
     unit = target_kl / resolution
     inf = float("inf")
-    best = [0.0] + [inf] * resolution          # best[b]: least seconds of the layers so far using b units
-    picks: list[list[list[int | None]]] = []
+    # best[b]: least seconds of the layers so far using b units (vectorized over b: the reuse
+    # search runs this knapsack many times)
+    best = torch.full((resolution + 1,), inf, dtype=torch.float64)
+    best[0] = 0.0
+    picks: list[tuple[list[int | None], torch.Tensor]] = []
     for layer, dense_s in enumerate(dense_seconds):
         options: list[tuple[int | None, int, float]] = [(None, 0, dense_s)]
         for level in range(levels):
             t = trials.get((layer, level))
             # a level that ran every head of the layer dense (patch's break-even) only adds its
             # estimate to dense: a faster reading of it is timing noise
-            if t is None or not math.isfinite(t.kl) or (t.density is not None and t.density >= 1.0):
+            if (t is None or not math.isfinite(t.kl) or not math.isfinite(t.seconds)
+                    or (t.density is not None and t.density >= 1.0)):
                 continue
             units = math.ceil(max(t.kl, 0.0) / unit - 1e-9)
             if units <= resolution:
                 options.append((level, units, t.seconds))
-        nxt = [inf] * (resolution + 1)
-        choice: list[int | None] = [None] * (resolution + 1)
-        for b in range(resolution + 1):
-            for level, units, seconds in options:
-                if units <= b and best[b - units] + seconds < nxt[b]:
-                    nxt[b], choice[b] = best[b - units] + seconds, level
-        best = nxt
-        picks.append(choice)
-    b = min(range(resolution + 1), key=lambda i: best[i])
+        totals = torch.full((len(options), resolution + 1), inf, dtype=torch.float64)
+        for row, (_, units, seconds) in enumerate(options):
+            totals[row, units:] = best[:resolution + 1 - units] + seconds
+        best, arg = totals.min(0)
+        picks.append(([level for level, _, _ in options], arg))
+    b = int(best.argmin())
     out: list[int | None] = [None] * len(dense_seconds)
     kl = 0.0
     for layer in reversed(range(len(dense_seconds))):
-        level = picks[layer][b]
+        names, arg = picks[layer]
+        level = names[int(arg[b])]
         out[layer] = level
         if level is not None:
             t = trials[(layer, level)]
@@ -306,14 +338,20 @@ class _Replay:
         return False
 
 
-def _layer_plan(model_config, rule: Rule | None, layer: int, block_size: int, phase: str = "prefill") -> Plan:
-    """`rule` (of `phase`) on every head of `layer`, the rest dense (rule None: every layer dense)."""
+def _layer_plan(model_config, rule: Rule | None, layer: int, block_size: int, phase: str = "prefill",
+                reuse_from: int | None = None) -> Plan:
+    """`rule` (of `phase`) on every head of `layer`, the rest dense (rule None: every layer dense).
+    With `reuse_from` (decode), `rule` is a layer_select rule on that layer, and `layer` reuses
+    its set."""
     from sparse_infer.plan import model_spec_from_config
 
     spec = model_spec_from_config(model_config)
     prefill = {"min_seq_len": 1, "block_size": block_size, "default": {"pattern": "dense"}}
     decode = {"min_kv_len": 1, "default": {"method": "dense"}}
-    if rule is not None:
+    if reuse_from is not None:
+        decode["layers"] = {reuse_from: {"*": rule.to_yaml("method")},
+                            layer: {"*": {"method": REUSE, "from_layer": reuse_from}}}
+    elif rule is not None:
         section, name_key = (prefill, "pattern") if phase == "prefill" else (decode, "method")
         section["layers"] = {layer: {"*": rule.to_yaml(name_key)}}
     plan = plan_from_dict({
@@ -338,6 +376,9 @@ def _trials_header(model, prompt, levels: Sequence[Rule], config: CalibrateConfi
               "levels": [r.to_yaml(_name_key(config.phase)) for r in levels]}
     if config.phase != "prefill":            # prefill records keep the keys they were written with
         header.update(phase=config.phase, tokens=config.tokens)
+    reuse = config.reuse_rule()
+    if reuse is not None:
+        header["reuse"] = reuse.to_yaml("method")
     return header
 
 
@@ -355,7 +396,8 @@ def read_record(record: Path | None, header: dict, resume: bool) -> dict | None:
     except (OSError, ValueError) as exc:
         raise ValueError(f"--resume: {record} cannot be read ({exc}); use another --out or --force") from exc
     for key, value in header.items():
-        if doc.get(key) != value:
+        # trials of another --reuse rule (or none) are dropped by run_trials; the levels' trials stay
+        if key != "reuse" and doc.get(key) != value:
             raise ValueError(f"--resume: {record} was measured with another {key} ({doc.get(key)!r}, now "
                              f"{value!r}); use another --out or --force")
     return doc
@@ -494,8 +536,13 @@ def run_trials(model, prompt, levels: Sequence[Rule], config: CalibrateConfig, *
     done: dict[tuple[int, int], Trial] = {}
     dense_runs: dict[int, list[float]] = {i: [] for i in range(n_layers)}
     if previous is not None:
+        same_reuse = previous.get("reuse") == header.get("reuse")
         for row in previous.get("trials", []):
-            done[(row["layer"], row["level"])] = Trial(row["kl"], row["top1"], row["seconds"], row["density"])
+            if row["level"] >= len(levels) and not same_reuse:
+                continue
+            done[(row["layer"], row["level"])] = Trial(
+                row["kl"], row["top1"], row["seconds"], row["density"],
+                **{key: row.get(key) for key in ("source", "source_seconds", "held")})
         for idx, runs in previous.get("dense_runs", {}).items():
             dense_runs[int(idx)] = list(runs)
     if sparse_infer.is_patched(model):
@@ -504,7 +551,21 @@ def run_trials(model, prompt, levels: Sequence[Rule], config: CalibrateConfig, *
     trials = _PrefillTrials(model, prompt, config) if phase == "prefill" else _DecodeTrials(model, prompt, config)
     last = n_layers - 1
 
+    reuse_rule = config.reuse_rule()
+    reuse_level = len(levels)              # the key of a reuse trial: (layer, len(levels))
+    sources: list[int | None] = []
+    held = None
+    if reuse_rule is not None:
+        from sparse_infer.profiler.reuse import best_sources, overlap
+
+        if log is not None:
+            log("measuring how much of each layer's attention earlier layers' sets hold")
+        held = overlap(model, trials.prefilled, trials.continuation, reuse_rule)
+        sources = best_sources(held)
+
     def layer_plan(level: int | None, layer: int) -> Plan:
+        if level == reuse_level:
+            return _layer_plan(model.config, reuse_rule, layer, config.block_size, phase, reuse_from=sources[layer])
         return _layer_plan(model.config, None if level is None else levels[level], layer, config.block_size, phase)
 
     if previous is None or not any(dense_runs.values()):
@@ -522,17 +583,21 @@ def run_trials(model, prompt, levels: Sequence[Rule], config: CalibrateConfig, *
 
     save()
     pending = [(layer, level) for layer in range(n_layers) for level in range(len(levels))]
+    if reuse_rule is not None:
+        pending += [(layer, reuse_level) for layer in range(1, n_layers) if sources[layer] is not None]
     # prefill trials run the layers from L on; decode trials every layer
     weight = {key: n_layers - key[0] if phase == "prefill" else n_layers for key in pending}
     warmed: set[int] = set()
     with ProgressBar(progress, sum(weight.values()), len(pending)) as bar:
         for layer, level in pending:
             key = (layer, level)
-            bar.describe(f"layer {layer} level {level + 1}")
+            label = f"layer {layer} " + (f"reusing layer {sources[layer]}" if level == reuse_level
+                                         else f"level {level + 1}")
+            bar.describe(label)
             if key in done:
                 bar.advance(weight[key], "recorded")
                 continue
-            if _skipped(done, levels, layer, level, target_kl):
+            if level < reuse_level and _skipped(done, levels, layer, level, target_kl):
                 bar.advance(weight[key], "skipped")
                 continue
             if level not in warmed:
@@ -542,10 +607,13 @@ def run_trials(model, prompt, levels: Sequence[Rule], config: CalibrateConfig, *
                 warmed.add(level)
             trial_lp, seconds, density = trials.run(layer_plan(level, layer), layer)
             figures = compare(trials.reference, trial_lp, trials.positions, prompt)
+            source = sources[layer] if level == reuse_level else None
             done[key] = Trial(float(figures["kl"]), float(figures["top1"]), seconds[layer],
-                              None if density is None else float(density))
+                              None if density is None else float(density), source=source,
+                              source_seconds=None if source is None else seconds[source],
+                              held=None if source is None else round(float(held[source, layer]), 6))
             for idx, sec in seconds.items():
-                if idx > layer or (phase != "prefill" and idx != layer):
+                if idx > layer or (phase != "prefill" and idx not in (layer, source)):
                     dense_runs[idx].append(sec)
             save()
             t = done[key]
@@ -554,7 +622,7 @@ def run_trials(model, prompt, levels: Sequence[Rule], config: CalibrateConfig, *
                        f"{t.seconds:.3g} {unit}")
             bar.advance(weight[key], summary)
             if log is not None:
-                log(f"layer {layer} level {level + 1}: {summary}")
+                log(f"{label}: {summary}")
     dense_seconds = [statistics.median(dense_runs[i]) for i in range(n_layers)]
     return dense_seconds, done
 
@@ -603,7 +671,19 @@ def build_plan(model_config, base: Plan, levels: Sequence[Rule], calibration: Ca
     measurements go in profile.calibration."""
     raw = base.to_dict()
     name_key = _name_key(config.phase)
-    layers = {i: {"*": levels[c].to_yaml(name_key)} for i, c in enumerate(calibration.choice) if c is not None}
+    reuse_rule, reuse_level = config.reuse_rule(), len(levels)
+    layers: dict[int, dict] = {}
+    picks: list = []                 # as recorded: 0 dense, k level k, "select" or "reuse"
+    for i, c in enumerate(calibration.choice):
+        if i in calibration.selecting:
+            layers[i], pick = {"*": reuse_rule.to_yaml("method")}, "select"
+        elif c == reuse_level:
+            layers[i], pick = {"*": {"method": REUSE, "from_layer": calibration.trials[(i, c)].source}}, "reuse"
+        elif c is not None:
+            layers[i], pick = {"*": levels[c].to_yaml(name_key)}, c + 1
+        else:
+            pick = 0
+        picks.append(pick)
     if config.phase == "prefill":
         raw["prefill"] = {"min_seq_len": config.min_seq_len or config.length, "block_size": config.block_size,
                           "default": {"pattern": "dense"}}
@@ -614,11 +694,21 @@ def build_plan(model_config, base: Plan, levels: Sequence[Rule], calibration: Ca
         raw[config.phase]["layers"] = layers
     n = len(calibration.dense_seconds)
 
+    def value(i, v, attr):
+        got = getattr(calibration.trials[(i, v)], attr) if (i, v) in calibration.trials else None
+        return None if got is None else round(got, 6)
+
     def per_level(attr):
-        def value(i, v):
-            got = getattr(calibration.trials[(i, v)], attr) if (i, v) in calibration.trials else None
-            return None if got is None else round(got, 6)
-        return [[value(i, v) for i in range(n)] for v in range(len(levels))]
+        return [[value(i, v, attr) for i in range(n)] for v in range(len(levels))]
+
+    reuse = {}
+    if reuse_rule is not None:
+        reuse = {"reuse": {
+            "rule": reuse_rule.to_yaml("method"), "selecting": list(calibration.selecting),
+            # per layer, its reuse trial: the source, the share of its attention the source's
+            # set held (dense), and the measured KL, seconds a step (and the source's) and density
+            **{attr: [value(i, reuse_level, attr) for i in range(n)]
+               for attr in ("source", "held", "kl", "seconds", "source_seconds", "density")}}}
 
     raw["profile"] = {
         "tool": "sparse_infer.profiler.calibrate",
@@ -633,12 +723,13 @@ def build_plan(model_config, base: Plan, levels: Sequence[Rule], calibration: Ca
             "dense_above": config.dense_above, "target_kl": calibration.target_kl,
             "bf16_floor_kl": calibration.floor_kl,
             "levels": [r.to_yaml(name_key) for r in levels],
-            "choice": [0 if c is None else c + 1 for c in calibration.choice],   # 0: dense, k: level k
+            "choice": picks,
             "predicted_kl": round(calibration.predicted_kl, 8),
             "predicted_seconds": round(calibration.predicted_seconds, 6),
             "dense_seconds": round(sum(calibration.dense_seconds), 6),
             "measured": {"layer_dense_seconds": [round(s, 6) for s in calibration.dense_seconds],
                          "kl": per_level("kl"), "seconds": per_level("seconds"), "density": per_level("density")},
+            **reuse,
         },
     }
     plan = plan_from_dict(raw, source="calibration")
@@ -694,8 +785,14 @@ def calibrate_model(model, tokenizer, config: CalibrateConfig, *, name: str, bas
         target = config.share * floor
     dense_seconds, trials = run_trials(model, prompt, levels, config, target_kl=target, record=record,
                                        resume=resume, progress=progress, log=log, fingerprint=fingerprint)
-    choice, kl, seconds = allocate(dense_seconds, trials, len(levels), target)
-    calibration = Calibration(dense_seconds, trials, target, floor, choice, kl, seconds)
+    selecting: list[int] = []
+    if config.reuse is None:
+        choice, kl, seconds = allocate(dense_seconds, trials, len(levels), target)
+    else:
+        from sparse_infer.profiler.reuse import allocate_with_reuse
+
+        choice, selecting, kl, seconds = allocate_with_reuse(dense_seconds, trials, len(levels), target)
+    calibration = Calibration(dense_seconds, trials, target, floor, choice, kl, seconds, selecting=selecting)
     plan = build_plan(model.config, base_plan, levels, calibration, config, command, name, base_name)
     return plan, calibration
 

@@ -118,6 +118,10 @@ def calibrate_command(
                         "prefill (as eval fidelity --decode-tokens).")] = "prefill",
     tokens: Annotated[int, typer.Option("--tokens", help="Decode: tokens dense continues the prompt by "
                                                          "(tokens - 1 decode steps are scored).")] = 64,
+    reuse: Annotated[Optional[str], typer.Option(
+        "--reuse", help="Decode: also try cross-layer reuse. A layer_select rule as a YAML mapping, e.g. "
+                        "'{budget: {frac: 0.1}}': each layer is tried reading the set of the earlier layer whose "
+                        "set holds most of its attention, and selecting layers are chosen with the rest.")] = None,
     target_kl: Annotated[Optional[float], typer.Option(
         "--target-kl", help="Summed KL (nats per position) the plan may spend. Default: --floor-share x the "
                             "bf16 floor of the calibration prompt, measured and cached.")] = None,
@@ -157,9 +161,18 @@ def calibrate_command(
         if not isinstance(raw, dict):
             raise typer.BadParameter(f"--level {i + 1} must be a mapping such as '{{pattern: a_shape}}', got {text!r}")
         levels.append(raw)
+    reuse_raw = None
+    if reuse is not None:
+        try:
+            reuse_raw = yaml.safe_load(reuse)
+        except yaml.YAMLError as exc:
+            raise typer.BadParameter(f"--reuse is not YAML: {reuse!r}") from exc
+        if reuse_raw is None:
+            raise typer.BadParameter("--reuse is empty; give a layer_select rule such as '{budget: {frac: 0.1}}'")
     config = CalibrateConfig(length=length, window=window, seed=seed, levels=tuple(levels) or None,
                              target_kl=target_kl, floor_share=floor_share, min_seq_len=min_seq_len,
-                             dense_above=1.0 if as_written else "auto", phase=phase, tokens=tokens)
+                             dense_above=1.0 if as_written else "auto", phase=phase, tokens=tokens,
+                             reuse=reuse_raw)
     try:
         config.validate()
     except ValueError as exc:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import math
+import statistics
 
 from rich.table import Table
 
@@ -176,6 +177,9 @@ def _level_label(number: int, rule: dict) -> str:
     return f"{number}: {rule.get('pattern', rule.get('method', '?'))} {params}".rstrip()
 
 
+_SELECT_LABEL = "select for later layers"
+
+
 def calibration_table(plan: Plan) -> Table:
     """Per layer of a calibrated plan: the chosen rule, its measured KL, seconds and density."""
     cal = plan.profile["calibration"]
@@ -190,8 +194,22 @@ def calibration_table(plan: Plan) -> Table:
     scale, unit = (1e3, "ms") if decode else (1.0, "seconds")
     for col in ("layer", "rule", "KL", unit, f"dense {'ms' if decode else 's'}", "density"):
         table.add_column(col, justify="left" if col == "rule" else "right")
+    reuse = cal.get("reuse") or {}
     for layer, pick in enumerate(cal["choice"]):
         dense = f"{scale * dense_s[layer]:.2f}"
+        if pick == "select":
+            # exact attention; its seconds are the median of the reuse trials it was the source of
+            chosen = [s for src, s in zip(reuse["source"], reuse["source_seconds"]) if src == layer and s is not None]
+            seconds = f"{scale * statistics.median(chosen):.2f}" if chosen else "?"
+            table.add_row(str(layer), f"{_SELECT_LABEL} (budget {reuse['rule'].get('budget')})", "0", seconds, dense,
+                          "1")
+            continue
+        if pick == "reuse":
+            density = reuse["density"][layer]
+            table.add_row(str(layer), f"reuse layer {reuse['source'][layer]} (holds {reuse['held'][layer]:.3f})",
+                          f"{reuse['kl'][layer]:.2e}", f"{scale * reuse['seconds'][layer]:.2f}", dense,
+                          "?" if density is None else f"{density:.2f}")
+            continue
         if pick == 0:
             table.add_row(str(layer), "dense", "0", dense, dense, "1")
             continue
