@@ -100,6 +100,7 @@ class CalibrateConfig:
     phase: str = "prefill"             # which section the levels and the plan's choice are of
     tokens: int = 64                   # decode: the dense continuation's tokens (tokens - 1 steps scored)
     reuse: Mapping | None = None       # decode: a layer_select rule whose sets later layers may reuse
+    batch: int = 1                     # decode: rows decoded together (copies of the prompt), for the seconds
 
     @property
     def level_list(self) -> tuple[dict, ...]:
@@ -110,6 +111,10 @@ class CalibrateConfig:
     def validate(self) -> list[Rule]:
         if self.phase not in PHASES:
             raise ValueError(f"--phase must be one of {', '.join(PHASES)}, got {self.phase!r}")
+        if not (isinstance(self.batch, int) and self.batch >= 1):
+            raise ValueError(f"--batch must be a positive integer, got {self.batch!r}")
+        if self.batch > 1 and self.phase != "decode":
+            raise ValueError("--batch times decode steps of several rows: it needs --phase decode")
         if self.phase == "decode" and self.tokens < 2:
             raise ValueError(f"--tokens must be at least 2 (the first token is the prefill's), got {self.tokens}")
         if self.length < 2 * self.block_size:
@@ -184,6 +189,8 @@ class CalibrateConfig:
                 parts += ["--level", json.dumps(raw)]
         if self.reuse is not None:
             parts += ["--reuse", json.dumps(dict(self.reuse))]
+        if self.batch != 1:
+            parts += ["--batch", str(self.batch)]
         if self.target_kl is not None:
             parts += ["--target-kl", f"{self.target_kl:g}"]
         elif self.floor_share is not None:
@@ -379,6 +386,8 @@ def _trials_header(model, prompt, levels: Sequence[Rule], config: CalibrateConfi
     reuse = config.reuse_rule()
     if reuse is not None:
         header["reuse"] = reuse.to_yaml("method")
+    if config.batch != 1:                    # seconds differ by batch; KLs do not
+        header["batch"] = config.batch
     return header
 
 
@@ -497,10 +506,13 @@ class _DecodeTrials(_Trials):
         self.positions = list(range(len(self.context), len(ids) - 1))
         self.device = next(model.parameters()).device
         self.reference = next_token_logprobs(model, ids, self.positions)
+        # `batch` copies of the prompt: every row decodes the same tokens, so row 0's log-probs
+        # are the batch-1 ones (up to float rounding) while the seconds are those of the batch
+        self.batch = config.batch
         self.prefilled = AppendCache(config=model.config)
         with torch.no_grad():
-            model(input_ids=torch.tensor([self.context], device=self.device), cache=self.prefilled, use_cache=True,
-                  logits_to_keep=1)
+            model(input_ids=torch.tensor([self.context] * self.batch, device=self.device), cache=self.prefilled,
+                  use_cache=True, logits_to_keep=1)
 
     @torch.no_grad()
     def _logprobs(self, first: int) -> torch.Tensor:
@@ -509,7 +521,7 @@ class _DecodeTrials(_Trials):
         cache = copy.deepcopy(self.prefilled)
         steps = []
         for token in self.continuation[:-1]:
-            logits = self.model(input_ids=torch.tensor([[token]], device=self.device), cache=cache,
+            logits = self.model(input_ids=torch.tensor([[token]] * self.batch, device=self.device), cache=cache,
                                 use_cache=True).logits[0, -1]
             steps.append(torch.log_softmax(logits.float(), dim=-1).cpu())
         return torch.stack(steps)
@@ -560,7 +572,7 @@ def run_trials(model, prompt, levels: Sequence[Rule], config: CalibrateConfig, *
 
         if log is not None:
             log("measuring how much of each layer's attention earlier layers' sets hold")
-        held = overlap(model, trials.prefilled, trials.continuation, reuse_rule)
+        held = overlap(model, trials.prefilled, trials.continuation, reuse_rule, batch=config.batch)
         sources = best_sources(held)
 
     def layer_plan(level: int | None, layer: int) -> Plan:
@@ -719,6 +731,7 @@ def build_plan(model_config, base: Plan, levels: Sequence[Rule], calibration: Ca
         ("decode_from" if config.phase == "prefill" else "prefill_from"): base_name,
         "calibration": {
             **({} if config.phase == "prefill" else {"phase": config.phase, "tokens": config.tokens}),
+            **({} if config.batch == 1 else {"batch": config.batch}),
             "length": config.length, "window": config.window, "seed": config.seed,
             "dense_above": config.dense_above, "target_kl": calibration.target_kl,
             "bf16_floor_kl": calibration.floor_kl,

@@ -122,6 +122,9 @@ def calibrate_command(
         "--reuse", help="Decode: also try cross-layer reuse. A layer_select rule as a YAML mapping, e.g. "
                         "'{budget: {frac: 0.1}}': each layer is tried reading the set of the earlier layer whose "
                         "set holds most of its attention, and selecting layers are chosen with the rest.")] = None,
+    batch: Annotated[int, typer.Option(
+        "--batch", help="Decode: rows decoded together (copies of the prompt) when timing the trials, for a "
+                        "plan that will serve batches (its KLs are those of one row).")] = 1,
     target_kl: Annotated[Optional[float], typer.Option(
         "--target-kl", help="Summed KL (nats per position) the plan may spend. Default: --floor-share x the "
                             "bf16 floor of the calibration prompt, measured and cached.")] = None,
@@ -172,7 +175,7 @@ def calibrate_command(
     config = CalibrateConfig(length=length, window=window, seed=seed, levels=tuple(levels) or None,
                              target_kl=target_kl, floor_share=floor_share, min_seq_len=min_seq_len,
                              dense_above=1.0 if as_written else "auto", phase=phase, tokens=tokens,
-                             reuse=reuse_raw)
+                             reuse=reuse_raw, batch=batch)
     try:
         config.validate()
     except ValueError as exc:

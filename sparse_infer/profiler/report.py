@@ -187,6 +187,8 @@ def calibration_table(plan: Plan) -> Table:
     dense_s = measured["layer_dense_seconds"]
     decode = cal.get("phase") == "decode"
     what = f"decode after {cal['length']} tokens ({cal['tokens']} steps)" if decode else f"{cal['length']} tokens"
+    if cal.get("batch", 1) != 1:
+        what += f", batch {cal['batch']}"
     seconds = (f"layer ms a step {1e3 * cal['predicted_seconds']:.1f} vs dense {1e3 * cal['dense_seconds']:.1f}"
                if decode else f"layer seconds {cal['predicted_seconds']:.1f} vs dense {cal['dense_seconds']:.1f}")
     table = Table(title=f"calibration at {what}: predicted KL {cal['predicted_kl']:.3g} of target "

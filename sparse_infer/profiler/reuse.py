@@ -59,12 +59,13 @@ def held_mass(probs: torch.Tensor, sets: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def overlap(model: Any, prefilled, continuation: Sequence[int], rule: Rule) -> torch.Tensor:
+def overlap(model: Any, prefilled, continuation: Sequence[int], rule: Rule, batch: int = 1) -> torch.Tensor:
     """(layers, layers) M[S, L]: the share of layer L's exact decode attention that falls on the
     set layer S publishes, mean over heads and over the teacher-forced steps of `continuation`
     (fed after a copy of the dense `prefilled` cache). The diagonal is each layer's own set.
     NaN where S and L cache different lengths (a sliding-window layer beside a full one): a
-    layer reuses only a set over its own keys (LayerReuse.select)."""
+    layer reuses only a set over its own keys (LayerReuse.select). `batch`: the rows of
+    `prefilled` (copies of one prompt); row 0 is read."""
     device = next(model.parameters()).device
     kv_heads = model.config.num_key_value_heads
     cache = copy.deepcopy(prefilled)
@@ -73,7 +74,7 @@ def overlap(model: Any, prefilled, continuation: Sequence[int], rule: Rule) -> t
     model.set_attn_implementation("eager")       # the only implementation that returns attention
     try:
         for token in continuation[:-1]:
-            out = model(input_ids=torch.tensor([[token]], device=device), cache=cache, use_cache=True,
+            out = model(input_ids=torch.tensor([[token]] * batch, device=device), cache=cache, use_cache=True,
                         output_attentions=True)
             per_layer = [a[0, :, -1].float().cpu() for a in out.attentions]     # (Hq, n) each
             layers = len(per_layer)

@@ -188,7 +188,7 @@ def test_cli_calibrates_reuse_and_records_each_layers_choice(tiny_dir, tmp_path)
     out = tmp_path / "reuse.yaml"
     args = ["calibrate", str(tiny_dir), "--out", str(out), "--phase", "decode", "--tokens", str(TOKENS),
             "--length", str(LENGTH), "--target-kl", "1e-3", "--level", json.dumps(FEW_KEYS),
-            "--reuse", json.dumps(SELECT_FEW), "--no-progress"]
+            "--reuse", json.dumps(SELECT_FEW), "--batch", "2", "--no-progress"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output + repr(res.exception)
     plan = load_plan(out)
@@ -198,7 +198,9 @@ def test_cli_calibrates_reuse_and_records_each_layers_choice(tiny_dir, tmp_path)
     # whether reuse pays is the tiny model's timing noise; build_plan's select/reuse entries are
     # tested with fixed figures below
     assert reuse["source"][0] is None and all(s is not None for s in reuse["source"][1:])
-    assert "--reuse" in plan.profile["command"] and "calibration at decode" in res.output
+    assert "--reuse" in plan.profile["command"] and "--batch 2" in plan.profile["command"]
+    assert cal["batch"] == 2
+    assert "calibration at decode after 512 tokens (12 steps), batch 2" in " ".join(res.output.split())
     for layer, pick in enumerate(cal["choice"]):
         rule = plan.decode.rule(layer, 0)
         if pick == "select":
@@ -276,3 +278,31 @@ def test_sliding_window_layers_reuse_only_layers_of_their_own_length():
     reused = {layer for (layer, level) in done if level == 1}
     assert reused == {layer for layer, src in enumerate(sources) if src is not None}
     assert all(done[(layer, 1)].density < 0.5 for layer in reused), "each reused a set, none ran dense"
+
+
+def test_decode_trials_at_a_batch_time_the_batch_and_keep_one_rows_kl(tiny):
+    """--batch B decodes B copies of the prompt: the trials' KL, density and reuse sources are
+    those of one row, the seconds those of the batch."""
+    model, tok = tiny
+    scored = decode_prompt(model, prose_prompt(tok, LENGTH, 0, seed=1), TOKENS)
+    results = {}
+    for batch in (1, 3):
+        config = CalibrateConfig(**DECODE, levels=(FEW_KEYS,), reuse=SELECT_FEW, batch=batch)
+        rules = config.validate()
+        results[batch] = run_trials(model, scored, rules, config, target_kl=1.0, progress=False)[1]
+    one, three = results[1], results[3]
+    assert set(one) == set(three)
+    for key, t in one.items():
+        assert three[key].kl == pytest.approx(t.kl, rel=1e-3, abs=1e-8)
+        assert three[key].density == pytest.approx(t.density)
+        assert three[key].source == t.source and three[key].held == pytest.approx(t.held, abs=1e-5)
+    assert "--batch 3" in CalibrateConfig(**DECODE, batch=3).command("tiny", "out.yaml")
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(length=LENGTH, block_size=64, phase="decode", batch=0), "--batch must be a positive integer"),
+    (dict(length=LENGTH, block_size=64, batch=2), "--batch .* needs --phase decode"),
+])
+def test_bad_batch_settings_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        CalibrateConfig(**settings).validate()
