@@ -715,8 +715,13 @@ def build_plan(model_config, base: Plan, levels: Sequence[Rule], calibration: Ca
 
     reuse = {}
     if reuse_rule is not None:
+        from sparse_infer.profiler.reuse import selecting_seconds
+
+        select_s = selecting_seconds(calibration.trials, reuse_level)
         reuse = {"reuse": {
             "rule": reuse_rule.to_yaml("method"), "selecting": list(calibration.selecting),
+            # the seconds a step the allocation counted for each selecting layer
+            "select_seconds": {s: round(select_s[s], 6) for s in calibration.selecting},
             # per layer, its reuse trial: the source, the share of its attention the source's
             # set held (dense), and the measured KL, seconds a step (and the source's) and density
             **{attr: [value(i, reuse_level, attr) for i in range(n)]

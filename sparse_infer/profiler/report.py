@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import collections
 import math
-import statistics
 
 from rich.table import Table
 
@@ -200,9 +199,8 @@ def calibration_table(plan: Plan) -> Table:
     for layer, pick in enumerate(cal["choice"]):
         dense = f"{scale * dense_s[layer]:.2f}"
         if pick == "select":
-            # exact attention; its seconds are the median of the reuse trials it was the source of
-            chosen = [s for src, s in zip(reuse["source"], reuse["source_seconds"]) if src == layer and s is not None]
-            seconds = f"{scale * statistics.median(chosen):.2f}" if chosen else "?"
+            # exact attention, at the seconds the allocation counted for it
+            seconds = f"{scale * reuse['select_seconds'][layer]:.2f}"
             table.add_row(str(layer), f"{_SELECT_LABEL} (budget {reuse['rule'].get('budget')})", "0", seconds, dense,
                           "1")
             continue

@@ -103,6 +103,16 @@ def best_sources(matrix: torch.Tensor) -> list[int | None]:
     return sources
 
 
+def selecting_seconds(trials: dict, reuse_level: int) -> dict[int, float]:
+    """Each source layer's seconds a step as a selecting layer: the median over the reuse trials
+    (key level `reuse_level`) it was the source of."""
+    runs: dict[int, list[float]] = {}
+    for (_, level), t in trials.items():
+        if level == reuse_level and t.source is not None and t.source_seconds is not None:
+            runs.setdefault(t.source, []).append(t.source_seconds)
+    return {source: statistics.median(v) for source, v in runs.items()}
+
+
 def allocate_with_reuse(dense_seconds: Sequence[float], trials: dict, levels: int,
                         target_kl: float) -> tuple[list[int | None], list[int], float, float]:
     """Own levels, reuse or dense per layer, with the selecting layers chosen greedily.
@@ -116,11 +126,7 @@ def allocate_with_reuse(dense_seconds: Sequence[float], trials: dict, levels: in
     from sparse_infer.profiler.calibrate import allocate
 
     reuse = levels
-    selecting_cost: dict[int, list[float]] = {}
-    for (layer, level), t in trials.items():
-        if level == reuse and t.source is not None and t.source_seconds is not None:
-            selecting_cost.setdefault(t.source, []).append(t.source_seconds)
-    select_seconds = {s: statistics.median(v) for s, v in selecting_cost.items()}
+    select_seconds = selecting_seconds(trials, reuse)
 
     def solve(selecting: frozenset[int]):
         seconds = list(dense_seconds)

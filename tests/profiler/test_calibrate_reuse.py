@@ -229,6 +229,7 @@ def test_a_reuse_plan_as_built_runs_in_generate(tiny, covers_cache):
     base = plan_from_dict({"sparse_infer_plan": 1, "prefill": {"min_seq_len": 100000}})
     plan = build_plan(model.config, base, levels, calibration, config, None, "tiny")
     assert plan.profile["calibration"]["choice"] == [0, "select", "reuse"]
+    assert plan.profile["calibration"]["reuse"]["select_seconds"] == {1: 1.2}
     assert plan.decode.rule(1, 0).kind == "layer_select" and plan.decode.rule(2, 0).params["from_layer"] == 1
     from sparse_infer.profiler.report import calibration_table
     assert calibration_table(plan).row_count == 3
