@@ -30,6 +30,9 @@ the continuation one token at a time (teacher-forced decode steps) with the leve
 only. Its KL is over the decode steps' next-token distributions, its seconds are layer L's per
 step. A trial costs `tokens` decode steps, not a forward: no replay is needed. With a `reuse`
 rule, each layer is also tried reusing an earlier layer's token set (profiler/reuse.py).
+
+With `split_heads` (prefill), the layers the levels leave dense are also tried with the level
+that cost least KL there on all heads but the K whose output it changes most (_run_split_trials).
 """
 from __future__ import annotations
 
@@ -101,6 +104,9 @@ class CalibrateConfig:
     tokens: int = 64                   # decode: the dense continuation's tokens (tokens - 1 steps scored)
     reuse: Mapping | None = None       # decode: a layer_select rule whose sets later layers may reuse
     batch: int = 1                     # decode: rows decoded together (copies of the prompt), for the seconds
+    # prefill: at the layers the levels leave dense, also try the least costly level with its K
+    # worst heads dense, for each K here (_run_split_trials)
+    split_heads: Sequence[int] = ()
 
     @property
     def level_list(self) -> tuple[dict, ...]:
@@ -115,6 +121,7 @@ class CalibrateConfig:
             raise ValueError(f"--batch must be a positive integer, got {self.batch!r}")
         if self.batch > 1 and self.phase != "decode":
             raise ValueError("--batch times decode steps of several rows: it needs --phase decode")
+        self.check_split_heads()
         if self.phase == "decode" and self.tokens < 2:
             raise ValueError(f"--tokens must be at least 2 (the first token is the prefill's), got {self.tokens}")
         if self.length < 2 * self.block_size:
@@ -148,6 +155,20 @@ class CalibrateConfig:
                     raise ValueError(f"--level {j + 1} and --level {i + 1} are the same rule")
             rules.append(rule)
         return rules
+
+    def check_split_heads(self, num_heads: int | None = None) -> None:
+        ks = list(self.split_heads)
+        if not ks:
+            return
+        if self.phase != "prefill":
+            raise ValueError("--split-heads keeps a prefill layer's worst heads dense: it needs --phase prefill")
+        if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+            raise ValueError(f"--split-heads must be positive head counts, got {ks}")
+        if len(set(ks)) != len(ks):
+            raise ValueError(f"--split-heads lists a count twice: {ks}")
+        if num_heads is not None and max(ks) >= num_heads:
+            raise ValueError(f"--split-heads {max(ks)}: the model has {num_heads} query heads a layer; at most "
+                             f"{num_heads - 1} can be kept dense beside a sparse rule")
 
     def reuse_rule(self) -> Rule | None:
         """The layer_select rule of --reuse (its method implied), None without --reuse."""
@@ -191,6 +212,8 @@ class CalibrateConfig:
             parts += ["--reuse", json.dumps(dict(self.reuse))]
         if self.batch != 1:
             parts += ["--batch", str(self.batch)]
+        if self.split_heads:
+            parts += ["--split-heads", ",".join(str(k) for k in self.split_heads)]
         if self.target_kl is not None:
             parts += ["--target-kl", f"{self.target_kl:g}"]
         elif self.floor_share is not None:
@@ -215,6 +238,9 @@ class Trial:
     source: int | None = None
     source_seconds: float | None = None
     held: float | None = None
+    # split trials (prefill): the level run on the layer's other heads, and the heads kept dense
+    base_level: int | None = None
+    dense_heads: list[int] | None = None
 
 
 @dataclass
@@ -225,7 +251,8 @@ class Calibration:
     trials: dict[tuple[int, int], Trial]            # (layer, level) -> Trial; missing: skipped
     target_kl: float
     floor_kl: float | None
-    choice: list[int | None] = field(default_factory=list)   # per layer: level index, None = dense
+    # per layer: level index (prefill: len(levels) + j = the split trial of split_heads[j]), None = dense
+    choice: list[int | None] = field(default_factory=list)
     predicted_kl: float = 0.0
     predicted_seconds: float = 0.0
     # with reuse: the selecting layers (their choice is None), and choice len(levels) = reuse
@@ -346,10 +373,10 @@ class _Replay:
 
 
 def _layer_plan(model_config, rule: Rule | None, layer: int, block_size: int, phase: str = "prefill",
-                reuse_from: int | None = None) -> Plan:
+                reuse_from: int | None = None, dense_heads: Sequence[int] = ()) -> Plan:
     """`rule` (of `phase`) on every head of `layer`, the rest dense (rule None: every layer dense).
     With `reuse_from` (decode), `rule` is a layer_select rule on that layer, and `layer` reuses
-    its set."""
+    its set. `dense_heads`: query heads of `layer` that stay dense beside the rule."""
     from sparse_infer.plan import model_spec_from_config
 
     spec = model_spec_from_config(model_config)
@@ -360,7 +387,7 @@ def _layer_plan(model_config, rule: Rule | None, layer: int, block_size: int, ph
                             layer: {"*": {"method": REUSE, "from_layer": reuse_from}}}
     elif rule is not None:
         section, name_key = (prefill, "pattern") if phase == "prefill" else (decode, "method")
-        section["layers"] = {layer: {"*": rule.to_yaml(name_key)}}
+        section["layers"] = {layer: {"*": rule.to_yaml(name_key), **{h: {name_key: DENSE} for h in dense_heads}}}
     plan = plan_from_dict({
         "sparse_infer_plan": 1,
         "model": {k: v for k, v in vars(spec).items() if v is not None},
@@ -388,11 +415,18 @@ def _trials_header(model, prompt, levels: Sequence[Rule], config: CalibrateConfi
         header["reuse"] = reuse.to_yaml("method")
     if config.batch != 1:                    # seconds differ by batch; KLs do not
         header["batch"] = config.batch
+    if config.split_heads:
+        header["split_heads"] = list(config.split_heads)
     return header
 
 
 def _name_key(phase: str) -> str:
     return "pattern" if phase == "prefill" else "method"
+
+
+# header keys of the trials beyond the levels' (keys (layer, len(levels) + j)): a record made with
+# other values of these keeps its level trials
+_EXTRA_TRIALS = ("reuse", "split_heads")
 
 
 def read_record(record: Path | None, header: dict, resume: bool) -> dict | None:
@@ -405,8 +439,9 @@ def read_record(record: Path | None, header: dict, resume: bool) -> dict | None:
     except (OSError, ValueError) as exc:
         raise ValueError(f"--resume: {record} cannot be read ({exc}); use another --out or --force") from exc
     for key, value in header.items():
-        # trials of another --reuse rule (or none) are dropped by run_trials; the levels' trials stay
-        if key != "reuse" and doc.get(key) != value:
+        # trials of another --reuse rule or --split-heads (or none) are dropped by run_trials; the
+        # levels' trials stay
+        if key not in _EXTRA_TRIALS and doc.get(key) != value:
             raise ValueError(f"--resume: {record} was measured with another {key} ({doc.get(key)!r}, now "
                              f"{value!r}); use another --out or --force")
     return doc
@@ -485,6 +520,81 @@ class _PrefillTrials(_Trials):
         with _Replay(self.layers, self.outputs, first):
             return next_token_logprobs(self.model, self.prompt.input_ids, self.positions)
 
+    def head_errors(self, layer: int, rule: Rule) -> list[float]:
+        """Per query head of `layer`, how much `rule` on that layer alone (as the trials run it)
+        changes what the head writes to the residual stream: the squared norm, summed over the
+        prompt's rows, of the change in the head's slice of the output projection's input, mapped
+        through that head's columns of the projection. Two runs of the layer on dense's input."""
+        out_proj = _output_projection(self.layers[layer], layer)
+        dense = self._projection_input(layer, out_proj, None)
+        plan = _layer_plan(self.model.config, rule, layer, self.config.block_size)
+        sparse = self._projection_input(layer, out_proj, plan)
+        weight = out_proj.weight.detach()
+        width = _head_width(self.model.config, out_proj)
+        heads = weight.shape[1] // width
+        errors = []
+        for h in range(heads):
+            cols = slice(h * width, (h + 1) * width)
+            change = (sparse[..., cols] - dense[..., cols]).to(weight.dtype) @ weight[:, cols].T
+            errors.append(float(change.double().pow(2).sum()))
+        return errors
+
+    def _projection_input(self, layer: int, out_proj, plan: Plan | None) -> torch.Tensor:
+        """The input of `layer`'s output projection with `plan` patched (None: dense), the layers
+        before it replayed and the forward stopped once the layer has run."""
+        import sparse_infer
+        from sparse_infer.eval.fidelity import next_token_logprobs
+
+        got = {}
+        grab = out_proj.register_forward_pre_hook(lambda module, args: got.__setitem__("x", args[0].detach().clone()))
+
+        def stop(module, args, output):
+            raise _LayerDone
+
+        halt = self.layers[layer].register_forward_hook(stop)
+        try:
+            if plan is not None:
+                sparse_infer.patch(self.model, plan, dense_above=self.config.dense_above)
+            with _Replay(self.layers, self.outputs, layer):
+                try:
+                    next_token_logprobs(self.model, self.prompt.input_ids, self.positions)
+                except _LayerDone:
+                    pass
+        finally:
+            grab.remove()
+            halt.remove()
+            sparse_infer.unpatch(self.model)
+        if "x" not in got:
+            raise ValueError(f"layer {layer}'s output projection (o_proj) did not run in the layer's forward: "
+                             "--split-heads cannot rank this model's heads")
+        return got["x"]
+
+
+class _LayerDone(Exception):
+    """Raised after the layer being measured ran: the rest of the forward is not needed."""
+
+
+def _head_width(model_config, out_proj: torch.nn.Linear) -> int:
+    """Features per query head in the output projection's input (its columns per head)."""
+    from sparse_infer.plan import model_spec_from_config
+
+    spec = model_spec_from_config(model_config)
+    if spec.head_dim and spec.num_attention_heads and out_proj.in_features == spec.head_dim * spec.num_attention_heads:
+        return spec.head_dim
+    raise ValueError(f"the output projection (o_proj) takes {out_proj.in_features} features, not "
+                     f"{spec.num_attention_heads} heads of {spec.head_dim}: --split-heads cannot tell this model's "
+                     "heads apart")
+
+
+def _output_projection(layer_module, layer: int) -> torch.nn.Linear:
+    """The attention's output projection of a decoder layer (the `o_proj` of Llama-like models)."""
+    found = [m for name, m in layer_module.named_modules()
+             if name.rsplit(".", 1)[-1] == "o_proj" and isinstance(m, torch.nn.Linear)]
+    if len(found) != 1:
+        raise ValueError(f"--split-heads ranks heads through the attention's output projection (o_proj); layer "
+                         f"{layer} of this model has {len(found)} such modules")
+    return found[0]
+
 
 class _DecodeTrials(_Trials):
     """Decode trials: the prompt (the scored prompt's first len - tokens ids) is prefilled dense
@@ -548,13 +658,18 @@ def run_trials(model, prompt, levels: Sequence[Rule], config: CalibrateConfig, *
     done: dict[tuple[int, int], Trial] = {}
     dense_runs: dict[int, list[float]] = {i: [] for i in range(n_layers)}
     if previous is not None:
-        same_reuse = previous.get("reuse") == header.get("reuse")
+        same_extra = all(previous.get(key) == header.get(key) for key in _EXTRA_TRIALS)
         for row in previous.get("trials", []):
-            if row["level"] >= len(levels) and not same_reuse:
-                continue
-            done[(row["layer"], row["level"])] = Trial(
+            level = row["level"]
+            if level >= len(levels) and not same_extra:
+                # a split trial is one of K heads dense: kept where this run asks for that K too
+                kept = len(row.get("dense_heads") or ())
+                if previous.get("reuse") != header.get("reuse") or kept not in config.split_heads:
+                    continue
+                level = len(levels) + list(config.split_heads).index(kept)
+            done[(row["layer"], level)] = Trial(
                 row["kl"], row["top1"], row["seconds"], row["density"],
-                **{key: row.get(key) for key in ("source", "source_seconds", "held")})
+                **{key: row.get(key) for key in ("source", "source_seconds", "held", "base_level", "dense_heads")})
         for idx, runs in previous.get("dense_runs", {}).items():
             dense_runs[int(idx)] = list(runs)
     if sparse_infer.is_patched(model):
@@ -636,7 +751,70 @@ def run_trials(model, prompt, levels: Sequence[Rule], config: CalibrateConfig, *
             if log is not None:
                 log(f"{label}: {summary}")
     dense_seconds = [statistics.median(dense_runs[i]) for i in range(n_layers)]
+    if config.split_heads:
+        _run_split_trials(trials, prompt, levels, config, done, dense_seconds, target_kl, save, progress, log)
     return dense_seconds, done
+
+
+def _least_costly_level(done: dict[tuple[int, int], Trial], levels: Sequence[Rule], layer: int) -> int | None:
+    """The level whose trial at `layer` cost the least KL among those that ran sparse (None: none did)."""
+    tried = [(done[(layer, v)].kl, v) for v in range(len(levels)) if (layer, v) in done
+             and math.isfinite(done[(layer, v)].kl) and (done[(layer, v)].density or 0.0) < 1.0]
+    return min(tried)[1] if tried else None
+
+
+def _run_split_trials(trials, prompt, levels: Sequence[Rule], config: CalibrateConfig,
+                      done: dict[tuple[int, int], Trial], dense_seconds: Sequence[float], target_kl: float,
+                      save, progress: bool, log) -> None:
+    """Head-split trials: at each layer the levels alone leave dense (the knapsack over them), the
+    level that cost least KL there runs on all heads but the K whose output it changes most,
+    which stay dense, for each K of `config.split_heads`; keys (layer, len(levels) + j).
+
+    Why: in a layer too costly to make sparse, the cost is often a few heads' (Qwen2.5-0.5B at
+    16K, layer 10: keeping 2 of 14 heads dense cut its KL under a_shape from 9.3e-3 to 9.7e-5,
+    docs/PROFILER.md). Which heads is measured per layer by head_errors: two runs of the layer,
+    not a forward per head."""
+    from sparse_infer.eval.fidelity import compare
+    from sparse_infer.eval.progress import ProgressBar
+
+    first_choice, _, _ = allocate(dense_seconds, done, len(levels), target_kl)
+    layers = [(layer, base) for layer, c in enumerate(first_choice)
+              if c is None and (base := _least_costly_level(done, levels, layer)) is not None]
+    n_layers = len(dense_seconds)
+    pending = [(layer, base, j) for layer, base in layers for j in range(len(config.split_heads))]
+    weight = {(layer, j): n_layers - layer for layer, _, j in pending}
+    order: dict[int, list[int]] = {}
+    warmed: set[int] = set()
+    with ProgressBar(progress, sum(weight.values()), len(pending)) as bar:
+        for layer, base, j in pending:
+            k, key = config.split_heads[j], (layer, len(levels) + j)
+            label = f"layer {layer} level {base + 1} with {k} heads dense"
+            bar.describe(label)
+            if key in done:
+                bar.advance(weight[(layer, j)], "recorded")
+                continue
+            if layer not in order:
+                errors = trials.head_errors(layer, levels[base])
+                order[layer] = sorted(range(len(errors)), key=lambda h: (-errors[h], h))
+            if j not in warmed:
+                # a layer of mixed dense and sparse heads takes other paths than a level's first
+                # call paid for: pay theirs once, untimed, on the last layer (the cheapest trial)
+                trials.run(_layer_plan(trials.model.config, levels[base], n_layers - 1, config.block_size,
+                                       dense_heads=range(k)), n_layers - 1)
+                warmed.add(j)
+            heads = sorted(order[layer][:k])
+            plan = _layer_plan(trials.model.config, levels[base], layer, config.block_size, dense_heads=heads)
+            trial_lp, seconds, density = trials.run(plan, layer)
+            figures = compare(trials.reference, trial_lp, trials.positions, prompt)
+            done[key] = Trial(float(figures["kl"]), float(figures["top1"]), seconds[layer],
+                              None if density is None else float(density), base_level=base, dense_heads=heads)
+            save()
+            t = done[key]
+            density_text = "?" if t.density is None else f"{t.density:.2f}"
+            summary = f"heads {heads} dense: KL {t.kl:.2e}, density {density_text}, {t.seconds:.3g} s"
+            bar.advance(weight[(layer, j)], summary)
+            if log is not None:
+                log(f"{label}: {summary}")
 
 
 def decode_prompt(model, prompt, tokens: int):
@@ -685,12 +863,18 @@ def build_plan(model_config, base: Plan, levels: Sequence[Rule], calibration: Ca
     name_key = _name_key(config.phase)
     reuse_rule, reuse_level = config.reuse_rule(), len(levels)
     layers: dict[int, dict] = {}
-    picks: list = []                 # as recorded: 0 dense, k level k, "select" or "reuse"
+    picks: list = []                 # as recorded: 0 dense, k level k, "select", "reuse", or a head split
+                                     # {"level": k, "dense_heads": [...]}
     for i, c in enumerate(calibration.choice):
         if i in calibration.selecting:
             layers[i], pick = {"*": reuse_rule.to_yaml("method")}, "select"
-        elif c == reuse_level:
+        elif c == reuse_level and reuse_rule is not None:
             layers[i], pick = {"*": {"method": REUSE, "from_layer": calibration.trials[(i, c)].source}}, "reuse"
+        elif c is not None and c >= len(levels):
+            # a head-split trial: its level on the layer, its heads dense
+            t = calibration.trials[(i, c)]
+            layers[i] = {"*": levels[t.base_level].to_yaml(name_key), **{h: {name_key: DENSE} for h in t.dense_heads}}
+            pick = {"level": t.base_level + 1, "dense_heads": list(t.dense_heads)}
         elif c is not None:
             layers[i], pick = {"*": levels[c].to_yaml(name_key)}, c + 1
         else:
@@ -727,6 +911,23 @@ def build_plan(model_config, base: Plan, levels: Sequence[Rule], calibration: Ca
             **{attr: [value(i, reuse_level, attr) for i in range(n)]
                for attr in ("source", "held", "kl", "seconds", "source_seconds", "density")}}}
 
+    split = {}
+    if config.split_heads:
+        # per K (`heads`) and layer, the head-split trial: its level, the heads it kept dense and
+        # the measured KL, seconds and density (None: not tried there)
+        keys = [[(i, len(levels) + j) for i in range(n)] for j in range(len(config.split_heads))]
+
+        def split_value(key, attr):
+            t = calibration.trials.get(key)
+            got = None if t is None else getattr(t, attr)
+            return round(got, 6) if isinstance(got, float) else got
+
+        split = {"split": {"heads": list(config.split_heads),
+                           "level": [None if (t := calibration.trials.get((i, len(levels)))) is None
+                                     else t.base_level + 1 for i in range(n)],
+                           **{attr: [[split_value(key, attr) for key in row] for row in keys]
+                              for attr in ("dense_heads", "kl", "seconds", "density")}}}
+
     raw["profile"] = {
         "tool": "sparse_infer.profiler.calibrate",
         "created": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
@@ -748,6 +949,7 @@ def build_plan(model_config, base: Plan, levels: Sequence[Rule], calibration: Ca
             "measured": {"layer_dense_seconds": [round(s, 6) for s in calibration.dense_seconds],
                          "kl": per_level("kl"), "seconds": per_level("seconds"), "density": per_level("density")},
             **reuse,
+            **split,
         },
     }
     plan = plan_from_dict(raw, source="calibration")
@@ -782,6 +984,13 @@ def calibrate_model(model, tokenizer, config: CalibrateConfig, *, name: str, bas
                          f"context ({limit} positions)")
     for level in levels:
         _layer_plan(model.config, level, 0, config.block_size, config.phase)   # a rule this model cannot take fails now
+    if config.split_heads:
+        from sparse_infer.plan import model_spec_from_config
+        from sparse_infer.profiler.capture import decoder_layers
+
+        config.check_split_heads(model_spec_from_config(model.config).num_attention_heads)
+        for i, layer_module in enumerate(decoder_layers(model)):
+            _head_width(model.config, _output_projection(layer_module, i))
     base_name = base or _default_base(name)
     base_plan = load_plan(base_name, model.config)
     prompt = prose_prompt(tokenizer, config.length, 0, config.seed)
@@ -805,7 +1014,8 @@ def calibrate_model(model, tokenizer, config: CalibrateConfig, *, name: str, bas
                                        resume=resume, progress=progress, log=log, fingerprint=fingerprint)
     selecting: list[int] = []
     if config.reuse is None:
-        choice, kl, seconds = allocate(dense_seconds, trials, len(levels), target)
+        # the head-split trials are options of their layers beside the levels
+        choice, kl, seconds = allocate(dense_seconds, trials, len(levels) + len(config.split_heads), target)
     else:
         from sparse_infer.profiler.reuse import allocate_with_reuse
 

@@ -125,6 +125,10 @@ def calibrate_command(
     batch: Annotated[int, typer.Option(
         "--batch", help="Decode: rows decoded together (copies of the prompt) when timing the trials, for a "
                         "plan that will serve batches (its KLs are those of one row).")] = 1,
+    split_heads: Annotated[Optional[str], typer.Option(
+        "--split-heads", help="Prefill: head counts K, e.g. '1,3'. At each layer the levels alone leave dense, "
+                              "also try the level that cost least KL there with its K heads whose output it "
+                              "changes most kept dense.")] = None,
     target_kl: Annotated[Optional[float], typer.Option(
         "--target-kl", help="Summed KL (nats per position) the plan may spend. Default: --floor-share x the "
                             "bf16 floor of the calibration prompt, measured and cached.")] = None,
@@ -172,10 +176,17 @@ def calibrate_command(
             raise typer.BadParameter(f"--reuse is not YAML: {reuse!r}") from exc
         if reuse_raw is None:
             raise typer.BadParameter("--reuse is empty; give a layer_select rule such as '{budget: {frac: 0.1}}'")
+    split = ()
+    if split_heads is not None:
+        try:
+            split = tuple(int(k) for k in split_heads.split(","))
+        except ValueError as exc:
+            raise typer.BadParameter(f"--split-heads must be comma-separated head counts such as '1,3', got "
+                                     f"{split_heads!r}") from exc
     config = CalibrateConfig(length=length, window=window, seed=seed, levels=tuple(levels) or None,
                              target_kl=target_kl, floor_share=floor_share, min_seq_len=min_seq_len,
                              dense_above=1.0 if as_written else "auto", phase=phase, tokens=tokens,
-                             reuse=reuse_raw, batch=batch)
+                             reuse=reuse_raw, batch=batch, split_heads=split)
     try:
         config.validate()
     except ValueError as exc:

@@ -213,6 +213,16 @@ def calibration_table(plan: Plan) -> Table:
         if pick == 0:
             table.add_row(str(layer), "dense", "0", dense, dense, "1")
             continue
+        if isinstance(pick, dict):
+            # a head-split trial: a level on the layer, some heads dense
+            split = cal["split"]
+            j = split["heads"].index(len(pick["dense_heads"]))
+            density = split["density"][j][layer]
+            table.add_row(str(layer), f"{_level_label(pick['level'], cal['levels'][pick['level'] - 1])}, heads "
+                                      f"{','.join(map(str, pick['dense_heads']))} dense",
+                          f"{split['kl'][j][layer]:.2e}", f"{scale * split['seconds'][j][layer]:.2f}", dense,
+                          "?" if density is None else f"{density:.2f}")
+            continue
         level = pick - 1
         density = measured["density"][level][layer]
         table.add_row(str(layer), _level_label(pick, cal["levels"][level]), f"{measured['kl'][level][layer]:.2e}",
