@@ -262,6 +262,14 @@ class Calibration:
 # ---------------------------------------------------------------------------- allocation
 
 
+def _is_option(t: Trial | None) -> bool:
+    """Whether a trial can stand for its layer: measured, finite, and sparse. A level that ran every
+    head of the layer dense (patch's break-even) only adds its estimate to dense: a faster reading
+    of it is timing noise."""
+    return (t is not None and math.isfinite(t.kl) and math.isfinite(t.seconds)
+            and (t.density is None or t.density < 1.0))
+
+
 def allocate(dense_seconds: Sequence[float], trials: dict[tuple[int, int], Trial], levels: int,
              target_kl: float, resolution: int = 4000) -> tuple[list[int | None], float, float]:
     """One option per layer (None = dense, or a level index) with the least summed seconds
@@ -282,10 +290,7 @@ def allocate(dense_seconds: Sequence[float], trials: dict[tuple[int, int], Trial
         options: list[tuple[int | None, int, float]] = [(None, 0, dense_s)]
         for level in range(levels):
             t = trials.get((layer, level))
-            # a level that ran every head of the layer dense (patch's break-even) only adds its
-            # estimate to dense: a faster reading of it is timing noise
-            if (t is None or not math.isfinite(t.kl) or not math.isfinite(t.seconds)
-                    or (t.density is not None and t.density >= 1.0)):
+            if not _is_option(t):
                 continue
             units = math.ceil(max(t.kl, 0.0) / unit - 1e-9)
             if units <= resolution:
@@ -757,9 +762,9 @@ def run_trials(model, prompt, levels: Sequence[Rule], config: CalibrateConfig, *
 
 
 def _least_costly_level(done: dict[tuple[int, int], Trial], levels: Sequence[Rule], layer: int) -> int | None:
-    """The level whose trial at `layer` cost the least KL among those that ran sparse (None: none did)."""
-    tried = [(done[(layer, v)].kl, v) for v in range(len(levels)) if (layer, v) in done
-             and math.isfinite(done[(layer, v)].kl) and (done[(layer, v)].density or 0.0) < 1.0]
+    """The level whose trial at `layer` cost the least KL among those the knapsack could take (None:
+    none)."""
+    tried = [(done[(layer, v)].kl, v) for v in range(len(levels)) if _is_option(done.get((layer, v)))]
     return min(tried)[1] if tried else None
 
 
