@@ -105,7 +105,7 @@ class Section:
     default: Rule
     layers: dict[int, dict[Any, Rule]]          # layer -> {head index or "*": Rule}
     block_size: int = 64
-    granularity: str = "group"                  # estimate per kv group (shared K/V blocks) or per "head"
+    granularity: str = "group"                  # estimate per kv group (shared K/V blocks), "subgroup", or per "head"
 
     def rule(self, layer: int, head: int) -> Rule:
         entry = self.layers.get(layer)
@@ -235,8 +235,12 @@ def _parse_section(raw, name: str) -> Section:
             raise PlanError("prefill.block_size",
                             f"must be a power of two from 16 to {MAX_BLOCK_SIZE}, got {block_size}")
     granularity = raw.get("granularity", "group")
-    if granularity not in ("group", "head"):
-        raise PlanError(f"{name}.granularity", f"must be 'group' or 'head', got {granularity!r}")
+    # "subgroup" (prefill): a rule's heads in a partly covered GQA group share the group's K/V and
+    # one index too (decode selects per group or per head only)
+    allowed = ("group", "subgroup", "head") if name == "prefill" else ("group", "head")
+    if granularity not in allowed:
+        raise PlanError(f"{name}.granularity",
+                        f"must be {', '.join(repr(a) for a in allowed[:-1])} or {allowed[-1]!r}, got {granularity!r}")
     name_key = "pattern" if name == "prefill" else "method"
     default = parse_rule(raw.get("default", {name_key: "dense"}), f"{name}.default", name)
     layers: dict[int, dict[Any, Rule]] = {}

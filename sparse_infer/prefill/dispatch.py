@@ -48,6 +48,26 @@ def _head_subsets(heads: list[int], num_heads: int, num_kv: int):
     return heads, kv_of                             # one key head per query head
 
 
+def _head_parts(heads: list[int], num_heads: int, num_kv: int, share_partial: bool) -> list[tuple[list, list]]:
+    """The calls (query heads, their key heads) that run one rule's `heads`.
+
+    Whole GQA groups run as one call sharing their key heads. With `share_partial` (plan
+    granularity "subgroup") the heads a rule holds of a group that is not whole share that
+    group's key head too: one call per count of such heads, so every call maps the same number of
+    query heads onto each of its key heads. Otherwise each such head runs with its own copy.
+    """
+    groups = num_heads // num_kv
+    if not share_partial or groups == 1:
+        return [_head_subsets(heads, num_heads, num_kv)]
+    of_kv: dict[int, list[int]] = {}
+    for h in sorted(heads):
+        of_kv.setdefault(h // groups, []).append(h)
+    by_count: dict[int, list[int]] = {}
+    for kv, members in of_kv.items():
+        by_count.setdefault(len(members), []).append(kv)
+    return [([h for kv in kvs for h in of_kv[kv]], kvs) for _, kvs in sorted(by_count.items(), reverse=True)]
+
+
 # torch.compile runs the sparse paths as they are, between graphs: index sizes depend on the
 # data, which tracing cannot follow. The rest of the model compiles.
 @torch.compiler.disable
@@ -68,7 +88,9 @@ def sparse_prefill(rt: LayerRuntime, query, key, value, mask, scaling, softcap=N
     if len(rt.prefill_groups) == 1:
         parts = [(rt.prefill_groups[0][0], list(range(num_heads)), list(range(num_kv)))]
     else:
-        parts = [(rule, *_head_subsets(heads, num_heads, num_kv)) for rule, heads in rt.prefill_groups]
+        share = section.granularity == "subgroup"
+        parts = [(rule, *part) for rule, heads in rt.prefill_groups
+                 for part in _head_parts(heads, num_heads, num_kv, share)]
     out = query.new_empty(query.shape[0], num_heads, query.shape[2], value.shape[-1])
     q_len, n = query.shape[2], key.shape[2]
     per_head_pairs = query.shape[0] * causal_pairs(q_len, n)
@@ -83,7 +105,9 @@ def sparse_prefill(rt: LayerRuntime, query, key, value, mask, scaling, softcap=N
         k = key if whole else key[:, kv_heads]
         v = value if whole else value[:, kv_heads]
         m = heads_of(mask, heads)
-        granularity = section.granularity if k.shape[1] < q.shape[1] else "head"
+        # a call whose key heads each serve several query heads estimates per group unless the
+        # plan asks for one index per head
+        granularity = "head" if k.shape[1] == q.shape[1] or section.granularity == "head" else "group"
         started = rt.clock(q) if rt.timed else 0.0
         index = build_index(rule, q, k, block_size=section.block_size, scaling=scaling,
                             attention_mask=m, granularity=granularity, softcap=softcap)

@@ -86,7 +86,13 @@ def tail_covers_window(raw: dict, window: int) -> dict:
     if "dense_tail" not in schema("prefill").get(raw.get("pattern"), {}):
         return raw     # dense, an unknown pattern (parse_rule names it) or one without a tail
     return {**raw, "dense_tail": window}
+
+
 TRIALS_VERSION = 1
+# the prefill granularity of a head-split layer: its sparse heads of a group that keeps some heads
+# dense still share the group's K/V and one index (plan.py); a record of split trials run with
+# another one has its split trials measured again
+SPLIT_GRANULARITY = "subgroup"
 
 
 @dataclass
@@ -386,6 +392,8 @@ def _layer_plan(model_config, rule: Rule | None, layer: int, block_size: int, ph
 
     spec = model_spec_from_config(model_config)
     prefill = {"min_seq_len": 1, "block_size": block_size, "default": {"pattern": "dense"}}
+    if dense_heads:
+        prefill["granularity"] = SPLIT_GRANULARITY
     decode = {"min_kv_len": 1, "default": {"method": "dense"}}
     if reuse_from is not None:
         decode["layers"] = {reuse_from: {"*": rule.to_yaml("method")},
@@ -422,6 +430,7 @@ def _trials_header(model, prompt, levels: Sequence[Rule], config: CalibrateConfi
         header["batch"] = config.batch
     if config.split_heads:
         header["split_heads"] = list(config.split_heads)
+        header["split_granularity"] = SPLIT_GRANULARITY
     return header
 
 
@@ -431,7 +440,7 @@ def _name_key(phase: str) -> str:
 
 # header keys of the trials beyond the levels' (keys (layer, len(levels) + j)): a record made with
 # other values of these keeps its level trials
-_EXTRA_TRIALS = ("reuse", "split_heads")
+_EXTRA_TRIALS = ("reuse", "split_heads", "split_granularity")
 
 
 def read_record(record: Path | None, header: dict, resume: bool) -> dict | None:
@@ -669,7 +678,8 @@ def run_trials(model, prompt, levels: Sequence[Rule], config: CalibrateConfig, *
             if level >= len(levels) and not same_extra:
                 # a split trial is one of K heads dense: kept where this run asks for that K too
                 kept = len(row.get("dense_heads") or ())
-                if previous.get("reuse") != header.get("reuse") or kept not in config.split_heads:
+                if previous.get("reuse") != header.get("reuse") or kept not in config.split_heads \
+                        or previous.get("split_granularity") != header.get("split_granularity"):
                     continue
                 level = len(levels) + list(config.split_heads).index(kept)
             done[(row["layer"], level)] = Trial(
@@ -768,12 +778,37 @@ def _least_costly_level(done: dict[tuple[int, int], Trial], levels: Sequence[Rul
     return min(tried)[1] if tried else None
 
 
+# a sparse layer whose level spends at least this share of the KL target is tried with heads
+# split too: its split frees KL for a layer left dense (a dense layer's cheapest level costs about
+# a fifth of the target on Qwen2.5-0.5B at 16K, docs/PROFILER.md); a smaller share rarely frees
+# enough to be worth the trial's forward
+SPLIT_SPARSE_SHARE = 1 / 8
+
+
+def _split_layers(first_choice: Sequence[int | None], done: dict[tuple[int, int], Trial],
+                  levels: Sequence[Rule], target_kl: float) -> list[tuple[int, int]]:
+    """(layer, base level) of the layers tried with heads split: those the knapsack over the levels
+    leaves dense, on the level of least KL there, and the sparse ones whose chosen level spends at
+    least SPLIT_SPARSE_SHARE of the target, on that level."""
+    out = []
+    for layer, c in enumerate(first_choice):
+        if c is None:
+            base = _least_costly_level(done, levels, layer)
+        else:
+            base = c if done[(layer, c)].kl >= SPLIT_SPARSE_SHARE * target_kl else None
+        if base is not None:
+            out.append((layer, base))
+    return out
+
+
 def _run_split_trials(trials, prompt, levels: Sequence[Rule], config: CalibrateConfig,
                       done: dict[tuple[int, int], Trial], dense_seconds: Sequence[float], target_kl: float,
                       save, progress: bool, log) -> None:
     """Head-split trials: at each layer the levels alone leave dense (the knapsack over them), the
     level that cost least KL there runs on all heads but the K whose output it changes most,
-    which stay dense, for each K of `config.split_heads`; keys (layer, len(levels) + j).
+    which stay dense, for each K of `config.split_heads`; keys (layer, len(levels) + j). The
+    sparse layers whose level spends a large share of the target get the same trials with their
+    chosen level (_split_layers).
 
     Why: in a layer too costly to make sparse, the cost is often a few heads' (Qwen2.5-0.5B at
     16K, layer 10: keeping 2 of 14 heads dense cut its KL under a_shape from 9.3e-3 to 9.7e-5,
@@ -783,8 +818,7 @@ def _run_split_trials(trials, prompt, levels: Sequence[Rule], config: CalibrateC
     from sparse_infer.eval.progress import ProgressBar
 
     first_choice, _, _ = allocate(dense_seconds, done, len(levels), target_kl)
-    layers = [(layer, base) for layer, c in enumerate(first_choice)
-              if c is None and (base := _least_costly_level(done, levels, layer)) is not None]
+    layers = _split_layers(first_choice, done, levels, target_kl)
     n_layers = len(dense_seconds)
     pending = [(layer, base, j) for layer, base in layers for j in range(len(config.split_heads))]
     weight = {(layer, j): n_layers - layer for layer, _, j in pending}
@@ -888,6 +922,9 @@ def build_plan(model_config, base: Plan, levels: Sequence[Rule], calibration: Ca
     if config.phase == "prefill":
         raw["prefill"] = {"min_seq_len": config.min_seq_len or config.length, "block_size": config.block_size,
                           "default": {"pattern": "dense"}}
+        if config.split_heads:
+            # as the split trials ran: a layer's sparse heads keep sharing their groups' K/V
+            raw["prefill"]["granularity"] = SPLIT_GRANULARITY
     else:
         # selection per GQA group, as the trials ran it (the plan's default granularity)
         raw["decode"] = {"min_kv_len": config.min_seq_len or config.length, "default": {"method": "dense"}}

@@ -297,7 +297,8 @@ def decide_prefill(tables: dict[int, MeanTable], num_heads: int, num_kv: int,
 
 
 def runtime_granularity(rules: list[Rule], num_kv: int) -> list[str]:
-    """The estimate granularity each head gets at run time (mirrors prefill.dispatch.sparse_prefill).
+    """The estimate granularity each head gets at run time (mirrors prefill.dispatch.sparse_prefill
+    under `granularity: group`, which the profiler's plans use).
 
     Heads sharing an identical rule are run together; their index is estimated per GQA
     group only when that set is made of whole groups, otherwise per head.

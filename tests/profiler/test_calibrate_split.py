@@ -105,16 +105,26 @@ def test_split_trials_keep_the_worst_heads_dense_and_equal_a_whole_forward(tiny,
             assert compare(reference, whole, positions, prompt)["kl"] == pytest.approx(t.kl, rel=1e-5, abs=1e-10)
 
 
-def test_split_trials_run_only_where_the_levels_leave_a_layer_dense(recorded):
+def test_split_trials_run_where_the_levels_leave_a_layer_dense_or_spend_much_of_the_target(recorded):
     trials_obj, narrow = recorded
     config = CalibrateConfig(**CONFIG, levels=(NARROW,), split_heads=(1,))
-    done = {(0, 0): Trial(1.0, 50.0, 0.5, 0.3),        # too costly: left dense, split
-            (1, 0): Trial(1e-4, 99.0, 0.5, 0.3),       # fits and is faster: kept, not split
-            (2, 0): Trial(1.0, 50.0, 0.9, 1.0)}        # ran every head dense: nothing to split
-    _run_split_trials(trials_obj, trials_obj.prompt, [narrow], config, done, [1.0, 1.0, 1.0], 1e-3,
-                      lambda: None, False, None)
+
+    def split(kl_of_layer_1):
+        done = {(0, 0): Trial(1.0, 50.0, 0.5, 0.3),              # too costly: left dense, split
+                (1, 0): Trial(kl_of_layer_1, 99.0, 0.5, 0.3),     # fits and is faster: kept sparse
+                (2, 0): Trial(1.0, 50.0, 0.9, 1.0)}              # ran every head dense: nothing to split
+        _run_split_trials(trials_obj, trials_obj.prompt, [narrow], config, done, [1.0, 1.0, 1.0], 1e-3,
+                          lambda: None, False, None)
+        return done
+
+    # a sparse layer spending less than SPLIT_SPARSE_SHARE (1/8) of the target is not split
+    done = split(1e-4)
     assert set(done) == {(0, 0), (1, 0), (2, 0), (0, 1)}
     assert done[(0, 1)].base_level == 0 and len(done[(0, 1)].dense_heads) == 1
+    # one spending more is, on its chosen level
+    done = split(2e-4)
+    assert set(done) == {(0, 0), (1, 0), (2, 0), (0, 1), (1, 1)}
+    assert done[(1, 1)].base_level == 0 and len(done[(1, 1)].dense_heads) == 1
 
 
 def test_the_knapsack_takes_a_split_and_the_plan_runs_it_as_dense_in_generate(tiny):
@@ -182,8 +192,10 @@ def test_cli_records_split_trials_and_resume_keeps_the_level_trials(tiny_dir, tm
     cal = plan.profile["calibration"]
     assert cal["split"]["heads"] == [1, 2] and plan.profile["command"].endswith("--split-heads 1,2 --target-kl 1e-09 "
                                                                                 "--as-written")
+    # the split layers keep their groups' K/V shared, as the trials ran
+    assert plan.prefill.granularity == "subgroup"
     record = json.loads((tmp_path / "split.yaml.trials.json").read_text())
-    assert record["split_heads"] == [1, 2]
+    assert record["split_heads"] == [1, 2] and record["split_granularity"] == "subgroup"
     splits = [row for row in record["trials"] if row["level"] >= 1]
     assert len(splits) == 6 and all(len(row["dense_heads"]) == row["level"] for row in splits)
 
@@ -205,6 +217,26 @@ def test_cli_records_split_trials_and_resume_keeps_the_level_trials(tiny_dir, tm
             assert row == {**first[(row["layer"], 2)], "level": 1}, "K=2's trials kept, as level 1 now"
     # the reference forward, K=3's untimed warm-up on the last layer and one trial per layer
     assert measured == [0, 2, 0, 1, 2]
+
+
+def test_resume_measures_again_the_split_trials_of_another_split_granularity(tiny_dir, tmp_path, monkeypatch):
+    """Split trials recorded before a split layer's heads shared their groups' K/V ran another
+    executor layout: resume keeps the level trials and runs the splits again."""
+    out = tmp_path / "split.yaml"
+    res = CliRunner().invoke(app, _args(tiny_dir, out, "--split-heads", "1"))
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    path = tmp_path / "split.yaml.trials.json"
+    record = json.loads(path.read_text())
+    del record["split_granularity"]
+    path.write_text(json.dumps(record))
+    measured = []
+    real_run = _PrefillTrials.run
+    monkeypatch.setattr(_PrefillTrials, "run", lambda self, p, first=0: measured.append(first) or real_run(self, p, first))
+    again = CliRunner().invoke(app, _args(tiny_dir, out, "--split-heads", "1", "--resume", "--force"))
+    assert again.exit_code == 0, again.output + repr(again.exception)
+    # the reference forward, the untimed warm-up on the last layer and one split trial per layer
+    assert measured == [0, 2, 0, 1, 2]
+    assert json.loads(path.read_text())["split_granularity"] == "subgroup"
 
 
 @pytest.mark.parametrize("settings, message", [
