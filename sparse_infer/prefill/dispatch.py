@@ -51,10 +51,11 @@ def _head_subsets(heads: list[int], num_heads: int, num_kv: int):
 def _head_parts(heads: list[int], num_heads: int, num_kv: int, share_partial: bool) -> list[tuple[list, list]]:
     """The calls (query heads, their key heads) that run one rule's `heads`.
 
-    Whole GQA groups run as one call sharing their key heads. With `share_partial` (plan
-    granularity "subgroup") the heads a rule holds of a group that is not whole share that
-    group's key head too: one call per count of such heads, so every call maps the same number of
-    query heads onto each of its key heads. Otherwise each such head runs with its own copy.
+    Heads that make whole GQA groups run as one call sharing their key heads. Otherwise, without
+    `share_partial`, every head runs with its own copy of its key head (whole groups too). With
+    it (plan granularity "subgroup") each group's share of the heads keeps its key head: one
+    call per count of such heads, so every call maps the same number of query heads onto each
+    of its key heads.
     """
     groups = num_heads // num_kv
     if not share_partial or groups == 1:

@@ -32,7 +32,9 @@ step. A trial costs `tokens` decode steps, not a forward: no replay is needed. W
 rule, each layer is also tried reusing an earlier layer's token set (profiler/reuse.py).
 
 With `split_heads` (prefill), the layers the levels leave dense are also tried with the level
-that cost least KL there on all heads but the K whose output it changes most (_run_split_trials).
+that cost least KL there on all heads but the K whose output it changes most, and the sparse
+layers whose level spends at least SPLIT_SPARSE_SHARE of the target with that level
+(_run_split_trials).
 """
 from __future__ import annotations
 
@@ -829,9 +831,11 @@ def _run_split_trials(trials, prompt, levels: Sequence[Rule], config: CalibrateC
             k, key = config.split_heads[j], (layer, len(levels) + j)
             label = f"layer {layer} level {base + 1} with {k} heads dense"
             bar.describe(label)
-            if key in done:
+            if key in done and done[key].base_level == base:
                 bar.advance(weight[(layer, j)], "recorded")
                 continue
+            # a split recorded on another base level (a resume at another target chose another
+            # level for this layer) is measured again on this one
             if layer not in order:
                 errors = trials.head_errors(layer, levels[base])
                 order[layer] = sorted(range(len(errors)), key=lambda h: (-errors[h], h))

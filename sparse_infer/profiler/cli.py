@@ -128,7 +128,8 @@ def calibrate_command(
     split_heads: Annotated[Optional[str], typer.Option(
         "--split-heads", help="Prefill: head counts K, e.g. '1,3'. At each layer the levels alone leave dense, "
                               "also try the level that cost least KL there with its K heads whose output it "
-                              "changes most kept dense.")] = None,
+                              "changes most kept dense; likewise at the sparse layers whose level spends at "
+                              "least an eighth of the target, on that level.")] = None,
     target_kl: Annotated[Optional[float], typer.Option(
         "--target-kl", help="Summed KL (nats per position) the plan may spend. Default: --floor-share x the "
                             "bf16 floor of the calibration prompt, measured and cached.")] = None,

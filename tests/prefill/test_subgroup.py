@@ -87,21 +87,25 @@ def test_subgroup_runs_one_index_per_partial_group_as_the_reference(dense_heads,
 
 
 def test_subgroup_with_a_full_budget_generates_as_dense():
+    """Batch 2, the second row left-padded: the masks reach every call of the split layer."""
     model = tiny_model("llama", num_attention_heads=HEADS, num_key_value_heads=KV)
     full = {"pattern": "vertical_slash", "vertical": 100000, "slash": 100000, "last_q": 16}
     ids = torch.randint(3, 128, (2, 300), generator=torch.Generator().manual_seed(1))
+    attn = torch.ones_like(ids)
+    attn[1, :40], ids[1, :40] = 0, 0
     with torch.no_grad():
-        dense_logits = model(ids).logits
-        dense_out = model.generate(ids, max_new_tokens=6, do_sample=False)
+        dense_logits = model(ids, attention_mask=attn).logits
+        dense_out = model.generate(ids, attention_mask=attn, max_new_tokens=6, do_sample=False)
         sparse_infer.patch(model, _plan("subgroup", (1,), full, layers=2), dense_above=1.0)
         try:
-            logits = model(ids).logits
+            logits = model(ids, attention_mask=attn).logits
             stats = sparse_infer.get_stats(model)
-            out = model.generate(ids, max_new_tokens=6, do_sample=False)
+            out = model.generate(ids, attention_mask=attn, max_new_tokens=6, do_sample=False)
         finally:
             sparse_infer.unpatch(model)
     assert stats["layers"][0]["sparse_prefill_calls"] == 1
-    torch.testing.assert_close(logits, dense_logits, atol=1e-5, rtol=1e-5)
+    valid = attn.bool()
+    torch.testing.assert_close(logits[valid], dense_logits[valid], atol=1e-5, rtol=1e-5)
     assert torch.equal(out, dense_out)
 
 
@@ -113,3 +117,33 @@ def test_subgroup_is_a_prefill_granularity_only():
                         "decode": {"min_kv_len": 1, "granularity": "subgroup"}})
     with pytest.raises(PlanError, match="prefill.granularity.*'subgroup'"):
         plan_from_dict({"sparse_infer_plan": 1, "prefill": {"min_seq_len": 1, "granularity": "kv"}})
+
+
+def test_subgroup_runs_dense_the_index_heads_above_dense_above():
+    """Heads 1 and 4 dense leave one call of two index heads (one a group); with dense_above
+    between their densities the denser group's heads run dense, the other keeps its index."""
+    from sparse_infer.kernels.index import index_head_density
+
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, HEADS, N, D, generator=g)
+    k, v = torch.randn(1, KV, N, D, generator=g), torch.randn(1, KV, N, D, generator=g)
+    scaling = D ** -0.5
+    sparse_heads = [0, 2, 3, 5]
+    rule = parse_rule(NARROW, "test", "prefill")
+    index = build_index(rule, q[:, sparse_heads], k, block_size=BS, scaling=scaling, granularity="group")
+    density = index_head_density(index, N, N).tolist()
+    assert abs(density[0] - density[1]) > 0.02
+    denser = int(density[1] > density[0])
+    rt = layer_runtime(_plan("subgroup", (1, 4)), 0, HEADS, KV, dense_above=sum(density) / 2)
+    out = sparse_prefill(rt, q, k, v, None, scaling)
+
+    kept = [h for h in sparse_heads if h // (HEADS // KV) != denser]
+    reference = _reference(q, k, v, scaling, [], [1, 4] + [h for h in sparse_heads if h not in kept])
+    mask = index_to_mask(index, N, N, len(sparse_heads))
+    rows = [sparse_heads.index(h) for h in kept]
+    reference[:, kept] = dense_masked_attention(q[:, kept], k[:, [1 - denser]], v[:, [1 - denser]],
+                                                mask[:, rows], scaling)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+    # the kept group's pairs are its index's, the rest count as dense
+    assert rt.stats.selected_pairs / rt.stats.causal_pairs == pytest.approx(
+        (4 + 2 * density[1 - denser]) / HEADS, rel=1e-6)

@@ -125,6 +125,13 @@ def test_split_trials_run_where_the_levels_leave_a_layer_dense_or_spend_much_of_
     done = split(2e-4)
     assert set(done) == {(0, 0), (1, 0), (2, 0), (0, 1), (1, 1)}
     assert done[(1, 1)].base_level == 0 and len(done[(1, 1)].dense_heads) == 1
+    # a split recorded on another base level (a resume at another target) is measured again
+    stale = Trial(9.0, 1.0, 9.0, 0.9, base_level=3, dense_heads=[0])
+    done = {(0, 0): Trial(1.0, 50.0, 0.5, 0.3), (1, 0): Trial(1e-4, 99.0, 0.5, 0.3),
+            (2, 0): Trial(1.0, 50.0, 0.9, 1.0), (0, 1): stale}
+    _run_split_trials(trials_obj, trials_obj.prompt, [narrow], config, done, [1.0, 1.0, 1.0], 1e-3,
+                      lambda: None, False, None)
+    assert done[(0, 1)] is not stale and done[(0, 1)].base_level == 0 and done[(0, 1)].kl < 9.0
 
 
 def test_the_knapsack_takes_a_split_and_the_plan_runs_it_as_dense_in_generate(tiny):
