@@ -803,6 +803,18 @@ def _split_layers(first_choice: Sequence[int | None], done: dict[tuple[int, int]
     return out
 
 
+def _split_layout(model_config, dense_heads: Sequence[int]) -> tuple:
+    """The calls a split layer's sparse heads run as under SPLIT_GRANULARITY: (query heads, key
+    heads) per call, as prefill.dispatch._head_parts forms them."""
+    from sparse_infer.plan import model_spec_from_config
+    from sparse_infer.prefill.dispatch import _head_parts
+
+    spec = model_spec_from_config(model_config)
+    num_heads, num_kv = spec.num_attention_heads, spec.num_key_value_heads or spec.num_attention_heads
+    sparse = [h for h in range(num_heads) if h not in set(dense_heads)]
+    return tuple((len(q), len(kv)) for q, kv in _head_parts(sparse, num_heads, num_kv, True))
+
+
 def _run_split_trials(trials, prompt, levels: Sequence[Rule], config: CalibrateConfig,
                       done: dict[tuple[int, int], Trial], dense_seconds: Sequence[float], target_kl: float,
                       save, progress: bool, log) -> None:
@@ -825,7 +837,7 @@ def _run_split_trials(trials, prompt, levels: Sequence[Rule], config: CalibrateC
     pending = [(layer, base, j) for layer, base in layers for j in range(len(config.split_heads))]
     weight = {(layer, j): n_layers - layer for layer, _, j in pending}
     order: dict[int, list[int]] = {}
-    warmed: set[int] = set()
+    warmed: set[tuple] = set()
     with ProgressBar(progress, sum(weight.values()), len(pending)) as bar:
         for layer, base, j in pending:
             k, key = config.split_heads[j], (layer, len(levels) + j)
@@ -839,13 +851,16 @@ def _run_split_trials(trials, prompt, levels: Sequence[Rule], config: CalibrateC
             if layer not in order:
                 errors = trials.head_errors(layer, levels[base])
                 order[layer] = sorted(range(len(errors)), key=lambda h: (-errors[h], h))
-            if j not in warmed:
-                # a layer of mixed dense and sparse heads takes other paths than a level's first
-                # call paid for: pay theirs once, untimed, on the last layer (the cheapest trial)
-                trials.run(_layer_plan(trials.model.config, levels[base], n_layers - 1, config.block_size,
-                                       dense_heads=range(k)), n_layers - 1)
-                warmed.add(j)
             heads = sorted(order[layer][:k])
+            layout = (base, _split_layout(trials.model.config, heads))
+            if layout not in warmed:
+                # a layer of mixed dense and sparse heads takes other paths than a level's first
+                # call paid for, and each split of its groups into calls its own (a compiled kernel
+                # per heads-per-key-head count on GPUs): pay theirs once, untimed, on the last
+                # layer (the cheapest trial)
+                trials.run(_layer_plan(trials.model.config, levels[base], n_layers - 1, config.block_size,
+                                       dense_heads=heads), n_layers - 1)
+                warmed.add(layout)
             plan = _layer_plan(trials.model.config, levels[base], layer, config.block_size, dense_heads=heads)
             trial_lp, seconds, density = trials.run(plan, layer)
             figures = compare(trials.reference, trial_lp, trials.positions, prompt)

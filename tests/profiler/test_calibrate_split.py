@@ -261,3 +261,16 @@ def test_split_heads_beyond_the_models_heads_or_not_numbers_are_refused(tiny_dir
     assert res.exit_code != 0 and "at most 3 can be kept dense" in res.output and not (tmp_path / "p.yaml").exists()
     res = CliRunner().invoke(app, _args(tiny_dir, tmp_path / "p.yaml", "--split-heads", "one"))
     assert res.exit_code != 0 and "--split-heads must be comma-separated" in res.output
+
+
+def test_split_layouts_are_the_calls_the_runtime_makes():
+    """Split trials are warmed up once per layout of calls, as the runtime forms them
+    (Qwen2.5-0.5B's 14 query heads on 2 key heads): two dense heads in one group leave calls of
+    7 and 5 heads, one in each group one call of 12."""
+    from sparse_infer.profiler.calibrate import _split_layout
+    from tests.conftest import tiny_config
+
+    qwen = tiny_config("llama", num_attention_heads=14, num_key_value_heads=2)
+    assert _split_layout(qwen, [8, 13]) == ((7, 1), (5, 1))
+    assert _split_layout(qwen, [1, 13]) == ((12, 2),)
+    assert _split_layout(qwen, [0, 2]) == _split_layout(qwen, [9, 12]) == ((7, 1), (5, 1))
