@@ -760,10 +760,7 @@ def run_trials(model, prompt, levels: Sequence[Rule], config: CalibrateConfig, *
                 if idx > layer or (phase != "prefill" and idx not in (layer, source)):
                     dense_runs[idx].append(sec)
             save()
-            t = done[key]
-            unit = "s" if phase == "prefill" else "s a step"
-            summary = (f"KL {t.kl:.2e}, density {'?' if t.density is None else f'{t.density:.2f}'}, "
-                       f"{t.seconds:.3g} {unit}")
+            summary = _trial_summary(done[key], "s" if phase == "prefill" else "s a step")
             bar.advance(weight[key], summary)
             if log is not None:
                 log(f"{label}: {summary}")
@@ -771,6 +768,12 @@ def run_trials(model, prompt, levels: Sequence[Rule], config: CalibrateConfig, *
     if config.split_heads:
         _run_split_trials(trials, prompt, levels, config, done, dense_seconds, target_kl, save, progress, log)
     return dense_seconds, done
+
+
+def _trial_summary(t: Trial, unit: str) -> str:
+    """A trial's figures as the progress bar and the log show them."""
+    density = "?" if t.density is None else f"{t.density:.2f}"
+    return f"KL {t.kl:.2e}, density {density}, {t.seconds:.3g} {unit}"
 
 
 def _least_costly_level(done: dict[tuple[int, int], Trial], levels: Sequence[Rule], layer: int) -> int | None:
@@ -867,9 +870,7 @@ def _run_split_trials(trials, prompt, levels: Sequence[Rule], config: CalibrateC
             done[key] = Trial(float(figures["kl"]), float(figures["top1"]), seconds[layer],
                               None if density is None else float(density), base_level=base, dense_heads=heads)
             save()
-            t = done[key]
-            density_text = "?" if t.density is None else f"{t.density:.2f}"
-            summary = f"heads {heads} dense: KL {t.kl:.2e}, density {density_text}, {t.seconds:.3g} s"
+            summary = f"heads {heads} dense: {_trial_summary(done[key], 's')}"
             bar.advance(weight[(layer, j)], summary)
             if log is not None:
                 log(f"{label}: {summary}")

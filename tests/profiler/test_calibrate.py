@@ -16,7 +16,6 @@ from sparse_infer.plan import load_plan, parse_rule
 from sparse_infer.profiler.calibrate import CalibrateConfig, Trial, _layer_plan, allocate, run_trials
 from sparse_infer.profiler.cli import app
 from tests.conftest import tiny_model
-from tests.profiler.helpers import char_tokenizer
 
 LENGTH, WINDOW = 512, 32
 COVERS_ALL = {"pattern": "a_shape", "sink": 64, "local": 4096}         # every causal block
@@ -98,11 +97,6 @@ def test_bad_settings_are_refused(field, value, message):
         CalibrateConfig(**{field: value}).validate()
     with pytest.raises(ValueError, match="not both"):
         CalibrateConfig(target_kl=1e-3, floor_share=1.0).validate()
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_model("llama", num_hidden_layers=3), char_tokenizer()
 
 
 def _prompt(tok):
@@ -243,14 +237,6 @@ def test_build_plan_writes_the_chosen_rules_and_missing_figures():
     assert plan.decode.default.kind == "streaming" and plan.prefill.min_len == LENGTH
     from sparse_infer.profiler.report import calibration_table
     assert calibration_table(plan).row_count == 3
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tiny):
-    d = tmp_path_factory.mktemp("tiny_llama_calibrate")
-    tiny[0].save_pretrained(d)
-    tiny[1].save_pretrained(d)
-    return d
 
 
 def _calibrate_args(tiny_dir, out, *extra):

@@ -19,7 +19,7 @@ from sparse_infer.profiler.cli import app
 from sparse_infer.profiler.reuse import allocate_with_reuse, best_sources, held_mass, published_sets
 from tests.conftest import tiny_model
 from tests.profiler.helpers import char_tokenizer
-from tests.profiler.test_calibrate import DECODE, FEW_KEYS, LENGTH, TOKENS, tiny, tiny_dir  # noqa: F401  (fixtures)
+from tests.profiler.test_calibrate import DECODE, FEW_KEYS, LENGTH, TOKENS
 
 SELECT_FEW = {"budget": 16, "sink": 4, "local": 4}
 SELECT_ALL = {"budget": {"frac": 1.0}}

@@ -16,8 +16,6 @@ from sparse_infer.profiler.calibrate import (
     run_trials)
 from sparse_infer.profiler.cli import app
 from sparse_infer.profiler.report import calibration_table
-from tests.conftest import tiny_model
-from tests.profiler.helpers import char_tokenizer
 
 LENGTH, WINDOW, HEADS = 512, 32, 4
 COVERS_ALL = {"pattern": "a_shape", "sink": 64, "local": 4096}
@@ -25,11 +23,6 @@ NARROW = {"pattern": "a_shape", "sink": 64, "local": 64, "dense_tail": 0}
 # as written: patch's break-even would run a partial group's heads dense where the whole layer's
 # index stays sparse, and the ranking test compares the two
 CONFIG = dict(length=LENGTH, window=WINDOW, block_size=64, dense_above=1.0)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_model("llama", num_hidden_layers=3), char_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -181,14 +174,6 @@ def _args(tiny_dir, out, *extra):
     return ["calibrate", str(tiny_dir), "--out", str(out), "--length", str(LENGTH), "--window", str(WINDOW),
             "--target-kl", "1e-9", "--level", "{pattern: a_shape, sink: 64, local: 64}", "--as-written",
             "--no-progress", *extra]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tiny):
-    d = tmp_path_factory.mktemp("tiny_llama_split")
-    tiny[0].save_pretrained(d)
-    tiny[1].save_pretrained(d)
-    return d
 
 
 def test_cli_records_split_trials_and_resume_keeps_the_level_trials(tiny_dir, tmp_path, monkeypatch):
