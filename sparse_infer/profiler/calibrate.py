@@ -45,7 +45,7 @@ import shlex
 import statistics
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -663,7 +663,6 @@ def run_trials(model, prompt, levels: Sequence[Rule], config: CalibrateConfig, *
     (decode_prompt). `fingerprint`: the weights' digest when the caller has it (hashing the weights
     takes seconds)."""
     import sparse_infer
-    from sparse_infer.eval.fidelity import compare
     from sparse_infer.eval.outputs import write_json
     from sparse_infer.eval.progress import ProgressBar
     from sparse_infer.profiler.capture import decoder_layers
@@ -749,25 +748,40 @@ def run_trials(model, prompt, levels: Sequence[Rule], config: CalibrateConfig, *
                 # the last layer, the cheapest prefill trial, untimed
                 trials.run(layer_plan(level, last), last)
                 warmed.add(level)
-            trial_lp, seconds, density = trials.run(layer_plan(level, layer), layer)
-            figures = compare(trials.reference, trial_lp, trials.positions, prompt)
             source = sources[layer] if level == reuse_level else None
-            done[key] = Trial(float(figures["kl"]), float(figures["top1"]), seconds[layer],
-                              None if density is None else float(density), source=source,
-                              source_seconds=None if source is None else seconds[source],
-                              held=None if source is None else round(float(held[source, layer]), 6))
+            done[key], seconds = _measure(trials, layer_plan(level, layer), layer, prompt, source=source)
+            if source is not None:
+                done[key] = replace(done[key], source_seconds=seconds[source],
+                                    held=round(float(held[source, layer]), 6))
             for idx, sec in seconds.items():
                 if idx > layer or (phase != "prefill" and idx not in (layer, source)):
                     dense_runs[idx].append(sec)
-            save()
-            summary = _trial_summary(done[key], "s" if phase == "prefill" else "s a step")
-            bar.advance(weight[key], summary)
-            if log is not None:
-                log(f"{label}: {summary}")
+            _recorded(done[key], label, save, bar, weight[key], log, "s" if phase == "prefill" else "s a step")
     dense_seconds = [statistics.median(dense_runs[i]) for i in range(n_layers)]
     if config.split_heads:
         _run_split_trials(trials, prompt, levels, config, done, dense_seconds, target_kl, save, progress, log)
     return dense_seconds, done
+
+
+def _measure(trials, plan: Plan, layer: int, prompt, **fields) -> tuple[Trial, dict[int, float]]:
+    """Run one trial (`plan` from `layer` on) and compare it with the reference: (its Trial, with
+    `fields` set, and every timed layer's seconds)."""
+    from sparse_infer.eval.fidelity import compare
+
+    trial_lp, seconds, density = trials.run(plan, layer)
+    figures = compare(trials.reference, trial_lp, trials.positions, prompt)
+    trial = Trial(float(figures["kl"]), float(figures["top1"]), seconds[layer],
+                  None if density is None else float(density), **fields)
+    return trial, seconds
+
+
+def _recorded(trial: Trial, label: str, save, bar, weight: float, log, unit: str, prefix: str = "") -> None:
+    """Save the record with a new trial and report it on the progress bar and the log."""
+    save()
+    summary = prefix + _trial_summary(trial, unit)
+    bar.advance(weight, summary)
+    if log is not None:
+        log(f"{label}: {summary}")
 
 
 def _trial_summary(t: Trial, unit: str) -> str:
@@ -831,7 +845,6 @@ def _run_split_trials(trials, prompt, levels: Sequence[Rule], config: CalibrateC
     16K, layer 10: keeping 2 of 14 heads dense cut its KL under a_shape from 9.3e-3 to 9.7e-5,
     docs/PROFILER.md). Which heads is measured per layer by head_errors: two runs of the layer,
     not a forward per head."""
-    from sparse_infer.eval.fidelity import compare
     from sparse_infer.eval.progress import ProgressBar
 
     first_choice, _, _ = allocate(dense_seconds, done, len(levels), target_kl)
@@ -865,26 +878,17 @@ def _run_split_trials(trials, prompt, levels: Sequence[Rule], config: CalibrateC
                                        dense_heads=heads), n_layers - 1)
                 warmed.add(layout)
             plan = _layer_plan(trials.model.config, levels[base], layer, config.block_size, dense_heads=heads)
-            trial_lp, seconds, density = trials.run(plan, layer)
-            figures = compare(trials.reference, trial_lp, trials.positions, prompt)
-            done[key] = Trial(float(figures["kl"]), float(figures["top1"]), seconds[layer],
-                              None if density is None else float(density), base_level=base, dense_heads=heads)
-            save()
-            summary = f"heads {heads} dense: {_trial_summary(done[key], 's')}"
-            bar.advance(weight[(layer, j)], summary)
-            if log is not None:
-                log(f"{label}: {summary}")
+            done[key], _ = _measure(trials, plan, layer, prompt, base_level=base, dense_heads=heads)
+            _recorded(done[key], label, save, bar, weight[(layer, j)], log, "s", f"heads {heads} dense: ")
 
 
 def decode_prompt(model, prompt, tokens: int):
     """`prompt` followed by dense's `tokens` greedy next tokens, as `eval fidelity --decode-tokens`
     scores decode (no answer positions)."""
-    import dataclasses
-
     from sparse_infer.eval.fidelity import greedy_continuation
 
     continuation = greedy_continuation(model, prompt.input_ids, tokens)
-    return dataclasses.replace(prompt, input_ids=list(prompt.input_ids) + continuation, answer_positions=[])
+    return replace(prompt, input_ids=list(prompt.input_ids) + continuation, answer_positions=[])
 
 
 def bf16_floor(model, prompt, window: int, floor_cache: Path | None, decode_tokens: int = 0,
