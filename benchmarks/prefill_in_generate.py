@@ -15,6 +15,7 @@ One untimed forward first, so the first timed one does not pay for growing the a
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -52,6 +53,8 @@ def timed_generate(model, tokenizer, text: str) -> float:
 
 
 def main(model_name: str, plan: str, length: str, out: str, prompts: str = "needle,prose") -> None:
+    if Path(out).exists():
+        raise SystemExit(f"{out} exists: give another OUT.json (results are not overwritten)")
     model, tokenizer = load_model(model_name)
     n = int(length)
     rows = []
