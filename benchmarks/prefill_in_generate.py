@@ -12,7 +12,6 @@ and bench prompt). Under the plan each row also has the prefill attention's seco
 sparse executor, dense heads) and the rest of the forward (`other_s`: projections, MLP, norms).
 One untimed forward first, so the first timed one does not pay for growing the allocator.
 """
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from sparse_infer.bench.patching import patched
 from sparse_infer.bench.prefill import _layer_seconds
 from sparse_infer.eval.fidelity import prose_prompt
 from sparse_infer.eval.needle import make_needle_sample
+from sparse_infer.eval.outputs import write_json
 from sparse_infer.eval.prompts import encode
 from sparse_infer.eval.runner import generate_one, timing_prefill
 from sparse_infer.models import load_model
@@ -57,14 +57,11 @@ def main(model_name: str, plan: str, length: str, out: str, prompts: str = "need
         raise SystemExit(f"{out} exists: give another OUT.json (results are not overwritten)")
     model, tokenizer = load_model(model_name)
     n = int(length)
+    texts = {kind: prompt_text(tokenizer, kind, n) for kind in prompts.split(",")}
+    timed_forward(model, encode(tokenizer, next(iter(texts.values()))))
     rows = []
-    first = True
-    for kind in prompts.split(","):
-        text = prompt_text(tokenizer, kind, n)
+    for kind, text in texts.items():
         ids = encode(tokenizer, text)
-        if first:
-            timed_forward(model, ids)
-            first = False
         for name in ("dense", plan):
             with patched(model, None if name == "dense" else name):
                 set_timing(model, True)
@@ -85,8 +82,7 @@ def main(model_name: str, plan: str, length: str, out: str, prompts: str = "need
                     rows.append(row)
                     print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != "layers"},
                           flush=True)
-                    with open(out, "w") as fh:
-                        json.dump(rows, fh, indent=1)
+                    write_json(out, rows)
 
 
 if __name__ == "__main__":
