@@ -23,10 +23,13 @@ def _mount_optional():
     except ImportError:
         pass
     try:
-        from sparse_infer.profiler.cli import calibrate_command, plan_show_command, profile_command
+        from sparse_infer.profiler.cli import (
+            calibrate_command, plan_reallocate_command, plan_show_command, profile_command,
+        )
         app.command("profile")(profile_command)
         app.command("calibrate")(calibrate_command)
         plan_app.command("show")(plan_show_command)
+        plan_app.command("reallocate")(plan_reallocate_command)
     except ImportError:
         pass
 

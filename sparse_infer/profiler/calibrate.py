@@ -47,6 +47,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Sequence
 
 import torch
@@ -918,6 +919,13 @@ def bf16_floor(model, prompt, window: int, floor_cache: Path | None, decode_toke
 # ---------------------------------------------------------------------------- the plan
 
 
+def _figure(x: float) -> float:
+    """A measured figure as the plan records it: 6 significant digits. Fixed decimals would cut a
+    KL of 2e-5 to 2 digits, and `plan reallocate` chooses again from these figures: near ties
+    between levels must come out as they did from the trials themselves."""
+    return float(f"{x:.6g}")
+
+
 def build_plan(model_config, base: Plan, levels: Sequence[Rule], calibration: Calibration,
                config: CalibrateConfig, command: str | None, model_name: str, base_name: str = "") -> Plan:
     """`base` with its prefill (or decode) section replaced by the chosen rule per layer; the
@@ -958,7 +966,7 @@ def build_plan(model_config, base: Plan, levels: Sequence[Rule], calibration: Ca
 
     def value(i, v, attr):
         got = getattr(calibration.trials[(i, v)], attr) if (i, v) in calibration.trials else None
-        return None if got is None else round(got, 6)
+        return None if got is None else _figure(got)
 
     def per_level(attr):
         return [[value(i, v, attr) for i in range(n)] for v in range(len(levels))]
@@ -986,7 +994,7 @@ def build_plan(model_config, base: Plan, levels: Sequence[Rule], calibration: Ca
         def split_value(key, attr):
             t = calibration.trials.get(key)
             got = None if t is None else getattr(t, attr)
-            return round(got, 6) if isinstance(got, float) else got
+            return _figure(got) if isinstance(got, float) else got
 
         split = {"split": {"heads": list(config.split_heads),
                            "level": [None if (t := calibration.trials.get((i, len(levels)))) is None
@@ -1012,7 +1020,7 @@ def build_plan(model_config, base: Plan, levels: Sequence[Rule], calibration: Ca
             "predicted_kl": round(calibration.predicted_kl, 8),
             "predicted_seconds": round(calibration.predicted_seconds, 6),
             "dense_seconds": round(sum(calibration.dense_seconds), 6),
-            "measured": {"layer_dense_seconds": [round(s, 6) for s in calibration.dense_seconds],
+            "measured": {"layer_dense_seconds": [_figure(s) for s in calibration.dense_seconds],
                          "kl": per_level("kl"), "seconds": per_level("seconds"), "density": per_level("density")},
             **reuse,
             **split,
@@ -1021,6 +1029,98 @@ def build_plan(model_config, base: Plan, levels: Sequence[Rule], calibration: Ca
     plan = plan_from_dict(raw, source="calibration")
     plan.check_model(model_config)
     return plan
+
+
+def _recorded_rows(record: Mapping, key: str, rows: int, n: int) -> list[list]:
+    """record[key] as `rows` lists of one value (or None) per layer; a clear error otherwise."""
+    value = record.get(key)
+    if not (isinstance(value, list) and len(value) == rows
+            and all(isinstance(row, list) and len(row) == n for row in value)):
+        raise ValueError(f"profile.calibration: {key} must hold {rows} list(s) of {n} values (one per layer), "
+                         f"got {value!r:.80}")
+    return value
+
+
+def calibration_from_plan(plan: Plan) -> tuple[CalibrateConfig, list[Rule], Calibration]:
+    """The settings, levels and trials a plan written by `calibrate` records in
+    profile.calibration, read back so that the knapsack can choose again at another target
+    without running a trial. The trials' top-1 figures are not recorded (nan here): the
+    choice does not read them. Figures are as recorded (6 decimals)."""
+    record = plan.profile.get("calibration")
+    if plan.profile.get("tool") != "sparse_infer.profiler.calibrate" or not isinstance(record, Mapping):
+        raise ValueError(f"{plan.source or 'the plan'} was not written by `sparse-infer calibrate` (it has no "
+                         "profile.calibration record of trials to choose from)")
+    if record.get("reuse"):
+        raise ValueError("profile.calibration has reuse trials: choosing again is not supported for them "
+                         "(their seconds depend on which layers select); run calibrate with --resume instead")
+    phase = record.get("phase", "prefill")
+    try:
+        config = CalibrateConfig(length=record["length"], window=record["window"], seed=record["seed"],
+                                 levels=tuple(record["levels"]), dense_above=record["dense_above"], phase=phase,
+                                 tokens=record.get("tokens", 64), batch=record.get("batch", 1),
+                                 split_heads=tuple((record.get("split") or {}).get("heads", ())),
+                                 # the plan's own threshold (it may have been edited); 0 and 1 mean the same
+                                 min_seq_len=max(1, getattr(plan, phase).min_len))
+        measured = record["measured"]
+        dense_seconds = [float(x) for x in measured["layer_dense_seconds"]]
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"profile.calibration is incomplete or malformed ({exc!r}): not a calibrate record") from exc
+    levels = config.validate()
+    n = len(dense_seconds)
+    kls, secs, dens = (_recorded_rows(measured, f, len(levels), n) for f in ("kl", "seconds", "density"))
+    trials: dict[tuple[int, int], Trial] = {}
+    for v in range(len(levels)):
+        for i in range(n):
+            if kls[v][i] is not None:
+                trials[(i, v)] = Trial(kls[v][i], math.nan, secs[v][i], dens[v][i])
+    split = record.get("split")
+    if config.split_heads:
+        ks = len(config.split_heads)
+        base_levels = split.get("level")
+        if not (isinstance(base_levels, list) and len(base_levels) == n):
+            raise ValueError(f"profile.calibration: split.level must hold one level per layer ({n}), "
+                             f"got {base_levels!r:.80}")
+        rows = {f: _recorded_rows(split, f, ks, n) for f in ("dense_heads", "kl", "seconds", "density")}
+        for j in range(ks):
+            for i in range(n):
+                if rows["kl"][j][i] is not None:
+                    trials[(i, len(levels) + j)] = Trial(
+                        rows["kl"][j][i], math.nan, rows["seconds"][j][i], rows["density"][j][i],
+                        base_level=base_levels[i] - 1, dense_heads=list(rows["dense_heads"][j][i]))
+    calibration = Calibration(dense_seconds, trials, record.get("target_kl"), record.get("bf16_floor_kl"))
+    return config, levels, calibration
+
+
+def reallocate(plan: Plan, *, target_kl: float | None = None, floor_share: float | None = None,
+               command: str | None = None) -> Plan:
+    """A calibrated plan chosen again from its own recorded trials at another target (`target_kl`,
+    or `floor_share` x the recorded bf16 floor): the same knapsack `calibrate` runs, no model and
+    no trial. The plan's other section, its `min_seq_len` and its record are kept; the record's
+    target, choice and predictions become the new ones."""
+    if (target_kl is None) == (floor_share is None):
+        raise ValueError("give --target-kl or --floor-share (one of them)")
+    config, levels, calibration = calibration_from_plan(plan)
+    if floor_share is not None:
+        if not (floor_share > 0 and math.isfinite(floor_share)):
+            raise ValueError(f"--floor-share must be a positive number, got {floor_share}")
+        if not calibration.floor_kl:
+            raise ValueError("the plan records no bf16 floor (it was calibrated with --target-kl); give --target-kl")
+        target_kl = floor_share * calibration.floor_kl
+    if not (target_kl > 0 and math.isfinite(target_kl)):
+        raise ValueError(f"--target-kl must be a positive number, got {target_kl}")
+    choice, kl, seconds = allocate(calibration.dense_seconds, calibration.trials,
+                                   len(levels) + len(config.split_heads), target_kl)
+    chosen = replace(calibration, target_kl=target_kl, choice=choice, predicted_kl=kl, predicted_seconds=seconds)
+    spec = plan.model
+    shape = SimpleNamespace(num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
+                            num_key_value_heads=spec.num_key_value_heads, head_dim=spec.head_dim,
+                            architectures=[spec.architecture] if spec.architecture else [])
+    if spec.num_hidden_layers is not None and spec.num_hidden_layers != len(calibration.dense_seconds):
+        raise ValueError(f"profile.calibration records {len(calibration.dense_seconds)} layers, the plan's model "
+                         f"{spec.num_hidden_layers}")
+    other = "decode_from" if config.phase == "prefill" else "prefill_from"
+    return build_plan(shape, plan, levels, chosen, config, command, plan.profile.get("model", ""),
+                      plan.profile.get(other, ""))
 
 
 def _default_base(model_name: str) -> str:
@@ -1118,4 +1218,5 @@ def calibrate(model_spec: str, out: str | Path, config: CalibrateConfig | None =
 
 
 __all__ = ["CalibrateConfig", "Calibration", "Trial", "allocate", "calibrate", "calibrate_model", "run_trials",
+           "calibration_from_plan", "reallocate",
            "decode_prompt", "DEFAULT_LEVELS", "DEFAULT_DECODE_LEVELS"]

@@ -3,6 +3,7 @@
     sparse-infer profile MODEL --out NAME.yaml [--force] [--seq-len 8192] [--samples 4] ...
     sparse-infer calibrate MODEL --out NAME.yaml [--length 8192] [--level RULE ...] ...
     sparse-infer plan show PLAN
+    sparse-infer plan reallocate PLAN --out NAME.yaml --target-kl KL
 
 `app` also works on its own: ``python -m sparse_infer.profiler profile ...``.
 """
@@ -204,6 +205,41 @@ def calibrate_command(
     console.print(f"plan written to [bold]{out}[/bold]")
 
 
+def plan_reallocate_command(
+    plan: Annotated[str, typer.Argument(help="A plan written by `sparse-infer calibrate` (path or shipped name).")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the new plan (YAML).")],
+    target_kl: Annotated[Optional[float], typer.Option(
+        "--target-kl", help="Summed KL (nats per position) the new plan may spend.")] = None,
+    floor_share: Annotated[Optional[float], typer.Option(
+        "--floor-share", help="Target as a share of the bf16 floor the plan records.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
+) -> None:
+    """Choose each layer's rule again from the trials a calibrated plan records, at another
+    target: the knapsack of `calibrate`, without loading a model or running a trial (a point of
+    the speed / KL frontier in seconds)."""
+    import shlex
+
+    from sparse_infer.plan import PlanError, load_plan
+    from sparse_infer.profiler.calibrate import reallocate
+    from sparse_infer.profiler.profile import check_out_path, save_plan
+    from sparse_infer.profiler.report import calibration_table
+
+    console = _console(stderr=True)
+    try:
+        checked = check_out_path(out, overwrite=force)
+        source = load_plan(plan)
+        parts = ["sparse-infer", "plan", "reallocate", plan, "--out", str(out)]
+        parts += ["--target-kl", f"{target_kl:g}"] if target_kl is not None else []
+        parts += ["--floor-share", f"{floor_share:g}"] if floor_share is not None else []
+        new = reallocate(source, target_kl=target_kl, floor_share=floor_share,
+                         command=" ".join(shlex.quote(p) for p in parts))
+        save_plan(new, checked, overwrite=force)
+    except (PlanError, ValueError, OSError) as exc:
+        _fail(f"error: {exc}")
+    console.print(calibration_table(new))
+    console.print(f"plan written to [bold]{out}[/bold]")
+
+
 def plan_show_command(
     plan: Annotated[str, typer.Argument(help="A plan YAML path or a shipped plan name.")],
     heads: Annotated[Optional[int], typer.Option(min=1, help="query heads per layer, for a plan without a model "
@@ -232,6 +268,7 @@ app.command("profile")(profile_command)
 app.command("calibrate")(calibrate_command)
 plan_app = typer.Typer(help="Inspect plans.", no_args_is_help=True)
 plan_app.command("show")(plan_show_command)
+plan_app.command("reallocate")(plan_reallocate_command)
 app.add_typer(plan_app, name="plan")
 
 

@@ -97,9 +97,11 @@ def sparse_plan(tiny_llama):
 
 
 class Loads(list):
-    """The model specs the faked load_model was asked for; `seed` picks the weights it returns."""
+    """The model specs the faked load_model was asked for; `seed` picks the weights it returns,
+    `max_positions` its context."""
 
     seed = 0
+    max_positions = 4096
 
 
 @pytest.fixture
@@ -111,7 +113,7 @@ def fake_load(monkeypatch, tokenizer):
 
     def load_model(spec, dtype=None):
         loaded.append(spec)
-        model = make_tiny_llama(tokenizer, seed=loaded.seed)
+        model = make_tiny_llama(tokenizer, max_position_embeddings=loaded.max_positions, seed=loaded.seed)
         return (model if dtype is None else model.to(dtype)), tokenizer
 
     monkeypatch.setattr(sparse_infer, "load_model", load_model, raising=False)

@@ -117,18 +117,19 @@ def test_needle_defaults(tmp_path, fake_load, fast_generation, monkeypatch):
     # the fake loader returns a tiny model, which the shipped 30-layer SmolLM2 plan rightly
     # rejects: stand a preset in for the shipped plan (it is stored under the model's name)
     monkeypatch.setattr(cli, "default_plan_for", lambda model: "vertical_slash")
+    fake_load.max_positions = 8192          # the default grid reaches SmolLM2's context
     res = cli_runner.invoke(eval_app, ["needle", "--out", "nd"])
     assert res.exit_code == 0, res.output
     assert fake_load == [cli.DEFAULT_NEEDLE_MODEL]
     saved = json.loads((tmp_path / "nd" / "needle.json").read_text())
-    assert saved["lengths"] == [1024, 2048, 4096] and saved["depths"] == [0.0, 50.0, 100.0]
+    assert saved["lengths"] == [2048, 4096, 8000] and saved["depths"] == [0.0, 50.0, 100.0]
     assert list(saved["plans"]) == ["dense", cli.DEFAULT_NEEDLE_MODEL]
     assert len(fast_generation) == 2 * 3 * 3
     assert (tmp_path / "nd" / "needle.png").is_file()
     assert "needle.png" in res.output.replace("\n", "")
     # the canned answer is the same under both plans: no cell changes, so every length is within
     out = " ".join(res.output.split())
-    for length in (1024, 2048, 4096):
+    for length in (2048, 4096, 8000):
         assert f"at {length}: Δ +0.0 points (95% interval +0.0 … +0.0; 3 samples, 0 lower, 0 higher" in out
 
 
