@@ -27,7 +27,7 @@ console = Console()
 err_console = Console(stderr=True)
 
 DEFAULT_NEEDLE_MODEL = "smollm2-135m"
-# Small enough for a laptop CPU in a few minutes (9 prompts per plan, up to 4K tokens).
+# Small enough for a laptop CPU in about 5 minutes (9 prompts per plan, up to 8,000 tokens);
 # the longest is near SmolLM2-135M's context (8,192 positions, less room for the answer), where its
 # shipped plan prefills sparse: the default job shows the plan's speed against dense
 DEFAULT_NEEDLE_LENGTHS = "2048,4096,8000"

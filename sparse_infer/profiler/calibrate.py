@@ -1045,7 +1045,8 @@ def calibration_from_plan(plan: Plan) -> tuple[CalibrateConfig, list[Rule], Cali
     """The settings, levels and trials a plan written by `calibrate` records in
     profile.calibration, read back so that the knapsack can choose again at another target
     without running a trial. The trials' top-1 figures are not recorded (nan here): the
-    choice does not read them. Figures are as recorded (6 decimals)."""
+    choice does not read them. Figures are as recorded: 6 significant digits (6 decimals in plans
+    written before `_figure`)."""
     record = plan.profile.get("calibration")
     if plan.profile.get("tool") != "sparse_infer.profiler.calibrate" or not isinstance(record, Mapping):
         raise ValueError(f"{plan.source or 'the plan'} was not written by `sparse-infer calibrate` (it has no "
@@ -1065,7 +1066,15 @@ def calibration_from_plan(plan: Plan) -> tuple[CalibrateConfig, list[Rule], Cali
         dense_seconds = [float(x) for x in measured["layer_dense_seconds"]]
     except (KeyError, TypeError) as exc:
         raise ValueError(f"profile.calibration is incomplete or malformed ({exc!r}): not a calibrate record") from exc
-    levels = config.validate()
+    config.validate()
+    # the levels exactly as they ran: validate() would give a level without a dense tail the
+    # window's (plans calibrated before that rule recorded such levels)
+    levels = []
+    for i, raw in enumerate(config.levels):
+        try:
+            levels.append(parse_rule(raw, f"profile.calibration.levels.{i}", phase))
+        except PlanError as exc:
+            raise ValueError(str(exc)) from exc
     n = len(dense_seconds)
     kls, secs, dens = (_recorded_rows(measured, f, len(levels), n) for f in ("kl", "seconds", "density"))
     trials: dict[tuple[int, int], Trial] = {}
@@ -1119,8 +1128,12 @@ def reallocate(plan: Plan, *, target_kl: float | None = None, floor_share: float
         raise ValueError(f"profile.calibration records {len(calibration.dense_seconds)} layers, the plan's model "
                          f"{spec.num_hidden_layers}")
     other = "decode_from" if config.phase == "prefill" else "prefill_from"
-    return build_plan(shape, plan, levels, chosen, config, command, plan.profile.get("model", ""),
-                      plan.profile.get(other, ""))
+    new = build_plan(shape, plan, levels, chosen, config, command, plan.profile.get("model", ""),
+                     plan.profile.get(other, ""))
+    # the section runs as its trials ran (split trials recorded before `subgroup` ran per head)
+    section = getattr(new, config.phase)
+    section.granularity = getattr(plan, config.phase).granularity
+    return new
 
 
 def _default_base(model_name: str) -> str:

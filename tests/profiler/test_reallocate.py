@@ -1,6 +1,7 @@
 """`plan reallocate`: the knapsack of `calibrate` run again on the trials a calibrated plan
 records, at another target, with no model and no trial."""
 import math
+from pathlib import Path
 
 import pytest
 import yaml
@@ -27,6 +28,7 @@ TRIALS = {
     (3, 1): Trial(5e-5, 99.8, 0.35, 0.2),
 }
 TARGET, FLOOR = 1e-3, 8e-4
+DOCS_PLANS = Path(__file__).resolve().parents[2] / "docs" / "data" / "plans"
 
 
 def _calibrated_plan(tmp_path, target=TARGET):
@@ -95,7 +97,13 @@ def test_an_edited_threshold_is_kept(tmp_path):
     assert reallocate(plan, target_kl=5e-3).prefill.min_len == 300
 
 
-@pytest.mark.parametrize("name", ["qwen2.5-0.5b", "smollm2-135m"])
+@pytest.mark.parametrize("name", [
+    "qwen2.5-0.5b", "smollm2-135m",
+    # the frontier plans docs/RESULTS.md cites, and the record they were chosen from
+    str(DOCS_PLANS / "qwen_calibrated_16k_split234_kl179.yaml"), str(DOCS_PLANS / "qwen_frontier_16k_kl286.yaml"),
+    # recorded before levels got the window's dense tail: the levels must run as they were measured
+    str(DOCS_PLANS / "smol_calibrated_8k.yaml"), str(DOCS_PLANS / "qwen_calibrated_8k.yaml"),
+])
 def test_the_shipped_plans_come_back_from_their_own_records(name):
     """The real records: at the recorded target the knapsack chooses the shipped prefill again
     (Qwen's record has head splits, SmolLM2's prefill threshold was edited after calibration)."""
@@ -107,6 +115,16 @@ def test_the_shipped_plans_come_back_from_their_own_records(name):
 
 HAND_WRITTEN = {"sparse_infer_plan": 1, "prefill": {"min_seq_len": 1, "default": {"pattern": "a_shape"}},
                 "decode": {"min_kv_len": 1, "default": {"method": "dense"}}}
+
+
+def test_split_layers_keep_the_granularity_their_trials_ran_with():
+    """A record from before split layers shared their groups (`subgroup`) ran them per head."""
+    old = load_plan(str(DOCS_PLANS / "qwen_calibrated_16k_split.yaml"))
+    assert old.prefill.granularity == "group"
+    again = reallocate(old, target_kl=2 * old.profile["calibration"]["target_kl"])
+    assert again.prefill.granularity == "group"
+    assert any(rule.kind == "dense" for layer in again.prefill.layers.values() for head, rule in layer.items()
+               if head != "*"), "the wider target still takes a head split"
 
 
 def test_plans_without_a_usable_record_are_refused(tmp_path):
