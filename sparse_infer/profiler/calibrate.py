@@ -1031,13 +1031,27 @@ def build_plan(model_config, base: Plan, levels: Sequence[Rule], calibration: Ca
     return plan
 
 
-def _recorded_rows(record: Mapping, key: str, rows: int, n: int) -> list[list]:
-    """record[key] as `rows` lists of one value (or None) per layer; a clear error otherwise."""
-    value = record.get(key)
+def _recorded_number(value, path: str, *, optional: bool = False) -> float | None:
+    """A figure of a calibrate record: a finite number (or None where `optional`), else an error
+    naming where it is."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"profile.calibration.{path} must be a finite number, got {value!r:.40}")
+    return float(value)
+
+
+def _recorded_rows(record: Mapping, path: str, rows: int, n: int, *, numbers: bool = True) -> list[list]:
+    """record[key] (path = "measured.kl", ...) as `rows` lists of one value (or None) per layer."""
+    value = record.get(path.rsplit(".", 1)[-1])
     if not (isinstance(value, list) and len(value) == rows
             and all(isinstance(row, list) and len(row) == n for row in value)):
-        raise ValueError(f"profile.calibration: {key} must hold {rows} list(s) of {n} values (one per layer), "
+        raise ValueError(f"profile.calibration.{path} must hold {rows} list(s) of {n} values (one per layer), "
                          f"got {value!r:.80}")
+    if numbers:
+        for j, row in enumerate(value):
+            for i, cell in enumerate(row):
+                _recorded_number(cell, f"{path}[{j}][{i}]", optional=True)
     return value
 
 
@@ -1055,18 +1069,28 @@ def calibration_from_plan(plan: Plan) -> tuple[CalibrateConfig, list[Rule], Cali
         raise ValueError("profile.calibration has reuse trials: choosing again is not supported for them "
                          "(their seconds depend on which layers select); run calibrate with --resume instead")
     phase = record.get("phase", "prefill")
+    split = record.get("split") or {}
+    measured = record.get("measured")
+    if not isinstance(split, Mapping) or not isinstance(measured, Mapping):
+        raise ValueError("profile.calibration.measured and .split must be mappings: not a calibrate record")
     try:
         config = CalibrateConfig(length=record["length"], window=record["window"], seed=record["seed"],
                                  levels=tuple(record["levels"]), dense_above=record["dense_above"], phase=phase,
                                  tokens=record.get("tokens", 64), batch=record.get("batch", 1),
-                                 split_heads=tuple((record.get("split") or {}).get("heads", ())),
+                                 split_heads=tuple(split.get("heads", ())),
                                  # the plan's own threshold (it may have been edited); 0 and 1 mean the same
                                  min_seq_len=max(1, getattr(plan, phase).min_len))
-        measured = record["measured"]
-        dense_seconds = [float(x) for x in measured["layer_dense_seconds"]]
-    except (KeyError, TypeError) as exc:
+        dense_seconds = measured["layer_dense_seconds"]
+    except (KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"profile.calibration is incomplete or malformed ({exc!r}): not a calibrate record") from exc
-    config.validate()
+    if not isinstance(dense_seconds, list):
+        raise ValueError(f"profile.calibration.measured.layer_dense_seconds must be a list, got {dense_seconds!r:.40}")
+    dense_seconds = [_recorded_number(x, f"measured.layer_dense_seconds[{i}]") for i, x in enumerate(dense_seconds)]
+    try:
+        config.validate()
+    except ValueError as exc:
+        # its messages name calibrate's options, which set these fields
+        raise ValueError(f"profile.calibration holds settings calibrate refuses: {exc}") from exc
     # the levels exactly as they ran: validate() would give a level without a dense tail the
     # window's (plans calibrated before that rule recorded such levels)
     levels = []
@@ -1076,27 +1100,37 @@ def calibration_from_plan(plan: Plan) -> tuple[CalibrateConfig, list[Rule], Cali
         except PlanError as exc:
             raise ValueError(str(exc)) from exc
     n = len(dense_seconds)
-    kls, secs, dens = (_recorded_rows(measured, f, len(levels), n) for f in ("kl", "seconds", "density"))
+    kls, secs, dens = (_recorded_rows(measured, f"measured.{f}", len(levels), n) for f in ("kl", "seconds", "density"))
     trials: dict[tuple[int, int], Trial] = {}
     for v in range(len(levels)):
         for i in range(n):
             if kls[v][i] is not None:
-                trials[(i, v)] = Trial(kls[v][i], math.nan, secs[v][i], dens[v][i])
-    split = record.get("split")
+                trials[(i, v)] = Trial(kls[v][i], math.nan, _recorded_number(secs[v][i], f"measured.seconds[{v}][{i}]"),
+                                       dens[v][i])
     if config.split_heads:
         ks = len(config.split_heads)
         base_levels = split.get("level")
         if not (isinstance(base_levels, list) and len(base_levels) == n):
-            raise ValueError(f"profile.calibration: split.level must hold one level per layer ({n}), "
+            raise ValueError(f"profile.calibration.split.level must hold one level per layer ({n}), "
                              f"got {base_levels!r:.80}")
-        rows = {f: _recorded_rows(split, f, ks, n) for f in ("dense_heads", "kl", "seconds", "density")}
+        rows = {f: _recorded_rows(split, f"split.{f}", ks, n, numbers=f != "dense_heads")
+                for f in ("dense_heads", "kl", "seconds", "density")}
         for j in range(ks):
             for i in range(n):
-                if rows["kl"][j][i] is not None:
-                    trials[(i, len(levels) + j)] = Trial(
-                        rows["kl"][j][i], math.nan, rows["seconds"][j][i], rows["density"][j][i],
-                        base_level=base_levels[i] - 1, dense_heads=list(rows["dense_heads"][j][i]))
-    calibration = Calibration(dense_seconds, trials, record.get("target_kl"), record.get("bf16_floor_kl"))
+                if rows["kl"][j][i] is None:
+                    continue
+                level, heads = base_levels[i], rows["dense_heads"][j][i]
+                if isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= len(levels):
+                    raise ValueError(f"profile.calibration.split.level[{i}] must be a level 1..{len(levels)} where "
+                                     f"a split trial is recorded, got {level!r}")
+                if not (isinstance(heads, list) and heads and all(isinstance(h, int) for h in heads)):
+                    raise ValueError(f"profile.calibration.split.dense_heads[{j}][{i}] must list head indices, "
+                                     f"got {heads!r:.40}")
+                trials[(i, len(levels) + j)] = Trial(
+                    rows["kl"][j][i], math.nan, _recorded_number(rows["seconds"][j][i], f"split.seconds[{j}][{i}]"),
+                    rows["density"][j][i], base_level=level - 1, dense_heads=list(heads))
+    floor = _recorded_number(record.get("bf16_floor_kl"), "bf16_floor_kl", optional=True)
+    calibration = Calibration(dense_seconds, trials, record.get("target_kl"), floor)
     return config, levels, calibration
 
 

@@ -229,12 +229,13 @@ def plan_reallocate_command(
         checked = check_out_path(out, overwrite=force)
         source = load_plan(plan)
         parts = ["sparse-infer", "plan", "reallocate", plan, "--out", str(out)]
-        parts += ["--target-kl", f"{target_kl:g}"] if target_kl is not None else []
-        parts += ["--floor-share", f"{floor_share:g}"] if floor_share is not None else []
+        # repr: the recorded command must give back the exact target
+        parts += ["--target-kl", repr(target_kl)] if target_kl is not None else []
+        parts += ["--floor-share", repr(floor_share)] if floor_share is not None else []
         new = reallocate(source, target_kl=target_kl, floor_share=floor_share,
                          command=" ".join(shlex.quote(p) for p in parts))
         save_plan(new, checked, overwrite=force)
-    except (PlanError, ValueError, OSError) as exc:
+    except (PlanError, ValueError, OSError, RuntimeError) as exc:
         _fail(f"error: {exc}")
     console.print(calibration_table(new))
     console.print(f"plan written to [bold]{out}[/bold]")

@@ -91,6 +91,30 @@ def test_at_its_own_target_the_plan_comes_back_and_at_others_it_is_the_knapsacks
     assert by_share.to_dict()["prefill"] == reallocate(plan, target_kl=2.5 * FLOOR).to_dict()["prefill"]
 
 
+def test_a_decode_calibration_comes_back_and_chooses_again():
+    """Decode records (phase, tokens, min_kv_len, prefill_from) take the same path."""
+    config = CalibrateConfig(length=LENGTH, window=WINDOW, phase="decode", tokens=8, target_kl=TARGET,
+                             levels=({"method": "token_select", "budget": {"frac": 0.5}},
+                                     {"method": "token_select", "budget": {"frac": 0.1}}))
+    levels = config.validate()
+    trials = {(0, 0): Trial(1e-4, 100.0, 0.02, 0.5), (0, 1): Trial(6e-4, 99.0, 0.01, 0.1),
+              (1, 0): Trial(8e-4, 99.0, 0.02, 0.5), (2, 1): Trial(2e-4, 99.0, 0.012, 0.1)}
+    dense = [0.03, 0.03, 0.03]
+    choice, kl, seconds = allocate(dense, trials, 2, TARGET)
+    base = plan_from_dict({"sparse_infer_plan": 1, "prefill": {"min_seq_len": 64, "default": {"pattern": "a_shape"}},
+                           "decode": {"min_kv_len": 1, "default": {"method": "dense"}}})
+    model_config = tiny_model("llama", num_hidden_layers=3).config
+    plan = build_plan(model_config, base, levels, Calibration(dense, trials, TARGET, None, choice, kl, seconds),
+                      config, "cmd", "tiny", "prefill.yaml")
+    again = reallocate(plan, target_kl=TARGET)
+    assert again.to_dict() == {**plan.to_dict(), "profile": again.profile}
+    assert again.profile["prefill_from"] == "prefill.yaml" and again.decode.min_len == LENGTH
+    assert again.profile["calibration"]["phase"] == "decode" and again.profile["calibration"]["tokens"] == 8
+    wider = reallocate(plan, target_kl=1.0)
+    assert wider.profile["calibration"]["choice"] == [2, 1, 2]          # each layer's fastest level
+    assert wider.to_dict()["prefill"] == plan.to_dict()["prefill"]
+
+
 def test_an_edited_threshold_is_kept(tmp_path):
     plan, _ = _calibrated_plan(tmp_path)
     plan.prefill.min_len = 300
@@ -140,8 +164,17 @@ def test_plans_without_a_usable_record_are_refused(tmp_path):
             reallocate(plan, target_kl=bad)
     cut = plan.to_dict()
     cut["profile"]["calibration"]["measured"]["kl"][0] = cut["profile"]["calibration"]["measured"]["kl"][0][:2]
-    with pytest.raises(ValueError, match="kl must hold 2 list"):
+    with pytest.raises(ValueError, match=r"profile\.calibration\.measured\.kl must hold 2 list"):
         reallocate(plan_from_dict(cut), target_kl=1e-3)
+    hand_edited = plan.to_dict()
+    hand_edited["profile"]["calibration"]["measured"]["seconds"][0][2] = "0.5"
+    with pytest.raises(ValueError, match=r"measured\.seconds\[0\]\[2\] must be a finite number"):
+        reallocate(plan_from_dict(hand_edited), target_kl=1e-3)
+    for bad in (None, 0, 3):                       # layer 1 has split trials
+        wrong_level = plan.to_dict()
+        wrong_level["profile"]["calibration"]["split"]["level"][1] = bad
+        with pytest.raises(ValueError, match=r"split\.level\[1\] must be a level 1\.\.2"):
+            reallocate(plan_from_dict(wrong_level), target_kl=1e-3)
     no_floor = plan.to_dict()
     no_floor["profile"]["calibration"]["bf16_floor_kl"] = None
     with pytest.raises(ValueError, match="records no bf16 floor"):
