@@ -123,7 +123,10 @@ class CalibrateConfig:
             return tuple(self.levels)
         return self.level_list_default()
 
-    def validate(self) -> list[Rule]:
+    def validate(self, *, as_recorded: bool = False) -> list[Rule]:
+        """The levels as rules, once every setting is checked. `as_recorded`: the levels of a
+        calibrate record, exactly as they ran (a level without a dense tail is not given the
+        window's: plans calibrated before that rule recorded such levels)."""
         if self.phase not in PHASES:
             raise ValueError(f"--phase must be one of {', '.join(PHASES)}, got {self.phase!r}")
         if not (isinstance(self.batch, int) and self.batch >= 1):
@@ -152,7 +155,7 @@ class CalibrateConfig:
         rules = []
         for i, raw in enumerate(self.level_list):
             try:
-                if self.phase == "prefill":
+                if self.phase == "prefill" and not as_recorded:
                     raw = tail_covers_window(raw, self.window)
                 rule = parse_rule(raw, f"--level {i + 1}", self.phase)
             except PlanError as exc:
@@ -1087,18 +1090,10 @@ def calibration_from_plan(plan: Plan) -> tuple[CalibrateConfig, list[Rule], Cali
         raise ValueError(f"profile.calibration.measured.layer_dense_seconds must be a list, got {dense_seconds!r:.40}")
     dense_seconds = [_recorded_number(x, f"measured.layer_dense_seconds[{i}]") for i, x in enumerate(dense_seconds)]
     try:
-        config.validate()
+        levels = config.validate(as_recorded=True)
     except ValueError as exc:
         # its messages name calibrate's options, which set these fields
         raise ValueError(f"profile.calibration holds settings calibrate refuses: {exc}") from exc
-    # the levels exactly as they ran: validate() would give a level without a dense tail the
-    # window's (plans calibrated before that rule recorded such levels)
-    levels = []
-    for i, raw in enumerate(config.levels):
-        try:
-            levels.append(parse_rule(raw, f"profile.calibration.levels.{i}", phase))
-        except PlanError as exc:
-            raise ValueError(str(exc)) from exc
     n = len(dense_seconds)
     kls, secs, dens = (_recorded_rows(measured, f"measured.{f}", len(levels), n) for f in ("kl", "seconds", "density"))
     trials: dict[tuple[int, int], Trial] = {}
@@ -1143,6 +1138,10 @@ def reallocate(plan: Plan, *, target_kl: float | None = None, floor_share: float
     if (target_kl is None) == (floor_share is None):
         raise ValueError("give --target-kl or --floor-share (one of them)")
     config, levels, calibration = calibration_from_plan(plan)
+    spec = plan.model
+    if spec.num_hidden_layers is not None and spec.num_hidden_layers != len(calibration.dense_seconds):
+        raise ValueError(f"profile.calibration records {len(calibration.dense_seconds)} layers, the plan's model "
+                         f"{spec.num_hidden_layers}")
     if floor_share is not None:
         if not (floor_share > 0 and math.isfinite(floor_share)):
             raise ValueError(f"--floor-share must be a positive number, got {floor_share}")
@@ -1154,13 +1153,9 @@ def reallocate(plan: Plan, *, target_kl: float | None = None, floor_share: float
     choice, kl, seconds = allocate(calibration.dense_seconds, calibration.trials,
                                    len(levels) + len(config.split_heads), target_kl)
     chosen = replace(calibration, target_kl=target_kl, choice=choice, predicted_kl=kl, predicted_seconds=seconds)
-    spec = plan.model
     shape = SimpleNamespace(num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
                             num_key_value_heads=spec.num_key_value_heads, head_dim=spec.head_dim,
                             architectures=[spec.architecture] if spec.architecture else [])
-    if spec.num_hidden_layers is not None and spec.num_hidden_layers != len(calibration.dense_seconds):
-        raise ValueError(f"profile.calibration records {len(calibration.dense_seconds)} layers, the plan's model "
-                         f"{spec.num_hidden_layers}")
     other = "decode_from" if config.phase == "prefill" else "prefill_from"
     new = build_plan(shape, plan, levels, chosen, config, command, plan.profile.get("model", ""),
                      plan.profile.get(other, ""))
